@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make simulate` and `make test`.
+# Both create .venv, install fedfuse with the tested versions pinned in constraints.txt, then run.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+OUT    ?= runs/default
+
+# Flower offline and self-contained: no telemetry, no update check, no runtime `uv sync`.
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: simulate test test-fast install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	@touch $@
+
+simulate: $(STAMP)
+	$(BIN)/fedfuse simulate --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m slow -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""fedfuse's shared concepts: modalities and data, encoders, fusion head, privacy, ledger."""

@@ -1,0 +1,1 @@
+"""Subcommands of the ``fedfuse`` command; each module has ``configure(parser)`` and ``run(args)``."""

@@ -1,0 +1,105 @@
+"""``fedfuse data``: validate site folders and import public datasets into them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common.errors import DataError, SchemaError
+from common.sitedata import (
+    SCHEMA_FILE,
+    Problem,
+    federation_schema,
+    load_site,
+    site_folders,
+    summarize_site,
+    validate_site,
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``validate`` and ``import`` subcommands."""
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("validate", help="check a site folder (or a folder of site folders); list every problem")
+    p.add_argument("dir", type=Path, help="a site folder, or a folder whose sub-folders are sites")
+    p.add_argument("--json", action="store_true", help="print problems or summaries as JSON")
+
+    imp = sub.add_parser("import", help="turn a public dataset into site folders")
+    which = imp.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    h = which.add_parser("hapt", help="HAPT (UCI): acc + gyro windows, one site per subject")
+    h.add_argument("--source", type=Path, required=True, help="the HAPT folder (with RawData/, Train/, Test/)")
+    h.add_argument("--out", type=Path, required=True, help="folder to write the site folders into")
+    h.add_argument("--classes", type=int, choices=(6, 12), default=6,
+                   help="6: the UCI HAR activities; 12: with the postural transitions (default 6)")
+    h.add_argument("--holdout", type=float, default=0.2,
+                   help="share of each training subject's windows marked 'test' (every 5th for 0.2)")
+    h.add_argument("--overwrite", action="store_true", help="replace existing site folders")
+    a = which.add_parser("av-digits", help="FSDD audio + MNIST images, one site per speaker")
+    a.add_argument("--fsdd", type=Path, required=True, help="the FSDD folder (with recordings/)")
+    a.add_argument("--mnist", type=Path, required=True, help="folder with the MNIST t10k IDX .gz files")
+    a.add_argument("--out", type=Path, required=True, help="folder to write the site folders into")
+    a.add_argument("--seed", type=int, default=0, help="seed of the clip-to-image pairing (default 0)")
+    a.add_argument("--overwrite", action="store_true", help="replace existing site folders")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fedfuse data <action>``; returns the exit status."""
+    if args.data_command == "validate":
+        return _validate(args.dir, as_json=args.json)
+    if args.dataset == "hapt":
+        from common.importers.hapt import import_hapt
+
+        paths = import_hapt(args.source, args.out, classes=args.classes, holdout=args.holdout, overwrite=args.overwrite)
+    else:
+        from common.importers.av_digits import import_av_digits
+
+        paths = import_av_digits(args.fsdd, args.mnist, args.out, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {len(paths)} site folder(s) under {args.out}")
+    return 0
+
+
+def _validate(path: Path, *, as_json: bool) -> int:
+    if not path.is_dir():
+        raise DataError(f"{path} is not a folder; give a site folder or a folder of site folders")
+    # A folder with schema.json is a site; otherwise its sub-folders are
+    folders = [path] if (path / SCHEMA_FILE).exists() or not site_folders(path) else site_folders(path)
+    problems: dict[str, list[Problem]] = {f.name: validate_site(f) for f in folders}
+    failed = {k: v for k, v in problems.items() if v}
+    extra: list[str] = []
+    sites = []
+    if not failed:
+        sites = [load_site(f) for f in folders]
+        try:
+            federation_schema(sites)
+        except SchemaError as exc:
+            extra.append(str(exc))
+    if failed or extra:
+        if as_json:
+            print(json.dumps({"problems": {k: [vars(p) for p in v] for k, v in failed.items()}, "federation": extra}, indent=2))
+        else:
+            for name, found in failed.items():
+                prefix = f"{name}/" if len(folders) > 1 else ""
+                for p in found:
+                    print(f"{prefix}{p}")
+            for message in extra:
+                print(f"federation: {message}")
+            count = sum(map(len, failed.values())) + len(extra)
+            print(f"{count} problem(s) found")
+        return 1
+    summaries = [summarize_site(s) for s in sites]
+    if as_json:
+        print(json.dumps(summaries, indent=2))
+    else:
+        for s in summaries:
+            print(_format_summary(s))
+        print(f"{len(sites)} valid site(s)")
+    return 0
+
+
+def _format_summary(s: dict) -> str:
+    splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
+    presence = ", ".join(f"{k} {v}" for k, v in s["presence"].items())
+    classes = ", ".join(f"{k} {v}" for k, v in s["classes"].items())
+    return f"{s['name']}: {s['samples']} samples ({splits})\n  presence: {presence}\n  classes: {classes}"

@@ -275,7 +275,7 @@ def _check_schema(path: Path, out: _Problems, parsed: _Parsed) -> None:
     if "splits" in doc:
         splits = doc["splits"]
         if not isinstance(splits, list) or not splits or not all(isinstance(s, str) and s for s in splits):
-            out.add(f, "splits", f"must be a non-empty list of split names (e.g. [\"train\", \"test\"]), got {splits!r}")
+            out.add(f, "splits", f"must be a non-empty list of split names (e.g. ['train', 'test']), got {splits!r}")
         elif len(set(splits)) != len(splits):
             out.add(f, "splits", f"split names must be unique, got {splits}")
         else:
@@ -306,7 +306,8 @@ def _schema_from(doc: Mapping[str, Any], out: _Problems) -> DatasetSchema | None
     # A placeholder modality lets DatasetSchema check the labels when no modality is valid
     stand_in = [ModalitySpec("placeholder", "tabular", (1,))]
     try:
-        DatasetSchema.from_dict({"modalities": {m.name: m.to_dict() for m in specs or stand_in}, "labels": doc["labels"]})
+        modalities = {m.name: m.to_dict() for m in specs or stand_in}
+        DatasetSchema.from_dict({"modalities": modalities, "labels": doc["labels"]})
     except SchemaError as exc:
         out.add(SCHEMA_FILE, "labels", str(exc))
     if len(out.items) == before:  # not attributed to one field: report it as it came
@@ -346,7 +347,7 @@ def _check_index(path: Path, out: _Problems, parsed: _Parsed) -> None:
                     _check_row(i, row, header, columns, schema, splits, first_row, out,
                                ids, split_of, labels, present)
             except csv.Error as exc:
-                out.add(f, f"row {i + 1}", f"malformed CSV (line {reader.line_num}): {exc}; rows after it were not read")
+                out.add(f, f"row {i + 1}", f"malformed CSV (line {reader.line_num}): {exc}; later rows were not read")
                 return
     except (OSError, UnicodeDecodeError) as exc:
         out.add(f, "", f"cannot be read: {exc}")
@@ -466,7 +467,8 @@ def _check_array(path: Path, spec: ModalitySpec, n: int | None, presence: np.nda
         out.add(f, "dtype", f"dtype {arr.dtype} does not match schema.json's {spec.dtype}")
         ok = False
     if arr.ndim != 1 + len(spec.shape) or tuple(arr.shape[1:]) != spec.shape:
-        out.add(f, "shape", f"shape {list(arr.shape)} does not match (N, {', '.join(map(str, spec.shape))}) from schema.json")
+        expected = ", ".join(map(str, spec.shape))
+        out.add(f, "shape", f"shape {list(arr.shape)} does not match (N, {expected}) from schema.json")
         ok = False
     elif n is not None and arr.shape[0] != n:
         out.add(f, "rows", f"{arr.shape[0]} rows but index.csv has {n} samples")
@@ -500,20 +502,28 @@ def _check_array(path: Path, spec: ModalitySpec, n: int | None, presence: np.nda
 
 def load_site(path: str | os.PathLike) -> Site:
     """Load and validate the site folder ``path``; raises DataError listing every problem."""
-    path = Path(path)
-    problems, parsed = _check(path)
-    if problems:
+    site, problems = check_site(path)
+    if site is None:
         raise DataError(
             f"site folder {path} is not valid ({len(problems)} problem(s)); fix them or re-import:\n  "
             + "\n  ".join(str(p) for p in problems)
         )
+    return site
+
+
+def check_site(path: str | os.PathLike) -> tuple[Site | None, list[Problem]]:
+    """Validate ``path`` and, if it has no problem, load it, in one pass: ``(site or None, problems)``."""
+    path = Path(path)
+    problems, parsed = _check(path)
+    if problems:
+        return None, problems
     assert parsed.schema is not None and parsed.doc is not None and parsed.presence is not None
     schema = parsed.schema
     # Copy-on-write memory maps: pages are read on demand, the files are never written
     inputs = {m: torch.from_numpy(np.load(path / f"{m}.npy", mmap_mode="c", allow_pickle=False)) for m in schema.names}
     mask = torch.from_numpy(np.stack([parsed.presence[m] == 1 for m in schema.names], axis=1))  # (N, M) bool
     data = MultimodalData(schema, inputs, mask, torch.from_numpy(parsed.labels))
-    return Site(name=parsed.doc["name"], path=path, data=data, split=tuple(parsed.split or ()))
+    return Site(name=parsed.doc["name"], path=path, data=data, split=tuple(parsed.split or ())), []
 
 
 def summarize_site(site: Site) -> dict[str, Any]:
@@ -546,17 +556,19 @@ def load_federation(path: str | os.PathLike) -> list[Site]:
     """Every site in the folder ``path`` (one sub-folder per site, sorted by folder name)."""
     path = Path(path)
     if (path / SCHEMA_FILE).exists():
-        raise DataError(f"{path} is a single site folder (it has {SCHEMA_FILE}); pass the folder that contains the sites")
+        raise DataError(
+            f"{path} is a single site folder (it has {SCHEMA_FILE}); pass the folder that contains the sites"
+        )
     folders = site_folders(path)
     if not folders:
         raise DataError(f"{path} has no site folders; expected one sub-folder per site (see docs/site-format.md)")
     sites, bad = [], []
     for folder in folders:
-        problems, _ = _check(folder)
-        if problems:
+        site, problems = check_site(folder)
+        if site is None:
             bad.append(f"site '{folder.name}' ({len(problems)} problem(s)):\n    " + "\n    ".join(map(str, problems)))
         else:
-            sites.append(load_site(folder))
+            sites.append(site)
     if bad:
         raise DataError(f"{len(bad)} of {len(folders)} site(s) in {path} are not valid:\n  " + "\n  ".join(bad))
     return sites

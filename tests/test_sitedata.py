@@ -14,7 +14,15 @@ from common.cli import main
 from common.data import MultimodalData
 from common.errors import DataError, SchemaError
 from common.schema import DatasetSchema, ModalitySpec
-from common.sitedata import Problem, federation_schema, load_federation, load_site, summarize_site, validate_site, write_site
+from common.sitedata import (
+    Problem,
+    federation_schema,
+    load_federation,
+    load_site,
+    summarize_site,
+    validate_site,
+    write_site,
+)
 
 LABELS = ("cat", "dog", "eel")
 IMAGE = ModalitySpec("image", "image", (1, 2, 2))

@@ -10,11 +10,10 @@ from common.errors import DataError, SchemaError
 from common.sitedata import (
     SCHEMA_FILE,
     Problem,
+    check_site,
     federation_schema,
-    load_site,
     site_folders,
     summarize_site,
-    validate_site,
 )
 
 
@@ -65,19 +64,19 @@ def _validate(path: Path, *, as_json: bool) -> int:
         raise DataError(f"{path} is not a folder; give a site folder or a folder of site folders")
     # A folder with schema.json is a site; otherwise its sub-folders are
     folders = [path] if (path / SCHEMA_FILE).exists() or not site_folders(path) else site_folders(path)
-    problems: dict[str, list[Problem]] = {f.name: validate_site(f) for f in folders}
-    failed = {k: v for k, v in problems.items() if v}
+    checked = {f.name: check_site(f) for f in folders}
+    failed: dict[str, list[Problem]] = {k: problems for k, (_, problems) in checked.items() if problems}
+    sites = [site for site, _ in checked.values() if site is not None]
     extra: list[str] = []
-    sites = []
     if not failed:
-        sites = [load_site(f) for f in folders]
         try:
             federation_schema(sites)
         except SchemaError as exc:
             extra.append(str(exc))
     if failed or extra:
         if as_json:
-            print(json.dumps({"problems": {k: [vars(p) for p in v] for k, v in failed.items()}, "federation": extra}, indent=2))
+            report = {"problems": {k: [vars(p) for p in v] for k, v in failed.items()}, "federation": extra}
+            print(json.dumps(report, indent=2))
         else:
             for name, found in failed.items():
                 prefix = f"{name}/" if len(folders) > 1 else ""

@@ -10,11 +10,12 @@ the publisher's layout::
     <source>/Train/subject_id_train.txt     the publisher's training subjects (one id per window)
     <source>/Test/subject_id_test.txt       the publisher's test subjects
 
-Rows in labels.txt are 1-based and inclusive: the README does not say so, but consecutive
-segments of one experiment meet (an end row + 1 is the next start row) and no end row passes the
-end of its file, as with the publisher's MATLAB tooling. Each segment ``[start, end]`` gives the
-windows of ``WINDOW`` rows starting at rows ``start, start + STEP, ...`` that fit inside it; a
-segment shorter than ``WINDOW`` rows (many postural transitions) gives none.
+Rows in labels.txt are 1-based and inclusive. The README does not say so, but where successive
+segments of an experiment touch (642 of 1,153 pairs) the next starts at end + 1, never at end;
+and no start row is 0 nor any end row past its file's last row (the publisher used MATLAB).
+Each segment ``[start, end]`` gives the windows of ``WINDOW`` rows starting at rows ``start,
+start + STEP, ...`` that fit inside it; a segment shorter than ``WINDOW`` rows (many postural
+transitions) gives none.
 
 Splits: every window of a test subject is "test". A training subject's windows are "train",
 except a deterministic held-out share ``holdout`` (default 0.2): numbering the subject's windows
@@ -118,7 +119,8 @@ def import_hapt(
     for seg in segments:
         by_user[seg.user].append(seg)
     # Every raw file must be there before any site is written
-    raw = sorted({f"{sensor}_exp{s.experiment:02d}_user{s.user:02d}.txt" for s in segments for sensor in ("acc", "gyro")})
+    raw = sorted({f"{sensor}_exp{s.experiment:02d}_user{s.user:02d}.txt"
+                  for s in segments for sensor in ("acc", "gyro")})
     missing = [f for f in raw if not (source / "RawData" / f).is_file()]
     if missing:
         raise DataError(
@@ -194,7 +196,9 @@ def read_subject_split(source: Path) -> dict[int, str]:
         ids = _read_ints(source / file, columns=1)[:, 0]
         for user in np.unique(ids).tolist():
             if user in split:
-                raise DataError(f"subject {user} is listed in both Train/subject_id_train.txt and Test/subject_id_test.txt")
+                raise DataError(
+                    f"subject {user} is listed in both Train/subject_id_train.txt and Test/subject_id_test.txt"
+                )
             split[user] = name
     return split
 

@@ -1,0 +1,238 @@
+"""Privacy accounting for one client across all its rounds: history, epsilon, noise calibration, budget.
+
+A client's whole participation is a sequence of Poisson-subsampled Gaussian mechanisms
+``[(noise_multiplier, sample_rate, steps), ...]`` (one entry per round it trained). Epsilon is
+always computed over the *whole* history with Opacus's PRV (default) or RDP accountant; a new
+accountant per round would report one round's epsilon only (see ../shared/notes/privacy.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from common.errors import BudgetExhaustedError, PrivacyParameterError
+
+ACCOUNTANTS = ("prv", "rdp")
+HISTORY_FORMAT = 1
+Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+
+
+def validate_privacy_parameters(*, target_epsilon: float, delta: float, max_grad_norm: float | None = None) -> None:
+    """Raise PrivacyParameterError naming the first invalid parameter."""
+    if not isinstance(target_epsilon, (int, float)) or math.isnan(target_epsilon) or target_epsilon <= 0:
+        raise PrivacyParameterError(f"epsilon must be > 0 (use inf for non-private training), got {target_epsilon}")
+    if not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise PrivacyParameterError(f"delta must lie in (0, 1), got {delta}")
+    if max_grad_norm is not None and (not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
+        raise PrivacyParameterError(f"max grad norm must be a positive number, got {max_grad_norm}")
+
+
+def merge_history(history: list[Mechanism]) -> list[Mechanism]:
+    """Merge consecutive entries with the same (sigma, q): the same mechanism, composed once."""
+    merged: list[Mechanism] = []
+    for sigma, q, steps in history:
+        if steps <= 0:
+            continue
+        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
+            merged[-1] = (sigma, q, merged[-1][2] + steps)
+        else:
+            merged.append((float(sigma), float(q), int(steps)))
+    return merged
+
+
+def compute_epsilon(history: list[Mechanism], *, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of the composition of ``history`` at ``delta`` (0 for an empty history)."""
+    if accountant not in ACCOUNTANTS:
+        raise PrivacyParameterError(f"accountant must be one of {list(ACCOUNTANTS)}, got '{accountant}'")
+    merged = merge_history(history)
+    if not merged:
+        return 0.0
+    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    acc.history = list(merged)
+    with warnings.catch_warnings():
+        # RDP warns when the optimal order is at the end of its alpha grid; the value is still an upper bound.
+        warnings.simplefilter("ignore", UserWarning)
+        return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(
+    *,
+    history: list[Mechanism],
+    sample_rate: float,
+    steps: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "prv",
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier (to within ``tolerance`` in epsilon) such that ``history`` followed by
+    ``steps`` more steps at ``sample_rate`` stays within ``target_epsilon``.
+
+    Raises BudgetExhaustedError when even very large noise cannot fit (the history has spent it).
+    """
+    validate_privacy_parameters(target_epsilon=target_epsilon, delta=delta)
+
+    def eps(sigma: float) -> float:
+        return compute_epsilon(history + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+
+    # Bracket [lo, hi] with eps(lo) > target >= eps(hi). RDP is a looser bound than PRV, so its
+    # (fast) calibration gives PRV's upper end.
+    if accountant == "prv":
+        hi = calibrate_noise(history=history, sample_rate=sample_rate, steps=steps, target_epsilon=target_epsilon,
+                             delta=delta, accountant="rdp", tolerance=tolerance)
+    else:
+        hi = 1.0
+    e_hi = eps(hi)
+    while e_hi > target_epsilon:
+        hi *= 2
+        if hi > 1e4:
+            spent = compute_epsilon(history, delta=delta, accountant=accountant)
+            raise BudgetExhaustedError(
+                f"no noise level fits {steps} more steps into the budget ε = {target_epsilon:g}: "
+                f"ε = {spent:.4g} is already spent",
+                epsilon_now=spent,
+                epsilon_after=math.inf,
+                budget=target_epsilon,
+            )
+        e_hi = eps(hi)
+    lo = 0.8 * hi
+    e_lo = eps(lo)
+    while e_lo <= target_epsilon and lo > 1e-3:
+        hi, e_hi, lo = lo, e_lo, 0.8 * lo
+        e_lo = eps(lo)
+    if e_lo <= target_epsilon:
+        return lo
+    # Illinois regula falsi on log(eps) - log(target), which is close to linear in sigma.
+    f_lo, f_hi = math.log(e_lo / target_epsilon), math.log(max(e_hi, 1e-300) / target_epsilon)
+    last = 0
+    while target_epsilon - e_hi > tolerance * target_epsilon and hi - lo > 1e-6 * hi:
+        mid = hi - f_hi * (hi - lo) / (f_hi - f_lo)
+        mid = min(max(mid, lo + 0.01 * (hi - lo)), hi - 0.01 * (hi - lo))
+        e_mid = eps(mid)
+        f_mid = math.log(max(e_mid, 1e-300) / target_epsilon)
+        if e_mid > target_epsilon:
+            lo, f_lo = mid, f_mid
+            if last == -1:
+                f_hi /= 2
+            last = -1
+        else:
+            hi, e_hi, f_hi = mid, e_mid, f_mid
+            if last == 1:
+                f_lo /= 2
+            last = 1
+    return hi
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """The noise calibrated once for a client's planned participation in one run."""
+
+    run_id: str
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_rounds: int
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+
+    def matches(self, **params: Any) -> bool:
+        return all(getattr(self, k) == v for k, v in params.items())
+
+
+@dataclass
+class PrivacyHistory:
+    """One client's accountant history across every round of every run. JSON-serialisable."""
+
+    accountant: str = "prv"
+    delta: float | None = None  # fixed by the first round; every later round must use the same
+    entries: list[Mechanism] = field(default_factory=list)
+    plan: NoisePlan | None = None
+
+    def __post_init__(self) -> None:
+        if self.accountant not in ACCOUNTANTS:
+            raise PrivacyParameterError(f"accountant must be one of {list(ACCOUNTANTS)}, got '{self.accountant}'")
+
+    def epsilon(self, *, extra: list[Mechanism] | None = None) -> float:
+        """Epsilon of the history (plus ``extra`` mechanisms, not recorded)."""
+        mechanisms = self.entries + (extra or [])
+        if not merge_history(mechanisms):
+            return 0.0
+        assert self.delta is not None, "a history with entries has a delta"
+        return compute_epsilon(mechanisms, delta=self.delta, accountant=self.accountant)
+
+    def check_budget(self, mechanism: Mechanism, *, budget: float) -> float:
+        """Fail closed: the epsilon after ``mechanism``, or BudgetExhaustedError if it exceeds ``budget``."""
+        after = self.epsilon(extra=[mechanism])
+        if after > budget:
+            now = self.epsilon()
+            raise BudgetExhaustedError(
+                f"training this round would spend (ε = {after:.4g}, δ = {self.delta:g}) in total, over the "
+                f"budget ε = {budget:g} (spent so far: ε = {now:.4g}); nothing was trained",
+                epsilon_now=now,
+                epsilon_after=after,
+                budget=budget,
+            )
+        return after
+
+    def record(self, mechanism: Mechanism) -> None:
+        sigma, q, steps = mechanism
+        if not (sigma > 0 and 0 < q <= 1 and isinstance(steps, int) and steps >= 0):
+            raise PrivacyParameterError(f"invalid mechanism {mechanism}")
+        self.entries.append((float(sigma), float(q), int(steps)))
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": HISTORY_FORMAT,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "history": [list(e) for e in self.entries],
+            "plan": None if self.plan is None else self.plan.__dict__.copy(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrivacyHistory":
+        """Load and validate; a malformed history raises PrivacyParameterError (never trains on it)."""
+        try:
+            if data.get("format") != HISTORY_FORMAT:
+                raise ValueError(f"unknown format {data.get('format')!r}")
+            entries = []
+            for e in data["history"]:
+                sigma, q, steps = e
+                if not (float(sigma) > 0 and 0 < float(q) <= 1 and int(steps) == steps and steps >= 0):
+                    raise ValueError(f"invalid entry {e}")
+                entries.append((float(sigma), float(q), int(steps)))
+            plan = NoisePlan(**data["plan"]) if data.get("plan") else None
+            delta = data.get("delta")
+            if entries and delta is None:
+                raise ValueError("entries without delta")
+            return cls(accountant=data["accountant"], delta=delta, entries=entries, plan=plan)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrivacyParameterError(f"malformed privacy history: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrivacyHistory":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PrivacyParameterError(f"malformed privacy history (not JSON): {exc}") from exc
+        if not isinstance(data, dict):
+            raise PrivacyParameterError("malformed privacy history: expected a JSON object")
+        return cls.from_dict(data)
+
+
+def format_spend(epsilon: float | None, delta: float | None) -> str:
+    """Privacy spend as ``(ε = 2.31, δ = 1e-05)``; non-private as ``(ε = ∞, non-private)``."""
+    if epsilon is None or math.isinf(epsilon):
+        return "(ε = ∞, non-private)"
+    return f"(ε = {epsilon:.2f}, δ = {delta:g})" if delta is not None else f"(ε = {epsilon:.2f})"

@@ -1,0 +1,88 @@
+"""A client's model: its private encoders (one per modality it holds) and the shared fusion head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.encoders import build_encoder
+from common.fusion import FUSIONS, build_head
+from common.schema import DatasetSchema
+
+HEAD_PREFIX = "head."
+ENCODER_PREFIX = "encoders."
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture shared by the whole federation (the head must match on every client)."""
+
+    fusion: str = "attention"  # attention | concat | late
+    embed_dim: int = 32  # shared embedding size every encoder maps to
+    hidden_dim: int = 32  # width of the head's hidden layers
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got '{self.fusion}'")
+        if self.embed_dim < 1 or self.hidden_dim < 1:
+            raise ValueError("embed_dim and hidden_dim must be positive")
+
+
+class MultimodalModel(nn.Module):
+    """Encoders for ``schema``'s modalities + a fusion head over the same modalities.
+
+    Every encoder runs on every batch: inputs of absent modalities are zero-filled first and their
+    embeddings are masked in the head. Skipping or freezing an encoder depending on the batch
+    would make which parameters get DP noise depend on private data.
+    """
+
+    def __init__(self, schema: DatasetSchema, config: ModelConfig):
+        super().__init__()
+        self.schema = schema
+        self.config = config
+        self.encoders = nn.ModuleDict({m.name: build_encoder(m, config.embed_dim) for m in schema.modalities})
+        self.head = build_head(
+            config.fusion,
+            schema.names,
+            embed_dim=config.embed_dim,
+            num_classes=schema.num_classes,
+            hidden_dim=config.hidden_dim,
+        )
+
+    def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        # inputs: name -> (B, *shape); mask: (B, M) bool in schema order
+        embeddings = []
+        for i, name in enumerate(self.schema.names):
+            x = inputs[name]
+            present = mask[:, i].view(-1, *([1] * (x.dim() - 1)))
+            x = torch.where(present, x, torch.zeros((), dtype=x.dtype))  # zero-fill absent
+            embeddings.append(self.encoders[name](x))  # (B, D)
+        emb = torch.stack(embeddings, dim=1)  # (B, M, D)
+        return self.head(emb, mask)  # (B, K)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The shared head's parameters, keyed ``head.<...>`` (what a client may send)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(HEAD_PREFIX)}
+
+    def encoder_state(self, name: str) -> dict[str, torch.Tensor]:
+        """One modality's encoder parameters, keyed ``encoders.<name>.<...>``."""
+        prefix = f"{ENCODER_PREFIX}{name}."
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(prefix)}
+
+    def load_partial(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the given keys (e.g. the global head); every key must exist with the same shape."""
+        own = self.state_dict()
+        for key, value in state.items():
+            if key not in own:
+                raise KeyError(f"parameter '{key}' does not exist in this model")
+            if tuple(own[key].shape) != tuple(value.shape):
+                raise ValueError(f"parameter '{key}': expected shape {tuple(own[key].shape)}, got {tuple(value.shape)}")
+        self.load_state_dict(state, strict=False)
+
+
+def global_head_template(modalities: list[str] | tuple[str, ...], num_classes: int, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Initial parameters of the federation's head over all ``modalities`` (server side)."""
+    head = build_head(config.fusion, modalities, embed_dim=config.embed_dim, num_classes=num_classes, hidden_dim=config.hidden_dim)
+    return {HEAD_PREFIX + k: v.detach().clone() for k, v in head.state_dict().items()}

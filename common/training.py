@@ -1,0 +1,277 @@
+"""One round of a client's local training: encoders + head with Opacus DP-SGD.
+
+DP-SGD here means Poisson sampling (each record joins each step with probability q), per-sample
+gradient clipping to norm C over *all* of the client's parameters, and Gaussian noise of standard
+deviation sigma * C on their sum. The noise multiplier sigma is calibrated once per run, for the
+client's whole planned participation, against its remaining budget; before any data is touched
+the round is refused if it would take the client's epsilon over its budget (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.accounting import NoisePlan, PrivacyHistory, calibrate_noise, validate_privacy_parameters
+from common.data import MultimodalData
+from common.errors import DataError, NonFiniteError, PrivacyParameterError
+from common.model import MultimodalModel
+
+log = logging.getLogger(__name__)
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round of local training did. ``train_loss`` is computed on private data without DP."""
+
+    private: bool
+    epsilon: float  # cumulative, after this round (inf when non-private)
+    delta: float | None
+    noise_multiplier: float | None
+    sample_rate: float
+    steps: int
+    max_grad_norm: float | None
+    num_examples: int  # size of the training set (not the number of Poisson-sampled records)
+    train_loss: float  # mean over the round's batches; private information, not DP
+    seconds: float
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Number of DP-SGD steps in one epoch; the sampling rate is its inverse."""
+    return math.ceil(num_examples / batch_size)
+
+
+def check_compatible(model: MultimodalModel, data: MultimodalData) -> None:
+    """The data must have exactly the model's modalities with the same specs and labels."""
+    if data.schema.modalities != model.schema.modalities:
+        raise DataError(
+            f"the data's modalities {[m.to_dict() | {'name': m.name} for m in data.schema.modalities]} do not "
+            f"match the client's schema {[m.to_dict() | {'name': m.name} for m in model.schema.modalities]}"
+        )
+    if data.schema.labels != model.schema.labels:
+        raise DataError(f"the data's labels {list(data.schema.labels)} differ from the model's {list(model.schema.labels)}")
+
+
+def drop_modalities(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Randomly hide present modalities with probability ``p`` per sample, keeping at least one each."""
+    if p <= 0:
+        return mask
+    drop = torch.rand(mask.shape, generator=generator) < p
+    kept = mask & ~drop
+    # A sample that lost everything keeps one of its present modalities, chosen at random.
+    lost_all = ~kept.any(dim=1)
+    if lost_all.any():
+        pick = (torch.rand(mask.shape, generator=generator) * mask).argmax(dim=1)  # a random present column
+        one = torch.zeros_like(mask)
+        one[torch.arange(len(mask)), pick] = True
+        kept = torch.where(lost_all.unsqueeze(1), one, kept)
+    return kept
+
+
+def _batch(data: MultimodalData, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    return {n: x[idx] for n, x in data.inputs.items()}, data.mask[idx], data.labels[idx]
+
+
+def _check_finite_loss(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteError(
+            f"the training loss became {loss.item()} at step {step}; lower the learning rate or check the "
+            "data for extreme values. The round's update was discarded."
+        )
+
+
+def train_round(
+    model: MultimodalModel,
+    data: MultimodalData,
+    history: PrivacyHistory,
+    *,
+    target_epsilon: float,
+    delta: float,
+    max_grad_norm: float,
+    planned_rounds: int,
+    local_epochs: int,
+    batch_size: int,
+    run_id: str = "run",
+    lr: float = 0.5,
+    momentum: float = 0.5,
+    modality_dropout: float = 0.0,
+    grad_sample_mode: str = "hooks",
+    generator: torch.Generator | None = None,
+    _noise_scale: float = 1.0,
+) -> RoundResult:
+    """Train ``model`` (in place) on ``data`` for one round; update ``history`` with the round's mechanism.
+
+    ``target_epsilon = math.inf`` trains without DP and leaves the history untouched. On error the
+    model is restored to its state before the round. ``_noise_scale`` exists for the empirical
+    privacy audit's negative test only (it is not reachable from any configuration).
+    """
+    # Check everything before touching the data.
+    validate_privacy_parameters(target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm)
+    for name, value in (("planned_rounds", planned_rounds), ("local_epochs", local_epochs), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise PrivacyParameterError(f"{name} must be a positive integer, got {value!r}")
+    if not 0 <= modality_dropout < 1:
+        raise ValueError(f"modality_dropout must lie in [0, 1), got {modality_dropout}")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}, got '{grad_sample_mode}'")
+    check_compatible(model, data)
+    n = len(data)
+    per_epoch = steps_per_epoch(n, batch_size)
+    sample_rate = 1.0 / per_epoch
+    steps = local_epochs * per_epoch
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = time.perf_counter()
+
+    if math.isinf(target_epsilon):
+        loss = _train_non_private(model, data, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
+                                  modality_dropout=modality_dropout, generator=generator, snapshot=snapshot)
+        return RoundResult(False, math.inf, None, None, sample_rate, steps, None, n, loss, time.perf_counter() - start)
+
+    # Calibrate the noise once per run for the whole planned participation; check the budget.
+    if history.delta is not None and history.delta != delta:
+        raise PrivacyParameterError(
+            f"delta {delta:g} differs from the delta {history.delta:g} of this client's earlier rounds; "
+            "one client's history must use one delta"
+        )
+    plan_params = dict(run_id=run_id, sample_rate=sample_rate, steps_per_round=steps, planned_rounds=planned_rounds,
+                       target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm)
+    plan = history.plan
+    if plan is None or plan.run_id != run_id:
+        sigma = calibrate_noise(history=history.entries, sample_rate=sample_rate, steps=steps * planned_rounds,
+                                target_epsilon=target_epsilon, delta=delta, accountant=history.accountant)
+        plan = NoisePlan(noise_multiplier=sigma, **plan_params)
+        log.info("calibrated noise multiplier %.4f for %d rounds x %d steps at q = %.4f", sigma, planned_rounds, steps, sample_rate)
+    elif not plan.matches(**plan_params):
+        raise PrivacyParameterError(
+            f"the privacy parameters changed during run '{run_id}' (planned {plan}, now {plan_params}); "
+            "the noise was calibrated for the original plan: start a new run to change them"
+        )
+    mechanism = (plan.noise_multiplier, sample_rate, steps)
+    history.delta = delta  # unchanged, or fixed now for a client that has not trained yet
+    epsilon_after = history.check_budget(mechanism, budget=target_epsilon)
+    history.plan = plan
+
+    # From here on the data is used: the round is charged to the history even if it fails.
+    try:
+        loss = _train_dp(model, data, history, noise_multiplier=plan.noise_multiplier * _noise_scale,
+                         max_grad_norm=max_grad_norm, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
+                         momentum=momentum, modality_dropout=modality_dropout, grad_sample_mode=grad_sample_mode,
+                         generator=generator, expected_steps=steps)
+    except BaseException:
+        model.load_state_dict(snapshot)
+        raise
+    finally:
+        history.record(mechanism)
+    return RoundResult(True, epsilon_after, delta, plan.noise_multiplier, sample_rate, steps, max_grad_norm, n, loss,
+                       time.perf_counter() - start)
+
+
+def _train_dp(
+    model: MultimodalModel,
+    data: MultimodalData,
+    history: PrivacyHistory,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    local_epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    modality_dropout: float,
+    grad_sample_mode: str,
+    generator: torch.Generator | None,
+    expected_steps: int,
+) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=batch_size)
+    with warnings.catch_warnings():
+        # secure_mode needs torchcsprng, which is not available; documented in the README.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=history.accountant)
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=grad_sample_mode,
+        )
+    total, batches, step = 0.0, 0, 0
+    model.train()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(local_epochs):
+                for (idx,) in dp_loader:
+                    inputs, mask, labels = _batch(data, idx)
+                    mask = drop_modalities(mask, modality_dropout, generator)
+                    # An empty Poisson batch still takes a step: noise only, and it is accounted.
+                    loss = F.cross_entropy(dp_model(inputs, mask), labels)
+                    if len(idx):
+                        _check_finite_loss(loss, step)
+                        total, batches = total + loss.item(), batches + 1
+                    loss.backward()
+                    dp_optimizer.step()
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    step += 1
+    finally:
+        dp_model._close()  # remove Opacus hooks and per-sample gradients from ``model``
+    counted = sum(s for _, _, s in engine.accountant.history)
+    if counted != expected_steps:  # defence in depth: the accountant must have seen every step
+        raise RuntimeError(f"Opacus counted {counted} steps, expected {expected_steps}")
+    _check_finite_params(model)
+    return total / max(batches, 1)
+
+
+def _train_non_private(
+    model: MultimodalModel,
+    data: MultimodalData,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    modality_dropout: float,
+    generator: torch.Generator | None,
+    snapshot: dict[str, torch.Tensor],
+) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    model.train()
+    total, n = 0.0, len(data)
+    order = torch.randperm(n, generator=generator)
+    try:
+        for step in range(steps):
+            start = (step * batch_size) % n
+            if start + batch_size > n:
+                order = torch.randperm(n, generator=generator)
+                start = 0
+            inputs, mask, labels = _batch(data, order[start : start + batch_size])
+            mask = drop_modalities(mask, modality_dropout, generator)
+            loss = F.cross_entropy(model(inputs, mask), labels)
+            _check_finite_loss(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        _check_finite_params(model)
+    except BaseException:
+        model.load_state_dict(snapshot)
+        raise
+    return total / max(steps, 1)
+
+
+def _check_finite_params(model: torch.nn.Module) -> None:
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteError(f"parameters became non-finite after training ({bad[:3]}...); the round was discarded")

@@ -1,0 +1,180 @@
+"""Local DP training: clipping, real noise, every encoder runs, fail-closed budget, bad input."""
+
+import math
+
+import pytest
+import torch
+from opacus.optimizers import DPOptimizer
+
+from common import synthetic
+from common.accounting import PrivacyHistory, compute_epsilon
+from common.data import MultimodalData
+from common.errors import BudgetExhaustedError, DataError, NonFiniteError, PrivacyParameterError
+from common.model import ModelConfig, MultimodalModel
+from common.training import drop_modalities, train_round
+
+CONFIG = ModelConfig(embed_dim=16, hidden_dim=16)
+DP = dict(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=2, local_epochs=1, batch_size=50)
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_per_sample_gradients_are_clipped_to_max_grad_norm(synth_train, monkeypatch):
+    # Prepare: spy on Opacus's clipping inside the real training path
+    norms = []
+    original = DPOptimizer.clip_and_accumulate
+
+    def spy(self):
+        per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
+        raw = torch.stack(per_param, dim=1).norm(2, dim=1)
+        factor = (self.max_grad_norm / (raw + 1e-6)).clamp(max=1.0)
+        norms.append((raw * factor).max().item() if len(raw) else 0.0)
+        assert raw.max() > self.max_grad_norm  # clipping is really exercised
+        return original(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    model = MultimodalModel(synth_train.schema, CONFIG)
+    # Execute
+    train_round(model, synth_train.subset(range(200)), PrivacyHistory(), **(DP | dict(max_grad_norm=0.01)))
+    # Assert
+    assert len(norms) == 4 and max(norms) <= 0.01 * (1 + 1e-4)
+
+
+def test_noise_is_added_even_to_an_encoder_no_sample_in_the_batch_uses(synth_train):
+    # Prepare: a client with image + signal where no sample has the signal; q = 1 (one full batch)
+    data = synth_train.subset(range(100)).restrict(["image", "signal"])
+    mask = data.mask.clone()
+    mask[:, 1] = False
+    data = MultimodalData(data.schema, data.inputs, mask, data.labels)
+    model = MultimodalModel(data.schema, CONFIG)
+    before = state(model)
+    # Execute: one DP-SGD step with plain SGD (lr = 1, no momentum)
+    result = train_round(model, data, PrivacyHistory(), target_epsilon=2.0, delta=1e-5, max_grad_norm=1.0,
+                         planned_rounds=1, local_epochs=1, batch_size=100, lr=1.0, momentum=0.0)
+    # Assert: its gradient is exactly zero, so its update is pure noise of std sigma * C / expected batch
+    assert result.steps == 1 and result.sample_rate == 1.0
+    update = torch.cat([(model.state_dict()[k] - before[k]).flatten() for k in before if k.startswith("encoders.signal.")])
+    expected = result.noise_multiplier * 1.0 / 100
+    assert update.numel() > 4000
+    assert update.std().item() == pytest.approx(expected, rel=0.05)
+    assert update.mean().abs().item() < 4 * expected / math.sqrt(update.numel())
+
+
+def test_non_private_training_adds_no_noise_and_reports_infinity(synth_train):
+    data = synth_train.subset(range(100)).restrict(["image", "signal"])
+    mask = data.mask.clone()
+    mask[:, 1] = False
+    data = MultimodalData(data.schema, data.inputs, mask, data.labels)
+    model = MultimodalModel(data.schema, CONFIG)
+    before = state(model)
+    history = PrivacyHistory()
+    result = train_round(model, data, history, **(DP | dict(target_epsilon=math.inf)))
+    assert not result.private and math.isinf(result.epsilon) and result.noise_multiplier is None
+    assert history.entries == []
+    # the signal encoder received no gradient and no noise
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before if k.startswith("encoders.signal."))
+
+
+def test_history_spans_rounds_and_matches_one_accountant(synth_train):
+    data = synth_train.subset(range(200))
+    model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
+    results = [train_round(model, data, history, **(DP | dict(planned_rounds=3))) for _ in range(3)]
+    sigma, q, steps = history.entries[0]
+    assert history.entries == [(sigma, q, steps)] * 3
+    assert results[-1].epsilon == pytest.approx(compute_epsilon([(sigma, q, 3 * steps)], delta=1e-5))
+    assert results[0].epsilon < results[1].epsilon < results[2].epsilon <= 4.0
+    # restoring from JSON continues the same history
+    again = PrivacyHistory.from_json(history.to_json())
+    assert again.epsilon() == pytest.approx(results[-1].epsilon)
+
+
+def test_round_beyond_the_plan_is_refused_before_training(synth_train):
+    data = synth_train.subset(range(200))
+    model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
+    for _ in range(2):
+        train_round(model, data, history, **DP)
+    before, entries = state(model), list(history.entries)
+    with pytest.raises(BudgetExhaustedError, match="over the budget"):
+        train_round(model, data, history, **DP)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    assert history.entries == entries
+
+
+def test_changing_privacy_parameters_mid_run_is_refused(synth_train):
+    data = synth_train.subset(range(200))
+    model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
+    train_round(model, data, history, **DP)
+    with pytest.raises(PrivacyParameterError, match="changed during run"):
+        train_round(model, data, history, **(DP | dict(batch_size=20)))
+    with pytest.raises(PrivacyParameterError, match="one client's history must use one delta"):
+        train_round(model, data, history, **(DP | dict(delta=1e-6)))
+
+
+def test_a_new_run_is_calibrated_against_the_remaining_budget(synth_train):
+    data = synth_train.subset(range(200))
+    model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
+    first = train_round(model, data, history, **(DP | dict(run_id="a")))
+    second = train_round(model, data, history, **(DP | dict(run_id="b")))
+    assert second.noise_multiplier > first.noise_multiplier
+    assert second.epsilon <= 4.0
+
+
+@pytest.mark.parametrize("bad", [dict(target_epsilon=0.0), dict(delta=1.5), dict(max_grad_norm=-1.0),
+                                 dict(batch_size=0), dict(local_epochs=0), dict(planned_rounds=0)])
+def test_invalid_parameters_train_nothing(synth_train, bad):
+    data = synth_train.subset(range(50))
+    model = MultimodalModel(data.schema, CONFIG)
+    before = state(model)
+    with pytest.raises(PrivacyParameterError):
+        train_round(model, data, PrivacyHistory(), **(DP | bad))
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+def test_data_that_does_not_match_the_clients_schema_is_rejected(synth_train):
+    model = MultimodalModel(synth_train.schema.restrict(["image", "tabular"]), CONFIG)
+    with pytest.raises(DataError, match="do not match the client's schema"):
+        train_round(model, synth_train.subset(range(50)), PrivacyHistory(), **DP)
+
+
+def test_non_finite_loss_discards_the_round_but_charges_the_budget(synth_train):
+    # Prepare: finite but enormous inputs overflow the forward pass
+    data = synth_train.subset(range(100))
+    huge = {n: (x * 1e38 if x.is_floating_point() else x) for n, x in data.inputs.items()}
+    data = MultimodalData(data.schema, huge, data.mask, data.labels)
+    model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
+    before = state(model)
+    # Execute
+    with pytest.raises(NonFiniteError, match="discarded"):
+        train_round(model, data, history, **DP)
+    # Assert: model untouched; the data was used, so the round is accounted (fail closed)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    assert len(history.entries) == 1
+
+
+def test_modality_dropout_keeps_at_least_one_present_modality():
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand((1000, 3), generator=gen) < 0.7
+    mask[~mask.any(1), 0] = True
+    dropped = drop_modalities(mask, 0.9, gen)
+    assert dropped.any(dim=1).all()
+    assert not (dropped & ~mask).any()  # never adds a modality
+    assert dropped.sum() < 0.5 * mask.sum()
+
+
+def test_fusion_beats_every_single_modality_on_the_synthetic_data():
+    # Prepare
+    torch.manual_seed(0)
+    train, test = synthetic.generate(1200, seed=1), synthetic.generate(600, seed=2)
+    model = MultimodalModel(train.schema, ModelConfig())
+    # Execute: non-private, with modality dropout so that single modalities are learned too
+    train_round(model, train, PrivacyHistory(), **(DP | dict(target_epsilon=math.inf, local_epochs=15, batch_size=32)),
+                lr=0.1, momentum=0.9, modality_dropout=0.5)
+    from common.evaluation import evaluate
+    report = evaluate(model, test)
+    # Assert: about 1/2 for one modality, 5/6 for two, ~1 for all three
+    singles = [report["by_modalities"][m]["accuracy"] for m in ("image", "signal", "tabular")]
+    assert report["by_modalities"]["image+signal+tabular"]["accuracy"] > 0.9
+    assert max(singles) < 0.6
+    assert report["accuracy"] > max(singles) + 0.3

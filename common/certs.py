@@ -45,7 +45,7 @@ class SiteCredentials:
     folder: Path  # sites/<name>/: copy to the site
     ca_cert: Path  # sites/<name>/ca.crt: --root-certificates of flower-supernode
     auth_private_key: Path  # sites/<name>/auth.key: EC P-384, OpenSSH format, mode 0600
-    ledger_key: Path  # sites/<name>/ledger.key: Ed25519, PKCS8 PEM, mode 0600
+    ledger_key: Path  # sites/<name>/ledger_key.pem: Ed25519, PKCS8 PEM, mode 0600 (common.ledger.KEY_FILE)
     auth_public_key: Path  # superlink/supernode-keys/<name>.pub: `flwr supernode register`
     ledger_public_key: Path  # superlink/ledger-keys/<name>.pem: verifies the site's ledger
 
@@ -282,7 +282,7 @@ def _layout(out: Path, site_names: Sequence[str]) -> Credentials:
             folder=out / SITES_DIR / name,
             ca_cert=out / SITES_DIR / name / "ca.crt",
             auth_private_key=out / SITES_DIR / name / "auth.key",
-            ledger_key=out / SITES_DIR / name / "ledger.key",
+            ledger_key=out / SITES_DIR / name / "ledger_key.pem",
             auth_public_key=server / "supernode-keys" / f"{name}.pub",
             ledger_public_key=server / "ledger-keys" / f"{name}.pem",
         )

@@ -53,7 +53,7 @@ def test_layout_has_one_folder_per_destination(creds: Credentials) -> None:
     assert creds.site("site-2").auth_public_key == out / "superlink" / "supernode-keys" / "site-2.pub"
     for site in creds.sites:
         assert site.ca_cert.read_bytes() == creds.ca_cert.read_bytes()
-        assert {p.name for p in site.folder.iterdir()} == {"ca.crt", "auth.key", "ledger.key"}
+        assert {p.name for p in site.folder.iterdir()} == {"ca.crt", "auth.key", "ledger_key.pem"}
     assert "sites/site-3/auth.key" in creds.manifest.read_text()
 
 
@@ -150,12 +150,12 @@ def test_refuses_to_overwrite_and_leaves_files_unchanged(tmp_path: Path) -> None
 def test_refuses_when_only_one_key_exists(tmp_path: Path) -> None:
     # Prepare
     (tmp_path / "sites" / "site-1").mkdir(parents=True)
-    (tmp_path / "sites" / "site-1" / "ledger.key").write_text("keep me")
+    (tmp_path / "sites" / "site-1" / "ledger_key.pem").write_text("keep me")
 
     # Execute / Assert
-    with pytest.raises(CredentialsError, match="sites/site-1/ledger.key"):
+    with pytest.raises(CredentialsError, match="sites/site-1/ledger_key.pem"):
         make_credentials(tmp_path, server_names="localhost", sites=1)
-    assert (tmp_path / "sites" / "site-1" / "ledger.key").read_text() == "keep me"
+    assert (tmp_path / "sites" / "site-1" / "ledger_key.pem").read_text() == "keep me"
     assert not (tmp_path / "ca" / "ca.key").exists()
 
 

@@ -311,7 +311,7 @@ def check_chain(entries: list[Any], *, expected_public_key: str | None = None) -
         except (TypeError, ValueError) as exc:
             actual = None
             found.append(Finding(CORRUPT, f"{where}: cannot be hashed ({exc})", i))
-        if actual is not None and recorded != actual:
+        if actual is not None and _is_hex(recorded, 32) and recorded != actual:
             found.append(Finding(TAMPERING, f"{where}: content does not match its entry_hash (edited after signing)",
                                  i))
         key = e.get("public_key")
@@ -319,16 +319,16 @@ def check_chain(entries: list[Any], *, expected_public_key: str | None = None) -
             if not verify_signature(key, bytes.fromhex(recorded), e["signature"]):
                 found.append(Finding(TAMPERING, f"{where}: signature does not verify with the entry's public_key "
                                                 "(forged or edited)", i))
-        if ref_key is None and isinstance(key, str):
-            ref_key, ref_from = key, "entry 0"
-        if isinstance(key, str) and key != ref_key:
+        if ref_key is None and _is_hex(key, 32):
+            ref_key, ref_from = key, f"entry {i}"
+        if _is_hex(key, 32) and key != ref_key:
             found.append(Finding(TAMPERING, f"{where}: signed by key {key[:16]}..., not {ref_from}'s "
                                             f"{ref_key[:16]}... (forged entry or replaced key)", i))
-        if e.get("index") != i:
+        if _is_int(e.get("index")) and e["index"] != i:
             found.append(Finding(TAMPERING, f"{where}: its index is {e.get('index')!r} (entries reordered, dropped "
                                             "or inserted)", i))
         want_prev = GENESIS_HASH if i == 0 else (prev.get("entry_hash") if prev is not None else None)
-        if e.get("prev_hash") != want_prev:
+        if _is_hex(e.get("prev_hash"), 32) and (i == 0 or _is_hex(want_prev, 32)) and e["prev_hash"] != want_prev:
             found.append(Finding(TAMPERING, f"{where}: prev_hash does not match "
                                             f"{'the genesis value' if i == 0 else f'entry {i - 1}'} "
                                             "(an entry was dropped, reordered or inserted)", i))

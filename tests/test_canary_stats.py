@@ -56,7 +56,8 @@ def test_p_value_matches_reference(m, r, v, eps, delta, expected):
 
 def test_more_correct_guesses_give_a_higher_bound():
     # Execute
-    bounds = [epsilon_lower_bound(num_canaries=1000, num_guesses=100, num_correct=v, delta=1e-5) for v in range(50, 101)]
+    bounds = [epsilon_lower_bound(num_canaries=1000, num_guesses=100, num_correct=v, delta=1e-5)
+              for v in range(50, 101)]
     # Assert
     assert all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:]))
     positive = [b for b in bounds if b > 0]

@@ -1,0 +1,431 @@
+"""Audit privacy ledgers: verify chains and copies, re-account epsilon with dp-accounting, check budgets.
+
+The re-accounting is independent of Opacus, which the clients use in training: a ledger that
+records accountant "prv" is re-accounted with dp-accounting's PLD accountant, "rdp" with
+dp-accounting's RDP accountant. Recorded and recomputed epsilon agree when they differ by at
+most ``tolerance * max(1, recomputed)``; see docs/ledger-format.md for the measured differences.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from common.ledger import (
+    ACCOUNTING,
+    CORRUPT,
+    LEDGER_FILE,
+    OVER_BUDGET,
+    TAMPERING,
+    Finding,
+    LedgerError,
+    check_chain,
+    compare_copies,
+    format_problems,
+    read_ledger,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = 0.02  # measured PRV - PLD: +0.010 to +0.012 for eps in [0.1, 54]; see docs/ledger-format.md
+PLD_INTERVAL = 1e-3  # dp-accounting PLD value discretization; 1e-4 changes eps by < 0.0013 and is ~10x slower
+BUDGET_SLACK = 1e-9  # float noise allowed when comparing a recorded epsilon with its budget
+
+# Exit statuses; when several apply the lowest wins (tampering first). 2 = usage error (argparse, FedfuseError).
+EXIT_OK = 0
+EXIT_CODES = {TAMPERING: 3, CORRUPT: 4, OVER_BUDGET: 5, ACCOUNTING: 6}
+RECOMPUTED_WITH = {"prv": "dp-accounting PLD", "rdp": "dp-accounting RDP"}
+COPIES = ("client", "federation", "file")  # where a copy came from; "file" = a loose ledger file
+
+
+def allowance(recomputed: float, tolerance: float) -> float:
+    """How far a recorded epsilon may lie from the recomputed one: tolerance * max(1, recomputed)."""
+    return tolerance * max(1.0, recomputed)
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    events = []
+    for sigma, q, steps in history:
+        step = dp_accounting.GaussianDpEvent(sigma)
+        if q < 1:
+            step = dp_accounting.PoissonSampledDpEvent(q, step)
+        events.append(dp_accounting.SelfComposedDpEvent(step, steps))
+    if accountant == "prv":
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+    else:
+        acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(dp_accounting.ComposedDpEvent(events))
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon_from_history(history: list[tuple[float, float, int]], *, delta: float, accountant: str) -> float:
+    """Epsilon of a (noise_multiplier, sample_rate, steps) history with dp-accounting (PLD for "prv", RDP for "rdp").
+
+    Mechanisms are composed in any order (composition commutes), identical ones merged first.
+    A noise multiplier of 0 with steps > 0 gives inf; an empty history 0.
+    """
+    if accountant not in RECOMPUTED_WITH:
+        raise LedgerError(f"unknown accountant '{accountant}', expected one of {sorted(RECOMPUTED_WITH)}")
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        if steps > 0:
+            if sigma <= 0:
+                return math.inf
+            merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
+    if not merged:
+        return 0.0
+    key = tuple(sorted((s, q, n) for (s, q), n in merged.items()))
+    return _epsilon(key, float(delta), accountant)
+
+
+@dataclass
+class ClientReport:
+    """Everything the audit found about one client."""
+
+    client_id: str
+    sources: dict[str, Path]  # copy name -> file
+    entries: list[dict[str, Any]] = field(default_factory=list)  # the copy that was accounted
+    accounted_copy: str | None = None
+    recomputed: list[float | None] = field(default_factory=list)  # per entry; None = not accountable
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.entries[-1] if self.entries else {}
+
+    @property
+    def private(self) -> bool:
+        return self.last.get("private") is not False
+
+    @property
+    def kinds(self) -> set[str]:
+        return {f.kind for f in self.findings}
+
+    @property
+    def verified(self) -> bool:
+        return not self.kinds & {TAMPERING, CORRUPT}
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    @property
+    def status(self) -> str:
+        if self.findings:
+            return ", ".join(k for k in EXIT_CODES if k in self.kinds)
+        return "ok" if self.private else "ok (non-private)"
+
+    @property
+    def rounds(self) -> int:
+        return sum(1 for e in self.entries if e.get("status") == "trained")
+
+    @property
+    def refused_rounds(self) -> int:
+        return sum(1 for e in self.entries if e.get("status") == "refused-budget")
+
+    @property
+    def modalities(self) -> list[str]:
+        seen: list[str] = []
+        for e in self.entries:
+            mods = e.get("modalities")
+            for m in mods if isinstance(mods, list) else []:
+                if isinstance(m, str) and m not in seen:
+                    seen.append(m)
+        return seen
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Trained mechanisms, consecutive identical ones merged (Opacus's accountant history format)."""
+        out: list[dict[str, Any]] = []
+        for e in self.entries:
+            mech = e.get("mechanism")
+            if not isinstance(mech, dict) or not isinstance(mech.get("steps"), int) or mech["steps"] <= 0:
+                continue
+            sigma, q, steps = mech.get("noise_multiplier"), mech.get("sample_rate"), mech["steps"]
+            if out and out[-1]["noise_multiplier"] == sigma and out[-1]["sample_rate"] == q:
+                out[-1]["steps"] += steps
+            else:
+                out.append({"noise_multiplier": sigma, "sample_rate": q, "steps": steps})
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        last = self.last
+        rec = self.recomputed[-1] if self.recomputed else None
+        return {
+            "epsilon": last.get("epsilon"),
+            "recomputed_epsilon": rec if rec is not None and math.isfinite(rec) else None,
+            "delta": last.get("delta"),
+            "budget": last.get("budget"),
+            "private": self.private,
+            "accountant": last.get("accountant"),
+            "history": self.history,
+            "verified": self.verified,
+            "ok": self.ok,
+            "status": self.status,
+            "problems": [f"{f.kind}: {f.message}" for f in self.findings],
+            "modalities": self.modalities,
+            "rounds": self.rounds,
+            "refused_rounds": self.refused_rounds,
+            "sources": {k: str(v) for k, v in self.sources.items()},
+            "accounted_copy": self.accounted_copy,
+            "per_entry": [
+                {
+                    "index": i,
+                    "run_id": e.get("run_id"),
+                    "round": e.get("round"),
+                    "status": e.get("status"),
+                    "epsilon": e.get("epsilon"),
+                    "recomputed_epsilon": r if r is not None and math.isfinite(r) else None,
+                    "budget": e.get("budget"),
+                }
+                for i, (e, r) in enumerate(zip(self.entries, self.recomputed))
+            ],
+        }
+
+
+@dataclass
+class AuditReport:
+    """The audit of every ledger found under one path."""
+
+    path: Path
+    tolerance: float
+    clients: dict[str, ClientReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.clients.values())
+
+    @property
+    def exit_status(self) -> int:
+        kinds = set().union(*(c.kinds for c in self.clients.values()))
+        codes = [code for kind, code in EXIT_CODES.items() if kind in kinds]
+        return min(codes) if codes else EXIT_OK
+
+    def tolerance_text(self) -> str:
+        return (f"|ε_recorded − ε_recomputed| ≤ {self.tolerance:g} × max(1, ε_recomputed); recorded 'prv' is "
+                f"re-accounted with dp-accounting PLD (interval {PLD_INTERVAL:g}), 'rdp' with dp-accounting RDP")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "clients": {cid: c.to_json() for cid, c in self.clients.items()},
+            "tolerance": self.tolerance,
+            "tolerance_rule": self.tolerance_text(),
+            "ok": self.ok,
+            "exit_status": self.exit_status,
+        }
+
+
+# --- finding ledgers ----------------------------------------------------------------------------
+
+
+def find_ledgers(path: Path) -> dict[str, dict[str, Path]]:
+    """Client id -> {copy name: file} for a run folder, a folder of ledger files, or one ledger file."""
+    path = Path(path)
+    if path.is_file():
+        return {path.stem: {"file": path}}
+    if not path.is_dir():
+        raise LedgerError(f"{path} does not exist: give a run's output folder, a folder of ledgers or a ledger file")
+    found: dict[str, dict[str, Path]] = {}
+    for p in sorted((path / "ledgers").glob("*.jsonl")):
+        found.setdefault(p.stem, {})["federation"] = p
+    for p in sorted((path / "clients").glob(f"*/{LEDGER_FILE}")):
+        found.setdefault(p.parent.name, {})["client"] = p
+    if not found:
+        for p in sorted(path.glob("*.jsonl")):
+            found.setdefault(p.stem, {})["file"] = p
+    if not found:
+        raise LedgerError(
+            f"no ledgers under {path}: expected {path}/ledgers/*.jsonl (federation copies), "
+            f"{path}/clients/*/{LEDGER_FILE} (client copies) or *.jsonl ledger files"
+        )
+    return found
+
+
+# --- auditing one client ------------------------------------------------------------------------
+
+
+def audit_client(client_id: str, sources: dict[str, Path], *, tolerance: float = DEFAULT_TOLERANCE) -> ClientReport:
+    """Verify every copy of one client's ledger, compare them and re-account the best one."""
+    report = ClientReport(client_id=client_id, sources=dict(sources))
+    try:
+        _audit_client(report, tolerance)
+    except Exception as exc:  # a ledger must never crash the audit: report it and go on
+        log.debug("auditing %s failed", client_id, exc_info=True)
+        report.findings.append(Finding(CORRUPT, f"the audit could not process this ledger ({type(exc).__name__}: "
+                                                f"{exc})"))
+    return report
+
+
+def _audit_client(report: ClientReport, tolerance: float) -> None:
+    copies: dict[str, list[Any]] = {}
+    integrity: dict[str, int] = {}
+    for name, path in report.sources.items():
+        entries, problems = read_ledger(path)
+        found = [Finding(CORRUPT, p) for p in problems]
+        found += [f for f in check_chain(entries) if f.kind in (TAMPERING, CORRUPT)]
+        first = entries[0] if entries and isinstance(entries[0], dict) else {}
+        if name != "file" and first and first.get("client_id") != report.client_id:
+            found.append(Finding(TAMPERING, f"entry 0 is for client {first.get('client_id')!r}, but the ledger "
+                                            f"is filed as {report.client_id!r}"))
+        report.findings += [f._replace(message=f"{name} copy: {f.message}") for f in found]
+        copies[name] = entries
+        integrity[name] = len(found)
+    if "client" in copies and "federation" in copies:
+        report.findings += [Finding(TAMPERING, f"copies differ: {p}")
+                            for p in compare_copies(copies["client"], copies["federation"])]
+    if not copies:
+        return
+    # Account the copy with the fewest integrity problems, then the longest, then the client's own.
+    order = {name: i for i, name in enumerate(COPIES)}
+    best = min(copies, key=lambda n: (integrity[n], -len(copies[n]), order[n]))
+    report.accounted_copy, report.entries = best, [e for e in copies[best] if isinstance(e, dict)]
+    report.findings += [f._replace(message=f"{best} copy: {f.message}")
+                        for f in check_chain(report.entries) if f.kind == ACCOUNTING]
+    _account(report, tolerance)
+
+
+def _account(report: ClientReport, tolerance: float) -> None:
+    """Re-account every entry and check it against its recorded epsilon and budget."""
+    history: list[tuple[float, float, int]] = []
+    accountable = True  # False after an entry whose mechanism cannot be read
+    for i, e in enumerate(report.entries):
+        where = f"entry {i} (run {e.get('run_id')!r}, round {e.get('round')!r})"
+        mech = e.get("mechanism") if isinstance(e.get("mechanism"), dict) else {}
+        steps = mech.get("steps")
+        if format_problems(e):
+            accountable = False  # already reported as corrupt
+        elif e.get("private") is False and steps > 0:
+            history.append((0.0, mech["sample_rate"], steps))  # no noise: no finite epsilon from here on
+        elif steps > 0:
+            history.append((mech["noise_multiplier"], mech["sample_rate"], steps))
+        # A refused round trains nothing and sends nothing.
+        if e.get("status") == "refused-budget" and (steps != 0 or e.get("update_hash") is not None):
+            report.findings.append(Finding(OVER_BUDGET, f"{where}: refused for budget but records {steps!r} steps "
+                                                        f"and {'an' if e.get('update_hash') else 'no'} update"))
+        if not accountable or e.get("private") is not True:
+            report.recomputed.append(None)
+            continue
+        recorded, budget = e["epsilon"], e["budget"]
+        recomputed = epsilon_from_history(history, delta=e["delta"], accountant=e["accountant"])
+        report.recomputed.append(recomputed)
+        with_ = RECOMPUTED_WITH[e["accountant"]]
+        if math.isinf(recomputed):
+            report.findings.append(Finding(ACCOUNTING, f"{where}: records ε = {recorded:.4g}, but an earlier "
+                                                       "round trained without noise: ε is infinite"))
+        else:
+            slack = allowance(recomputed, tolerance)
+            diff = recorded - recomputed
+            if diff < -slack:
+                report.findings.append(Finding(ACCOUNTING, f"{where}: records ε = {recorded:.4f}, below "
+                                                           f"ε = {recomputed:.4f} recomputed with {with_} (spend "
+                                                           f"under-reported by {-diff:.4f} > {slack:.4f})"))
+            elif diff > slack:
+                report.findings.append(Finding(ACCOUNTING, f"{where}: records ε = {recorded:.4f}, above "
+                                                           f"ε = {recomputed:.4f} recomputed with {with_} (by "
+                                                           f"{diff:.4f} > {slack:.4f}: the recorded mechanisms do "
+                                                           "not explain the recorded ε)"))
+        if recorded > budget + BUDGET_SLACK:
+            report.findings.append(Finding(OVER_BUDGET, f"{where}: records ε = {recorded:.4f}, over its budget "
+                                                        f"ε = {budget:g}"))
+        elif recomputed > budget + allowance(recomputed, tolerance):
+            report.findings.append(Finding(OVER_BUDGET, f"{where}: recomputed ε = {recomputed:.4f} is over its "
+                                                        f"budget ε = {budget:g}"))
+
+
+def audit_path(path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> AuditReport:
+    """Audit every ledger under ``path`` (run folder, folder of ledgers, or one ledger file)."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise LedgerError(f"tolerance must be a number >= 0, got {tolerance}")
+    path = Path(path)
+    found = find_ledgers(path)
+    clients = {cid: audit_client(cid, sources, tolerance=tolerance) for cid, sources in sorted(found.items())}
+    return AuditReport(path=path, tolerance=tolerance, clients=clients)
+
+
+# --- presenting ---------------------------------------------------------------------------------
+
+
+def privacy_spend(epsilon: float | None, delta: float | None) -> str:
+    """``(ε = 2.31, δ = 1e-05)``; ``(ε = ∞)`` when there is no finite epsilon."""
+    if epsilon is None or delta is None or not math.isfinite(epsilon):
+        return "(ε = ∞)"
+    return f"(ε = {epsilon:.2f}, δ = {delta:g})"
+
+
+def format_report(report: AuditReport) -> str:
+    """The audit as a text table, then every problem, then the tolerance rule."""
+    header = ["client", "modalities", "rounds", "privacy spend", "recomputed ε", "budget ε", "status"]
+    rows = [header]
+    for cid, c in report.clients.items():
+        last = c.last
+        rec = c.recomputed[-1] if c.recomputed else None
+        budget = last.get("budget")
+        rows.append([
+            cid,
+            ",".join(c.modalities) or "-",
+            f"{c.rounds}" + (f" (+{c.refused_rounds} refused)" if c.refused_rounds else ""),
+            privacy_spend(last.get("epsilon"), last.get("delta")) if c.private else "(ε = ∞, non-private)",
+            "-" if rec is None else ("∞" if math.isinf(rec) else f"{rec:.2f}"),
+            "∞" if not c.private else (f"{budget:g}" if isinstance(budget, (int, float)) else "-"),
+            c.status.upper() if c.findings else c.status,
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for cid, c in report.clients.items():
+        if c.findings:
+            lines.append("")
+            lines.append(f"{cid}: {len(c.findings)} problem(s)")
+            lines += [f"  [{f.kind}] {f.message}" for f in c.findings]
+    lines += ["", f"tolerance: {report.tolerance_text()}"]
+    lines.append("result: " + ("all ledgers verify and agree" if report.ok
+                               else f"FAILED (exit status {report.exit_status})"))
+    return "\n".join(lines)
+
+
+def report_json(report: AuditReport) -> str:
+    """The audit as JSON (strict: no NaN or infinity)."""
+    return json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def plot_report(report: AuditReport, path: str | Path) -> None:
+    """PNG of recorded (solid) and recomputed (dashed) epsilon per ledger entry, budget dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for n, (cid, c) in enumerate(report.clients.items()):
+        color = f"C{n % 10}"
+        xs = [i + 1 for i, e in enumerate(c.entries) if e.get("private") is True]
+        if not xs:
+            continue
+        ax.plot(xs, [c.entries[x - 1].get("epsilon") for x in xs], "-o", color=color, ms=3, label=f"{cid} recorded")
+        rec = [c.recomputed[x - 1] for x in xs]
+        ax.plot(xs, [r if r is not None and math.isfinite(r) else float("nan") for r in rec], "--", color=color,
+                label=f"{cid} recomputed")
+        budget = c.entries[xs[-1] - 1].get("budget")
+        if isinstance(budget, (int, float)):
+            ax.axhline(budget, color=color, ls=":", lw=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("ledger entry (rounds the client trained or refused)")
+    ax.set_ylabel("cumulative ε")
+    ax.set_title(f"privacy spend per client ({report.path.name}); dotted: budget")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

@@ -31,6 +31,7 @@ from common.ledger import (
     check_chain,
     compare_copies,
     format_problems,
+    load_public_key_hex,
     read_ledger,
 )
 
@@ -255,11 +256,17 @@ def find_ledgers(path: Path) -> dict[str, dict[str, Path]]:
 # --- auditing one client ------------------------------------------------------------------------
 
 
-def audit_client(client_id: str, sources: dict[str, Path], *, tolerance: float = DEFAULT_TOLERANCE) -> ClientReport:
-    """Verify every copy of one client's ledger, compare them and re-account the best one."""
+def audit_client(
+    client_id: str,
+    sources: dict[str, Path],
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    expected_public_key: str | None = None,
+) -> ClientReport:
+    """Verify every copy of one client's ledger (against a pinned key if given), compare them, re-account one."""
     report = ClientReport(client_id=client_id, sources=dict(sources))
     try:
-        _audit_client(report, tolerance)
+        _audit_client(report, tolerance, expected_public_key)
     except Exception as exc:  # a ledger must never crash the audit: report it and go on
         log.debug("auditing %s failed", client_id, exc_info=True)
         report.findings.append(Finding(CORRUPT, f"the audit could not process this ledger ({type(exc).__name__}: "
@@ -267,13 +274,14 @@ def audit_client(client_id: str, sources: dict[str, Path], *, tolerance: float =
     return report
 
 
-def _audit_client(report: ClientReport, tolerance: float) -> None:
+def _audit_client(report: ClientReport, tolerance: float, expected_public_key: str | None) -> None:
     copies: dict[str, list[Any]] = {}
     integrity: dict[str, int] = {}
     for name, path in report.sources.items():
         entries, problems = read_ledger(path)
         found = [Finding(CORRUPT, p) for p in problems]
-        found += [f for f in check_chain(entries) if f.kind in (TAMPERING, CORRUPT)]
+        found += [f for f in check_chain(entries, expected_public_key=expected_public_key)
+                  if f.kind in (TAMPERING, CORRUPT)]
         first = entries[0] if entries and isinstance(entries[0], dict) else {}
         if name != "file" and first and first.get("client_id") != report.client_id:
             found.append(Finding(TAMPERING, f"entry 0 is for client {first.get('client_id')!r}, but the ledger "
@@ -343,13 +351,32 @@ def _account(report: ClientReport, tolerance: float) -> None:
                                                         f"budget ε = {budget:g}"))
 
 
-def audit_path(path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE) -> AuditReport:
-    """Audit every ledger under ``path`` (run folder, folder of ledgers, or one ledger file)."""
+def audit_path(
+    path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, keys: str | Path | None = None
+) -> AuditReport:
+    """Audit every ledger under ``path`` (run folder, folder of ledgers, or one ledger file).
+
+    ``keys``: a folder of pinned public keys, ``<client_id>.pem`` (``fedfuse certs`` writes
+    ``superlink/ledger-keys/``); a ledger signed by another key, or of a client without a key there,
+    is reported as tampering.
+    """
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise LedgerError(f"tolerance must be a number >= 0, got {tolerance}")
+    if keys is not None and not Path(keys).is_dir():
+        raise LedgerError(f"--keys {keys} is not a folder: give the folder of <client_id>.pem ledger public keys")
     path = Path(path)
-    found = find_ledgers(path)
-    clients = {cid: audit_client(cid, sources, tolerance=tolerance) for cid, sources in sorted(found.items())}
+    clients = {}
+    for cid, sources in sorted(find_ledgers(path).items()):
+        pinned = None
+        if keys is not None:
+            key_file = Path(keys) / f"{cid}.pem"
+            if not key_file.is_file():
+                report = ClientReport(client_id=cid, sources=dict(sources))
+                report.findings.append(Finding(TAMPERING, f"no pinned ledger key {key_file}: unknown client"))
+                clients[cid] = report
+                continue
+            pinned = load_public_key_hex(key_file)
+        clients[cid] = audit_client(cid, sources, tolerance=tolerance, expected_public_key=pinned)
     return AuditReport(path=path, tolerance=tolerance, clients=clients)
 
 

@@ -155,6 +155,17 @@ def _create_key_file(path: Path, key: LedgerKey) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def load_public_key_hex(path: str | os.PathLike[str]) -> str:
+    """Raw hex of an Ed25519 public key stored as PEM (SubjectPublicKeyInfo, as `fedfuse certs` writes it)."""
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (ValueError, TypeError, OSError) as exc:
+        raise LedgerError(f"cannot load the ledger public key {path} ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise LedgerError(f"{path} holds a {type(key).__name__}, not an Ed25519 public key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
 def verify_signature(public_hex: str, data: bytes, signature_hex: str) -> bool:
     """True when ``signature_hex`` is a valid Ed25519 signature of ``data`` by ``public_hex``."""
     try:

@@ -307,6 +307,31 @@ def test_cli_returns_tampering_status(tmp_path, prv_rows):
     assert main(["audit", str(tmp_path)]) == 3
 
 
+def test_pinned_keys_catch_a_re_signed_ledger(tmp_path, prv_rows):
+    # Prepare: the sites' keys as `fedfuse certs` publishes them (PEM SubjectPublicKeyInfo)
+    from cryptography.hazmat.primitives import serialization
+
+    build_run(tmp_path / "run", {"site-a": prv_rows[:2]})
+    keys = tmp_path / "ledger-keys"
+    keys.mkdir()
+
+    def publish(name: str, key: LedgerKey) -> None:
+        pub = serialization.load_pem_private_key(key.pem(), None).public_key()
+        (keys / f"{name}.pem").write_bytes(
+            pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    real = LedgerKey.load_or_create(tmp_path / "run" / "clients" / "site-a" / "ledger_key.pem")
+    # Execute / Assert: the real key verifies, another key is tampering, a client without a key too
+    publish("site-a", real)
+    assert main(["audit", str(tmp_path / "run"), "--keys", str(keys)]) == 0
+    publish("site-a", LedgerKey.generate())
+    assert main(["audit", str(tmp_path / "run"), "--keys", str(keys)]) == 3
+    (keys / "site-a.pem").unlink()
+    report = audit_path(tmp_path / "run", keys=keys)
+    assert report.exit_status == 3
+    assert "unknown client" in report.clients["site-a"].findings[0].message
+
+
 def test_help_documents_exit_statuses():
     parser, _ = build_parser()
     sub = parser._subparsers._group_actions[0].choices["audit"]

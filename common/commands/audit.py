@@ -16,7 +16,7 @@ ledger file. The audit only reads: it writes a plot only when --plot is given.
 exit status (when several apply, the first in this list wins):
   {EXIT_OK}  every ledger verifies, recorded and recomputed epsilon agree, no budget was exceeded
   {EXIT_CODES[TAMPERING]}  tampering: an entry was edited, forged, reordered, dropped or inserted, a copy is
-     truncated, or the client's two copies differ
+     truncated, the client's two copies differ, or (--keys) a ledger is not signed by its pinned key
   {EXIT_CODES[CORRUPT]}  corrupt: a ledger cannot be read, has a partial or invalid line, or malformed fields
   {EXIT_CODES[OVER_BUDGET]}  over budget: a round's recorded or recomputed epsilon exceeds the client's budget,
      or a round refused for budget still trained
@@ -43,13 +43,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--plot", metavar="FILE", type=Path, help="write a PNG of epsilon per round per client")
     parser.add_argument(
+        "--keys", metavar="DIR", type=Path,
+        help="pinned ledger public keys, DIR/<client_id>.pem (e.g. superlink/ledger-keys from `fedfuse certs`)",
+    )
+    parser.add_argument(
         "--tolerance", metavar="X", type=_tolerance, default=DEFAULT_TOLERANCE,
         help=f"recorded and recomputed epsilon agree within X * max(1, recomputed) (default {DEFAULT_TOLERANCE})",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    report = audit_path(args.path, tolerance=args.tolerance)
+    report = audit_path(args.path, tolerance=args.tolerance, keys=args.keys)
     if args.plot is not None:
         plot = args.plot
         ledgers = {p.resolve() for c in report.clients.values() for p in c.sources.values()}

@@ -318,7 +318,8 @@ def _account(report: ClientReport, tolerance: float) -> None:
         elif steps > 0:
             history.append((mech["noise_multiplier"], mech["sample_rate"], steps))
         # A refused round trains nothing and sends nothing.
-        if e.get("status") == "refused-budget" and (steps != 0 or e.get("update_hash") is not None):
+        refused = e.get("status") == "refused-budget"
+        if accountable and refused and (steps != 0 or e.get("update_hash") is not None):
             report.findings.append(Finding(OVER_BUDGET, f"{where}: refused for budget but records {steps!r} steps "
                                                         f"and {'an' if e.get('update_hash') else 'no'} update"))
         if not accountable or e.get("private") is not True:
@@ -402,7 +403,8 @@ def format_report(report: AuditReport) -> str:
             cid,
             ",".join(c.modalities) or "-",
             f"{c.rounds}" + (f" (+{c.refused_rounds} refused)" if c.refused_rounds else ""),
-            privacy_spend(last.get("epsilon"), last.get("delta")) if c.private else "(ε = ∞, non-private)",
+            "-" if not c.entries else (privacy_spend(last.get("epsilon"), last.get("delta")) if c.private
+                                       else "(ε = ∞, non-private)"),
             "-" if rec is None else ("∞" if math.isinf(rec) else f"{rec:.2f}"),
             "∞" if not c.private else (f"{budget:g}" if isinstance(budget, (int, float)) else "-"),
             c.status.upper() if c.findings else c.status,

@@ -512,6 +512,9 @@ class Ledger:
                 return entries[idx]
             raise LedgerError(f"{self.path}: a different entry {idx} is already recorded: the client's ledger has "
                               "forked (a rewritten history); the new entry was not recorded")
+        if _is_int(idx) and idx > len(entries):
+            raise LedgerError(f"{self.path} holds entries 0..{len(entries) - 1}, got entry {idx}: the client must send "
+                              f"entries {len(entries)}..{idx - 1} first; nothing was recorded")
         self._check_extends(entries, entry, expected_public_key=expected_public_key)
         self._write(data, entry)
         return entry

@@ -367,8 +367,10 @@ def test_append_signed_rejects_entries_that_do_not_extend_the_chain(tmp_path, ke
     server.append_signed(three[0])
     mallory = LedgerKey.generate()
     # Assert: skipping an entry, a forged signature, another key, a fork at a taken position
-    with pytest.raises(LedgerError, match="prev_hash does not match"):
+    with pytest.raises(LedgerError, match=r"must send entries 1\.\.1 first"):
         server.append_signed(three[2])
+    with pytest.raises(LedgerError, match="prev_hash does not match"):
+        server.append_signed(dict(three[2], index=1))
     with pytest.raises(LedgerError, match="signature does not verify"):
         server.append_signed(dict(three[1], signature=mallory.sign(bytes.fromhex(three[1]["entry_hash"])).hex()))
     with pytest.raises(LedgerError, match="not the expected key"):

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.errors import BudgetExhaustedError, PrivacyParameterError
@@ -55,8 +56,9 @@ def compute_epsilon(history: list[Mechanism], *, delta: float, accountant: str =
         return 0.0
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = list(merged)
-    with warnings.catch_warnings():
-        # RDP warns when the optimal order is at the end of its alpha grid; the value is still an upper bound.
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        # RDP warns when the optimal order is at the end of its alpha grid (the value is still an upper
+        # bound); PRV takes log(1 - q), which is -inf (and handled) when every record is in every batch.
         warnings.simplefilter("ignore", UserWarning)
         return float(acc.get_epsilon(delta=delta))
 

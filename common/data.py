@@ -23,7 +23,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return _TORCH_DTYPES[name]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MultimodalData:
     """N samples of the modalities in ``schema``; validated on construction."""
 
@@ -148,6 +148,22 @@ class MultimodalData:
     def presence(self) -> dict[str, int]:
         """Number of samples that have each modality."""
         return {n: int(self.mask[:, i].sum()) for i, n in enumerate(self.schema.names)}
+
+
+def hide_modalities(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Randomly hide present modalities with probability ``p`` per sample, keeping at least one each."""
+    if p <= 0:
+        return mask
+    drop = torch.rand(mask.shape, generator=generator) < p
+    kept = mask & ~drop
+    # A sample that lost everything keeps one of its present modalities, chosen at random.
+    lost_all = ~kept.any(dim=1)
+    if lost_all.any():
+        pick = (torch.rand(mask.shape, generator=generator) * mask).argmax(dim=1)  # a random present column
+        one = torch.zeros_like(mask)
+        one[torch.arange(len(mask)), pick] = True
+        kept = torch.where(lost_all.unsqueeze(1), one, kept)
+    return kept
 
 
 def modality_subsets(names: Sequence[str]) -> list[tuple[str, ...]]:

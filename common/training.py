@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import NoisePlan, PrivacyHistory, calibrate_noise, validate_privacy_parameters
-from common.data import MultimodalData
+from common.data import MultimodalData, hide_modalities
 from common.errors import DataError, NonFiniteError, PrivacyParameterError
 from common.model import MultimodalModel
 
@@ -46,6 +48,11 @@ class RoundResult:
     seconds: float
 
 
+def fresh_generator() -> torch.Generator:
+    """A generator seeded from the operating system's entropy (secure_mode's torchcsprng is not available)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Number of DP-SGD steps in one epoch; the sampling rate is its inverse."""
     return math.ceil(num_examples / batch_size)
@@ -60,22 +67,6 @@ def check_compatible(model: MultimodalModel, data: MultimodalData) -> None:
         )
     if data.schema.labels != model.schema.labels:
         raise DataError(f"the data's labels {list(data.schema.labels)} differ from the model's {list(model.schema.labels)}")
-
-
-def drop_modalities(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Randomly hide present modalities with probability ``p`` per sample, keeping at least one each."""
-    if p <= 0:
-        return mask
-    drop = torch.rand(mask.shape, generator=generator) < p
-    kept = mask & ~drop
-    # A sample that lost everything keeps one of its present modalities, chosen at random.
-    lost_all = ~kept.any(dim=1)
-    if lost_all.any():
-        pick = (torch.rand(mask.shape, generator=generator) * mask).argmax(dim=1)  # a random present column
-        one = torch.zeros_like(mask)
-        one[torch.arange(len(mask)), pick] = True
-        kept = torch.where(lost_all.unsqueeze(1), one, kept)
-    return kept
 
 
 def _batch(data: MultimodalData, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -107,12 +98,16 @@ def train_round(
     modality_dropout: float = 0.0,
     grad_sample_mode: str = "hooks",
     generator: torch.Generator | None = None,
+    proximal_mu: float = 0.0,
+    proximal_reference: dict[str, torch.Tensor] | None = None,
     _noise_scale: float = 1.0,
 ) -> RoundResult:
     """Train ``model`` (in place) on ``data`` for one round; update ``history`` with the round's mechanism.
 
     ``target_epsilon = math.inf`` trains without DP and leaves the history untouched. On error the
-    model is restored to its state before the round. ``_noise_scale`` exists for the empirical
+    model is restored to its state before the round. With ``proximal_mu > 0`` (FedProx) every step
+    also pulls the parameters named in ``proximal_reference`` towards it; that pull uses no data, so
+    it is applied after the DP step and costs no privacy. ``_noise_scale`` exists for the empirical
     privacy audit's negative test only (it is not reachable from any configuration).
     """
     # Check everything before touching the data.
@@ -131,10 +126,12 @@ def train_round(
     steps = local_epochs * per_epoch
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
+    model.train()
 
     if math.isinf(target_epsilon):
         loss = _train_non_private(model, data, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                                  modality_dropout=modality_dropout, generator=generator, snapshot=snapshot)
+                                  modality_dropout=modality_dropout, generator=generator, snapshot=snapshot,
+                                  proximal=_proximal(model, proximal_mu, proximal_reference, lr))
         return RoundResult(False, math.inf, None, None, sample_rate, steps, None, n, loss, time.perf_counter() - start)
 
     # Calibrate the noise once per run for the whole planned participation; check the budget.
@@ -166,7 +163,8 @@ def train_round(
         loss = _train_dp(model, data, history, noise_multiplier=plan.noise_multiplier * _noise_scale,
                          max_grad_norm=max_grad_norm, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                          momentum=momentum, modality_dropout=modality_dropout, grad_sample_mode=grad_sample_mode,
-                         generator=generator, expected_steps=steps)
+                         generator=generator, expected_steps=steps,
+                         proximal=_proximal(model, proximal_mu, proximal_reference, lr))
     except BaseException:
         model.load_state_dict(snapshot)
         raise
@@ -191,9 +189,12 @@ def _train_dp(
     grad_sample_mode: str,
     generator: torch.Generator | None,
     expected_steps: int,
+    proximal: "Callable[[], None]",
 ) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=batch_size)
+    # Poisson sampling and noise draw from generators seeded by the OS, never from torch's global RNG,
+    # which any code (or a fixed default seed in a fresh process) could make repeat across rounds.
+    loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=batch_size, generator=fresh_generator())
     with warnings.catch_warnings():
         # secure_mode needs torchcsprng, which is not available; documented in the README.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -206,6 +207,7 @@ def _train_dp(
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=grad_sample_mode,
+            noise_generator=fresh_generator(),
         )
     total, batches, step = 0.0, 0, 0
     model.train()
@@ -215,7 +217,7 @@ def _train_dp(
             for _ in range(local_epochs):
                 for (idx,) in dp_loader:
                     inputs, mask, labels = _batch(data, idx)
-                    mask = drop_modalities(mask, modality_dropout, generator)
+                    mask = hide_modalities(mask, modality_dropout, generator)
                     # An empty Poisson batch still takes a step: noise only, and it is accounted.
                     loss = F.cross_entropy(dp_model(inputs, mask), labels)
                     if len(idx):
@@ -224,6 +226,7 @@ def _train_dp(
                     loss.backward()
                     dp_optimizer.step()
                     dp_optimizer.zero_grad(set_to_none=True)
+                    proximal()
                     step += 1
     finally:
         dp_model._close()  # remove Opacus hooks and per-sample gradients from ``model``
@@ -245,6 +248,7 @@ def _train_non_private(
     modality_dropout: float,
     generator: torch.Generator | None,
     snapshot: dict[str, torch.Tensor],
+    proximal: "Callable[[], None]",
 ) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
@@ -257,18 +261,33 @@ def _train_non_private(
                 order = torch.randperm(n, generator=generator)
                 start = 0
             inputs, mask, labels = _batch(data, order[start : start + batch_size])
-            mask = drop_modalities(mask, modality_dropout, generator)
+            mask = hide_modalities(mask, modality_dropout, generator)
             loss = F.cross_entropy(model(inputs, mask), labels)
             _check_finite_loss(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            proximal()
             total += loss.item()
         _check_finite_params(model)
     except BaseException:
         model.load_state_dict(snapshot)
         raise
     return total / max(steps, 1)
+
+
+def _proximal(model: torch.nn.Module, mu: float, reference: dict[str, torch.Tensor] | None, lr: float) -> "Callable[[], None]":
+    """FedProx's pull ``w -= lr * mu * (w - w_global)`` on the parameters in ``reference``."""
+    if mu <= 0 or not reference:
+        return lambda: None
+    pairs = [(p, reference[name]) for name, p in model.named_parameters() if name in reference]
+
+    @torch.no_grad()
+    def pull() -> None:
+        for p, ref in pairs:
+            p.sub_(lr * mu * (p - ref))
+
+    return pull
 
 
 def _check_finite_params(model: torch.nn.Module) -> None:

@@ -11,7 +11,8 @@ from common.accounting import PrivacyHistory, compute_epsilon
 from common.data import MultimodalData
 from common.errors import BudgetExhaustedError, DataError, NonFiniteError, PrivacyParameterError
 from common.model import ModelConfig, MultimodalModel
-from common.training import drop_modalities, train_round
+from common.data import hide_modalities
+from common.training import train_round
 
 CONFIG = ModelConfig(embed_dim=16, hidden_dim=16)
 DP = dict(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=2, local_epochs=1, batch_size=50)
@@ -157,7 +158,7 @@ def test_modality_dropout_keeps_at_least_one_present_modality():
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand((1000, 3), generator=gen) < 0.7
     mask[~mask.any(1), 0] = True
-    dropped = drop_modalities(mask, 0.9, gen)
+    dropped = hide_modalities(mask, 0.9, gen)
     assert dropped.any(dim=1).all()
     assert not (dropped & ~mask).any()  # never adds a modality
     assert dropped.sum() < 0.5 * mask.sum()
@@ -178,3 +179,18 @@ def test_fusion_beats_every_single_modality_on_the_synthetic_data():
     assert report["by_modalities"]["image+signal+tabular"]["accuracy"] > 0.9
     assert max(singles) < 0.6
     assert report["accuracy"] > max(singles) + 0.3
+
+
+def test_noise_and_sampling_are_fresh_even_when_the_global_rng_repeats(synth_train):
+    # Prepare: the same start twice, with torch's global RNG reset to the same seed each time
+    data = synth_train.subset(range(200))
+    updates = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        model = MultimodalModel(data.schema, CONFIG)
+        before = state(model)
+        torch.manual_seed(1234)
+        train_round(model, data, PrivacyHistory(), **DP)
+        updates.append(torch.cat([(model.state_dict()[k] - before[k]).flatten() for k in before]))
+    # Assert: DP noise (and Poisson batches) must never repeat across rounds or restarts
+    assert not torch.allclose(updates[0], updates[1])

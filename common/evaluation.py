@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional  # noqa: F401  (cross_entropy)
 
 from common.data import MultimodalData, modality_subsets, subset_key
 from common.model import MultimodalModel
@@ -24,15 +25,20 @@ def macro_f1(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> fl
 
 
 @torch.no_grad()
-def predict(model: MultimodalModel, data: MultimodalData, mask: torch.Tensor | None = None, batch_size: int = 512) -> torch.Tensor:
-    """Predicted class per sample, with ``mask`` (default: the data's own) deciding what is present."""
+def logits(model: MultimodalModel, data: MultimodalData, mask: torch.Tensor | None = None, batch_size: int = 512) -> torch.Tensor:
+    """Model outputs (N, K), with ``mask`` (default: the data's own) deciding what is present."""
     model.eval()
     mask = data.mask if mask is None else mask
-    preds = []
+    out = []
     for start in range(0, len(data), batch_size):
         sl = slice(start, start + batch_size)
-        preds.append(model({n: x[sl] for n, x in data.inputs.items()}, mask[sl]).argmax(dim=1))
-    return torch.cat(preds)
+        out.append(model({n: x[sl] for n, x in data.inputs.items()}, mask[sl]))
+    return torch.cat(out)
+
+
+def predict(model: MultimodalModel, data: MultimodalData, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Predicted class per sample."""
+    return logits(model, data, mask).argmax(dim=1)
 
 
 def evaluate(model: MultimodalModel, data: MultimodalData) -> dict:
@@ -41,10 +47,12 @@ def evaluate(model: MultimodalModel, data: MultimodalData) -> dict:
     For a subset S the model sees only S, on the samples that have every modality of S.
     """
     k = data.schema.num_classes
-    pred = predict(model, data)
+    out_logits = logits(model, data)
+    pred = out_logits.argmax(dim=1)
     out: dict = {
         "accuracy": float((pred == data.labels).float().mean()),
         "macro_f1": macro_f1(data.labels, pred, k),
+        "loss": float(torch.nn.functional.cross_entropy(out_logits, data.labels)),
         "num_examples": len(data),
         "by_modalities": {},
     }

@@ -84,13 +84,19 @@ def _tabular(view: torch.Tensor, g: torch.Generator, noise: float) -> torch.Tens
     return centres[view] + noise * torch.randn((len(view), TABULAR_FEATURES), generator=g)
 
 
-def generate(num_samples: int, *, seed: int = 0, noise: float = 0.6) -> MultimodalData:
-    """``num_samples`` samples with every modality present, balanced classes, shuffled."""
+def generate(num_samples: int, *, seed: int = 0, noise: float = 0.6, class_probs: torch.Tensor | None = None) -> MultimodalData:
+    """``num_samples`` samples with every modality present, shuffled.
+
+    Classes are balanced, or drawn from ``class_probs`` (length 6) to simulate label skew.
+    """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_samples) % len(LABELS)
-    labels = labels[torch.randperm(num_samples, generator=g)]
+    if class_probs is None:
+        labels = torch.arange(num_samples) % len(LABELS)
+        labels = labels[torch.randperm(num_samples, generator=g)]
+    else:
+        labels = torch.multinomial(class_probs, num_samples, replacement=True, generator=g)
     views = {m: torch.tensor(v)[labels] for m, v in VIEWS.items()}
     inputs = {
         "image": _image(views["image"], g, noise),

@@ -23,3 +23,12 @@ def synth_train():
 @pytest.fixture(scope="session")
 def synth_test():
     return synthetic.generate(300, seed=12)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message() reads the task identity the runtime normally sets; set one for direct handler calls."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield

@@ -1,0 +1,280 @@
+"""The run configuration: one typed, frozen object parsed and validated once from Flower's run config.
+
+Flower hands the apps a flat dict (``"train.local-epochs": 1``); :func:`parse_run_config` maps each
+key to a field (``train`` section, ``local_epochs``), checks its type and value, and names the key
+in every error. Top-level keys belong to :class:`ServerConfig`. The defaults here are the
+defaults of ``[tool.flwr.app.config]`` in pyproject.toml (a test keeps them equal).
+
+Site facts in a deployment (data location, state folder, the site's own privacy budget) come
+from the SuperNode's node config, never from here: see ``client/site.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.errors import ConfigError
+from common.fusion import FUSIONS
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+ENCODER_MODES = ("local", "federated")
+ASSIGNMENTS = ("all", "groups", "dropout")
+
+
+def _fail(key: str, message: str) -> None:
+    raise ConfigError(f"run config key '{key}': {message}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    num_server_rounds: int = 10  # rounds of federated training
+    strategy: str = "fedavg"  # server optimiser: fedavg | fedprox | fedadam
+    fraction_train: float = 1.0  # fraction of available clients sampled to train each round
+    fraction_evaluate: float = 1.0  # fraction sampled to evaluate each round
+    min_clients: int = 2  # never start a round with fewer available clients
+    encoders: str = "local"  # local: encoders never leave a site | federated: averaged per modality
+    server_lr: float = 0.05  # FedAdam's server learning rate (eta)
+    proximal_mu: float = 0.01  # FedProx's proximal weight (clients pull towards the global head)
+    round_timeout: float = 600.0  # seconds the server waits for replies in a round
+    seed: int = 0  # data partitioning, initial weights, modality dropout (never DP noise)
+    out_dir: str = ""  # run output folder ("" = ./runs/<flower run id>)
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 1:
+            _fail("num-server-rounds", "must be >= 1")
+        if self.strategy not in STRATEGIES:
+            _fail("strategy", f"must be one of {list(STRATEGIES)}, got '{self.strategy}'")
+        if not 0 < self.fraction_train <= 1:
+            _fail("fraction-train", "must lie in (0, 1]")
+        if not 0 <= self.fraction_evaluate <= 1:
+            _fail("fraction-evaluate", "must lie in [0, 1]")
+        if self.min_clients < 1:
+            _fail("min-clients", "must be >= 1")
+        if self.encoders not in ENCODER_MODES:
+            _fail("encoders", f"must be one of {list(ENCODER_MODES)}, got '{self.encoders}'")
+        if self.server_lr <= 0:
+            _fail("server-lr", "must be > 0")
+        if self.proximal_mu < 0:
+            _fail("proximal-mu", "must be >= 0")
+        if self.round_timeout <= 0:
+            _fail("round-timeout", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    fusion: str = "attention"  # attention | concat | late
+    embed_dim: int = 32  # shared embedding size
+    hidden_dim: int = 32  # head width
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            _fail("model.fusion", f"must be one of {list(FUSIONS)}, got '{self.fusion}'")
+        if self.embed_dim < 1 or self.hidden_dim < 1:
+            _fail("model.embed-dim" if self.embed_dim < 1 else "model.hidden-dim", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    local_epochs: int = 1  # passes over the local data per round
+    batch_size: int = 64  # expected Poisson batch size is at most this
+    lr: float = 0.5  # client learning rate (SGD)
+    momentum: float = 0.5
+    modality_dropout: float = 0.3  # hide each present modality with this probability while training
+    grad_sample_mode: str = "hooks"  # Opacus per-sample gradient engine: hooks | functorch | ew
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            _fail("train.local-epochs", "must be >= 1")
+        if self.batch_size < 1:
+            _fail("train.batch-size", "must be >= 1")
+        if self.lr <= 0:
+            _fail("train.lr", "must be > 0")
+        if not 0 <= self.momentum < 1:
+            _fail("train.momentum", "must lie in [0, 1)")
+        if not 0 <= self.modality_dropout < 1:
+            _fail("train.modality-dropout", "must lie in [0, 1)")
+        if self.grad_sample_mode not in ("hooks", "functorch", "ew"):
+            _fail("train.grad-sample-mode", "must be one of ['hooks', 'functorch', 'ew']")
+
+
+@dataclass(frozen=True)
+class DPSection:
+    epsilon: float = 8.0  # per-client budget for the run (inf = non-private); a site's policy may lower it
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # per-sample clipping norm C
+    accountant: str = "prv"  # prv | rdp
+    group_epsilon: str = ""  # simulation: per-group budgets, e.g. "8,4,1" (groups as in data.groups)
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.epsilon) or self.epsilon <= 0:
+            _fail("dp.epsilon", f"must be > 0 (inf for non-private), got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            _fail("dp.delta", f"must lie in (0, 1), got {self.delta}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            _fail("dp.max-grad-norm", "must be a positive number")
+        if self.accountant not in ("prv", "rdp"):
+            _fail("dp.accountant", f"must be 'prv' or 'rdp', got '{self.accountant}'")
+        for value in self.group_budgets:
+            if math.isnan(value) or value <= 0:
+                _fail("dp.group-epsilon", f"budgets must be > 0, got {value}")
+
+    @property
+    def group_budgets(self) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in self.group_epsilon.split(",") if v.strip())
+        except ValueError:
+            _fail("dp.group-epsilon", f"expected comma-separated numbers, got '{self.group_epsilon}'")
+            raise  # unreachable
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dataset: str = "synthetic"  # "synthetic" or a folder of site folders (one per client)
+    num_clients: int = 6  # synthetic only; a folder has one client per site
+    samples_per_client: int = 1200  # synthetic only
+    test_fraction: float = 0.2  # synthetic only: held-out part of each client's samples
+    assignment: str = "groups"  # all | groups | dropout (FedMultimodal: drop each modality w.p. p)
+    groups: str = "image+signal+tabular;image+signal;signal+tabular;image+tabular;image;tabular"
+    modality_drop_prob: float = 0.0  # p for assignment = dropout
+    missing_rate: float = 0.1  # per sample: hide each held modality with this probability
+    dirichlet_alpha: float = 0.0  # label skew across clients (0 = none, smaller = more skew)
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            _fail("data.dataset", "must be 'synthetic' or a folder of site folders")
+        if self.num_clients < 1:
+            _fail("data.num-clients", "must be >= 1")
+        if self.samples_per_client < 2:
+            _fail("data.samples-per-client", "must be >= 2")
+        if not 0 <= self.test_fraction < 1:
+            _fail("data.test-fraction", "must lie in [0, 1)")
+        if self.assignment not in ASSIGNMENTS:
+            _fail("data.assignment", f"must be one of {list(ASSIGNMENTS)}, got '{self.assignment}'")
+        if self.assignment == "groups" and not self.group_list:
+            _fail("data.groups", "needs at least one group, e.g. 'image;signal;image+signal'")
+        if not 0 <= self.modality_drop_prob < 1:
+            _fail("data.modality-drop-prob", "must lie in [0, 1)")
+        if not 0 <= self.missing_rate < 1:
+            _fail("data.missing-rate", "must lie in [0, 1)")
+        if self.dirichlet_alpha < 0:
+            _fail("data.dirichlet-alpha", "must be >= 0 (0 = no label skew)")
+
+    @property
+    def group_list(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(m.strip() for m in g.split("+") if m.strip()) for g in self.groups.split(";") if g.strip())
+
+
+@dataclass(frozen=True)
+class ReleaseSection:
+    """What clients send beyond the head. Each item is computed on private data WITHOUT DP."""
+
+    train_metrics: bool = False  # training loss of the round
+    eval_metrics: bool = True  # held-out accuracy / macro-F1 / loss, overall and per modality subset
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    """The head's input space when the server cannot derive it from a dataset (deployments)."""
+
+    modalities: str = ""  # e.g. "acc,gyro" ("" = from data.dataset)
+    labels: str = ""  # e.g. "walk,sit,stand" ("" = from data.dataset)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    dp: DPSection = field(default_factory=DPSection)
+    data: DataSection = field(default_factory=DataSection)
+    release: ReleaseSection = field(default_factory=ReleaseSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat, kebab-case run config (what Flower passes around)."""
+        flat: dict[str, Any] = {}
+        for section in fields(self):
+            obj = getattr(self, section.name)
+            prefix = "" if section.name == "server" else f"{section.name}."
+            for f in fields(obj):
+                flat[prefix + f.name.replace("_", "-")] = getattr(obj, f.name)
+        return flat
+
+
+def _sections() -> dict[str, type]:
+    return {("" if f.name == "server" else f.name): f.default_factory for f in fields(RunConfig)}  # type: ignore[misc]
+
+
+def known_keys() -> list[str]:
+    return list(RunConfig().to_flat())
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(key, f"expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        _fail(key, f"expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
+            return math.inf
+        _fail(key, f"expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        _fail(key, f"expected a string, got {value!r}")
+    raise AssertionError(kind)
+
+
+def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """Validate Flower's flat run config (missing keys take their defaults); ConfigError names the key."""
+    sections = _sections()
+    values: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    known = known_keys()
+    for key, value in flat.items():
+        section, _, name = key.rpartition(".")
+        cls = sections.get(section)
+        field_types = {f.name: f.type for f in fields(cls)} if cls else {}
+        attr = name.replace("-", "_")
+        if cls is None or attr not in field_types or "_" in name:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(
+                f"unknown run config key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
+                + f" (known keys: {', '.join(known)})"
+            )
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[str(field_types[attr])]
+        values[section][attr] = _coerce(key, value, kind)
+    built = {("server" if s == "" else s): cls(**values[s]) for s, cls in sections.items()}
+    return RunConfig(**built)
+
+
+def run_out_dir(config: RunConfig, flower_run_id: int) -> Path:
+    """The run output folder, shared by the ServerApp and simulated ClientApps (``./runs/run-<id>`` by default)."""
+    if config.server.out_dir:
+        return Path(config.server.out_dir).expanduser().resolve()
+    return Path.cwd() / "runs" / f"run-{flower_run_id}"
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested TOML tables into Flower's ``a.b`` keys."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+assert all(is_dataclass(c) for c in _sections().values())

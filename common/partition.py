@@ -1,0 +1,176 @@
+"""Simulated federations: which data, modalities and budget each simulated client gets.
+
+Everything is derived deterministically from the run config and the client's index, so a
+ClientApp can rebuild its own partition in any process (and after a resume) without files.
+The data is either the embedded synthetic dataset or a folder of site folders (one per client).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import synthetic
+from common.config import RunConfig
+from common.data import MultimodalData, hide_modalities
+from common.errors import ConfigError, DataError
+from common.schema import DatasetSchema
+
+
+@dataclass(frozen=True, eq=False)
+class ClientPartition:
+    """One simulated client: its id, its data (restricted to its modalities) and its budget."""
+
+    client_id: str
+    index: int
+    group: int | None  # index into data.groups / dp.group-epsilon, when groups are used
+    train: MultimodalData
+    test: MultimodalData | None
+    budget: float
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.train.schema.names
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _site_paths(folder: str) -> tuple[Path, ...]:
+    from common.sitedata import site_folders
+
+    paths = tuple(site_folders(folder))
+    if not paths:
+        raise DataError(f"data.dataset '{folder}' holds no site folders (expected one folder per client)")
+    return paths
+
+
+def dataset_schema(config: RunConfig) -> DatasetSchema:
+    """The schema of the whole federation: the union of every client's modalities."""
+    if config.data.dataset == "synthetic":
+        return synthetic.schema()
+    from common.sitedata import federation_schema, load_site
+
+    return federation_schema([load_site(p) for p in _site_paths(_dataset_folder(config))])
+
+
+def federation_space(config: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The head's modalities and labels: ``federation.*`` when set (deployments), else the dataset's."""
+    fed = config.federation
+    if fed.modalities or fed.labels:
+        modalities = tuple(m.strip() for m in fed.modalities.split(",") if m.strip())
+        labels = tuple(x.strip() for x in fed.labels.split(",") if x.strip())
+        if not modalities or len(labels) < 2:
+            raise ConfigError("run config keys 'federation.modalities' and 'federation.labels' go together: name "
+                              "the head's modalities (e.g. \"acc,gyro\") and at least two labels")
+        return modalities, labels
+    schema = dataset_schema(config)
+    return schema.names, schema.labels
+
+
+def _dataset_folder(config: RunConfig) -> str:
+    folder = Path(config.data.dataset).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"run config key 'data.dataset': '{config.data.dataset}' is neither 'synthetic' nor an existing folder "
+            "of site folders"
+        )
+    return str(folder.resolve())
+
+
+def num_clients(config: RunConfig) -> int:
+    """How many simulated clients the run config describes."""
+    if config.data.dataset == "synthetic":
+        return config.data.num_clients
+    return len(_site_paths(_dataset_folder(config)))
+
+
+def assigned_modalities(config: RunConfig, index: int, available: tuple[str, ...]) -> tuple[tuple[str, ...], int | None]:
+    """The modalities client ``index`` holds (subset of ``available``) and its group, if any."""
+    data = config.data
+    if data.assignment == "all":
+        return available, None
+    if data.assignment == "groups":
+        groups = data.group_list
+        group = index % len(groups)
+        unknown = [m for m in groups[group] if m not in dataset_schema(config)]
+        if unknown:
+            raise ConfigError(
+                f"run config key 'data.groups': modalities {unknown} are not in the dataset "
+                f"(it has {list(dataset_schema(config).names)})"
+            )
+        held = tuple(m for m in available if m in groups[group])
+        if not held:
+            raise DataError(f"client {index} is assigned {list(groups[group])} but its data has only {list(available)}")
+        return held, group
+    # dropout: each modality is missing with probability p, at least one kept (FedMultimodal)
+    rng = np.random.default_rng(_seed(config.server.seed, index, 1))
+    keep = rng.random(len(available)) >= data.modality_drop_prob
+    if not keep.any():
+        keep[rng.integers(len(available))] = True
+    return tuple(m for m, k in zip(available, keep) if k), None
+
+
+def _budget(config: RunConfig, group: int | None) -> float:
+    budgets = config.dp.group_budgets
+    if not budgets:
+        return config.dp.epsilon
+    if group is None:
+        raise ConfigError("run config key 'dp.group-epsilon' needs data.assignment = 'groups'")
+    if len(budgets) != len(config.data.group_list):
+        raise ConfigError(
+            f"run config key 'dp.group-epsilon': {len(budgets)} budgets for {len(config.data.group_list)} groups"
+        )
+    return budgets[group]
+
+
+def _with_missing(data: MultimodalData, rate: float, seed: int) -> MultimodalData:
+    if rate <= 0:
+        return data
+    mask = hide_modalities(data.mask, rate, torch.Generator().manual_seed(seed))
+    return MultimodalData(data.schema, data.inputs, mask, data.labels)
+
+
+def _synthetic_raw(config: RunConfig, index: int) -> tuple[MultimodalData, MultimodalData | None]:
+    data = config.data
+    probs = None
+    if data.dirichlet_alpha > 0:
+        rng = np.random.default_rng(_seed(config.server.seed, index, 2))
+        probs = torch.tensor(rng.dirichlet([data.dirichlet_alpha] * len(synthetic.LABELS)), dtype=torch.float32)
+    pool = synthetic.generate(data.samples_per_client, seed=_seed(config.server.seed, index, 3), class_probs=probs)
+    n_test = int(round(data.test_fraction * len(pool)))
+    if n_test == 0:
+        return pool, None
+    return pool.subset(range(n_test, len(pool))), pool.subset(range(n_test))
+
+
+def _site_raw(config: RunConfig, index: int) -> tuple[str, MultimodalData, MultimodalData | None]:
+    from common.sitedata import load_site
+
+    site = load_site(_site_paths(_dataset_folder(config))[index])
+    train = site.part("train")
+    if train is None:
+        raise DataError(f"site '{site.name}' ({site.path}) has no 'train' samples to train on")
+    return site.name, train, site.part("test")
+
+
+def client_partition(config: RunConfig, index: int) -> ClientPartition:
+    """The data, modalities and budget of simulated client ``index``."""
+    total = num_clients(config)
+    if not 0 <= index < total:
+        raise ConfigError(f"client index {index} is outside the {total} clients of this scenario")
+    if config.data.dataset == "synthetic":
+        client_id, (train, test) = f"client-{index:02d}", _synthetic_raw(config, index)
+    else:
+        client_id, train, test = _site_raw(config, index)
+    held, group = assigned_modalities(config, index, train.schema.names)
+    train = _with_missing(train.restrict(held), config.data.missing_rate, _seed(config.server.seed, index, 4))
+    if test is not None:
+        test = _with_missing(test.restrict(held), config.data.missing_rate, _seed(config.server.seed, index, 5))
+    return ClientPartition(client_id, index, group, train, test, _budget(config, group))

@@ -1,0 +1,152 @@
+"""A client's private state folder: its encoders, accountant history, last reply and privacy ledger.
+
+Layout::
+
+    <state>/privacy.json        accountant history, noise plan, rounds trained (written FIRST)
+    <state>/model.safetensors   the client's encoders and its local copy of the head
+    <state>/reply.safetensors   the last update sent, tagged with its run and round (re-sent, not
+                                retrained, if the server asks for the same round again after a crash)
+    <state>/ledger.jsonl        signed privacy ledger (common/ledger.py)
+    <state>/ledger_key.pem      the ledger's Ed25519 signing key (mode 0600)
+    <state>/state.lock          held while a round runs, so two processes never share a state
+
+Every file is replaced atomically. ``privacy.json`` is written before the model and the reply, so
+a crash between the writes can only over-count privacy spend, never under-count it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+
+from common.accounting import PrivacyHistory
+from common.errors import FedfuseError, PrivacyParameterError
+from common.fileio import atomic_save_tensors, atomic_write_json, load_tensors
+
+PRIVACY_FILE = "privacy.json"
+MODEL_FILE = "model.safetensors"
+REPLY_FILE = "reply.safetensors"
+LOCK_FILE = "state.lock"
+STATE_FORMAT = 1
+
+
+class StateError(FedfuseError):
+    """The state folder is unreadable, belongs to another client, or is in use."""
+
+
+@dataclass
+class ClientRecord:
+    """What ``privacy.json`` holds besides the accountant history."""
+
+    client_id: str
+    modalities: tuple[str, ...]
+    history: PrivacyHistory
+    rounds: list[list[Any]] = field(default_factory=list)  # [[run_id, round], ...] trained rounds
+
+    def trained(self, run_id: str, server_round: int) -> bool:
+        return [run_id, server_round] in self.rounds
+
+    def rounds_in_run(self, run_id: str) -> int:
+        return sum(1 for r, _ in self.rounds if r == run_id)
+
+
+class ClientState:
+    """Read and write one client's state folder."""
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+
+    @contextmanager
+    def locked(self) -> Iterator["ClientState"]:
+        """Hold the folder's lock for a round; a second process gets a clear error, not a corrupt state."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateError(
+                    f"state folder {self.folder} is in use by another process; each client needs its own state folder"
+                ) from None
+            yield self
+        finally:
+            os.close(fd)
+
+    # --- privacy record --------------------------------------------------------------------------
+    def load_record(self, *, client_id: str, modalities: tuple[str, ...], accountant: str) -> ClientRecord:
+        """The stored record, or a fresh one for a new client. Refuses a folder of another client."""
+        path = self.folder / PRIVACY_FILE
+        if not path.exists():
+            return ClientRecord(client_id, tuple(modalities), PrivacyHistory(accountant=accountant))
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("format") != STATE_FORMAT:
+                raise ValueError(f"unknown format {doc.get('format')!r}")
+            record = ClientRecord(
+                client_id=doc["client_id"],
+                modalities=tuple(doc["modalities"]),
+                history=PrivacyHistory.from_dict(doc["privacy"]),
+                rounds=[list(r) for r in doc["rounds"]],
+            )
+        except (OSError, ValueError, KeyError, TypeError, PrivacyParameterError) as exc:
+            raise StateError(
+                f"{path} is unreadable ({exc}); it holds this client's privacy history, so training stops rather "
+                "than start a new budget. Restore it from a backup."
+            ) from exc
+        if record.client_id != client_id:
+            raise StateError(f"{self.folder} belongs to client '{record.client_id}', not '{client_id}'")
+        if record.history.accountant != accountant:
+            raise StateError(
+                f"this client's history was accounted with '{record.history.accountant}'; it cannot switch to "
+                f"'{accountant}' (set dp.accountant = \"{record.history.accountant}\")"
+            )
+        if record.modalities != tuple(modalities):
+            raise StateError(
+                f"{self.folder} holds encoders for {list(record.modalities)}, but the client now has "
+                f"{list(modalities)}; use a new state folder for a different set of modalities"
+            )
+        return record
+
+    def save_record(self, record: ClientRecord) -> None:
+        atomic_write_json(
+            self.folder / PRIVACY_FILE,
+            {
+                "format": STATE_FORMAT,
+                "client_id": record.client_id,
+                "modalities": list(record.modalities),
+                "privacy": record.history.to_dict(),
+                "rounds": record.rounds,
+            },
+        )
+
+    # --- tensors -----------------------------------------------------------------------------------
+    def load_model(self) -> dict[str, torch.Tensor] | None:
+        path = self.folder / MODEL_FILE
+        return load_tensors(path) if path.exists() else None
+
+    def save_model(self, state: dict[str, torch.Tensor]) -> None:
+        atomic_save_tensors(self.folder / MODEL_FILE, state)
+
+    def load_reply(self, *, run_id: str, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The update sent for (run, round) and its metrics, if that is the stored reply."""
+        path = self.folder / REPLY_FILE
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("run_id") != run_id or meta.get("round") != str(server_round):
+                return None
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        return arrays, json.loads(meta.get("metrics", "{}"))
+
+    def save_reply(self, arrays: dict[str, torch.Tensor], *, run_id: str, server_round: int, metrics: dict[str, Any]) -> None:
+        meta = {"run_id": run_id, "round": str(server_round), "metrics": json.dumps(metrics)}
+        atomic_save_tensors(self.folder / REPLY_FILE, arrays, metadata=meta)

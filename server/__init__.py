@@ -1,0 +1,1 @@
+"""fedfuse ServerApp: aggregates the shared fusion head, checkpoints, writes results and ledgers."""

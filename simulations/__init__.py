@@ -1,0 +1,1 @@
+"""Local federated simulations: scenarios (TOML) and the runner behind `fedfuse simulate`."""

@@ -1,0 +1,199 @@
+"""What a client does with a train or evaluate message. Encoders, raw data and per-sample values never
+leave this module: a train reply carries the head blocks (plus encoders only when the federation
+runs with ``encoders = "federated"``), the privacy spend and the signed ledger entry."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.site import SiteContext, resolve_site
+from common import messages as M
+from common.messages import update_digest
+from common.config import RunConfig, parse_run_config
+from common.errors import BudgetExhaustedError, NonFiniteError
+from common.evaluation import evaluate
+from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields
+from common.model import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel
+from common.state import ClientRecord, ClientState
+from common.training import RoundResult, train_round
+
+log = logging.getLogger("fedfuse.client")
+
+
+def _round_seed(seed: int, client_id: str, server_round: int) -> int:
+    """Seed of a round's modality dropout (stable across processes, unlike hash())."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{client_id}/{server_round}".encode()).digest()[:4], "big")
+
+
+def _model(site: SiteContext, config: RunConfig, state: ClientState) -> MultimodalModel:
+    """The client's model, restored from its state folder (fresh, seeded weights on first use)."""
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the global RNG
+        torch.manual_seed(config.server.seed * 1000 + site.index)
+        model = MultimodalModel(site.train.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim))
+    stored = state.load_model()
+    if stored is not None:
+        model.load_state_dict(stored)
+    return model
+
+
+def _shared_keys(model: MultimodalModel, config: RunConfig) -> list[str]:
+    """The parameter names this client shares with the federation."""
+    keys = [k for k in model.state_dict() if k.startswith(HEAD_PREFIX)]
+    if config.server.encoders == "federated":
+        keys += [k for k in model.state_dict() if k.startswith(ENCODER_PREFIX)]
+    return keys
+
+
+def _merge_global(model: MultimodalModel, message: Message, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Load the global values of this client's shared blocks (those the server has); return them."""
+    incoming = message.content[M.ARRAYS].to_torch_state_dict() if M.ARRAYS in message.content else {}
+    merged = {k: v for k, v in incoming.items() if k in set(keys)}
+    model.load_partial(merged)
+    return merged
+
+
+def _identity(site: SiteContext, status: str, reason: str = "", ledger: Ledger | None = None) -> ConfigRecord:
+    record = {M.CLIENT_ID: site.client_id, M.MODALITIES: list(site.modalities), M.STATUS: status, M.REASON: reason}
+    if ledger is not None:  # the whole ledger: the server appends the entries its copy lacks
+        record[M.LEDGER] = [encode_entry(e) for e in ledger.entries()]
+    return ConfigRecord(record)
+
+
+def _status_reply(message: Message, site: SiteContext, status: str, reason: str, metrics: dict, ledger: Ledger | None = None) -> Message:
+    log.warning("%s: %s", site.client_id, reason)
+    content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: _identity(site, status, reason, ledger)})
+    return Message(content, reply_to=message)
+
+
+def _target_epsilon(site: SiteContext, config: RunConfig) -> tuple[float, str | None]:
+    """The budget this run may use at this site, or a refusal when the run asks for more than the site allows."""
+    if site.simulated:
+        return site.max_epsilon, None
+    if config.dp.epsilon > site.max_epsilon:
+        return math.nan, (
+            f"the run asks for a budget of ε = {config.dp.epsilon:g} but this site's policy allows at most "
+            f"ε = {site.max_epsilon:g}; lower dp.epsilon in the run config"
+        )
+    if site.max_delta is not None and config.dp.delta > site.max_delta:
+        return math.nan, (
+            f"the run asks for δ = {config.dp.delta:g} but this site's policy allows at most δ = {site.max_delta:g}"
+        )
+    return config.dp.epsilon, None
+
+
+def _ledger_entry(state: ClientState, site: SiteContext, config: RunConfig, *, run_id: str, server_round: int,
+                  status: str, result: RoundResult | None, epsilon: float, budget: float,
+                  update_hash: str | None, record: ClientRecord) -> Ledger:
+    key = LedgerKey.load_or_create(state.folder / KEY_FILE)
+    history = record.history
+    fields = entry_fields(
+        run_id=run_id, client_id=site.client_id, round=server_round, status=status,
+        noise_multiplier=(result.noise_multiplier if result and result.noise_multiplier else
+                          (history.plan.noise_multiplier if history.plan else 0.0)),
+        sample_rate=result.sample_rate if result else (history.plan.sample_rate if history.plan else 0.0),
+        steps=result.steps if (result and result.private) else 0,
+        max_grad_norm=config.dp.max_grad_norm, delta=config.dp.delta, accountant=history.accountant,
+        epsilon=epsilon, budget=budget, update_hash=update_hash, modalities=site.modalities,
+    )
+    ledger = Ledger(state.folder / LEDGER_FILE)
+    ledger.append(fields, key)
+    return ledger
+
+
+def handle_train(message: Message, context: Context) -> Message:
+    """Merge the global head, train encoders + head with DP-SGD, reply with the shared blocks only."""
+    config = parse_run_config(context.run_config)
+    site = resolve_site(context.node_config, config, context.run_id)
+    request = message.content[M.CONFIG]
+    server_round, run_id = int(request[M.SERVER_ROUND]), str(request[M.RUN_ID])
+    planned_rounds = int(request[M.PLANNED_ROUNDS])
+    budget, refusal = _target_epsilon(site, config)
+    if refusal:
+        return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0})
+
+    state = ClientState(site.state_dir)
+    with state.locked():
+        record = state.load_record(client_id=site.client_id, modalities=site.modalities, accountant=config.dp.accountant)
+        if record.trained(run_id, server_round):
+            # Trained before a crash: re-send that update (no new privacy cost), never train twice.
+            cached = state.load_reply(run_id=run_id, server_round=server_round)
+            if cached is None:
+                return _status_reply(message, site, M.STATUS_ALREADY_TRAINED,
+                                     f"round {server_round} was trained before a restart and its update was lost; "
+                                     "skipping it rather than spending privacy twice", {M.NUM_EXAMPLES: 0},
+                                     Ledger(state.folder / LEDGER_FILE))
+            arrays, metrics = cached
+            log.info("%s: round %d already trained; re-sending its update", site.client_id, server_round)
+            content = RecordDict({M.ARRAYS: ArrayRecord(arrays), M.METRICS: MetricRecord(metrics),
+                                  M.CLIENT: _identity(site, M.STATUS_OK, ledger=Ledger(state.folder / LEDGER_FILE))})
+            return Message(content, reply_to=message)
+
+        model = _model(site, config, state)
+        shared = _shared_keys(model, config)
+        reference = _merge_global(model, message, shared)
+        try:
+            result = train_round(
+                model, site.train, record.history,
+                target_epsilon=budget, delta=config.dp.delta, max_grad_norm=config.dp.max_grad_norm,
+                planned_rounds=planned_rounds, local_epochs=config.train.local_epochs,
+                batch_size=config.train.batch_size, run_id=run_id, lr=config.train.lr,
+                momentum=config.train.momentum, modality_dropout=config.train.modality_dropout,
+                grad_sample_mode=config.train.grad_sample_mode,
+                generator=torch.Generator().manual_seed(_round_seed(config.server.seed, site.client_id, server_round)),
+                proximal_mu=config.server.proximal_mu if config.server.strategy == "fedprox" else 0.0,
+                proximal_reference=reference,
+            )
+        except BudgetExhaustedError as exc:
+            ledger = _ledger_entry(state, site, config, run_id=run_id, server_round=server_round, status="refused-budget",
+                                   result=None, epsilon=exc.epsilon_now, budget=budget, update_hash=None, record=record)
+            return _status_reply(message, site, M.STATUS_BUDGET_EXHAUSTED, str(exc),
+                                 {M.NUM_EXAMPLES: 0, M.EPSILON: exc.epsilon_now, M.BUDGET: budget}, ledger)
+        except NonFiniteError:
+            state.save_record(record)  # the data was used: keep the round's privacy cost on record
+            raise
+
+        # Persist privacy first, then the model, then the reply (see common/state.py).
+        arrays = {k: v for k, v in model.state_dict().items() if k in set(shared)}
+        metrics = {M.NUM_EXAMPLES: result.num_examples, M.EPSILON: result.epsilon, M.BUDGET: budget,
+                   M.SAMPLE_RATE: result.sample_rate, M.STEPS: result.steps}
+        if result.private:
+            metrics |= {M.DELTA: config.dp.delta, M.NOISE_MULTIPLIER: result.noise_multiplier}
+        if config.release.train_metrics:
+            metrics[M.TRAIN_LOSS] = result.train_loss
+        digest = update_digest(arrays)
+        record.rounds.append([run_id, server_round])
+        state.save_record(record)
+        ledger = _ledger_entry(state, site, config, run_id=run_id, server_round=server_round, status="trained",
+                              result=result, epsilon=result.epsilon, budget=budget, update_hash=digest, record=record)
+        state.save_model(model.state_dict())
+        state.save_reply(arrays, run_id=run_id, server_round=server_round, metrics=metrics)
+    log.info("%s: round %d trained in %.1fs, %s", site.client_id, server_round, result.seconds,
+             f"ε = {result.epsilon:.3f}" if result.private else "non-private")
+    content = RecordDict({M.ARRAYS: ArrayRecord(arrays), M.METRICS: MetricRecord(metrics),
+                          M.CLIENT: _identity(site, M.STATUS_OK, ledger=ledger)})
+    return Message(content, reply_to=message)
+
+
+def handle_evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the client's encoders + the global head on its held-out split, per modality subset."""
+    config = parse_run_config(context.run_config)
+    site = resolve_site(context.node_config, config, context.run_id)
+    state = ClientState(site.state_dir)
+    model = _model(site, config, state)
+    _merge_global(model, message, _shared_keys(model, config))
+    metrics: dict = {M.NUM_EXAMPLES: 0}
+    if site.test is not None and config.release.eval_metrics:
+        report = evaluate(model, site.test)
+        metrics = {M.NUM_EXAMPLES: report["num_examples"], M.ACCURACY: report["accuracy"],
+                   M.MACRO_F1: report["macro_f1"], M.LOSS: report["loss"]}
+        for subset, sub in report["by_modalities"].items():
+            metrics[f"{M.BY_PREFIX}{subset}.{M.ACCURACY}"] = sub["accuracy"]
+            metrics[f"{M.BY_PREFIX}{subset}.{M.MACRO_F1}"] = sub["macro_f1"]
+            metrics[f"{M.BY_PREFIX}{subset}.{M.NUM_EXAMPLES}"] = sub["num_examples"]
+    content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: _identity(site, M.STATUS_OK)})
+    return Message(content, reply_to=message)

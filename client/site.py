@@ -1,0 +1,91 @@
+"""Where a ClientApp's data, state and privacy policy come from: a simulated partition or a real site.
+
+- Simulation (node config has ``partition-id``): the scenario's partition for that index; the state
+  folder is ``<run output>/clients/<client id>``; the budget is the scenario's.
+- Deployment (node config has ``data-dir``): the site folder named there, the state folder in
+  ``state-dir`` and the site's own policy ``max-epsilon`` / ``max-delta`` (see README, Deploy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.config import RunConfig, run_out_dir
+from common.data import MultimodalData
+from common.errors import ConfigError
+
+NODE_KEYS = ("data-dir", "state-dir", "client-id", "max-epsilon", "max-delta")
+
+
+@dataclass(frozen=True, eq=False)
+class SiteContext:
+    """A client's view of itself for one message."""
+
+    client_id: str
+    index: int  # partition index in simulation, else 0 (seeds the initial encoder weights)
+    train: MultimodalData
+    test: MultimodalData | None
+    state_dir: Path
+    max_epsilon: float  # the site's policy: the most privacy loss it accepts for its whole history
+    max_delta: float | None  # the largest delta it accepts (None: whatever the run asks)
+    simulated: bool
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.train.schema.names
+
+
+def resolve_site(node_config: Mapping[str, Any], config: RunConfig, flower_run_id: int) -> SiteContext:
+    """The site this ClientApp runs for, from its node config."""
+    if "partition-id" in node_config:
+        return _simulated(node_config, config, flower_run_id)
+    if "data-dir" in node_config:
+        return _deployed(node_config)
+    raise ConfigError(
+        "this SuperNode's node config names no data: set --node-config 'data-dir=\"/path/to/site\" "
+        "state-dir=\"/path/to/state\" max-epsilon=8.0' (see README, Deploy)"
+    )
+
+
+def _simulated(node_config: Mapping[str, Any], config: RunConfig, flower_run_id: int) -> SiteContext:
+    from common.partition import client_partition, num_clients
+
+    index, total = int(node_config["partition-id"]), int(node_config.get("num-partitions", 0))
+    expected = num_clients(config)
+    if total and total != expected:
+        raise ConfigError(
+            f"the simulation runs {total} SuperNodes but the scenario describes {expected} clients; run "
+            f"`flwr run . --federation-config \"num-supernodes={expected}\"` or use `fedfuse simulate`"
+        )
+    part = client_partition(config, index)
+    state = run_out_dir(config, flower_run_id) / "clients" / part.client_id
+    return SiteContext(part.client_id, index, part.train, part.test, state, part.budget, None, True)
+
+
+def _deployed(node_config: Mapping[str, Any]) -> SiteContext:
+    from common.sitedata import load_site
+
+    unknown = sorted(set(node_config) - set(NODE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown node config key(s) {unknown}; known: {list(NODE_KEYS)}")
+    for key in ("state-dir", "max-epsilon"):
+        if key not in node_config:
+            raise ConfigError(f"node config key '{key}' is required for a deployed site (see README, Deploy)")
+    max_epsilon = node_config["max-epsilon"]
+    if isinstance(max_epsilon, str) and max_epsilon.strip().lower() in ("inf", "infinity"):
+        max_epsilon = math.inf
+    if not isinstance(max_epsilon, (int, float)) or isinstance(max_epsilon, bool) or not max_epsilon > 0:
+        raise ConfigError(f"node config key 'max-epsilon' must be a number > 0, got {max_epsilon!r}")
+    max_delta = node_config.get("max-delta")
+    if max_delta is not None and not (isinstance(max_delta, float) and 0 < max_delta < 1):
+        raise ConfigError(f"node config key 'max-delta' must lie in (0, 1), got {max_delta!r}")
+    site = load_site(Path(str(node_config["data-dir"])).expanduser())
+    train = site.part("train")
+    if train is None:
+        raise ConfigError(f"site folder {site.path} has no 'train' samples")
+    client_id = str(node_config.get("client-id") or site.name)
+    state = Path(str(node_config["state-dir"])).expanduser()
+    return SiteContext(client_id, 0, train, site.part("test"), state, float(max_epsilon), max_delta, False)

@@ -1,0 +1,144 @@
+"""``fedfuse simulate``: run a scenario in Flower's simulation engine and report the results."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig, flatten, parse_run_config
+from common.errors import ConfigError, FedfuseError
+
+log = logging.getLogger("fedfuse.simulate")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", type=Path, help="scenario TOML file (run-config keys; see simulations/scenarios/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one run-config key, e.g. --set dp.epsilon=4 (repeatable)")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/<date-time>)")
+    parser.add_argument("--resume", type=Path, metavar="DIR",
+                        help="continue an interrupted run from its last completed round, with its stored configuration")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0,
+                        help="CPU cores reserved per simulated client (default 1: one client per core)")
+    parser.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+
+
+def load_scenario(path: Path) -> dict[str, Any]:
+    """A scenario file's run-config overrides (flat keys)."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"scenario file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"scenario file {path} is not valid TOML: {exc}") from None
+    table = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc)
+    return flatten(table)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a TOML value (numbers, booleans, inf, quoted strings); bare words are strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE, got '{text}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+def build_config(scenario: Path | None, overrides: list[str]) -> dict[str, Any]:
+    """Defaults, then the scenario, then --set overrides; validated (ConfigError names the bad key)."""
+    flat = RunConfig().to_flat()
+    if scenario is not None:
+        flat.update(load_scenario(scenario))
+    flat.update(dict(parse_override(o) for o in overrides))
+    return parse_run_config(flat).to_flat()
+
+
+def _setup_logging(quiet: bool) -> None:
+    import flwr.supercore.logger  # noqa: F401  (configures the "flwr" logger on import)
+
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)  # Flower's own per-round chatter; our progress lines replace it
+    flwr_log.propagate = False  # it has its own console handler
+    logging.getLogger("fedfuse").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.partition import num_clients
+    from server.run_folder import RESULTS_FILE, RUN_FILE, RunFolder
+    from simulations import runner
+
+    if args.resume is not None:
+        if args.scenario or args.overrides or args.out:
+            raise ConfigError("--resume continues a run with its stored configuration: drop --scenario, --set and --out")
+        out = args.resume.resolve()
+        flat = RunFolder(out).stored_config()
+        flat = parse_run_config(flat).to_flat()
+    else:
+        flat = build_config(args.scenario, args.overrides)
+        out = (args.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+        if (out / RUN_FILE).exists():
+            raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+    flat["out-dir"] = str(out)
+    config = parse_run_config(flat)
+    clients = num_clients(config)
+    _setup_logging(args.quiet)
+    log.info("simulating %d clients for %d rounds; output in %s", clients, config.server.num_server_rounds, out)
+    try:
+        seconds = runner.run(flat, num_clients=clients, out_dir=out, cpus_per_client=args.cpus_per_client)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: fedfuse simulate --resume {out}", file=sys.stderr)
+        return 130
+    results_path = out / RESULTS_FILE
+    if not results_path.exists():
+        raise FedfuseError(f"the simulation wrote no {RESULTS_FILE}; see the log above")
+    results = json.loads(results_path.read_text())
+    from common.plots import plot_results
+
+    plot_results(results, out)
+    print_summary(results, seconds)
+    if results.get("status") != "completed":
+        print(f"the run did not complete; continue with: fedfuse simulate --resume {out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_summary(results: dict[str, Any], seconds: float) -> None:
+    """The final accuracy per modality subset and each client's privacy spend."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.accounting import format_spend
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    final = results.get("final")
+    if final:
+        table = Table(title=f"Final held-out accuracy, round {results['rounds'][-1]['round']}")
+        for column in ("modalities at test time", "accuracy", "macro-F1", "examples"):
+            table.add_column(column, justify="left" if column.startswith("mod") else "right")
+        table.add_row("all present", f"{final['accuracy']:.3f}", f"{final['macro_f1']:.3f}", str(final["num_examples"]))
+        for subset, m in final["by_modalities"].items():
+            table.add_row(subset, f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", str(m["num_examples"]))
+        console.print(table)
+    clients = results["privacy"]["clients"]
+    table = Table(title="Privacy spend per client")
+    for column in ("client", "modalities", "rounds", "spend", "budget", "status"):
+        table.add_column(column)
+    for cid, c in sorted(clients.items()):
+        eps = c.get("epsilon")
+        budget = c.get("budget")
+        table.add_row(cid, "+".join(c.get("modalities", [])), str(c.get("rounds_trained", 0)),
+                      format_spend(math.inf if eps is None else eps, c.get("delta")),
+                      "∞" if budget is None else f"{budget:g}", c.get("status", ""))
+    console.print(table)
+    console.print(f"{len(results['rounds'])} rounds in {seconds:.0f} s. Results, plots, checkpoints: "
+                  f"{Path(results['config']['out-dir'])}")

@@ -1,0 +1,167 @@
+"""Checking what clients send: a reply the server cannot trust is rejected, with the reason, never averaged."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import Message
+
+from common import messages as M
+from common.messages import update_digest
+from common.ledger import LedgerError, decode_entry
+from common.model import ENCODER_PREFIX, HEAD_PREFIX
+
+
+class ReplyRejected(Exception):
+    """A reply is malformed or unsafe to aggregate; the round goes on without it."""
+
+
+@dataclass(frozen=True, eq=False)
+class TrainReply:
+    node_id: int
+    client_id: str
+    modalities: tuple[str, ...]
+    status: str
+    reason: str
+    arrays: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+    ledger: list[dict[str, Any]]  # the client's whole ledger (empty if it sent none)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.metrics.get(M.NUM_EXAMPLES, 0))
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluateReply:
+    node_id: int
+    client_id: str
+    num_examples: int
+    overall: dict[str, float] = field(default_factory=dict)  # accuracy, macro-f1, loss
+    by_modalities: dict[str, dict[str, float]] = field(default_factory=dict)  # subset -> metric -> value
+
+
+def claimed_client_id(message: Message) -> str | None:
+    """The client id a reply claims, if it has a readable one (to name the client in a rejection)."""
+    try:
+        value = message.content.config_records[M.CLIENT].get(M.CLIENT_ID)
+    except Exception:  # noqa: BLE001  (a malformed reply: there is no id to report)
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _identity(message: Message) -> tuple[str, tuple[str, ...], str, str, list[dict[str, Any]]]:
+    if M.CLIENT not in message.content.config_records:
+        raise ReplyRejected(f"no '{M.CLIENT}' record")
+    ident = message.content.config_records[M.CLIENT]
+    client_id, modalities = ident.get(M.CLIENT_ID), ident.get(M.MODALITIES)
+    if not isinstance(client_id, str) or not client_id:
+        raise ReplyRejected("missing client id")
+    if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+        raise ReplyRejected("modalities must be a list of names")
+    status = ident.get(M.STATUS, M.STATUS_OK)
+    if status not in M.STATUSES:
+        raise ReplyRejected(f"unknown status '{status}'")
+    raw = ident.get(M.LEDGER, [])
+    if not isinstance(raw, list):
+        raise ReplyRejected("the ledger must be a list of entries")
+    try:
+        ledger = [decode_entry(e) for e in raw]
+    except LedgerError as exc:
+        raise ReplyRejected(f"unreadable ledger entry: {exc}") from None
+    return client_id, tuple(modalities), status, str(ident.get(M.REASON, "")), ledger
+
+
+def _metrics(message: Message) -> dict[str, Any]:
+    if M.METRICS not in message.content.metric_records:
+        raise ReplyRejected(f"no '{M.METRICS}' record")
+    metrics = dict(message.content.metric_records[M.METRICS])
+    n = metrics.get(M.NUM_EXAMPLES)
+    if not isinstance(n, int) or n < 0:
+        raise ReplyRejected(f"'{M.NUM_EXAMPLES}' must be a non-negative integer, got {n!r}")
+    return metrics
+
+
+def parse_train_reply(message: Message, *, global_state: dict[str, torch.Tensor], encoders: str) -> TrainReply:
+    """Validate a train reply against the global state: known keys, right shapes, finite values."""
+    client_id, modalities, status, reason, ledger = _identity(message)
+    metrics = _metrics(message)
+    arrays: dict[str, torch.Tensor] = {}
+    if status == M.STATUS_OK:
+        if M.ARRAYS not in message.content.array_records:
+            raise ReplyRejected("status ok but no arrays")
+        arrays = message.content.array_records[M.ARRAYS].to_torch_state_dict()
+        if not arrays:
+            raise ReplyRejected("empty update")
+        if metrics[M.NUM_EXAMPLES] < 1:
+            raise ReplyRejected("an update needs num-examples >= 1")
+        for key, value in arrays.items():
+            if key.startswith(HEAD_PREFIX):
+                if key not in global_state:
+                    raise ReplyRejected(f"unknown key '{key}'")
+            elif key.startswith(ENCODER_PREFIX) and encoders == "federated":
+                modality = key[len(ENCODER_PREFIX):].split(".")[0]
+                if modality not in modalities:
+                    raise ReplyRejected(f"encoder '{modality}' sent by a client that does not hold it")
+            else:
+                raise ReplyRejected(f"unknown key '{key}'" + (" (encoders are local in this run)" if key.startswith(ENCODER_PREFIX) else ""))
+            if key in global_state and tuple(value.shape) != tuple(global_state[key].shape):
+                raise ReplyRejected(f"'{key}' has shape {tuple(value.shape)}, expected {tuple(global_state[key].shape)}")
+            if not value.is_floating_point() or not torch.isfinite(value).all():
+                raise ReplyRejected(f"'{key}' holds non-finite values")
+    for key in (M.EPSILON, M.BUDGET):
+        value = metrics.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
+            raise ReplyRejected(f"'{key}' must be a number, got {value!r}")
+    if status == M.STATUS_OK and ledger and ledger[-1].get("update_hash") != update_digest(arrays):
+        raise ReplyRejected("the update does not match the hash in the client's latest ledger entry")
+    return TrainReply(message.metadata.src_node_id, client_id, modalities, status, reason, arrays, metrics, ledger)
+
+
+def parse_evaluate_reply(message: Message) -> EvaluateReply:
+    """Split an evaluate reply's flat metrics into overall and per-modality-subset values."""
+    client_id, _, _, _, _ = _identity(message)
+    metrics = _metrics(message)
+    overall: dict[str, float] = {}
+    by: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key == M.NUM_EXAMPLES:
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ReplyRejected(f"metric '{key}' is not a finite number")
+        if key.startswith(M.BY_PREFIX):
+            subset, _, name = key[len(M.BY_PREFIX):].rpartition(".")
+            by.setdefault(subset, {})[name] = value
+        elif key in (M.ACCURACY, M.MACRO_F1, M.LOSS):
+            overall[key] = value
+        else:
+            raise ReplyRejected(f"unknown metric '{key}'")
+    return EvaluateReply(message.metadata.src_node_id, client_id, metrics[M.NUM_EXAMPLES], overall, by)
+
+
+def mean_metrics(replies: list[EvaluateReply]) -> dict[str, Any] | None:
+    """Example-weighted means, overall and per modality subset (each subset weighted by its own counts)."""
+    scored = [r for r in replies if r.num_examples > 0 and r.overall]
+    if not scored:
+        return None
+    total = sum(r.num_examples for r in scored)
+    out: dict[str, Any] = {
+        name.replace("-", "_"): sum(r.overall[name] * r.num_examples for r in scored) / total
+        for name in (M.ACCURACY, M.MACRO_F1, M.LOSS)
+    }
+    out["num_examples"] = total
+    by: dict[str, dict[str, Any]] = {}
+    subsets = sorted({s for r in scored for s in r.by_modalities}, key=lambda s: (s.count("+"), s))
+    for subset in subsets:
+        parts = [r.by_modalities[subset] for r in scored if subset in r.by_modalities]
+        n = sum(int(p[M.NUM_EXAMPLES]) for p in parts)
+        by[subset] = {
+            "accuracy": sum(p[M.ACCURACY] * p[M.NUM_EXAMPLES] for p in parts) / n,
+            "macro_f1": sum(p[M.MACRO_F1] * p[M.NUM_EXAMPLES] for p in parts) / n,
+            "num_examples": n,
+        }
+    out["by_modalities"] = by
+    return out

@@ -1,0 +1,140 @@
+"""The run output folder: identity, per-round checkpoints, results.json and the federation's ledgers.
+
+Layout::
+
+    <out>/run.json                       run id, creation time, configuration (hash)
+    <out>/checkpoints/round-0003.safetensors  global blocks + server optimiser state after round 3
+    <out>/checkpoints/round-0003.json    round, config hash, results so far, per-client records
+    <out>/checkpoints/latest.json        {"round": 3}: the last complete checkpoint
+    <out>/results.json                   config, rounds, final, privacy (rewritten after each round)
+    <out>/ledgers/<client>.jsonl         the federation's copy of each client's privacy ledger
+    <out>/clients/<client>/              simulated clients' private state (simulation only)
+
+Every file is replaced atomically. A checkpoint's JSON is written after its tensors, and
+``latest.json`` after both, so a crash mid-write leaves the previous checkpoint in charge.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import ConfigError, FedfuseError
+from common.fileio import atomic_save_tensors, atomic_write_json, load_tensors
+
+RUN_FILE = "run.json"
+RESULTS_FILE = "results.json"
+CHECKPOINTS = "checkpoints"
+LEDGERS = "ledgers"
+
+
+def config_hash(flat_config: dict[str, Any]) -> str:
+    """Hash of everything that defines a run's results (the output folder itself excluded)."""
+    relevant = {k: (str(v) if isinstance(v, float) else v) for k, v in flat_config.items() if k != "out-dir"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def json_safe(value: Any) -> Any:
+    """Replace non-finite floats (JSON has none) by None, recursively."""
+    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    global_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, torch.Tensor]
+    record: dict[str, Any]  # rounds so far, per-client records, excluded clients
+
+
+class RunFolder:
+    """Read and write one run's output folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # --- identity ------------------------------------------------------------------------------
+    def open_run(self, flat_config: dict[str, Any]) -> str:
+        """The run id: new for an empty folder, the stored one when continuing the same configuration."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        run_file = self.path / RUN_FILE
+        digest = config_hash(flat_config)
+        if run_file.exists():
+            doc = json.loads(run_file.read_text())
+            if doc.get("config_hash") != digest:
+                raise ConfigError(
+                    f"{self.path} holds a run with a different configuration; resuming it with this one would mix "
+                    "two experiments. Choose another output folder, or resume with the stored configuration "
+                    f"(`fedfuse simulate --resume {self.path}`)"
+                )
+            return str(doc["run_id"])
+        run_id = uuid.uuid4().hex[:12]
+        atomic_write_json(run_file, {
+            "run_id": run_id,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config_hash": digest,
+            "config": json_safe(flat_config),
+        })
+        return run_id
+
+    def stored_config(self) -> dict[str, Any]:
+        run_file = self.path / RUN_FILE
+        if not run_file.exists():
+            raise FedfuseError(f"{self.path} is not a fedfuse run folder (no {RUN_FILE})")
+        config = json.loads(run_file.read_text())["config"]
+        return {k: (float("inf") if v is None else v) for k, v in config.items()}  # inf was stored as null
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        folder = self.path / CHECKPOINTS
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"round-{checkpoint.round:04d}"
+        tensors = {**{f"global.{k}": v for k, v in checkpoint.global_state.items()}, **checkpoint.optimizer_state}
+        atomic_save_tensors(folder / f"{stem}.safetensors", tensors, metadata={"round": str(checkpoint.round)})
+        atomic_write_json(folder / f"{stem}.json", json_safe({"round": checkpoint.round, **checkpoint.record}))
+        atomic_write_json(folder / "latest.json", {"round": checkpoint.round})
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        folder = self.path / CHECKPOINTS
+        latest = folder / "latest.json"
+        if not latest.exists():
+            return None
+        r = int(json.loads(latest.read_text())["round"])
+        stem = folder / f"round-{r:04d}"
+        record = json.loads(stem.with_suffix(".json").read_text())
+        tensors = load_tensors(stem.with_suffix(".safetensors"))
+        if record.get("round") != r:
+            raise FedfuseError(f"checkpoint {stem} is inconsistent: its record says round {record.get('round')}")
+        global_state = {k[len("global."):]: v for k, v in tensors.items() if k.startswith("global.")}
+        optimizer_state = {k: v for k, v in tensors.items() if not k.startswith("global.")}
+        record.pop("round")
+        return Checkpoint(r, global_state, optimizer_state, record)
+
+    # --- results -------------------------------------------------------------------------------
+    def write_results(self, results: dict[str, Any]) -> None:
+        atomic_write_json(self.path / RESULTS_FILE, json_safe(results))
+
+    def ledger_path(self, client_id: str) -> Path:
+        folder = self.path / LEDGERS
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{_safe_name(client_id)}.jsonl"
+
+
+def _safe_name(client_id: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in client_id)
+    if not safe or safe.startswith("."):
+        raise ValueError(f"client id {client_id!r} cannot name a file")
+    return safe

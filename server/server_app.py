@@ -1,0 +1,51 @@
+"""fedfuse ServerApp: sets up (or resumes) the run and lets the FedFuse strategy drive the rounds."""
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import parse_run_config, run_out_dir
+from common.model import ModelConfig, global_head_template
+from common.partition import federation_space
+from server.optimizer import build_optimizer
+from server.run_folder import RunFolder
+from server.strategy import FedFuse, RunState
+
+log = logging.getLogger("fedfuse.server")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or continue) the federated training described by the run config."""
+    # Parse the run config once; open the output folder (resuming when it holds this run)
+    config = parse_run_config(context.run_config)
+    folder = RunFolder(run_out_dir(config, context.run_id))
+    run_id = folder.open_run(config.to_flat())
+    modalities, labels = federation_space(config)
+    optimizer = build_optimizer(config.server.strategy, config.server.server_lr)
+    total = config.server.num_server_rounds
+
+    # Start from the last checkpoint, or from a fresh head over every modality of the federation
+    checkpoint = folder.load_checkpoint()
+    if checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.server.seed)
+            head = global_head_template(modalities, len(labels), ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim))
+        state = RunState(run_id, total, 0, head)
+    else:
+        rec = checkpoint.record
+        state = RunState(run_id, total, checkpoint.round, checkpoint.global_state, rec["rounds"], rec["clients"], set(rec["excluded"]))
+        optimizer.load_state(checkpoint.optimizer_state)
+        log.info("resuming run %s after round %d of %d", run_id, checkpoint.round, total)
+
+    strategy = FedFuse(config, state, optimizer, folder, {"modalities": list(modalities), "labels": list(labels)})
+    if state.round_offset >= total:
+        log.info("run %s already completed its %d rounds", run_id, total)
+    else:
+        log.info("run %s: %d rounds, output in %s", run_id, total - state.round_offset, folder.path)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(state.global_state), num_rounds=total - state.round_offset,
+                       timeout=config.server.round_timeout, evaluate_fn=strategy.end_round)
+    folder.write_results(strategy.results(status="completed"))

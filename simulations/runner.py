@@ -1,0 +1,98 @@
+"""Run the fedfuse Flower apps in Flower's simulation engine, in this process.
+
+This does what Flower's own ``flwr-simulation`` process does once a run is submitted (load the
+ServerApp and ClientApp by name from the app folder, fuse the run config with pyproject.toml's
+defaults, run the Ray-backed simulation runtime), without a detached SuperLink that outlives the
+run. ``flwr run .`` runs the very same apps through a SuperLink.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger("fedfuse.simulate")
+
+APP_DIR = Path(__file__).resolve().parents[1]  # holds pyproject.toml with [tool.flwr.app]
+SERVER_APP = "server.server_app:app"
+CLIENT_APP = "client.client_app:app"
+
+
+def offline_environment(out_dir: Path) -> dict[str, str]:
+    """Flower and Ray settings for an offline, self-contained run whose files stay in ``out_dir``."""
+    return {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_HOME": str(out_dir / ".flwr"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DEDUP_LOGS": "0",
+    }
+
+
+@contextmanager
+def _environment(out_dir: Path) -> Iterator[None]:
+    """Set the offline settings and a Ray temp folder owned by this run; restore everything after."""
+    # Ray's socket paths must stay under ~107 bytes, so its folder is short-named and removed after the run.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ffray-", dir="/tmp"))
+    values = offline_environment(out_dir) | {"RAY_TMPDIR": str(ray_tmp)}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_per_client: float = 1.0,
+        verbose: bool = False) -> float:
+    """Simulate ``num_clients`` SuperNodes running the fedfuse apps; return the wall time in seconds."""
+    import ray
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The same Run the simulation runtime builds for itself, plus our run config as the override.
+    flwr_run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run_ = replace(Run.create_empty(flwr_run_id), override_config=dict(flat_config),
+                   primary_task_id=generate_rand_int_from_bytes(TASK_ID_NUM_BYTES), federation_id=NOOP_FEDERATION_ID)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, flwr_run_id, SUPERLINK_NODE_ID
+    fused = get_fused_config_from_dir(APP_DIR, run_.override_config)
+    context = Context(run_id=flwr_run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
+    backend = {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"logging_level": "INFO" if verbose else "WARNING", "log_to_driver": True,
+                      "num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
+    }
+    start = time.perf_counter()
+    with _environment(out_dir):
+        try:
+            _run_simulation(
+                num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP, backend_name="ray",
+                backend_config=backend, app_dir=str(APP_DIR), run=run_, server_app_context=context,
+                verbose_logging=verbose, is_app=True,
+            )
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+    return time.perf_counter() - start

@@ -1,0 +1,125 @@
+"""Client handlers, called directly with constructed Flower messages."""
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.handlers import handle_evaluate, handle_train
+from common import messages as M
+from common import synthetic
+from common.config import RunConfig
+from common.ledger import Ledger, verify_chain
+from common.model import ModelConfig, global_head_template
+from common.sitedata import write_site
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def run_config(tmp_path, **overrides):
+    flat = RunConfig().to_flat() | {"out-dir": str(tmp_path), "data.samples-per-client": 300,
+                                    "train.batch-size": 60} | overrides
+    return flat
+
+
+def global_head(flat=None):
+    fusion = (flat or {}).get("model.fusion", "attention")
+    return global_head_template(["image", "signal", "tabular"], 6, ModelConfig(fusion))
+
+
+def train_message(head, server_round=1, planned=3, run_id="run-a"):
+    config = ConfigRecord({M.SERVER_ROUND: server_round, M.RUN_ID: run_id, M.PLANNED_ROUNDS: planned})
+    return Message(RecordDict({M.ARRAYS: ArrayRecord(head), M.CONFIG: config}), dst_node_id=11, message_type="train")
+
+
+def context(flat, node_config=None):
+    return Context(run_id=5, node_id=11, node_config=node_config or {"partition-id": 0, "num-partitions": 6},
+                   state=RecordDict(), run_config=flat)
+
+
+def test_train_reply_carries_the_head_only(tmp_path):
+    flat = run_config(tmp_path)
+    reply = handle_train(train_message(global_head()), context(flat))
+    arrays = reply.content[M.ARRAYS].to_torch_state_dict()
+    assert arrays and all(k.startswith("head.") for k in arrays)
+    assert set(arrays) == set(global_head())  # client 0 holds every modality
+    metrics, ident = reply.content[M.METRICS], reply.content[M.CLIENT]
+    assert ident[M.STATUS] == M.STATUS_OK and ident[M.CLIENT_ID] == "client-00"
+    assert 0 < metrics[M.EPSILON] <= metrics[M.BUDGET] == 8.0
+    assert M.TRAIN_LOSS not in metrics  # private, not released by default
+    # the client's state and ledger are on disk; the ledger entry matches the update sent
+    folder = tmp_path / "clients" / "client-00"
+    assert {"privacy.json", "model.safetensors", "ledger.jsonl"} <= {p.name for p in folder.iterdir()}
+    entries = Ledger(folder / "ledger.jsonl").entries()
+    assert verify_chain(entries) == [] and entries[-1]["update_hash"] == M.update_digest(arrays)
+    assert len(ident[M.LEDGER]) == 1
+
+
+def test_a_client_missing_modalities_sends_only_its_blocks(tmp_path):
+    flat = run_config(tmp_path)
+    reply = handle_train(train_message(global_head()), context(flat, {"partition-id": 4, "num-partitions": 6}))
+    keys = set(reply.content[M.ARRAYS].to_torch_state_dict())
+    assert reply.content[M.CLIENT][M.MODALITIES] == ["image"]
+    assert {k.split(".")[2] for k in keys if k.startswith("head.blocks.")} == {"image"}
+    assert any(k.startswith("head.core.") for k in keys)
+
+
+def test_federated_encoders_are_sent_only_when_configured(tmp_path):
+    flat = run_config(tmp_path, encoders="federated")
+    reply = handle_train(train_message(global_head()), context(flat, {"partition-id": 2, "num-partitions": 6}))
+    keys = set(reply.content[M.ARRAYS].to_torch_state_dict())
+    assert {k.split(".")[1] for k in keys if k.startswith("encoders.")} == {"signal", "tabular"}
+
+
+def test_the_same_round_is_never_trained_twice(tmp_path):
+    flat = run_config(tmp_path)
+    first = handle_train(train_message(global_head()), context(flat))
+    again = handle_train(train_message(global_head()), context(flat))
+    a, b = (r.content[M.ARRAYS].to_torch_state_dict() for r in (first, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    import json
+    privacy = json.loads((tmp_path / "clients" / "client-00" / "privacy.json").read_text())
+    assert len(privacy["privacy"]["history"]) == 1 and privacy["rounds"] == [["run-a", 1]]
+
+
+def test_budget_exhausted_client_replies_with_a_status_and_no_update(tmp_path):
+    flat = run_config(tmp_path)
+    for r in (1, 2):
+        assert handle_train(train_message(global_head(), r, planned=2), context(flat)).content[M.CLIENT][M.STATUS] == "ok"
+    reply = handle_train(train_message(global_head(), 3, planned=2), context(flat))
+    assert reply.content[M.CLIENT][M.STATUS] == M.STATUS_BUDGET_EXHAUSTED
+    assert M.ARRAYS not in reply.content.array_records
+    assert "over the budget" in reply.content[M.CLIENT][M.REASON]
+    entries = Ledger(tmp_path / "clients" / "client-00" / "ledger.jsonl").entries()
+    assert [e["status"] for e in entries] == ["trained", "trained", "refused-budget"]
+    assert verify_chain(entries) == []
+
+
+def test_non_private_run_reports_infinite_epsilon(tmp_path):
+    flat = run_config(tmp_path, **{"dp.epsilon": math.inf})
+    reply = handle_train(train_message(global_head()), context(flat))
+    assert math.isinf(reply.content[M.METRICS][M.EPSILON])
+
+
+def test_evaluate_reports_overall_and_per_subset_metrics(tmp_path):
+    flat = run_config(tmp_path)
+    reply = handle_evaluate(train_message(global_head()), context(flat, {"partition-id": 1, "num-partitions": 6}))
+    metrics = dict(reply.content[M.METRICS])
+    assert metrics[M.NUM_EXAMPLES] == 60
+    assert {"by.image.accuracy", "by.signal.accuracy", "by.image+signal.accuracy", "by.image+signal.num-examples"} <= set(metrics)
+    assert not any(k.startswith("by.tabular") for k in metrics)
+    hidden = handle_evaluate(train_message(global_head()), context(run_config(tmp_path, **{"release.eval-metrics": False})))
+    assert dict(hidden.content[M.METRICS]) == {M.NUM_EXAMPLES: 0}
+
+
+def test_a_deployed_site_refuses_a_run_asking_for_more_than_its_policy(tmp_path):
+    data = synthetic.generate(60, seed=1)
+    write_site(tmp_path / "site", data, ["train"] * 50 + ["test"] * 10, name="hospital-a")
+    node = {"data-dir": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "max-epsilon": 4.0}
+    reply = handle_train(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 8.0}), node))
+    assert reply.content[M.CLIENT][M.STATUS] == M.STATUS_POLICY_REFUSED
+    assert "allows at most ε = 4" in reply.content[M.CLIENT][M.REASON]
+    assert not (tmp_path / "state" / "privacy.json").exists()  # nothing trained, nothing spent
+    ok = handle_train(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 3.0}), node))
+    assert ok.content[M.CLIENT][M.STATUS] == M.STATUS_OK and ok.content[M.CLIENT][M.CLIENT_ID] == "hospital-a"

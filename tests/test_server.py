@@ -1,0 +1,187 @@
+"""Server strategy, called directly with constructed replies: validation, per-block weights, exclusion, files."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from common import messages as M
+from common.config import RunConfig, parse_run_config
+from common.ledger import Ledger, LedgerKey, encode_entry, entry_fields
+from common.model import ModelConfig, global_head_template
+from server.aggregation import Contribution, weighted_average
+from server.optimizer import FedAdam, ServerOptimizer
+from server.replies import EvaluateReply, mean_metrics
+from server.run_folder import RunFolder
+from server.strategy import FedFuse, RunState
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+MODALITIES = ["image", "signal"]
+
+
+class FakeGrid:
+    """The edge we do not start here: a grid that knows which nodes are connected."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def make_strategy(tmp_path, **overrides):
+    config = parse_run_config(RunConfig().to_flat() | {"out-dir": str(tmp_path)} | overrides)
+    head = global_head_template(MODALITIES, 6, ModelConfig(embed_dim=8, hidden_dim=8))
+    state = RunState("run-x", 5, 0, head)
+    folder = RunFolder(tmp_path)
+    return FedFuse(config, state, ServerOptimizer(), folder, {"modalities": MODALITIES, "labels": list("abcdef")})
+
+
+def client_update(strategy, modalities, value):
+    """A head update for a client holding ``modalities``: every parameter equal to ``value``."""
+    keep = lambda k: not k.startswith("head.blocks.") or k.split(".")[2] in modalities  # noqa: E731
+    return {k: torch.full_like(v, value) for k, v in strategy.state.global_state.items() if keep(k)}
+
+
+def reply(node, arrays, *, client, modalities, n=10, status=M.STATUS_OK, ledger=None, metrics=None):
+    request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type="train")
+    content = {M.METRICS: MetricRecord({M.NUM_EXAMPLES: n, M.EPSILON: 1.0, M.BUDGET: 8.0} | (metrics or {})),
+               M.CLIENT: ConfigRecord({M.CLIENT_ID: client, M.MODALITIES: modalities, M.STATUS: status,
+                                       M.LEDGER: ledger or []})}
+    if arrays is not None:
+        content[M.ARRAYS] = ArrayRecord(arrays)
+    return Message(RecordDict(content), reply_to=request)
+
+
+def test_weighted_average_weights_each_block_by_the_examples_that_trained_it():
+    a = Contribution({"core": torch.tensor([1.0]), "blocks.image": torch.tensor([1.0])}, 10)
+    b = Contribution({"core": torch.tensor([4.0]), "blocks.signal": torch.tensor([7.0])}, 30)
+    averages, weights = weighted_average([a, b])
+    assert weights == {"core": 40.0, "blocks.image": 10.0, "blocks.signal": 30.0}
+    assert averages["core"].item() == pytest.approx((10 * 1 + 30 * 4) / 40)
+    assert averages["blocks.image"].item() == 1.0 and averages["blocks.signal"].item() == 7.0
+
+
+def test_aggregation_averages_modality_blocks_over_their_holders_only(tmp_path):
+    strategy = make_strategy(tmp_path)
+    image_block = next(k for k in strategy.state.global_state if k.startswith("head.blocks.image."))
+    signal_block = next(k for k in strategy.state.global_state if k.startswith("head.blocks.signal."))
+    core = next(k for k in strategy.state.global_state if k.startswith("head.core."))
+    replies = [
+        reply(1, client_update(strategy, ["image"], 1.0), client="a", modalities=["image"], n=10),
+        reply(2, client_update(strategy, ["image", "signal"], 3.0), client="b", modalities=["image", "signal"], n=30),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = arrays.to_torch_state_dict()
+    assert torch.allclose(new[core], torch.full_like(new[core], 2.5))  # (10*1 + 30*3) / 40
+    assert torch.allclose(new[image_block], torch.full_like(new[image_block], 2.5))
+    assert torch.allclose(new[signal_block], torch.full_like(new[signal_block], 3.0))  # only b holds signal
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda u: u.update({next(iter(u)): torch.full_like(next(iter(u.values())), float("nan"))}), "non-finite"),
+        (lambda u: u.update({next(iter(u)): torch.zeros(3)}), "has shape"),
+        (lambda u: u.update({"head.blocks.audio.token.weight": torch.zeros(2)}), "unknown key"),
+        (lambda u: u.update({"encoders.image.fc.weight": torch.zeros(2)}), "encoders are local"),
+    ],
+)
+def test_unsafe_replies_are_rejected_and_the_round_goes_on(tmp_path, mutate, fragment):
+    strategy = make_strategy(tmp_path)
+    bad = client_update(strategy, MODALITIES, 100.0)
+    mutate(bad)
+    good = client_update(strategy, MODALITIES, 1.0)
+    arrays, _ = strategy.aggregate_train(1, [reply(1, bad, client="bad", modalities=MODALITIES),
+                                             reply(2, good, client="good", modalities=MODALITIES)])
+    assert fragment in strategy._round["train"]["rejected"]["bad"]
+    assert strategy._round["train"]["trained"] == ["good"]
+    assert all(torch.allclose(v, torch.ones_like(v)) for v in arrays.to_torch_state_dict().values())
+
+
+def test_a_client_that_raised_does_not_stop_the_round(tmp_path):
+    strategy = make_strategy(tmp_path)
+    request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=3, message_type="train")
+    failed = Message(Error(code=0, reason="ClientApp raised NonFiniteError"), reply_to=request)
+    good = reply(2, client_update(strategy, MODALITIES, 1.0), client="good", modalities=MODALITIES)
+    arrays, _ = strategy.aggregate_train(1, [failed, good])
+    assert strategy._round["train"]["failed"] == ["node 3"] and arrays is not None
+
+
+def test_budget_exhausted_clients_are_excluded_from_later_rounds(tmp_path):
+    strategy = make_strategy(tmp_path, **{"min-clients": 1})
+    strategy.aggregate_train(1, [reply(1, None, client="spent", modalities=MODALITIES, n=0, status=M.STATUS_BUDGET_EXHAUSTED),
+                                 reply(2, client_update(strategy, MODALITIES, 1.0), client="ok", modalities=MODALITIES)])
+    assert strategy.state.excluded == {"spent"}
+    assert strategy.state.clients["spent"]["status"] == "excluded: budget-exhausted"
+    messages = list(strategy.configure_train(2, None, ConfigRecord(), FakeGrid([1, 2])))
+    assert [m.metadata.dst_node_id for m in messages] == [2]
+    sent = messages[0].content
+    assert sent[M.CONFIG][M.SERVER_ROUND] == 2 and sent[M.CONFIG][M.PLANNED_ROUNDS] == 5
+
+
+def test_the_federation_keeps_a_verified_copy_of_each_ledger(tmp_path):
+    strategy = make_strategy(tmp_path)
+    key, own = LedgerKey.generate(), Ledger(tmp_path / "client-ledger.jsonl")
+    update = client_update(strategy, MODALITIES, 1.0)
+
+    def entry(r, digest):
+        return own.append(entry_fields(run_id="run-x", client_id="c", round=r, status="trained", noise_multiplier=1.0,
+                                       sample_rate=0.1, steps=10, max_grad_norm=1.0, delta=1e-5, accountant="prv",
+                                       epsilon=float(r), budget=8.0, update_hash=digest), key)
+    entry(1, M.update_digest(update))
+    strategy.aggregate_train(1, [reply(1, update, client="c", modalities=MODALITIES,
+                                       ledger=[encode_entry(e) for e in own.entries()])])
+    assert len(Ledger(tmp_path / "ledgers" / "c.jsonl").entries()) == 1
+    # an update that differs from what the ledger says was sent is rejected
+    entry(2, "0" * 64)
+    strategy.aggregate_train(2, [reply(1, update, client="c", modalities=MODALITIES,
+                                       ledger=[encode_entry(e) for e in own.entries()])])
+    assert "does not match the hash" in strategy._round["train"]["rejected"]["c"]
+    # a ledger that drops an entry the federation holds is rejected
+    strategy.aggregate_train(3, [reply(1, update, client="c", modalities=MODALITIES, ledger=[])])
+    assert "truncated or rewritten" in strategy._round["train"]["rejected"]["c"]
+
+
+def test_fedadam_moves_by_the_server_learning_rate():
+    opt = FedAdam(lr=0.1, beta1=0.0, beta2=0.0, tau=0.0)
+    new = opt.step({"w": torch.zeros(3)}, {"w": torch.tensor([2.0, -1.0, 0.5])})
+    assert torch.allclose(new["w"], torch.tensor([0.1, -0.1, 0.1]))  # sign(delta) * lr when beta = 0
+    again = FedAdam(lr=0.1)
+    again.load_state(opt.state())
+    assert set(again.m) == {"w"}
+
+
+def test_evaluation_means_are_weighted_per_subset():
+    a = EvaluateReply(1, "a", 10, {"accuracy": 1.0, "macro-f1": 1.0, "loss": 0.0},
+                      {"image": {"accuracy": 1.0, "macro-f1": 1.0, "num-examples": 10}})
+    b = EvaluateReply(2, "b", 30, {"accuracy": 0.5, "macro-f1": 0.5, "loss": 1.0},
+                      {"image": {"accuracy": 0.0, "macro-f1": 0.0, "num-examples": 10},
+                       "signal": {"accuracy": 0.6, "macro-f1": 0.6, "num-examples": 30}})
+    out = mean_metrics([a, b])
+    assert out["accuracy"] == pytest.approx(0.625) and out["num_examples"] == 40
+    assert out["by_modalities"]["image"]["accuracy"] == pytest.approx(0.5)
+    assert out["by_modalities"]["signal"] == {"accuracy": 0.6, "macro_f1": 0.6, "num_examples": 30}
+
+
+def test_end_of_round_writes_a_checkpoint_and_results_that_resume_reads(tmp_path):
+    strategy = make_strategy(tmp_path)
+    strategy.aggregate_train(1, [reply(1, client_update(strategy, MODALITIES, 1.0), client="c", modalities=MODALITIES)])
+    strategy.end_round(1, None)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "running" and [r["round"] for r in results["rounds"]] == [1]
+    assert results["privacy"]["clients"]["c"]["rounds_trained"] == 1
+    checkpoint = RunFolder(tmp_path).load_checkpoint()
+    assert checkpoint.round == 1
+    assert all(torch.equal(checkpoint.global_state[k], v) for k, v in strategy.state.global_state.items())
+    assert checkpoint.record["clients"]["c"]["rounds_trained"] == 1
+
+
+def test_a_run_folder_refuses_a_different_configuration(tmp_path):
+    folder = RunFolder(tmp_path)
+    flat = RunConfig().to_flat()
+    run_id = folder.open_run(flat)
+    assert folder.open_run(flat | {"out-dir": "elsewhere"}) == run_id
+    with pytest.raises(Exception, match="different configuration"):
+        folder.open_run(flat | {"dp.epsilon": 1.0})

@@ -142,6 +142,7 @@ class DataSection:
     modality_drop_prob: float = 0.0  # p for assignment = dropout
     missing_rate: float = 0.1  # per sample: hide each held modality with this probability
     dirichlet_alpha: float = 0.0  # label skew across clients (0 = none, smaller = more skew)
+    server_test: str = ""  # folder whose test-only sites the server evaluates the global model on (encoders = federated)
 
     def __post_init__(self) -> None:
         if not self.dataset:
@@ -193,6 +194,10 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     release: ReleaseSection = field(default_factory=ReleaseSection)
     federation: FederationSection = field(default_factory=FederationSection)
+
+    def __post_init__(self) -> None:
+        if self.data.server_test and self.server.encoders != "federated":
+            _fail("data.server-test", "server-side evaluation needs a whole global model: set encoders = \"federated\"")
 
     def to_flat(self) -> dict[str, Any]:
         """The flat, kebab-case run config (what Flower passes around)."""

@@ -8,6 +8,7 @@ The data is either the embedded synthetic dataset or a folder of site folders (o
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,14 +42,32 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def _has_train_split(site: Path) -> bool:
+    try:
+        return "train" in json.loads((site / "schema.json").read_text()).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        return True  # let load_site report what is wrong with it
+
+
 @functools.lru_cache(maxsize=4)
 def _site_paths(folder: str) -> tuple[Path, ...]:
+    """The training sites of a folder: one client per site that has a 'train' split."""
     from common.sitedata import site_folders
 
-    paths = tuple(site_folders(folder))
+    paths = tuple(p for p in site_folders(folder) if _has_train_split(p))
     if not paths:
-        raise DataError(f"data.dataset '{folder}' holds no site folders (expected one folder per client)")
+        raise DataError(f"data.dataset '{folder}' holds no site folders with training samples (one folder per client)")
     return paths
+
+
+def heldout_sites(folder: str | Path) -> list[Path]:
+    """Sites of a folder that hold only test samples (e.g. HAPT's test subjects): the server's test set."""
+    from common.sitedata import site_folders
+
+    sites = [p for p in site_folders(folder) if not _has_train_split(p)]
+    if not sites:
+        raise DataError(f"data.server-test '{folder}' holds no test-only site folders")
+    return sites
 
 
 def dataset_schema(config: RunConfig) -> DatasetSchema:
@@ -57,7 +76,8 @@ def dataset_schema(config: RunConfig) -> DatasetSchema:
         return synthetic.schema()
     from common.sitedata import federation_schema, load_site
 
-    return federation_schema([load_site(p) for p in _site_paths(_dataset_folder(config))])
+    folder = _dataset_folder(config)
+    return federation_schema([load_site(p) for p in _site_paths(folder)])
 
 
 def federation_space(config: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import parse_run_config, run_out_dir
 from common.model import ModelConfig, global_head_template
 from common.partition import federation_space
+from server.heldout import HeldoutEvaluator
 from server.optimizer import build_optimizer
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState
@@ -41,7 +42,8 @@ def main(grid: Grid, context: Context) -> None:
         optimizer.load_state(checkpoint.optimizer_state)
         log.info("resuming run %s after round %d of %d", run_id, checkpoint.round, total)
 
-    strategy = FedFuse(config, state, optimizer, folder, {"modalities": list(modalities), "labels": list(labels)})
+    heldout = HeldoutEvaluator(config) if config.data.server_test else None
+    strategy = FedFuse(config, state, optimizer, folder, {"modalities": list(modalities), "labels": list(labels)}, heldout)
     if state.round_offset >= total:
         log.info("run %s already completed its %d rounds", run_id, total)
     else:

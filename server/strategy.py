@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,13 +54,14 @@ class FedFuse(FedAvg):
     """Per-block FedAvg with reply validation, exclusion of exhausted clients, ledgers and checkpoints."""
 
     def __init__(self, config: RunConfig, state: RunState, optimizer: ServerOptimizer, folder: RunFolder,
-                 federation: dict[str, Any]):
+                 federation: dict[str, Any], heldout: Callable[[dict[str, torch.Tensor]], dict | None] | None = None):
         s = config.server
         super().__init__(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
                          min_train_nodes=s.min_clients, min_evaluate_nodes=s.min_clients if s.fraction_evaluate else 0,
                          min_available_nodes=s.min_clients)
         self.config, self.state, self.optimizer, self.folder = config, state, optimizer, folder
         self.federation = federation
+        self.heldout = heldout  # server-side evaluation of the global model (encoders = "federated")
         self.node_clients: dict[int, str] = {}  # Flower node id -> client id (node ids change across runs)
         self._round: dict[str, Any] = {}
         self._started = time.perf_counter()
@@ -184,6 +185,8 @@ class FedFuse(FedAvg):
         self._round["max_epsilon"] = max(finite) if finite else None
         self._round["seconds"] = round(time.perf_counter() - self._started, 3)
         self._round.setdefault("evaluate", None)
+        if self.heldout is not None:
+            self._round["server_evaluate"] = self.heldout(self.state.global_state)
         self.state.rounds.append(self._round)
         self.folder.save_checkpoint(Checkpoint(r, self.state.global_state, self.optimizer.state(), self.record()))
         self.folder.write_results(self.results(status="running" if r < self.state.total_rounds else "completed"))
@@ -197,6 +200,7 @@ class FedFuse(FedAvg):
 
     def results(self, status: str) -> dict[str, Any]:
         last = next((r["evaluate"] for r in reversed(self.state.rounds) if r.get("evaluate")), None)
+        server_last = next((r["server_evaluate"] for r in reversed(self.state.rounds) if r.get("server_evaluate")), None)
         return {
             "run_id": self.state.run_id,
             "status": status,
@@ -204,6 +208,7 @@ class FedFuse(FedAvg):
             "federation": self.federation,
             "rounds": self.state.rounds,
             "final": last,
+            "final_server_evaluate": server_last,
             "privacy": {"clients": self.state.clients},
         }
 

@@ -1,0 +1,69 @@
+"""Server-side evaluation of the global model on held-out sites (``data.server-test``).
+
+Only meaningful with ``encoders = "federated"``: then the server holds a global encoder per
+modality and the global head, i.e. a whole model, and can score it on sites that never trained
+(e.g. HAPT's nine test subjects). Modalities no client has trained yet are left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from common.config import RunConfig
+from common.evaluation import evaluate
+from common.model import ENCODER_PREFIX, ModelConfig, MultimodalModel
+from common.partition import heldout_sites
+from server.replies import EvaluateReply, mean_metrics
+
+log = logging.getLogger("fedfuse.server")
+
+
+class HeldoutEvaluator:
+    """Scores a global state on the test samples of the held-out sites, overall and per modality subset."""
+
+    def __init__(self, config: RunConfig):
+        from common.sitedata import federation_schema, load_site
+
+        sites = [load_site(p) for p in heldout_sites(config.data.server_test)]
+        self.schema = federation_schema(sites)
+        self.parts = [(s.name, s.part("test")) for s in sites if s.part("test") is not None]
+        self.model_config = ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim)
+        log.info("server-side evaluation on %d held-out sites (%d samples)", len(self.parts), sum(len(p) for _, p in self.parts))
+
+    def __call__(self, global_state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        trained = [m for m in self.schema.names if any(k.startswith(f"{ENCODER_PREFIX}{m}.") for k in global_state)]
+        if not trained:
+            return None
+        model = MultimodalModel(self.schema.restrict(trained), self.model_config)
+        model.load_partial({k: v for k, v in global_state.items() if k in model.state_dict()})
+        scores = []
+        for name, data in self.parts:
+            present = [m for m in trained if m in data.schema]
+            if not present:
+                continue
+            report = evaluate(model, _widen(data.restrict(present), model))
+            by = {s: {"accuracy": m["accuracy"], "macro-f1": m["macro_f1"], "num-examples": m["num_examples"]}
+                  for s, m in report["by_modalities"].items()}
+            overall = {"accuracy": report["accuracy"], "macro-f1": report["macro_f1"], "loss": report["loss"]}
+            scores.append(EvaluateReply(0, name, report["num_examples"], overall, by))
+        return mean_metrics(scores)
+
+
+def _widen(data: Any, model: MultimodalModel) -> Any:
+    """Give a site's data every modality of the model (absent ones zero-filled and masked)."""
+    from common.data import MultimodalData
+
+    if data.schema.names == model.schema.names:
+        return data
+    n = len(data)
+    inputs, mask = {}, torch.zeros((n, len(model.schema.names)), dtype=torch.bool)
+    for i, spec in enumerate(model.schema.modalities):
+        if spec.name in data.schema:
+            inputs[spec.name] = data.inputs[spec.name]
+            mask[:, i] = data.mask[:, data.schema.index(spec.name)]
+        else:
+            inputs[spec.name] = torch.zeros((n, *spec.shape), dtype=torch.float32 if spec.dtype == "float32" else torch.int64)
+    return MultimodalData(model.schema, inputs, mask, data.labels)

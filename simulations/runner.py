@@ -8,6 +8,7 @@ run. ``flwr run .`` runs the very same apps through a SuperLink.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -37,11 +38,16 @@ def offline_environment(out_dir: Path) -> dict[str, str]:
     }
 
 
+def ray_tmp_prefix(out_dir: Path) -> str:
+    """Name prefix of the run's Ray temp folder (short: Ray's socket paths must stay under ~107 bytes)."""
+    return f"ffray-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:8]}-"
+
+
 @contextmanager
 def _environment(out_dir: Path) -> Iterator[None]:
     """Set the offline settings and a Ray temp folder owned by this run; restore everything after."""
     # Ray's socket paths must stay under ~107 bytes, so its folder is short-named and removed after the run.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ffray-", dir="/tmp"))
+    ray_tmp = Path(tempfile.mkdtemp(prefix=ray_tmp_prefix(out_dir), dir="/tmp"))
     values = offline_environment(out_dir) | {"RAY_TMPDIR": str(ray_tmp)}
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)

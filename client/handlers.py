@@ -172,6 +172,8 @@ def handle_train(message: Message, context: Context) -> Message:
                               result=result, epsilon=result.epsilon, budget=budget, update_hash=digest, record=record)
         state.save_model(model.state_dict())
         state.save_reply(arrays, run_id=run_id, server_round=server_round, metrics=metrics)
+        state.log_round({"run_id": run_id, "round": server_round, "seconds": result.seconds, "steps": result.steps,
+                         "epsilon": result.epsilon, "train_loss": result.train_loss})
     log.info("%s: round %d trained in %.1fs, %s", site.client_id, server_round, result.seconds,
              f"ε = {result.epsilon:.3f}" if result.private else "non-private")
     content = RecordDict({M.ARRAYS: ArrayRecord(arrays), M.METRICS: MetricRecord(metrics),

@@ -8,6 +8,7 @@ accountant per round would report one round's epsilon only (see ../shared/notes/
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -16,10 +17,17 @@ from typing import Any
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as _opacus_rdp
 
 from common.errors import BudgetExhaustedError, PrivacyParameterError
 
 ACCOUNTANTS = ("prv", "rdp")
+
+# Opacus recomputes the RDP of one subsampled Gaussian step for ~150 orders on every call (PRV uses
+# it too, to size its domain): 0.7 s of a 0.8 s epsilon. It is a pure function of (q, sigma, order),
+# so memoising it changes no value and makes every later epsilon of the same mechanism ~10x faster.
+if not hasattr(_opacus_rdp._compute_rdp, "cache_info"):
+    _opacus_rdp._compute_rdp = functools.lru_cache(maxsize=65536)(_opacus_rdp._compute_rdp)
 HISTORY_FORMAT = 1
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 

@@ -42,6 +42,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
     fsync_dir(path.parent)
 
 
+def json_safe(value: Any) -> Any:
+    """Replace non-finite floats (JSON has none) by None, recursively."""
+    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically. NaN and infinities are refused (not valid JSON)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode("utf-8"))

@@ -8,6 +8,8 @@ Layout::
                                 retrained, if the server asks for the same round again after a crash)
     <state>/ledger.jsonl        signed privacy ledger (common/ledger.py)
     <state>/ledger_key.pem      the ledger's Ed25519 signing key (mode 0600)
+    <state>/train_log.jsonl     one line per round trained (time, steps, epsilon, training loss): for the
+                                site's own operators, never sent
     <state>/state.lock          held while a round runs, so two processes never share a state
 
 Every file is replaced atomically. ``privacy.json`` is written before the model and the reply, so
@@ -29,11 +31,12 @@ from safetensors import safe_open
 
 from common.accounting import PrivacyHistory
 from common.errors import FedfuseError, PrivacyParameterError
-from common.fileio import atomic_save_tensors, atomic_write_json, load_tensors
+from common.fileio import atomic_save_tensors, atomic_write_json, json_safe, load_tensors
 
 PRIVACY_FILE = "privacy.json"
 MODEL_FILE = "model.safetensors"
 REPLY_FILE = "reply.safetensors"
+TRAIN_LOG = "train_log.jsonl"
 LOCK_FILE = "state.lock"
 STATE_FORMAT = 1
 
@@ -150,3 +153,15 @@ class ClientState:
     def save_reply(self, arrays: dict[str, torch.Tensor], *, run_id: str, server_round: int, metrics: dict[str, Any]) -> None:
         meta = {"run_id": run_id, "round": str(server_round), "metrics": json.dumps(metrics)}
         atomic_save_tensors(self.folder / REPLY_FILE, arrays, metadata=meta)
+
+    # --- local training log -----------------------------------------------------------------------
+    def log_round(self, entry: dict[str, Any]) -> None:
+        """Append one line to the site-local training log (diagnostics; never leaves the site)."""
+        with open(self.folder / TRAIN_LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(json_safe(entry)) + "\n")
+
+    def training_log(self) -> list[dict[str, Any]]:
+        path = self.folder / TRAIN_LOG
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from common.errors import ConfigError, FedfuseError
-from common.fileio import atomic_save_tensors, atomic_write_json, load_tensors
+from common.fileio import atomic_save_tensors, atomic_write_json, json_safe, load_tensors
 
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
@@ -39,17 +39,6 @@ def config_hash(flat_config: dict[str, Any]) -> str:
     """Hash of everything that defines a run's results (the output folder itself excluded)."""
     relevant = {k: (str(v) if isinstance(v, float) else v) for k, v in flat_config.items() if k != "out-dir"}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def json_safe(value: Any) -> Any:
-    """Replace non-finite floats (JSON has none) by None, recursively."""
-    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)

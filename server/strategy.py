@@ -121,6 +121,7 @@ class FedFuse(FedAvg):
         self._round.setdefault("round", r)
         self._round["train"] = {"sampled": self._round.get("train", {}).get("sampled", 0), "trained": sorted(trained),
                                 "refused": refused, "rejected": rejected, "failed": sorted(failed)}
+        self._round["train_seconds"] = round(time.perf_counter() - self._started, 3)
         if not contributions:
             log.warning("round %d: no update to aggregate; the global head is unchanged", r)
             return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": 0})

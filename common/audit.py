@@ -44,6 +44,7 @@ BUDGET_SLACK = 1e-9  # float noise allowed when comparing a recorded epsilon wit
 # Exit statuses; when several apply the lowest wins (tampering first). 2 = usage error (argparse, FedfuseError).
 EXIT_OK = 0
 EXIT_CODES = {TAMPERING: 3, CORRUPT: 4, OVER_BUDGET: 5, ACCOUNTING: 6}
+EXIT_EMPIRICAL = 7  # `fedfuse audit --empirical`: the canary lower bound exceeds the claimed epsilon
 RECOMPUTED_WITH = {"prv": "dp-accounting PLD", "rdp": "dp-accounting RDP"}
 COPIES = ("client", "federation", "file")  # where a copy came from; "file" = a loose ledger file
 

@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-OUT    ?= runs/default
+OUT    ?= runs/$(shell date +%Y%m%d-%H%M%S)
 
 # Flower offline and self-contained: no telemetry, no update check, no runtime `uv sync`.
 export FLWR_TELEMETRY_ENABLED := 0
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 simulate: $(STAMP)
-	$(BIN)/fedfuse simulate --out $(OUT)
+	$(BIN)/fedfuse simulate --scenario simulations/scenarios/default.toml --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q

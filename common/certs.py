@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 MAX_SITES = 1000
+# flower-superlink starts its own SuperExec, which connects over TLS to `--host` (0.0.0.0 becomes
+# 127.0.0.1): without this SAN no ServerApp can start ("IP address mismatch ... '127.0.0.1'").
+LOOPBACK = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
 CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates are valid from a little before "now"
 
 # Layout under the output folder (relative paths); one folder per destination machine.
@@ -139,6 +142,9 @@ def make_credentials(
     """Create the CA, the SuperLink certificate and every site's keys under ``out_dir``; return their paths."""
     # Validate everything before touching the disk
     sans = parse_server_names(server_names)
+    if LOOPBACK not in sans:
+        sans.append(LOOPBACK)
+        log.info("added 127.0.0.1 to the SuperLink certificate: the SuperLink's own SuperExec connects there")
     site_names = parse_sites(sites)
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 36500:
         raise ConfigError(f"days: certificate lifetime must be a whole number of days in 1..36500, got {days!r}")

@@ -70,6 +70,15 @@ def test_server_certificate_has_exactly_the_requested_sans(creds: Credentials) -
     assert lifetime == dt.timedelta(days=30, minutes=5)
 
 
+def test_loopback_san_is_added_for_the_superlinks_own_superexec(tmp_path: Path) -> None:
+    # Execute
+    c = make_credentials(tmp_path, server_names="superlink.example.org", sites=1)
+    san = _cert(c.server_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+
+    # Assert
+    assert list(san) == [x509.DNSName("superlink.example.org"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+
+
 @pytest.mark.parametrize("name", [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
 def test_chain_verifies_against_the_ca_for_each_name(creds: Credentials, name: x509.GeneralName) -> None:
     # Prepare

@@ -15,7 +15,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar="NAMES",
         help="comma-separated addresses sites use to reach the SuperLink; IPs become IP SANs, "
-        "others DNS SANs (e.g. '127.0.0.1,localhost')",
+        "others DNS SANs (e.g. 'superlink.example.org'); 127.0.0.1 is always added, for the SuperLink's "
+        "own SuperExec",
     )
     parser.add_argument(
         "--sites",

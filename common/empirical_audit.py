@@ -43,8 +43,8 @@ over all (step, canary) values (1.4826 x median absolute deviation; at most a fr
 carry a canary), so that a run with less noise than claimed is scored with the noise it really
 has; it is reported beside the calibrated sigma. A score may use anything but the inclusions, so
 the bound stays valid. The final model's alignment with each canary's direction
-(``w_T[i] - w_0[i]``) is reported too, for information only (it missed 2 of 13 quarter-noise runs
-that the transcript score caught).
+(``w_T[i] - w_0[i]``) is reported too, for information only: it missed 4 of 9 runs with a quarter
+of the noise that the transcript score caught (measurements: docs/ledger-format.md).
 """
 
 from __future__ import annotations

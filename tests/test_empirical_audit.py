@@ -35,10 +35,11 @@ def small():
     real = synthetic.generate(6, seed=3)
     included = np.array([True, False, True, False])
     data = build_audit_data(real, included, steps_per_epoch=5)
-    torch.manual_seed(0)
-    model = CanaryModel(real.schema, CONFIG, 4, max_grad_norm=1.0)
-    with torch.no_grad():
-        model.canary.weight.normal_()  # non-zero weights: the canary gradient must not depend on them
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CanaryModel(real.schema, CONFIG, 4, max_grad_norm=1.0)
+        with torch.no_grad():
+            model.canary.weight.normal_()  # non-zero weights: the canary gradient must not depend on them
     return model, data
 
 

@@ -32,9 +32,10 @@ def _round_seed(seed: int, client_id: str, server_round: int) -> int:
 
 def _model(site: SiteContext, config: RunConfig, state: ClientState) -> MultimodalModel:
     """The client's model, restored from its state folder (fresh, seeded weights on first use)."""
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the global RNG
-        torch.manual_seed(config.server.seed * 1000 + (0 if config.server.encoders == "federated" else site.index))  # averaged encoders need one start
-        model = MultimodalModel(site.train.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim))
+    # Federated encoders must start from one initialisation per modality; local ones may differ per site.
+    seed = config.server.seed if config.server.encoders == "federated" else config.server.seed * 1000 + site.index + 1
+    model = MultimodalModel(site.train.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim),
+                            seed=seed)
     stored = state.load_model()
     if stored is not None:
         model.load_state_dict(stored)

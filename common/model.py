@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +39,13 @@ class MultimodalModel(nn.Module):
     would make which parameters get DP noise depend on private data.
     """
 
-    def __init__(self, schema: DatasetSchema, config: ModelConfig):
+    def __init__(self, schema: DatasetSchema, config: ModelConfig, *, seed: int | None = None):
         super().__init__()
         self.schema = schema
         self.config = config
-        self.encoders = nn.ModuleDict({m.name: build_encoder(m, config.embed_dim) for m in schema.modalities})
+        # With a seed, each encoder's initial weights depend only on (seed, modality), so clients holding
+        # different subsets still start a modality's encoder identically (needed to average encoders).
+        self.encoders = nn.ModuleDict({m.name: _seeded(build_encoder, seed, m.name, m, config.embed_dim) for m in schema.modalities})
         self.head = build_head(
             config.fusion,
             schema.names,
@@ -80,6 +83,15 @@ class MultimodalModel(nn.Module):
             if tuple(own[key].shape) != tuple(value.shape):
                 raise ValueError(f"parameter '{key}': expected shape {tuple(own[key].shape)}, got {tuple(value.shape)}")
         self.load_state_dict(state, strict=False)
+
+
+def _seeded(factory, seed: int | None, name: str, *args):
+    """``factory(*args)`` under a seed derived from (seed, name), without touching the global RNG."""
+    if seed is None:
+        return factory(*args)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "big") >> 1)
+        return factory(*args)
 
 
 def global_head_template(modalities: list[str] | tuple[str, ...], num_classes: int, config: ModelConfig) -> dict[str, torch.Tensor]:

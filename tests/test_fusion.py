@@ -90,3 +90,13 @@ def test_load_partial_checks_keys_and_shapes():
         model.load_partial({"head.core.classifier.bias": torch.zeros(4)})
     model.load_partial({"head.core.classifier.bias": torch.ones(3)})
     assert torch.equal(model.head_state()["head.core.classifier.bias"], torch.ones(3))
+
+
+def test_a_seed_fixes_each_encoders_start_whatever_the_other_modalities():
+    config = ModelConfig(embed_dim=8, hidden_dim=8)
+    a = MultimodalModel(SCHEMA.restrict(["image", "signal"]), config, seed=3)
+    b = MultimodalModel(SCHEMA.restrict(["signal", "tabular"]), config, seed=3)
+    c = MultimodalModel(SCHEMA.restrict(["signal"]), config, seed=4)
+    sa, sb, sc = a.encoder_state("signal"), b.encoder_state("signal"), c.encoder_state("signal")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)

@@ -46,7 +46,10 @@ def ray_tmp_prefix(out_dir: Path) -> str:
 @contextmanager
 def _environment(out_dir: Path) -> Iterator[None]:
     """Set the offline settings and a Ray temp folder owned by this run; restore everything after."""
-    # Ray's socket paths must stay under ~107 bytes, so its folder is short-named and removed after the run.
+    # Ray's socket paths must stay under ~107 bytes, so its folder is short-named and removed after the run
+    # (and a folder left by a killed earlier run of the same output folder is removed now).
+    for stale in Path("/tmp").glob(ray_tmp_prefix(out_dir) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
     ray_tmp = Path(tempfile.mkdtemp(prefix=ray_tmp_prefix(out_dir), dir="/tmp"))
     values = offline_environment(out_dir) | {"RAY_TMPDIR": str(ray_tmp)}
     saved = {k: os.environ.get(k) for k in values}

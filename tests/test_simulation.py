@@ -139,8 +139,7 @@ def test_resume_after_a_killed_run_trains_every_round_once(tmp_path):
         _kill_leftovers(ray_tmp_prefix(out))
         for folder in Path("/tmp").glob(ray_tmp_prefix(out) + "*"):
             shutil.rmtree(folder, ignore_errors=True)
-    interrupted = json.loads((out / "results.json").read_text())
-    assert interrupted["status"] == "running" and len(interrupted["rounds"]) >= 2
+    assert json.loads(latest.read_text())["round"] >= 2  # results.json may lag the checkpoint by one write
     # Execute
     assert main(["simulate", "--resume", str(out), "--quiet"]) == 0
     # Assert: four rounds, each once; every client's privacy history is one continuous chain

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.errors import FedfuseError
+from common.fileio import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def _create_key_file(path: Path, key: LedgerKey) -> None:
             os.link(tmp, path)  # atomic, never replaces a key another process created first
         except FileExistsError:
             pass
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -426,34 +427,6 @@ def _parse(data: bytes, name: str) -> tuple[list[Any], list[str]]:
     return entries, problems
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data``: temp file in the same folder, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 class Ledger:
     """One copy of a client's ledger, a JSON Lines file; appends are atomic and verified first.
 
@@ -546,4 +519,4 @@ class Ledger:
 
     def _write(self, data: bytes, entry: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path, data + encode_entry(entry).encode("ascii") + b"\n")
+        atomic_write_bytes(self.path, data + encode_entry(entry).encode("ascii") + b"\n")

@@ -30,6 +30,7 @@ import torch
 
 from common.data import MultimodalData
 from common.errors import DataError, SchemaError
+from common.fileio import fsync_dir
 from common.schema import DatasetSchema, ModalitySpec
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def write_site(
             with open(tmp / f"{spec.name}.npy", "wb") as f:
                 np.save(f, np.ascontiguousarray(data.inputs[spec.name].numpy()), allow_pickle=False)
                 _sync(f)
-        _sync_dir(tmp)
+        fsync_dir(tmp)
         # Swap it into place: the old folder (if any) goes only once the new one is complete
         old = None
         if path.exists():
@@ -158,7 +159,7 @@ def write_site(
             if old is not None:
                 os.replace(old, path)
             raise
-        _sync_dir(parent)
+        fsync_dir(parent)
         if old is not None and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         elif old is not None:
@@ -173,14 +174,6 @@ def write_site(
 def _sync(f: Any) -> None:
     f.flush()
     os.fsync(f.fileno())
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------

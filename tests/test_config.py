@@ -70,3 +70,19 @@ def test_overrides_are_toml_values_or_bare_strings():
         parse_override("dp.epsilon")
     with pytest.raises(ConfigError, match="'model.fusion'"):
         build_config(None, ["model.fusion=early"])
+
+
+def test_simulate_reports_bad_data_before_starting_anything(tmp_path, capsys):
+    from common import synthetic
+    from common.cli import main
+    from common.sitedata import write_site
+
+    sites = tmp_path / "sites"
+    write_site(sites / "a", synthetic.generate(20, seed=1), ["train"] * 20, name="a")
+    (sites / "a" / "signal.npy").write_bytes(b"not an array")
+    out = tmp_path / "run"
+    assert main(["simulate", "--out", str(out), "--set", f"data.dataset={sites}", "--set", "data.assignment=all"]) == 2
+    err = capsys.readouterr().err
+    assert "signal.npy" in err and not out.exists()
+    assert main(["simulate", "--out", str(out), "--set", "data.dataset=/nonexistent/folder"]) == 2
+    assert "neither 'synthetic' nor an existing folder" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.partition import num_clients
+    from common.partition import client_partition, federation_space, num_clients
     from server.run_folder import RESULTS_FILE, RUN_FILE, RunFolder
     from simulations import runner
 
@@ -91,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
     flat["out-dir"] = str(out)
     config = parse_run_config(flat)
     clients = num_clients(config)
+    # Pre-flight: build every client's partition here, so that bad data or a bad scenario is reported
+    # once, clearly, before Ray starts (inside a ClientApp it would only fail round after round).
+    federation_space(config)
+    for index in range(clients):
+        client_partition(config, index)
     _setup_logging(args.quiet)
     log.info("simulating %d clients for %d rounds; output in %s", clients, config.server.num_server_rounds, out)
     try:

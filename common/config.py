@@ -84,7 +84,7 @@ class TrainSection:
     lr: float = 0.5  # client learning rate (SGD)
     momentum: float = 0.5
     modality_dropout: float = 0.3  # hide each present modality with this probability while training
-    grad_sample_mode: str = "hooks"  # Opacus per-sample gradient engine: hooks | functorch | ew
+    grad_sample_mode: str = "flat"  # per-sample gradients: flat (common/grad_samplers.py, fastest) | Opacus's hooks | functorch | ew
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -97,8 +97,8 @@ class TrainSection:
             _fail("train.momentum", "must lie in [0, 1)")
         if not 0 <= self.modality_dropout < 1:
             _fail("train.modality-dropout", "must lie in [0, 1)")
-        if self.grad_sample_mode not in ("hooks", "functorch", "ew"):
-            _fail("train.grad-sample-mode", "must be one of ['hooks', 'functorch', 'ew']")
+        if self.grad_sample_mode not in ("flat", "hooks", "functorch", "ew"):
+            _fail("train.grad-sample-mode", "must be one of ['flat', 'hooks', 'functorch', 'ew']")
 
 
 @dataclass(frozen=True)

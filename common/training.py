@@ -20,16 +20,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import NoisePlan, PrivacyHistory, calibrate_noise, validate_privacy_parameters
 from common.data import MultimodalData, hide_modalities
 from common.errors import DataError, NonFiniteError, PrivacyParameterError
+from common.grad_samplers import FlatGradSample
 from common.model import MultimodalModel
 
 log = logging.getLogger(__name__)
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+# flat: exact per-sample gradients of all parameters in one flat buffer (common/grad_samplers.py), clipped and
+# noised by Opacus's own DPOptimizer (fastest here: `fedfuse bench dp-overhead`); the others are Opacus's engines.
+GRAD_SAMPLE_MODES = ("flat", "hooks", "functorch", "ew")
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ def train_round(
     lr: float = 0.5,
     momentum: float = 0.5,
     modality_dropout: float = 0.0,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "flat",
     generator: torch.Generator | None = None,
     proximal_mu: float = 0.0,
     proximal_reference: dict[str, torch.Tensor] | None = None,
@@ -174,6 +178,92 @@ def train_round(
                        time.perf_counter() - start)
 
 
+@dataclass
+class PrivateTraining:
+    """Opacus's DP-SGD pieces for one round: call ``model``, step ``optimizer``, draw batches from ``loader``."""
+
+    model: torch.nn.Module
+    optimizer: DPOptimizer
+    loader: DataLoader
+    engine: PrivacyEngine
+    close: Callable[[], None]  # removes the per-sample gradient machinery from the client's model
+
+
+def private_training(
+    model: torch.nn.Module,
+    num_examples: int,
+    *,
+    accountant: str,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    grad_sample_mode: str,
+) -> PrivateTraining:
+    """Wrap ``model`` for DP-SGD: Poisson sampling at rate 1 / ceil(N / batch_size), clipping to C, noise sigma * C."""
+    # flat: the model's parameters become views of one flat parameter with exact per-sample gradients; Opacus
+    # treats it as a model that computes its own (grad_sample_mode "no_op") and clips and noises it as usual.
+    flat = FlatGradSample(model) if grad_sample_mode == "flat" else None
+    module = flat if flat is not None else model
+    try:
+        optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum)
+        # Poisson sampling and noise draw from generators seeded by the OS, never from torch's global RNG,
+        # which any code (or a fixed default seed in a fresh process) could make repeat across rounds.
+        loader = DataLoader(TensorDataset(torch.arange(num_examples)), batch_size=batch_size, generator=fresh_generator())
+        with warnings.catch_warnings():
+            # secure_mode needs torchcsprng, which is not available; documented in the README.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=accountant)
+            dp_model, dp_optimizer, dp_loader = engine.make_private(
+                module=module,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode="no_op" if flat is not None else grad_sample_mode,
+                noise_generator=fresh_generator(),
+            )
+    except BaseException:
+        if flat is not None:
+            flat.release()
+        raise
+
+    def close() -> None:
+        try:
+            dp_model._close()  # remove Opacus hooks and per-sample gradients
+        finally:
+            if flat is not None:
+                flat.release()  # the model gets its own parameters back
+
+    return PrivateTraining(dp_model, dp_optimizer, dp_loader, engine, close)
+
+
+def dp_step(
+    private: PrivateTraining,
+    data: MultimodalData,
+    idx: torch.Tensor,
+    *,
+    modality_dropout: float,
+    generator: torch.Generator | None,
+    step: int,
+) -> float | None:
+    """One DP-SGD step on the Poisson batch ``idx``; its (non-DP) mean loss, None for an empty batch."""
+    inputs, mask, labels = _batch(data, idx)
+    mask = hide_modalities(mask, modality_dropout, generator)
+    # An empty Poisson batch still takes a step: noise only, and it is accounted.
+    loss = F.cross_entropy(private.model(inputs, mask), labels)
+    value = None
+    if len(idx):
+        _check_finite_loss(loss, step)
+        value = loss.item()
+    loss.backward()
+    private.optimizer.step()
+    private.optimizer.zero_grad(set_to_none=True)
+    return value
+
+
 def _train_dp(
     model: MultimodalModel,
     data: MultimodalData,
@@ -191,50 +281,49 @@ def _train_dp(
     expected_steps: int,
     proximal: "Callable[[], None]",
 ) -> float:
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    # Poisson sampling and noise draw from generators seeded by the OS, never from torch's global RNG,
-    # which any code (or a fixed default seed in a fresh process) could make repeat across rounds.
-    loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=batch_size, generator=fresh_generator())
-    with warnings.catch_warnings():
-        # secure_mode needs torchcsprng, which is not available; documented in the README.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=history.accountant)
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=grad_sample_mode,
-            noise_generator=fresh_generator(),
-        )
+    private = private_training(model, len(data), accountant=history.accountant, noise_multiplier=noise_multiplier,
+                           max_grad_norm=max_grad_norm, batch_size=batch_size, lr=lr, momentum=momentum,
+                           grad_sample_mode=grad_sample_mode)
     total, batches, step = 0.0, 0, 0
     model.train()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(local_epochs):
-                for (idx,) in dp_loader:
-                    inputs, mask, labels = _batch(data, idx)
-                    mask = hide_modalities(mask, modality_dropout, generator)
-                    # An empty Poisson batch still takes a step: noise only, and it is accounted.
-                    loss = F.cross_entropy(dp_model(inputs, mask), labels)
-                    if len(idx):
-                        _check_finite_loss(loss, step)
-                        total, batches = total + loss.item(), batches + 1
-                    loss.backward()
-                    dp_optimizer.step()
-                    dp_optimizer.zero_grad(set_to_none=True)
+                for (idx,) in private.loader:
+                    loss = dp_step(private, data, idx, modality_dropout=modality_dropout, generator=generator, step=step)
+                    if loss is not None:
+                        total, batches = total + loss, batches + 1
                     proximal()
                     step += 1
     finally:
-        dp_model._close()  # remove Opacus hooks and per-sample gradients from ``model``
-    counted = sum(s for _, _, s in engine.accountant.history)
+        private.close()
+    counted = sum(s for _, _, s in private.engine.accountant.history)
     if counted != expected_steps:  # defence in depth: the accountant must have seen every step
         raise RuntimeError(f"Opacus counted {counted} steps, expected {expected_steps}")
     _check_finite_params(model)
     return total / max(batches, 1)
+
+
+def non_private_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: MultimodalData,
+    idx: torch.Tensor,
+    *,
+    modality_dropout: float,
+    generator: torch.Generator | None,
+    step: int,
+) -> float:
+    """One plain SGD step on the batch ``idx``; its mean loss."""
+    inputs, mask, labels = _batch(data, idx)
+    mask = hide_modalities(mask, modality_dropout, generator)
+    loss = F.cross_entropy(model(inputs, mask), labels)
+    _check_finite_loss(loss, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def _train_non_private(
@@ -260,15 +349,9 @@ def _train_non_private(
             if start + batch_size > n:
                 order = torch.randperm(n, generator=generator)
                 start = 0
-            inputs, mask, labels = _batch(data, order[start : start + batch_size])
-            mask = hide_modalities(mask, modality_dropout, generator)
-            loss = F.cross_entropy(model(inputs, mask), labels)
-            _check_finite_loss(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            total += non_private_step(model, optimizer, data, order[start : start + batch_size],
+                                      modality_dropout=modality_dropout, generator=generator, step=step)
             proximal()
-            total += loss.item()
         _check_finite_params(model)
     except BaseException:
         model.load_state_dict(snapshot)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +30,7 @@ from common.config import RunConfig
 from common.ledger import Ledger, LedgerError
 from server.aggregation import Contribution, weighted_average
 from server.optimizer import ServerOptimizer
-from server.replies import ReplyRejected, claimed_client_id, mean_metrics, parse_evaluate_reply, parse_train_reply
+from server.replies import ReplyRejected, TrainReply, claimed_client_id, mean_metrics, parse_evaluate_reply, parse_train_reply
 from server.run_folder import Checkpoint, RunFolder
 
 log = logging.getLogger("fedfuse.server")
@@ -72,6 +73,12 @@ class FedFuse(FedAvg):
     # --- training ------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Sample clients that may still train and send them the global blocks."""
+        node_ids = self.train_nodes(server_round, grid)
+        record = RecordDict({M.ARRAYS: ArrayRecord(self.state.global_state), M.CONFIG: self.train_request(server_round)})
+        return self._construct_messages(record, node_ids, "train")
+
+    def train_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """The round's training clients: a sample of those not excluded (this starts the round's record)."""
         self._started = time.perf_counter()
         excluded_nodes = {n for n, c in self.node_clients.items() if c in self.state.excluded}
         available = [n for n in grid.get_node_ids() if n not in excluded_nodes]
@@ -81,31 +88,44 @@ class FedFuse(FedAvg):
             return []
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, len(list(grid.get_node_ids())))
         node_ids = [n for n in node_ids if n not in excluded_nodes][: min(want, len(available))]
-        request = ConfigRecord({M.SERVER_ROUND: self.absolute(server_round), M.RUN_ID: self.state.run_id,
-                                M.PLANNED_ROUNDS: self.state.total_rounds})
-        record = RecordDict({M.ARRAYS: ArrayRecord(self.state.global_state), M.CONFIG: request})
         self._round = {"round": self.absolute(server_round), "train": {"sampled": len(node_ids)}}
-        return self._construct_messages(record, node_ids, "train")
+        return node_ids
+
+    def train_request(self, server_round: int) -> ConfigRecord:
+        """What a train message asks for, besides the global blocks."""
+        return ConfigRecord({M.SERVER_ROUND: self.absolute(server_round), M.RUN_ID: self.state.run_id,
+                             M.PLANNED_ROUNDS: self.state.total_rounds})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, keep the ledgers, average each block over the clients that sent it."""
         r = self.absolute(server_round)
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        trained, refused, rejected, failed = [], {}, {}, []
-        contributions = []
-        for msg in errors:
-            node = msg.metadata.src_node_id
-            who = self.node_clients.get(node, f"node {node}")
+        parse = functools.partial(parse_train_reply, global_state=self.state.global_state, encoders=self.config.server.encoders)
+        updates = self.record_replies(r, [(m.metadata.src_node_id, functools.partial(parse, m), claimed_client_id(m)) for m in valid],
+                                      [(m.metadata.src_node_id, m.error.reason) for m in errors])
+        if not updates:
+            log.warning("round %d: no update to aggregate; the global head is unchanged", r)
+            return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": 0})
+        averages, _ = weighted_average([Contribution(u.arrays, float(u.num_examples)) for u in updates])
+        self.state.global_state = self.optimizer.step(self.state.global_state, averages)
+        return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": len(updates)})
+
+    def record_replies(self, r: int, replies: list[tuple[int, Callable[[], TrainReply], str | None]],
+                       failures: list[tuple[int | None, str]]) -> list[TrainReply]:
+        """Parse each reply, keep its ledger and privacy record, exclude exhausted clients; return the updates."""
+        # replies: (node id, parse, claimed client id); failures: (node id or None, reason)
+        trained, refused, rejected, failed, updates = [], {}, {}, [], []
+        for node, reason in failures:
+            who = self.node_clients.get(node, f"node {node}") if node is not None else "a client"
             failed.append(who)
-            log.warning("round %d: %s failed: %s", r, who, msg.error.reason)
-        for msg in valid:
-            node = msg.metadata.src_node_id
+            log.warning("round %d: %s failed: %s", r, who, reason)
+        for node, parse, claimed in replies:
             try:
-                reply = parse_train_reply(msg, global_state=self.state.global_state, encoders=self.config.server.encoders)
+                reply = parse()
                 self.node_clients[node] = reply.client_id
                 self._keep_ledger(reply.client_id, reply.ledger)
             except (ReplyRejected, LedgerError) as exc:
-                who = claimed_client_id(msg) or self.node_clients.get(node, f"node {node}")
+                who = claimed or self.node_clients.get(node, f"node {node}")
                 rejected[who] = str(exc)
                 log.warning("round %d: rejected the reply of %s (node %d): %s", r, who, node, exc)
                 continue
@@ -117,17 +137,12 @@ class FedFuse(FedAvg):
                     log.warning("round %d: %s excluded from training (%s): %s", r, reply.client_id, reply.status, reply.reason)
                 continue
             trained.append(reply.client_id)
-            contributions.append(Contribution(reply.arrays, float(reply.num_examples)))
+            updates.append(reply)
         self._round.setdefault("round", r)
         self._round["train"] = {"sampled": self._round.get("train", {}).get("sampled", 0), "trained": sorted(trained),
                                 "refused": refused, "rejected": rejected, "failed": sorted(failed)}
         self._round["train_seconds"] = round(time.perf_counter() - self._started, 3)
-        if not contributions:
-            log.warning("round %d: no update to aggregate; the global head is unchanged", r)
-            return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": 0})
-        averages, _ = weighted_average(contributions)
-        self.state.global_state = self.optimizer.step(self.state.global_state, averages)
-        return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": len(trained)})
+        return updates
 
     def _keep_ledger(self, client_id: str, entries: list[dict[str, Any]]) -> None:
         """Append the entries the federation's copy lacks; refuse a ledger that rewrites what it holds."""

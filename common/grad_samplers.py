@@ -18,6 +18,7 @@ noise on every coordinate as before. Only the layer types in :data:`SAMPLERS` ar
 
 from __future__ import annotations
 
+import mmap
 from functools import partial
 from typing import Callable
 
@@ -106,6 +107,26 @@ SAMPLERS: dict[type[nn.Module], Sampler] = {
     nn.LayerNorm: _layer_norm,
     nn.Embedding: _embedding,
 }
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def _empty_on_huge_pages(rows: int, cols: int) -> torch.Tensor:
+    """An uninitialised float32 (rows, cols) tensor in 2 MiB-aligned memory the kernel may back with huge pages.
+
+    The samplers write each layer's columns of all B rows, one 4 KiB page per row and layer: with
+    small pages that is a TLB miss per row (costly under virtualisation); with huge pages the whole
+    buffer is a handful of pages. Falls back to torch.empty where madvise is not available.
+    """
+    size = rows * cols * 4
+    if not hasattr(mmap, "MADV_HUGEPAGE") or size < _HUGE_PAGE:
+        return torch.empty(rows, cols)
+    memory = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(memory, dtype=torch.uint8)  # keeps ``memory`` alive as long as any view of it
+    start = -raw.data_ptr() % _HUGE_PAGE
+    return raw[start : start + size].view(torch.float32).view(rows, cols)
 
 
 def _check_supported(name: str, m: nn.Module) -> None:
@@ -202,7 +223,7 @@ class FlatGradSample(nn.Module):
         views = self._views.get(b)
         if views is None:
             if self._store.shape[0] < b:
-                self._store = torch.empty(b, self.flat.numel())
+                self._store = _empty_on_huge_pages(b, self.flat.numel())
                 self._views = {}
             buf = self._store[:b]
 

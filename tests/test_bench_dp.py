@@ -220,3 +220,12 @@ def test_the_benchmark_profile_and_poisson_options_run(capsys):
 def test_the_benchmark_refuses_an_unknown_mode(capsys):
     with pytest.raises(ConfigError, match="unknown mode"):
         run_bench(["--modes", "fast"], capsys)
+
+
+def test_the_per_sample_buffer_on_huge_pages_lives_as_long_as_its_views():
+    from common.grad_samplers import _empty_on_huge_pages
+
+    view = _empty_on_huge_pages(64, 40000)[2:5]
+    view.fill_(1.5)
+    assert view.shape == (3, 40000) and float(view.sum()) == 1.5 * 3 * 40000
+    assert _empty_on_huge_pages(2, 3).shape == (2, 3)  # small: plain torch.empty

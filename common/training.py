@@ -15,7 +15,7 @@ import secrets
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +188,12 @@ class PrivateTraining:
     engine: PrivacyEngine
     close: Callable[[], None]  # removes the per-sample gradient machinery from the client's model
 
+    def batches(self) -> Iterator[torch.Tensor]:
+        """One epoch of Poisson batches (row indices) from the loader's own sampler: the batches the loader
+        would yield, without its per-row fetch and collate of a dataset of indices (~0.13 ms a step here)."""
+        for idx in self.loader.batch_sampler:
+            yield torch.as_tensor(idx, dtype=torch.int64)
+
 
 def private_training(
     model: torch.nn.Module,
@@ -290,7 +296,7 @@ def _train_dp(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(local_epochs):
-                for (idx,) in private.loader:
+                for idx in private.batches():
                     loss = dp_step(private, data, idx, modality_dropout=modality_dropout, generator=generator, step=step)
                     if loss is not None:
                         total, batches = total + loss, batches + 1

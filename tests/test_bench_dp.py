@@ -229,3 +229,21 @@ def test_the_per_sample_buffer_on_huge_pages_lives_as_long_as_its_views():
     view.fill_(1.5)
     assert view.shape == (3, 40000) and float(view.sum()) == 1.5 * 3 * 40000
     assert _empty_on_huge_pages(2, 3).shape == (2, 3)  # small: plain torch.empty
+
+
+def test_poisson_batches_come_from_the_loaders_own_sampler():
+    # Prepare: q = 1/4 over 200 rows
+    data = synthetic.generate(200, seed=7)
+    private = private_training(MultimodalModel(data.schema, ModelConfig()), len(data), accountant="prv",
+                               noise_multiplier=1.0, max_grad_norm=1.0, batch_size=50, lr=0.1, momentum=0.0,
+                               grad_sample_mode="flat")
+    try:
+        # Execute
+        batches = [list(private.batches()) for _ in range(50)]
+    finally:
+        private.close()
+    # Assert: one epoch is len(loader) steps; rows are indices; sizes are Binomial(200, 1/4)
+    sizes = [len(b) for epoch in batches for b in epoch]
+    assert all(len(epoch) == len(private.loader) == 4 for epoch in batches)
+    assert all(b.dtype == torch.int64 and (b.numel() == 0 or int(b.max()) < 200) for epoch in batches for b in epoch)
+    assert abs(sum(sizes) / len(sizes) - 50) < 3 and len(set(sizes)) > 5

@@ -210,8 +210,7 @@ def _fixed_batches(n: int, size: int, *, count: int) -> list[torch.Tensor]:
 def _poisson_batches(variant: _Variant) -> Iterator[torch.Tensor]:
     assert variant.private is not None
     while True:
-        for (idx,) in variant.private.loader:
-            yield idx
+        yield from variant.private.batches()
 
 
 def _time_rotated(variants: dict[str, _Variant], batches: list[torch.Tensor], generator: torch.Generator, *,

@@ -2,9 +2,11 @@
 
 import torch
 from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from client.handlers import handle_evaluate, handle_train
+from client.secagg import handle_secure_train, is_secure_message
 
 torch.set_num_threads(1)  # one ClientApp per core; more threads only contend (measured: 10x slower under load)
 
@@ -14,6 +16,8 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this site's encoders + the shared head with DP-SGD; reply with the head only."""
+    if is_secure_message(msg):  # secagg.enabled: SecAgg+'s four stages, training in the third
+        return secaggplus_mod(msg, context, handle_secure_train)
     return handle_train(msg, context)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -106,10 +107,12 @@ def _ledger_entry(state: ClientState, site: SiteContext, config: RunConfig, *, r
     return ledger
 
 
-def handle_train(message: Message, context: Context) -> Message:
+def handle_train(message: Message, context: Context, *, admit: Callable[[SiteContext], None] | None = None) -> Message:
     """Merge the global head, train encoders + head with DP-SGD, reply with the shared blocks only."""
     config = parse_run_config(context.run_config)
     site = resolve_site(context.node_config, config, context.run_id)
+    if admit is not None:  # a caller's own limits (secure aggregation): raising refuses the round before training
+        admit(site)
     request = message.content[M.CONFIG]
     server_round, run_id = int(request[M.SERVER_ROUND]), str(request[M.RUN_ID])
     planned_rounds = int(request[M.PLANNED_ROUNDS])

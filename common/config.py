@@ -186,6 +186,27 @@ class FederationSection:
 
 
 @dataclass(frozen=True)
+class SecAggSection:
+    """Secure aggregation of the head with Flower's SecAgg+ (README, Secure aggregation)."""
+
+    enabled: bool = False  # the server learns only the sum of the sites' head updates
+    num_shares: float = 1.0  # fraction of a round's clients each client secret-shares its keys with
+    reconstruction_threshold: float = 0.67  # fraction of those shares needed to unmask (the rest may drop out)
+    clipping_range: float = 8.0  # bound on each coordinate of a client's weighted head change (else it fails)
+    max_weight: int = 10000  # the most training examples a site may have (its weight is n / max-weight)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_shares <= 1:
+            _fail("secagg.num-shares", "must lie in (0, 1] (a fraction of the round's clients)")
+        if not 0 < self.reconstruction_threshold <= 1:
+            _fail("secagg.reconstruction-threshold", "must lie in (0, 1] (a fraction of the shares)")
+        if not (math.isfinite(self.clipping_range) and self.clipping_range >= 1):
+            _fail("secagg.clipping-range", "must be a number >= 1")
+        if self.max_weight < 1:
+            _fail("secagg.max-weight", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelSection = field(default_factory=ModelSection)
@@ -194,10 +215,17 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     release: ReleaseSection = field(default_factory=ReleaseSection)
     federation: FederationSection = field(default_factory=FederationSection)
+    secagg: SecAggSection = field(default_factory=SecAggSection)
 
     def __post_init__(self) -> None:
         if self.data.server_test and self.server.encoders != "federated":
             _fail("data.server-test", "server-side evaluation needs a whole global model: set encoders = \"federated\"")
+        if self.secagg.enabled and self.server.encoders == "federated":
+            _fail("secagg.enabled", "secure aggregation sums one vector whose layout every site must know before the "
+                  "round; federated encoders are sized by each site's data schema, which the server and the other "
+                  "sites do not know. Set encoders = \"local\" or turn secure aggregation off")
+        if self.secagg.enabled and self.server.min_clients < 2:
+            _fail("secagg.enabled", "secure aggregation needs at least 2 clients per round: set min-clients >= 2")
 
     def to_flat(self) -> dict[str, Any]:
         """The flat, kebab-case run config (what Flower passes around)."""

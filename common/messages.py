@@ -4,6 +4,11 @@ Train request   {"arrays": global shared blocks, "config": {SERVER_ROUND, RUN_ID
 Train reply     {"arrays": the client's head blocks (+ its encoders when encoders = "federated"),
                  "metrics": {NUM_EXAMPLES, EPSILON, ...}, "client": {CLIENT_ID, MODALITIES, STATUS, LEDGER, ...}}
                  A reply whose STATUS is not "ok" carries no arrays.
+Secure train    (secagg.enabled: Flower's SecAgg+, legacy FitIns / FitRes records, see server/secagg.py)
+                FitIns: the global head as arrays in LAYOUT order, config {SERVER_ROUND, RUN_ID,
+                PLANNED_ROUNDS, LAYOUT}. FitRes: the masked vector (client/secagg.py), num_examples (the
+                SecAgg+ weight: 0 when the client did not train), metrics = the reply's metrics + CLIENT
+                (the client record as a JSON string), in the clear.
 Evaluate reply  {"metrics": {NUM_EXAMPLES, ACCURACY, MACRO_F1, LOSS, "by.<subset>.<metric>"},
                  "client": {CLIENT_ID, MODALITIES}}
 """
@@ -24,6 +29,9 @@ CLIENT = "client"
 SERVER_ROUND = "server-round"
 RUN_ID = "run-id"
 PLANNED_ROUNDS = "planned-rounds"
+
+# Secure aggregation
+LAYOUT = "layout"  # FitIns config: JSON list of the global head's keys, in the order of the masked vector
 
 # Client identity and status
 CLIENT_ID = "client-id"

@@ -12,6 +12,7 @@ from common.partition import federation_space
 from server.heldout import HeldoutEvaluator
 from server.optimizer import build_optimizer
 from server.run_folder import RunFolder
+from server.secagg import run_secure
 from server.strategy import FedFuse, RunState
 
 log = logging.getLogger("fedfuse.server")
@@ -46,6 +47,9 @@ def main(grid: Grid, context: Context) -> None:
     strategy = FedFuse(config, state, optimizer, folder, {"modalities": list(modalities), "labels": list(labels)}, heldout)
     if state.round_offset >= total:
         log.info("run %s already completed its %d rounds", run_id, total)
+    elif config.secagg.enabled:  # the head through SecAgg+: the server learns only the sum of the updates
+        log.info("run %s: %d rounds with secure aggregation, output in %s", run_id, total - state.round_offset, folder.path)
+        run_secure(strategy, grid, context, num_rounds=total - state.round_offset)
     else:
         log.info("run %s: %d rounds, output in %s", run_id, total - state.round_offset, folder.path)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(state.global_state), num_rounds=total - state.round_offset,

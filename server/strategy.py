@@ -8,6 +8,7 @@
   training rounds; the run goes on.
 - The federation's copy of every client's signed privacy ledger is kept in the run folder.
 - After each round: a checkpoint and results.json (see ``server/run_folder.py``).
+- With ``secagg.enabled``, ``server/secagg.py`` runs the rounds through SecAgg+ with these same steps.
 """
 
 from __future__ import annotations

@@ -7,13 +7,16 @@ parameter. Opacus's unmodified :class:`~opacus.optimizers.DPOptimizer` then clip
 norm C over all P coordinates, sums, adds N(0, sigma^2 C^2) to every coordinate and steps: the
 same mechanism as per-parameter clipping, in one norm, one contraction and one noise draw.
 
-How the per-sample gradients are computed: a forward hook on each layer keeps its input, and a
-hook on its output receives dL/d(output) in the backward pass; the layer's per-sample gradient
-is written from the two (Linear: outer products; Conv: unfolded patches; LayerNorm: normalised
-input; Embedding: scatter of rows). The model's parameters do not require grad while wrapped,
-so autograd computes only what flows between layers, never the (discarded) summed weight
-gradients. Any layer that took no part in the loss gets an exact zero per-sample gradient, and
-noise on every coordinate as before. Only the layer types in :data:`SAMPLERS` are accepted.
+How the per-sample gradients are computed: each layer's forward is wrapped to keep its input
+and to put a hook on its output, which receives dL/d(output) in the backward pass; the layer's
+per-sample gradient is written from the two (Linear: outer products, or a batched product over
+positions; Conv: input patches gathered by a precomputed index, batched product; LayerNorm:
+normalised input; Embedding: scatter of rows). The model's parameters do not require grad while
+wrapped, so autograd computes only what flows between layers, never the (discarded) summed
+weight gradients. A layer that took no part in the loss gets an exact zero per-sample gradient
+(and noise, as every coordinate does). Only the layer types in :data:`SAMPLERS` are accepted;
+anything else, or a tied weight, is refused at wrap time (use Opacus's ``hooks`` mode then).
+Exactness against a per-sample loop: tests/test_bench_dp.py. Cost: ``fedfuse bench dp-overhead``.
 """
 
 from __future__ import annotations
@@ -168,6 +171,8 @@ class FlatGradSample(nn.Module):
         layers = [(n, m) for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
         for name, m in layers:
             _check_supported(name, m)
+            if "forward" in m.__dict__:
+                raise ValueError(f"layer '{name}' already has an instance-level forward; grad_sample_mode 'flat' cannot wrap it")
         object.__setattr__(self, "model", model)  # not a submodule: the flat vector is the only parameter
         self._layers = [m for _, m in layers]
         params = [p for m in self._layers for p in (m.weight, getattr(m, "bias", None)) if p is not None]
@@ -187,8 +192,6 @@ class FlatGradSample(nn.Module):
         # Capture each layer's input and output gradient: its forward is wrapped (an instance attribute that
         # release() deletes); cheaper here than a forward hook, which takes nn.Module's slow call path.
         for index, m in enumerate(self._layers):
-            if "forward" in m.__dict__:
-                raise ValueError(f"layer {type(m).__name__} already has an instance-level forward; cannot wrap it")
             m.forward = partial(self._forward_layer, index, m.forward)
         self._store = torch.empty(0, offset)  # reused across steps: every row in use is rewritten each step
         self._views: dict[int, list[tuple[torch.Tensor | None, torch.Tensor | None]]] = {}

@@ -173,6 +173,8 @@ def test_unsupported_or_shared_layers_are_refused():
         FlatGradSample(gru)
     with pytest.raises(ValueError, match="tied"):
         FlatGradSample(tied)
+    # a refused model is left as it was
+    assert all(p.requires_grad for p in tied.parameters()) and "forward" not in tied[0].__dict__
 
 
 def test_a_second_backward_or_a_stale_graph_is_refused():

@@ -41,8 +41,8 @@ def is_secure_message(message: Message) -> bool:
 
 def encode_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], layout: list[str], *,
                   weight: float, clipping_range: float) -> list[np.ndarray]:
-    """The vector SecAgg+ masks: per key of ``layout`` the change ``update - reference`` (zeros where the client
-    holds no value), then the held indicator per key. ``weight`` is the factor SecAgg+ will multiply it by."""
+    """The vector SecAgg+ masks: per key of ``layout`` the change from ``reference`` (or zeros), then 1 per held key."""
+    # weight: the factor SecAgg+ multiplies the vector by (n / max-weight); the check below must use it
     unknown = sorted(set(update) - set(layout))
     if unknown:
         raise ValueError(f"keys {unknown[:3]} are not in the federation's head: they cannot be securely aggregated")

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
@@ -66,6 +66,11 @@ def plain_average(reference, clients) -> dict[str, torch.Tensor]:
     """What FedFuse computes without secure aggregation."""
     averages, _ = weighted_average([Contribution(update, float(n)) for update, n in clients])
     return averages
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 # --- the encoding: per-block weighted averages from sums ---------------------------------------------------
@@ -174,7 +179,11 @@ class LoopbackGrid(Grid):
             msg = copy.deepcopy(msg)
             node = msg.metadata.dst_node_id
             self.sent.append((node, msg.metadata.message_type, sorted(msg.content.array_records)))
-            reply = self.apps[node](msg, self.contexts[node])
+            try:
+                reply = self.apps[node](msg, self.contexts[node])
+            except Exception as exc:  # noqa: BLE001  (Flower's runtime turns a raising ClientApp into an error reply)
+                replies.append(Message(Error(code=0, reason=repr(exc)), reply_to=msg))
+                continue
             self.replies.append((node, sum(len(r) for r in reply.content.array_records.values())))
             replies.append(reply)
         return replies
@@ -308,8 +317,9 @@ def run_config(tmp_path, **overrides):
                                     "train.batch-size": 50, "num-server-rounds": 2, "fraction-evaluate": 0.0} | overrides
 
 
-def federation(flat, tmp_path, app):
-    """FedFuse as the ServerApp builds it, and a loopback grid to the simulated clients running ``app``."""
+def federation(flat, tmp_path, app, *, partitions=3, extra=None):
+    """FedFuse as the ServerApp builds it, and a loopback grid to simulated clients running ``app`` (+ ``extra``:
+    node id -> (app, node config))."""
     config = parse_run_config(flat)
     folder = RunFolder(tmp_path)
     modalities, labels = federation_space(config)
@@ -318,9 +328,24 @@ def federation(flat, tmp_path, app):
         global_state = global_head_template(modalities, len(labels), ModelConfig())
     state = RunState(folder.open_run(config.to_flat()), config.server.num_server_rounds, 0, global_state)
     fed = FedFuse(config, state, build_optimizer("fedavg", 0.05), folder, {"modalities": list(modalities)})
-    contexts = {100 + i: Context(run_id=5, node_id=100 + i, node_config={"partition-id": i, "num-partitions": 3},
-                                 state=RecordDict(), run_config=flat) for i in range(3)}
-    return fed, LoopbackGrid({n: app for n in contexts}, contexts)
+    nodes = {100 + i: (app, {"partition-id": i, "num-partitions": 3}) for i in range(partitions)} | (extra or {})
+    contexts = {n: Context(run_id=5, node_id=n, node_config=node_config, state=RecordDict(), run_config=flat)
+                for n, (_, node_config) in nodes.items()}
+    return fed, LoopbackGrid({n: a for n, (a, _) in nodes.items()}, contexts)
+
+
+def plain_round(flat, tmp_path, **kwargs):
+    """The head after one plain FedFuse round."""
+    fed, grid = federation(flat, tmp_path, handle_train, **kwargs)
+    fed.aggregate_train(1, grid.send_and_receive(fed.configure_train(1, ArrayRecord(), ConfigRecord(), grid)))
+    return fed
+
+
+def secure_round(flat, tmp_path, app=None, **kwargs):
+    """The FedFuse after one round with secure aggregation."""
+    fed, grid = federation(flat, tmp_path, app or secure_app, **kwargs)
+    run_secure(fed, grid, Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=flat), num_rounds=1)
+    return fed
 
 
 def secure_app(msg, context):
@@ -332,21 +357,62 @@ def secure_app(msg, context):
 def test_one_secure_round_gives_the_plain_round_head(tmp_path):
     # Prepare: the same federation twice (no DP noise, fixed seed: training is deterministic)
     flat_plain, flat_secure = run_config(tmp_path / "plain"), run_config(tmp_path / "secure", **{"secagg.enabled": True})
-    plain, plain_grid = federation(flat_plain, tmp_path / "plain", handle_train)
-    secure, secure_grid = federation(flat_secure, tmp_path / "secure", secure_app)
     # Execute: one plain round through FedFuse; one secure round through SecAgg+
-    replies = plain_grid.send_and_receive(plain.configure_train(1, ArrayRecord(), ConfigRecord(), plain_grid))
-    plain.aggregate_train(1, replies)
+    plain = plain_round(flat_plain, tmp_path / "plain")
+    secure, secure_grid = federation(flat_secure, tmp_path / "secure", secure_app)
     run_secure(secure, secure_grid, Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=flat_secure),
                num_rounds=1)
-    # Assert: equal heads; every client trained once and its ledger reached the server in the clear
-    diff = max((plain.state.global_state[k] - secure.state.global_state[k]).abs().max().item() for k in plain.state.global_state)
-    assert diff < 1e-5
+    # Assert: equal heads (measured: 9e-7); every client trained once and its ledger reached the server in the clear
+    assert max_difference(plain.state.global_state, secure.state.global_state) < 1e-5
     assert secure.state.rounds[0]["train"]["trained"] == ["client-00", "client-01", "client-02"]
     assert sorted(p.name for p in (tmp_path / "secure" / "ledgers").iterdir()) == [f"client-0{i}.jsonl" for i in range(3)]
     assert (tmp_path / "secure" / "checkpoints" / "round-0001.safetensors").exists()
     # 4 message phases per client; no reply carried an array (the masked vector travels as SecAgg+ bytes)
     assert len(secure_grid.replies) == 4 * 3 and all(count == 0 for _, count in secure_grid.replies)
+
+
+def refusing_site(tmp_path) -> dict:
+    """A deployed site whose policy (max-epsilon 1) refuses the run's non-private request."""
+    from common import synthetic
+    from common.sitedata import write_site
+
+    data = synthetic.generate(100, seed=5).restrict(("image",))
+    folder = write_site(tmp_path / "site-x", data, ["train"] * 80 + ["test"] * 20, name="site-x")
+    return {"data-dir": str(folder), "state-dir": str(tmp_path / "state-x"), "client-id": "site-x", "max-epsilon": 1.0}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_refusing_site_adds_nothing_to_the_sum_and_is_excluded(tmp_path):
+    # Prepare: three simulated sites and one whose policy refuses the run
+    flat = run_config(tmp_path / "plain")
+    plain = plain_round(flat, tmp_path / "plain", extra={200: (handle_train, refusing_site(tmp_path / "p"))})
+    flat = run_config(tmp_path / "secure", **{"secagg.enabled": True})
+    # Execute
+    secure = secure_round(flat, tmp_path / "secure", extra={200: (secure_app, refusing_site(tmp_path / "s"))})
+    # Assert: it took part in SecAgg+ with weight 0, the head is the plain one, it is excluded from now on
+    assert max_difference(plain.state.global_state, secure.state.global_state) < 1e-5
+    train = secure.state.rounds[0]["train"]
+    assert train["refused"] == {"site-x": M.STATUS_POLICY_REFUSED} and len(train["trained"]) == 3
+    assert secure.state.excluded == {"site-x"} and 200 not in secure.train_nodes(2, LoopbackGrid({}, {200: None, 100: None}))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_failing_mid_protocol_drops_out_and_the_others_are_aggregated(tmp_path):
+    # Prepare: four sites; the fourth raises when asked for its masked vector (after key sharing)
+    def failing_app(msg, context):
+        if msg.content.config_records["secaggplus_configs"].get("stage") == "collect_masked_vectors":
+            raise RuntimeError("site down")
+        return secure_app(msg, context)
+
+    flat = run_config(tmp_path / "plain")
+    plain = plain_round(flat, tmp_path / "plain")
+    flat = run_config(tmp_path / "secure", **{"secagg.enabled": True})
+    # Execute
+    secure = secure_round(flat, tmp_path / "secure", extra={200: (failing_app, {})})
+    # Assert: SecAgg+ removed its masks (3 of 4 shares suffice); the head is the three others' plain average
+    assert max_difference(plain.state.global_state, secure.state.global_state) < 1e-5
+    train = secure.state.rounds[0]["train"]
+    assert train["failed"] == ["node 200"] and train["trained"] == ["client-00", "client-01", "client-02"]
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -377,11 +443,6 @@ def final_head(out: Path, rounds: int = 3) -> dict[str, torch.Tensor]:
     checkpoint = RunFolder(out).load_checkpoint()
     assert checkpoint is not None and checkpoint.round == rounds
     return checkpoint.global_state
-
-
-def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert set(a) == set(b)
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def assert_ledgers_reached_the_server(out: Path, clients: list[str], rounds: list[int]) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from common import messages as M
 from common.messages import update_digest
@@ -53,10 +53,11 @@ def claimed_client_id(message: Message) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _identity(message: Message) -> tuple[str, tuple[str, ...], str, str, list[dict[str, Any]]]:
-    if M.CLIENT not in message.content.config_records:
+def parse_identity(content: RecordDict) -> tuple[str, tuple[str, ...], str, str, list[dict[str, Any]]]:
+    """A reply's client record: (client id, modalities, status, reason, ledger entries)."""
+    if M.CLIENT not in content.config_records:
         raise ReplyRejected(f"no '{M.CLIENT}' record")
-    ident = message.content.config_records[M.CLIENT]
+    ident = content.config_records[M.CLIENT]
     client_id, modalities = ident.get(M.CLIENT_ID), ident.get(M.MODALITIES)
     if not isinstance(client_id, str) or not client_id:
         raise ReplyRejected("missing client id")
@@ -75,10 +76,11 @@ def _identity(message: Message) -> tuple[str, tuple[str, ...], str, str, list[di
     return client_id, tuple(modalities), status, str(ident.get(M.REASON, "")), ledger
 
 
-def _metrics(message: Message) -> dict[str, Any]:
-    if M.METRICS not in message.content.metric_records:
+def parse_metrics(content: RecordDict) -> dict[str, Any]:
+    """A reply's metrics, with a valid num-examples."""
+    if M.METRICS not in content.metric_records:
         raise ReplyRejected(f"no '{M.METRICS}' record")
-    metrics = dict(message.content.metric_records[M.METRICS])
+    metrics = dict(content.metric_records[M.METRICS])
     n = metrics.get(M.NUM_EXAMPLES)
     if not isinstance(n, int) or n < 0:
         raise ReplyRejected(f"'{M.NUM_EXAMPLES}' must be a non-negative integer, got {n!r}")
@@ -87,8 +89,8 @@ def _metrics(message: Message) -> dict[str, Any]:
 
 def parse_train_reply(message: Message, *, global_state: dict[str, torch.Tensor], encoders: str) -> TrainReply:
     """Validate a train reply against the global state: known keys, right shapes, finite values."""
-    client_id, modalities, status, reason, ledger = _identity(message)
-    metrics = _metrics(message)
+    client_id, modalities, status, reason, ledger = parse_identity(message.content)
+    metrics = parse_metrics(message.content)
     arrays: dict[str, torch.Tensor] = {}
     if status == M.STATUS_OK:
         if M.ARRAYS not in message.content.array_records:
@@ -123,8 +125,8 @@ def parse_train_reply(message: Message, *, global_state: dict[str, torch.Tensor]
 
 def parse_evaluate_reply(message: Message) -> EvaluateReply:
     """Split an evaluate reply's flat metrics into overall and per-modality-subset values."""
-    client_id, _, _, _, _ = _identity(message)
-    metrics = _metrics(message)
+    client_id, _, _, _, _ = parse_identity(message.content)
+    metrics = parse_metrics(message.content)
     overall: dict[str, float] = {}
     by: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,7 @@ from flwr.serverapp import Grid
 
 from common import messages as M
 from common.model import HEAD_PREFIX
-from server.replies import ReplyRejected, TrainReply, _identity, _metrics
+from server.replies import ReplyRejected, TrainReply, parse_identity, parse_metrics
 from server.strategy import FedFuse
 
 log = logging.getLogger("fedfuse.server")
@@ -110,11 +109,11 @@ def parse_clear_reply(fitres: FitRes, node_id: int) -> TrainReply:
         identity = json.loads(str(metrics.pop(M.CLIENT)))
         if not isinstance(identity, dict):
             raise ValueError("not a record")
-        view = SimpleNamespace(content=RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: ConfigRecord(identity)}))
+        content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: ConfigRecord(identity)})
     except Exception as exc:  # noqa: BLE001  (anything unreadable is a rejection, never a crash)
         raise ReplyRejected(f"unreadable clear part of a secure reply: {exc}") from None
-    client_id, modalities, status, reason, ledger = _identity(view)
-    metrics = _metrics(view)
+    client_id, modalities, status, reason, ledger = parse_identity(content)
+    metrics = parse_metrics(content)
     n = metrics[M.NUM_EXAMPLES]
     if status == M.STATUS_OK and n < 1:
         raise ReplyRejected("an update needs num-examples >= 1")

@@ -288,8 +288,8 @@ def _train_dp(
     proximal: "Callable[[], None]",
 ) -> float:
     private = private_training(model, len(data), accountant=history.accountant, noise_multiplier=noise_multiplier,
-                           max_grad_norm=max_grad_norm, batch_size=batch_size, lr=lr, momentum=momentum,
-                           grad_sample_mode=grad_sample_mode)
+                               max_grad_norm=max_grad_norm, batch_size=batch_size, lr=lr, momentum=momentum,
+                               grad_sample_mode=grad_sample_mode)
     total, batches, step = 0.0, 0, 0
     model.train()
     try:

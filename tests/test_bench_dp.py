@@ -15,7 +15,6 @@ from common.grad_samplers import SAMPLERS, FlatGradSample
 from common.model import ModelConfig, MultimodalModel
 from common.schema import DatasetSchema, ModalitySpec
 from common.training import dp_step, private_training
-from simulations.bench import dp_overhead
 
 
 def per_sample_loop(model, inputs, mask, labels):

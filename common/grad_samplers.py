@@ -55,7 +55,8 @@ _PATCH_INDEX: dict[tuple, torch.Tensor] = {}
 def _patch_index(m: nn.Conv1d | nn.Conv2d, shape: tuple[int, ...]) -> torch.Tensor:
     """For input shape (C, *spatial): the position in the zero-padded, flattened input of each patch element.
 
-    Returns (C*k..., L) int64 in the weight's (C, k...) order, L output positions (as F.unfold would lay out).
+    Returns (L, C*k...) int64: for each of the L output positions, its patch in the weight's (C, k...) order
+    (F.unfold's layout, transposed).
     """
     key = (shape, m.kernel_size, m.stride, m.padding, m.dilation)
     index = _PATCH_INDEX.get(key)
@@ -67,12 +68,13 @@ def _patch_index(m: nn.Conv1d | nn.Conv2d, shape: tuple[int, ...]) -> torch.Tens
             kernel, dilation, stride = (1, *m.kernel_size), (1, *m.dilation), (1, *m.stride)
         else:
             kernel, dilation, stride = m.kernel_size, m.dilation, m.stride
-        index = _PATCH_INDEX[key] = F.unfold(positions, kernel, dilation, 0, stride)[0].long()  # type: ignore[arg-type]
+        unfolded = F.unfold(positions, kernel, dilation, 0, stride)[0]  # type: ignore[arg-type]  # (C*k..., L)
+        index = _PATCH_INDEX[key] = unfolded.t().contiguous().long()
     return index
 
 
 def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The input patches each output position saw: (B, C*k..., L), equal to F.unfold's (a gather, ~3x faster here)."""
+    """The input patch each output position saw: (B, L, C*k...); F.unfold's, transposed (a gather, ~3x faster here)."""
     index = _patch_index(m, tuple(x.shape[1:]))
     padded = F.pad(x, [p for p in reversed(m.padding) for _ in range(2)])  # (B, C, *padded)
     return padded.reshape(x.shape[0], -1).index_select(1, index.reshape(-1)).view(x.shape[0], *index.shape)
@@ -81,7 +83,7 @@ def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def _conv(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, g: torch.Tensor, out_w: torch.Tensor, out_b: torch.Tensor | None) -> None:
     b, o = g.shape[0], g.shape[1]
     g3 = g.reshape(b, o, -1)  # (B, O, L)
-    out_w.view(b, o, -1).copy_(torch.bmm(g3, _conv_patches(m, x).transpose(1, 2)))  # (B, O, C*k...)
+    out_w.view(b, o, -1).copy_(torch.bmm(g3, _conv_patches(m, x)))  # (B, O, L) @ (B, L, C*k...)
     if out_b is not None:
         torch.sum(g3, dim=2, out=out_b)
 

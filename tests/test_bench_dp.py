@@ -248,3 +248,18 @@ def test_poisson_batches_come_from_the_loaders_own_sampler():
     assert all(len(epoch) == len(private.loader) == 4 for epoch in batches)
     assert all(b.dtype == torch.int64 and (b.numel() == 0 or int(b.max()) < 200) for epoch in batches for b in epoch)
     assert abs(sum(sizes) / len(sizes) - 50) < 3 and len(set(sizes)) > 5
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (5, 3, 11, 9)),
+    (nn.Conv1d(2, 3, 5, stride=3, padding=2, dilation=2), (4, 2, 30)),
+], ids=["conv2d", "conv1d"])
+def test_conv_patches_are_unfolds_patches(conv, shape):
+    from common.grad_samplers import _conv_patches
+
+    x = torch.randn(*shape)
+    if isinstance(conv, nn.Conv1d):
+        reference = F.unfold(x.unsqueeze(2), (1, *conv.kernel_size), (1, *conv.dilation), (0, *conv.padding), (1, *conv.stride))
+    else:
+        reference = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    assert torch.equal(_conv_patches(conv, x), reference.transpose(1, 2))

@@ -40,7 +40,7 @@ NON_PRIVATE = "non-private"
 def configure(parser: argparse.ArgumentParser) -> None:
     modes = ", ".join(GRAD_SAMPLE_MODES + EXTRA_MODES)
     parser.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
-    parser.add_argument("--repeats", type=int, default=500, help="timed steps per variant (default 500)")
+    parser.add_argument("--repeats", type=int, default=1000, help="timed steps per variant (default 1000)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps per variant first (default 30)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--modes", default=GRAD_SAMPLE_MODES[0],

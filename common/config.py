@@ -39,7 +39,8 @@ class ServerConfig:
     encoders: str = "local"  # local: encoders never leave a site | federated: averaged per modality
     server_lr: float = 0.05  # FedAdam's server learning rate (eta)
     proximal_mu: float = 0.01  # FedProx's proximal weight (clients pull towards the global head)
-    round_timeout: float = 600.0  # seconds the server waits for replies in a round
+    round_timeout: float = 600.0  # seconds the server waits for replies in a message phase, and for min-clients sites
+    evaluate_every: int = 1  # clients evaluate every k-th round (and always in the last): fewer message phases
     seed: int = 0  # data partitioning, initial weights, modality dropout (never DP noise)
     out_dir: str = ""  # run output folder ("" = ./runs/<flower run id>)
 
@@ -62,6 +63,8 @@ class ServerConfig:
             _fail("proximal-mu", "must be >= 0")
         if self.round_timeout <= 0:
             _fail("round-timeout", "must be > 0")
+        if self.evaluate_every < 1:
+            _fail("evaluate-every", "must be >= 1 (1 = every round; the last round always evaluates)")
 
 
 @dataclass(frozen=True)

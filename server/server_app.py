@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import parse_run_config, run_out_dir
 from common.model import ModelConfig, global_head_template
 from common.partition import federation_space
+from server.grid import NodesUnavailableError, PollingGrid
 from server.heldout import HeldoutEvaluator
 from server.optimizer import build_optimizer
 from server.run_folder import RunFolder
@@ -52,6 +53,12 @@ def main(grid: Grid, context: Context) -> None:
         run_secure(strategy, grid, context, num_rounds=total - state.round_offset)
     else:
         log.info("run %s: %d rounds, output in %s", run_id, total - state.round_offset, folder.path)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(state.global_state), num_rounds=total - state.round_offset,
-                       timeout=config.server.round_timeout, evaluate_fn=strategy.end_round)
+        try:  # PollingGrid: replies polled every 0.2 s (Flower: 3 s), a missing reply is recorded as a failure
+            strategy.start(grid=PollingGrid(grid), initial_arrays=ArrayRecord(state.global_state),
+                           num_rounds=total - state.round_offset, timeout=config.server.round_timeout,
+                           evaluate_fn=strategy.end_round)
+        except NodesUnavailableError as exc:  # too few sites for longer than round-timeout: stop, say why
+            log.error("run %s stopped: %s", run_id, exc)
+            folder.write_results(strategy.results(status="failed") | {"error": str(exc)})
+            raise
     folder.write_results(strategy.results(status="completed"))

@@ -24,12 +24,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common import messages as M
 from common.config import RunConfig
 from common.ledger import Ledger, LedgerError
 from server.aggregation import Contribution, weighted_average
+from server.grid import sample_nodes
 from server.optimizer import ServerOptimizer
 from server.replies import ReplyRejected, TrainReply, claimed_client_id, mean_metrics, parse_evaluate_reply, parse_train_reply
 from server.run_folder import Checkpoint, RunFolder
@@ -87,7 +87,8 @@ class FedFuse(FedAvg):
         if not available:
             log.warning("round %d: every client is excluded (budgets exhausted); nothing to train", self.absolute(server_round))
             return []
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, len(list(grid.get_node_ids())))
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, len(list(grid.get_node_ids())),
+                                   wait=self.config.server.round_timeout)
         node_ids = [n for n in node_ids if n not in excluded_nodes][: min(want, len(available))]
         self._round = {"round": self.absolute(server_round), "train": {"sampled": len(node_ids)}}
         return node_ids
@@ -167,11 +168,16 @@ class FedFuse(FedAvg):
         rec["status"] = "excluded: " + reply.status if reply.status in EXCLUDING else "active"
 
     # --- evaluation ----------------------------------------------------------------------------
+    def evaluates(self, server_round: int) -> bool:
+        """Whether clients evaluate after this round: every ``evaluate-every``-th round, and always the last."""
+        r = self.absolute(server_round)
+        return r % self.config.server.evaluate_every == 0 or r >= self.state.total_rounds
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if self.fraction_evaluate == 0.0:
+        if self.fraction_evaluate == 0.0 or not self.evaluates(server_round):
             return []
         num = max(int(len(list(grid.get_node_ids())) * self.fraction_evaluate), self.min_evaluate_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, num)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, num, wait=self.config.server.round_timeout)
         request = ConfigRecord({M.SERVER_ROUND: self.absolute(server_round), M.RUN_ID: self.state.run_id})
         record = RecordDict({M.ARRAYS: ArrayRecord(self.state.global_state), M.CONFIG: request})
         return self._construct_messages(record, node_ids, "evaluate")

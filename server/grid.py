@@ -1,0 +1,121 @@
+"""How the ServerApp talks to the sites: replies polled every 0.2 s, missing replies made explicit, bounded node waits.
+
+Flower's deployment grid (``HttpGrid.send_and_receive``) sleeps a fixed 3 s between pulls and
+returns a reply that never came as nothing at all; ``sample_nodes`` waits without limit for
+``min_available_nodes``. :class:`PollingGrid` wraps any grid (deployment or simulation) so that
+each message phase ends as soon as the last reply arrives and every unanswered message becomes an
+error reply the strategy records; :func:`sample_nodes` gives up after a deadline with a
+:class:`NodesUnavailableError` that says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from common.errors import FedfuseError
+
+log = logging.getLogger("fedfuse.server")
+
+POLL_INTERVAL = 0.2  # seconds between pulls of replies (Flower's HttpGrid: 3 s)
+NODE_POLL_INTERVAL = 1.0  # seconds between checks for connected nodes (as Flower's sample_nodes)
+NO_REPLY = "no reply within {timeout:g} s (round-timeout): the site is offline, stopped or too slow"
+
+
+class NodesUnavailableError(FedfuseError):
+    """Fewer sites than min-clients stayed connected for longer than the run waits for them."""
+
+
+class PollingGrid(Grid):
+    """A Grid that delegates to Flower's, polls replies every ``interval`` s and reports missing ones as errors."""
+
+    def __init__(self, grid: Grid, *, interval: float = POLL_INTERVAL):
+        self._grid = grid
+        # Never poll slower than the wrapped grid would (the simulation grid polls every 0.1 s)
+        self.interval = min(interval, float(getattr(grid, "pull_interval", interval)))
+
+    # --- plain delegation ------------------------------------------------------------------------
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def __getattr__(self, name: str) -> Any:  # anything else a runtime's grid offers
+        return getattr(self._grid, name)
+
+    # --- the part that differs -------------------------------------------------------------------
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push ``messages``, pull replies until all arrived or ``timeout`` s passed; one error reply per missing one."""
+        messages = list(messages)
+        if not messages:
+            return []
+        ids = list(self._grid.push_messages(messages))
+        sent = {mid: msg for mid, msg in zip(ids, messages) if mid}
+        pending = set(sent)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self._grid.pull_messages(pending))
+            replies += [_from_destination(m, sent) for m in got]
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval)
+        for mid in sorted(pending):  # make a silent absence explicit, as Flower does for a node it knows is offline
+            msg = sent[mid]
+            log.warning("node %d sent no %s reply within %g s (round-timeout)", msg.metadata.dst_node_id,
+                        msg.metadata.message_type, timeout)
+            replies.append(Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason=NO_REPLY.format(timeout=timeout)),
+                                   reply_to=msg))
+        return replies
+
+
+def _from_destination(reply: Message, sent: dict[str, Message]) -> Message:
+    """An error the SuperLink wrote for an offline node comes from the SuperLink's id: attribute it to the node."""
+    request = sent.get(reply.metadata.reply_to_message_id)
+    if request is None or not reply.has_error() or reply.metadata.src_node_id == request.metadata.dst_node_id:
+        return reply
+    return Message(Error(code=reply.error.code, reason=reply.error.reason), reply_to=request)
+
+
+def sample_nodes(grid: Grid, min_available: int, sample_size: int, *, wait: float) -> tuple[list[int], list[int]]:
+    """Flower's ``sample_nodes``, but waiting at most ``wait`` s for ``min_available`` connected nodes."""
+    needed = max(min_available, sample_size)
+    deadline = time.monotonic() + wait
+    logged = -1
+    while len(nodes := list(grid.get_node_ids())) < needed:
+        if time.monotonic() >= deadline:
+            log.error("gave up waiting for sites: %d connected after %g s, min-clients needs %d", len(nodes), wait, needed)
+            raise NodesUnavailableError(
+                f"only {len(nodes)} site(s) connected after waiting {wait:g} s (round-timeout), but the run needs "
+                f"{needed} (min-clients); start or restart the missing SuperNodes, or lower min-clients"
+            )
+        if len(nodes) != logged:
+            log.info("waiting for sites: %d connected, %d needed (giving up after %g s)", len(nodes), needed, wait)
+            logged = len(nodes)
+        time.sleep(min(NODE_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+    return random.sample(nodes, sample_size), nodes

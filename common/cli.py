@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "validate site data folders and import public datasets"),
     "audit": ("audit", "verify privacy ledgers and re-account every client's epsilon"),
     "certs": ("certs", "create the CA, SuperLink certificate and site keys for a deployment"),
+    "site": ("site", "run a deployment site's SuperNode with the warm executor (fast rounds)"),
     "bench": ("bench", "measure overheads (dp-overhead, round-overhead)"),
 }
 

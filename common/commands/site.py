@@ -1,0 +1,176 @@
+"""``fedfuse site``: run a deployment site's SuperNode with a warm executor (ClientApps start in 0.2 s, not 3-20 s).
+
+``fedfuse site supernode -- <flower-supernode options>`` starts ``flower-supernode`` with
+``--isolation process`` and a private SuperExec secret, runs the warm executor
+(``client/executor.py``) beside it in this process, sends both logs to this process's output and
+stops both together. ``fedfuse site executor --runtime-api-address ADDR`` is the executor alone,
+for a ``flower-supernode --isolation process`` started some other way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common.errors import ConfigError
+
+log = logging.getLogger("fedfuse.site")
+STOP_GRACE = 15.0  # seconds the SuperNode gets to stop after SIGTERM
+FORWARD_AFTER = 3.0  # seconds to let a SuperNode that got the signal too stop by itself before sending it one
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``fedfuse site supernode`` and ``fedfuse site executor``."""
+    sub = parser.add_subparsers(dest="site_command", metavar="COMMAND", required=True)
+    node = sub.add_parser(
+        "supernode", help="flower-supernode --isolation process + the warm executor (takes flower-supernode's options)",
+        description="Start flower-supernode with the given options plus --isolation process, and the warm executor "
+        "beside it. Every option not listed here goes to flower-supernode unchanged (see flower-supernode --help).",
+    )
+    _executor_options(node)
+    node.add_argument("flower_args", nargs=argparse.REMAINDER, metavar="-- FLOWER_SUPERNODE_OPTIONS",
+                      help="after `--`: flower-supernode's options (--superlink, --root-certificates, ...)")
+    node.set_defaults(_run=_run_supernode)
+    exe = sub.add_parser("executor", help="the warm executor alone, for a running flower-supernode --isolation process")
+    exe.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
+                     help="the SuperNode's Runtime API (its --host:--port, default 127.0.0.1:9094)")
+    exe.add_argument("--root-certificates", type=Path, metavar="PEM",
+                     help="CA of the Runtime API's TLS certificate (when the SuperNode has --ssl-* files)")
+    exe.add_argument("--superexec-auth-secret-file", type=Path, metavar="FILE",
+                     help="the same secret file as the SuperNode's --superexec-auth-secret-file")
+    _executor_options(exe)
+    exe.set_defaults(_run=_run_executor)
+
+
+def _executor_options(parser: argparse.ArgumentParser) -> None:
+    from client.executor import DEFAULT_PRELOAD, POLL_INTERVAL
+
+    parser.add_argument("--poll", type=float, default=POLL_INTERVAL,
+                        help=f"seconds between task requests (default: {POLL_INTERVAL})")
+    parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD), metavar="MODULES",
+                        help="comma-separated modules imported once before any task (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen site command."""
+    logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; fedfuse's root handler would repeat it
+    if logging.getLogger("fedfuse").level == logging.NOTSET:
+        logging.getLogger("fedfuse").setLevel(logging.INFO)  # this is the site's log: show what fedfuse does
+    return int(args._run(args))
+
+
+def _run_executor(args: argparse.Namespace) -> int:
+    from client.executor import WarmExecutor, preload
+
+    secret = args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
+    executor = WarmExecutor(args.runtime_api_address, root_certificates=args.root_certificates,
+                            auth_secret=secret, poll=args.poll)
+    log.info("preloaded %s in %.1f s", args.preload, preload(_modules(args.preload)))
+    executor.serve()
+    return 0
+
+
+def _modules(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _supernode_facts(flower_args: list[str]) -> argparse.Namespace:
+    """The flower-supernode options this command needs to know (the rest passes through)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9094)
+    p.add_argument("--isolation")
+    p.add_argument("--superexec-auth-secret-file")
+    p.add_argument("--ssl-ca-certfile")
+    known, _ = p.parse_known_args(flower_args)
+    if known.isolation not in (None, "process"):
+        raise ConfigError(f"fedfuse site supernode runs flower-supernode with --isolation process; remove "
+                          f"--isolation {known.isolation} (or run flower-supernode yourself)")
+    return known
+
+
+def _flower_supernode() -> str:
+    """flower-supernode next to this Python (the same environment), else on PATH."""
+    found = shutil.which("flower-supernode", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if found is None:
+        raise ConfigError("flower-supernode not found: install fedfuse (with flwr) in this environment")
+    return found
+
+
+def _die_with_parent() -> None:
+    """In the SuperNode's process, before exec: get SIGTERM when this command dies (Linux), never outlive it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop_supernode(proc: subprocess.Popen) -> None:
+    """Let the SuperNode deactivate itself at the SuperLink, then make sure it has stopped.
+
+    A signal to the whole process group (Ctrl-C, systemd) reaches it already; a second SIGTERM during its
+    graceful exit would kill it before it tells the SuperLink it is leaving (then it cannot rejoin for ~60 s).
+    """
+    try:
+        proc.wait(FORWARD_AFTER)
+        return
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _run_supernode(args: argparse.Namespace, flower_args: list[str] | None = None) -> int:
+    from client.executor import WarmExecutor, check_flower_version, preload
+
+    flower_args = list(flower_args if flower_args is not None else args.flower_args)
+    if flower_args[:1] == ["--"]:
+        flower_args = flower_args[1:]
+    if not flower_args:
+        raise ConfigError("give flower-supernode's options after `--`, e.g. fedfuse site supernode -- --superlink "
+                          "HOST:9093 --root-certificates ca.crt --auth-supernode-private-key auth.key --node-config ...")
+    check_flower_version()
+    facts = _supernode_facts(flower_args)
+    host = "127.0.0.1" if facts.host in ("0.0.0.0", "") else facts.host
+    address = f"{host}:{facts.port}"
+    secret_dir = None
+    if facts.superexec_auth_secret_file is None:  # a fresh secret per start: only our executor gets task tokens
+        secret_dir = Path(tempfile.mkdtemp(prefix="fedfuse-site-"))
+        secret_file = secret_dir / "superexec.secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+        flower_args += ["--superexec-auth-secret-file", str(secret_file)]
+    else:
+        secret_file = Path(facts.superexec_auth_secret_file)
+    if facts.isolation is None:
+        flower_args += ["--isolation", "process"]
+
+    command = [_flower_supernode(), *flower_args]
+    proc = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    log.info("started flower-supernode (pid %d) with --isolation process; Runtime API %s", proc.pid, address)
+    try:
+        executor = WarmExecutor(address, auth_secret=secret_file.read_bytes(),
+                                root_certificates=Path(facts.ssl_ca_certfile) if facts.ssl_ca_certfile else None,
+                                poll=args.poll)
+        log.info("preloaded %s in %.1f s", args.preload, preload(_modules(args.preload)))
+        executor.serve(keep_going=lambda: proc.poll() is None)
+    finally:
+        _stop_supernode(proc)
+        if secret_dir is not None:
+            shutil.rmtree(secret_dir, ignore_errors=True)
+    if proc.returncode:
+        log.error("flower-supernode exited with status %d (its log is above)", proc.returncode)
+    return 1 if proc.returncode else 0

@@ -1,0 +1,243 @@
+"""Deployment: the ServerApp's grid (fast), then real processes on loopback (slow): a SuperLink with TLS and
+SuperNode authentication, three sites holding different modalities, each behind the warm executor.
+
+The slow tests share one deployment and run in file order; each run asks for a larger epsilon than the one
+before it (a site's budget covers its whole history), so any subset of them also runs in this order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+from common import messages as M
+from common.certs import make_credentials
+from common.config import RunConfig, parse_run_config
+from common.model import ModelConfig, global_head_template
+from server.grid import NodesUnavailableError, PollingGrid, sample_nodes
+from server.run_folder import RunFolder
+from server.strategy import FedFuse, RunState
+
+from deploy_helpers import DEFAULT_SITES, deployment, leftover_processes
+
+POLICY = {"site-1": 8.0, "site-2": 8.0, "site-3": 5.0}  # site-3 accepts at most epsilon = 5 over its whole history
+
+
+# --- the ServerApp's grid, with a fake Flower grid -----------------------------------------------------
+class ScriptedGrid:
+    """A Flower grid whose nodes answer after a scripted number of pulls (None: never)."""
+
+    pull_interval = 0.01
+
+    def __init__(self, answers_after: dict[int, int | None], nodes=(1, 2, 3)):
+        self.answers_after, self.nodes, self.pulls, self.sent = answers_after, list(nodes), 0, {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent[f"m{i}"] = msg
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        out = []
+        for mid in message_ids:
+            after = self.answers_after[self.sent[mid].metadata.dst_node_id]
+            if after is not None and self.pulls >= after:
+                out.append(Message(RecordDict({M.CONFIG: ConfigRecord({"ok": 1})}), reply_to=self.sent[mid]))
+        return out
+
+
+def _messages(nodes):
+    return [Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type="train") for n in nodes]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_polling_grid_returns_as_soon_as_every_reply_is_in():
+    grid = ScriptedGrid({1: 1, 2: 3, 3: 2})
+    started = time.monotonic()
+    replies = list(PollingGrid(grid).send_and_receive(_messages([1, 2, 3]), timeout=30))
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
+    assert not any(r.has_error() for r in replies) and grid.pulls == 3
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_polling_grid_turns_a_missing_reply_into_an_error_reply_after_the_timeout():
+    grid = ScriptedGrid({1: 1, 2: None, 3: 1})
+    replies = list(PollingGrid(grid).send_and_receive(_messages([1, 2, 3]), timeout=0.3))
+    errors = [r for r in replies if r.has_error()]
+    assert len(replies) == 3 and [r.metadata.src_node_id for r in errors] == [2]
+    assert "no reply within 0.3 s (round-timeout)" in errors[0].error.reason
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_polling_grid_attributes_the_superlinks_node_unavailable_error_to_the_node():
+    grid = ScriptedGrid({1: 1, 2: None})
+    flower_error = grid.pull_messages  # Flower's SuperLink answers for an offline node from its own id (1)
+
+    def pull(ids):
+        out = list(flower_error(ids))
+        if grid.pulls == 2:
+            late = next(m for m in grid.sent.values() if m.metadata.dst_node_id == 2)
+            error = Message(Error(code=5, reason="Node Unavailable"), reply_to=late)
+            error.metadata.__dict__["_src_node_id"] = 1
+            out.append(error)
+        return out
+
+    grid.pull_messages = pull
+    replies = list(PollingGrid(grid).send_and_receive(_messages([1, 2]), timeout=5))
+    errors = [r for r in replies if r.has_error()]
+    assert [(r.metadata.src_node_id, r.error.reason) for r in errors] == [(2, "Node Unavailable")]
+
+
+def test_polling_grid_sends_nothing_for_no_messages():
+    grid = ScriptedGrid({})
+    assert list(PollingGrid(grid).send_and_receive([], timeout=1)) == [] and grid.pulls == 0
+
+
+def test_sample_nodes_gives_up_after_the_wait_and_says_what_to_do():
+    started = time.monotonic()
+    with pytest.raises(NodesUnavailableError, match=r"only 2 site\(s\) connected after waiting 0.3 s .* needs 3 \(min-clients\)"):
+        sample_nodes(ScriptedGrid({}, nodes=(1, 2)), 3, 2, wait=0.3)
+    assert time.monotonic() - started < 2.0
+    chosen, every = sample_nodes(ScriptedGrid({}, nodes=(1, 2, 3)), 3, 3, wait=0.3)
+    assert sorted(chosen) == [1, 2, 3] and every == [1, 2, 3]
+
+
+@pytest.mark.parametrize("every, total, evaluating", [(1, 4, [1, 2, 3, 4]), (3, 7, [3, 6, 7]), (10, 4, [4])])
+def test_evaluate_every_k_rounds_and_always_the_last(tmp_path, every, total, evaluating):
+    config = parse_run_config(RunConfig().to_flat() | {"out-dir": str(tmp_path), "evaluate-every": every})
+    head = global_head_template(["image"], 6, ModelConfig(embed_dim=8, hidden_dim=8))
+    strategy = FedFuse(config, RunState("r", total, 0, head), None, RunFolder(tmp_path), {})
+    assert [r for r in range(1, total + 1) if strategy.evaluates(r)] == evaluating
+
+
+# --- real processes ------------------------------------------------------------------------------------
+def _ledger(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory):
+    """One SuperLink (TLS + node auth) and three registered sites behind warm executors, shared by the tests."""
+    root = tmp_path_factory.mktemp("deploy")
+    try:
+        with deployment(root, sites=DEFAULT_SITES, max_epsilon=POLICY, run_config={"round-timeout": 60.0}) as d:
+            yield d
+    finally:
+        assert leftover_processes(root) == []
+
+
+@pytest.mark.slow
+def test_three_sites_run_two_rounds_and_write_results_and_ledgers(dep):
+    run = dep.run({"num-server-rounds": 2, "dp.epsilon": 3.0})
+    results = run.results
+    assert results["status"] == "completed" and [r["round"] for r in results["rounds"]] == [1, 2]
+    for rnd in results["rounds"]:
+        assert rnd["train"]["trained"] == ["site-1", "site-2", "site-3"] and rnd["train"]["failed"] == []
+    clients = results["privacy"]["clients"]
+    assert {c: set(v["modalities"]) for c, v in clients.items()} == {c: set(m) for c, m in DEFAULT_SITES.items()}
+    for name in DEFAULT_SITES:
+        assert 0 < clients[name]["epsilon"] <= 3.0 and clients[name]["rounds_trained"] == 2
+        server_copy, site_copy = _ledger(run.folder / "ledgers" / f"{name}.jsonl"), _ledger(dep.sites[name].state_dir / "ledger.jsonl")
+        assert [e["round"] for e in server_copy] == [1, 2] and server_copy == site_copy[-2:]
+        assert (dep.sites[name].state_dir / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_supernode_with_an_unregistered_key_is_refused_and_gets_no_task(dep, tmp_path):
+    rogue_key = make_credentials(tmp_path / "rogue-creds", server_names="127.0.0.1", sites=["rogue"]).site("rogue").auth_private_key
+    proc = dep.start_unregistered("rogue", rogue_key)
+    assert proc.wait(timeout=120) != 0
+    log = dep.logs("rogue")
+    assert "Failed to activate SuperNode" in log and "Receiving:" not in log
+    assert [n["status"] for n in dep.nodes()] == ["online"] * 3  # the three registered sites, nobody else
+    assert not (dep.root / "state" / "rogue").exists()  # no ClientApp ever ran for it
+
+
+@pytest.mark.slow
+def test_a_restarted_site_keeps_its_encoders_and_privacy_history(dep):
+    site = dep.sites["site-2"]
+    if not _ledger(site.state_dir / "ledger.jsonl"):
+        dep.run({"num-server-rounds": 1, "dp.epsilon": 3.0})
+    before = {p.name: p.read_bytes() for p in site.state_dir.iterdir() if p.is_file() and p.suffix != ".lock"}
+    eps_before = _ledger(site.state_dir / "ledger.jsonl")[-1]["epsilon"]
+
+    dep.restart_site("site-2")
+    after_restart = {p.name: p.read_bytes() for p in site.state_dir.iterdir() if p.is_file() and p.suffix != ".lock"}
+    run = dep.run({"num-server-rounds": 1, "dp.epsilon": 4.0})
+
+    assert site.starts == 2 and after_restart == before  # the restart touched nothing in the state folder
+    ledger = _ledger(site.state_dir / "ledger.jsonl")
+    new = [e for e in ledger if e["run_id"] == run.results["run_id"]]
+    assert len(new) == 1 and new[0]["status"] == "trained"
+    assert eps_before < new[0]["epsilon"] <= 4.0  # continues from the first run's spend
+    assert new[0]["prev_hash"] == ledger[-2]["entry_hash"]  # one chain across runs and restarts
+    history = json.loads((site.state_dir / "privacy.json").read_text())
+    assert len(history["rounds"]) == len(history["privacy"]["history"]) == len(ledger)  # every round of both runs
+    assert run.results["privacy"]["clients"]["site-2"]["epsilon"] == pytest.approx(new[0]["epsilon"])
+
+
+@pytest.mark.slow
+def test_a_killed_site_is_recorded_as_failed_and_the_run_finishes_with_the_others(dep):
+    run_id, folder = dep.submit({"num-server-rounds": 3, "dp.epsilon": 5.0, "min-clients": 2, "round-timeout": 20.0,
+                                 "evaluate-every": 3})
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # kill site-2 once round 1 is done
+            results = folder / "results.json"
+            if results.exists() and json.loads(results.read_text())["rounds"]:
+                break
+            time.sleep(0.5)
+        dep.kill_site("site-2")
+        run = dep.wait(run_id, folder, timeout=300)
+    finally:
+        dep.start_site("site-2")  # the later tests need every site
+    assert run.status == "finished:completed", run.server_log[-3000:]
+    rounds = run.results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["train"]["trained"] == ["site-1", "site-2", "site-3"]
+    for rnd in rounds[1:]:
+        assert rnd["train"]["trained"] == ["site-1", "site-3"]
+        assert rnd["train"]["failed"] in (["site-2"], [])  # [] once the SuperLink has marked the node offline
+    assert rounds[1]["train"]["failed"] == ["site-2"]  # the dropout is explicit in results.json
+    assert rounds[2]["evaluate"]["num_examples"] > 0 and rounds[0]["evaluate"] is None  # evaluate-every = 3
+
+
+@pytest.mark.slow
+def test_a_run_asking_more_than_a_sites_policy_is_refused_by_that_site(dep):
+    site3 = dep.sites["site-3"]
+    ledger_before = _ledger(site3.state_dir / "ledger.jsonl")
+    run = dep.run({"num-server-rounds": 1, "dp.epsilon": 6.0})
+    results = run.results
+    assert results["rounds"][0]["train"]["refused"] == {"site-3": M.STATUS_POLICY_REFUSED}
+    assert results["rounds"][0]["train"]["trained"] == ["site-1", "site-2"]
+    assert results["privacy"]["clients"]["site-3"]["status"] == f"excluded: {M.STATUS_POLICY_REFUSED}"
+    expected = "the run asks for a budget of ε = 6 but this site's policy allows at most ε = 5"
+    assert expected in dep.logs("site-3")  # the site's own log
+    assert expected in run.server_log  # and its reply, as the ServerApp logged it
+    assert _ledger(site3.state_dir / "ledger.jsonl") == ledger_before  # refused before touching any data
+
+
+@pytest.mark.slow
+def test_a_run_gives_up_when_fewer_sites_than_min_clients_stay_connected(dep):
+    dep.stop_site("site-2")  # a clean shutdown: the SuperLink forgets the node at once
+    try:
+        run = dep.run({"num-server-rounds": 1, "dp.epsilon": 6.0, "min-clients": 3, "round-timeout": 5.0},
+                      expect="finished:failed", timeout=180)
+    finally:
+        dep.start_site("site-2")
+    results = run.results
+    assert results["status"] == "failed" and results["rounds"] == []
+    assert "only 2 site(s) connected after waiting 5 s (round-timeout), but the run needs 3 (min-clients)" in results["error"]
+    assert "gave up waiting for sites" in run.server_log

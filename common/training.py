@@ -24,6 +24,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import NoisePlan, PrivacyHistory, calibrate_noise, validate_privacy_parameters
+from common.config import GRAD_SAMPLE_MODES
 from common.data import MultimodalData, hide_modalities
 from common.errors import DataError, NonFiniteError, PrivacyParameterError
 from common.grad_samplers import FlatGradSample
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 # flat: exact per-sample gradients of all parameters in one flat buffer (common/grad_samplers.py), clipped and
 # noised by Opacus's own DPOptimizer (fastest here: `fedfuse bench dp-overhead`); the others are Opacus's engines.
-GRAD_SAMPLE_MODES = ("flat", "hooks", "functorch", "ew")
 
 
 @dataclass(frozen=True)

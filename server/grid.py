@@ -6,11 +6,15 @@ returns a reply that never came as nothing at all; ``sample_nodes`` waits withou
 each message phase ends as soon as the last reply arrives and every unanswered message becomes an
 error reply the strategy records; :func:`sample_nodes` gives up after a deadline with a
 :class:`NodesUnavailableError` that says what to do.
+
+``FEDFUSE_REPLY_POLL_INTERVAL`` (seconds, in the SuperLink's environment) changes the polling
+interval; ``fedfuse bench deploy-round`` sets it to 3 to measure Flower's own behaviour.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Iterable
@@ -24,7 +28,7 @@ from common.errors import FedfuseError
 
 log = logging.getLogger("fedfuse.server")
 
-POLL_INTERVAL = 0.2  # seconds between pulls of replies (Flower's HttpGrid: 3 s)
+POLL_INTERVAL = float(os.environ.get("FEDFUSE_REPLY_POLL_INTERVAL", "0.2"))  # s between pulls (Flower's HttpGrid: 3)
 NODE_POLL_INTERVAL = 1.0  # seconds between checks for connected nodes (as Flower's sample_nodes)
 NO_REPLY = "no reply within {timeout:g} s (round-timeout): the site is offline, stopped or too slow"
 

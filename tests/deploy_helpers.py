@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,6 +183,9 @@ class Deployment:
             eps = max_epsilon[name] if isinstance(max_epsilon, Mapping) else max_epsilon
             self.sites[name] = Site(name, tuple(modalities), data[name], root / "state" / name, root / "homes" / name,
                                     root / "logs" / f"{name}.log", free_port(), float(eps))
+            # As the README says: the site's ledger key from `fedfuse certs` goes into its state folder
+            self.sites[name].state_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.creds.site(name).ledger_key, self.sites[name].state_dir / "ledger_key.pem")
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.superlink: subprocess.Popen | None = None

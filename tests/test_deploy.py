@@ -8,6 +8,7 @@ before it (a site's budget covers its whole history), so any subset of them also
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,12 +18,13 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from common import messages as M
 from common.certs import make_credentials
 from common.config import RunConfig, parse_run_config
+from common.ledger import load_public_key_hex
 from common.model import ModelConfig, global_head_template
 from server.grid import NodesUnavailableError, PollingGrid, sample_nodes
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState
 
-from deploy_helpers import DEFAULT_SITES, deployment, leftover_processes
+from deploy_helpers import BIN, DEFAULT_SITES, deployment, leftover_processes
 
 POLICY = {"site-1": 8.0, "site-2": 8.0, "site-3": 5.0}  # site-3 accepts at most epsilon = 5 over its whole history
 
@@ -151,7 +153,12 @@ def test_three_sites_run_two_rounds_and_write_results_and_ledgers(dep):
         assert 0 < clients[name]["epsilon"] <= 3.0 and clients[name]["rounds_trained"] == 2
         server_copy, site_copy = _ledger(run.folder / "ledgers" / f"{name}.jsonl"), _ledger(dep.sites[name].state_dir / "ledger.jsonl")
         assert [e["round"] for e in server_copy] == [1, 2] and server_copy == site_copy[-2:]
+        pinned = load_public_key_hex(dep.creds.site(name).ledger_public_key)  # signed with the key from `fedfuse certs`
+        assert {e["public_key"] for e in server_copy} == {pinned}
         assert (dep.sites[name].state_dir / "model.safetensors").exists()
+    audit = subprocess.run([str(BIN / "fedfuse"), "audit", str(run.folder), "--keys", str(dep.creds.server_folder / "ledger-keys")],
+                           capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0, audit.stdout + audit.stderr  # signatures (pinned keys), chains, re-accounted epsilon
 
 
 @pytest.mark.slow
@@ -166,52 +173,49 @@ def test_a_supernode_with_an_unregistered_key_is_refused_and_gets_no_task(dep, t
 
 
 @pytest.mark.slow
-def test_a_restarted_site_keeps_its_encoders_and_privacy_history(dep):
-    site = dep.sites["site-2"]
-    if not _ledger(site.state_dir / "ledger.jsonl"):
-        dep.run({"num-server-rounds": 1, "dp.epsilon": 3.0})
-    before = {p.name: p.read_bytes() for p in site.state_dir.iterdir() if p.is_file() and p.suffix != ".lock"}
-    eps_before = _ledger(site.state_dir / "ledger.jsonl")[-1]["epsilon"]
-
-    dep.restart_site("site-2")
-    after_restart = {p.name: p.read_bytes() for p in site.state_dir.iterdir() if p.is_file() and p.suffix != ".lock"}
-    run = dep.run({"num-server-rounds": 1, "dp.epsilon": 4.0})
-
-    assert site.starts == 2 and after_restart == before  # the restart touched nothing in the state folder
-    ledger = _ledger(site.state_dir / "ledger.jsonl")
-    new = [e for e in ledger if e["run_id"] == run.results["run_id"]]
-    assert len(new) == 1 and new[0]["status"] == "trained"
-    assert eps_before < new[0]["epsilon"] <= 4.0  # continues from the first run's spend
-    assert new[0]["prev_hash"] == ledger[-2]["entry_hash"]  # one chain across runs and restarts
-    history = json.loads((site.state_dir / "privacy.json").read_text())
-    assert len(history["rounds"]) == len(history["privacy"]["history"]) == len(ledger)  # every round of both runs
-    assert run.results["privacy"]["clients"]["site-2"]["epsilon"] == pytest.approx(new[0]["epsilon"])
+def test_a_killed_site_is_recorded_as_failed_and_the_run_finishes_with_the_others(dep):
+    run_id, folder = dep.submit({"num-server-rounds": 2, "dp.epsilon": 4.0, "min-clients": 2, "round-timeout": 15.0,
+                                 "evaluate-every": 2})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill site-2 (SuperNode, executor, ClientApps) once round 1 is done
+        results = folder / "results.json"
+        if results.exists() and json.loads(results.read_text())["rounds"]:
+            break
+        time.sleep(0.5)
+    dep.kill_site("site-2")  # the next test restarts it
+    run = dep.wait(run_id, folder, timeout=300)
+    assert run.status == "finished:completed", run.server_log[-3000:]
+    first, second = run.results["rounds"]
+    assert first["train"]["trained"] == ["site-1", "site-2", "site-3"] and first["evaluate"] is None  # evaluate-every = 2
+    assert second["train"]["trained"] == ["site-1", "site-3"]
+    assert second["train"]["failed"] == ["site-2"]  # the dropout is explicit in results.json
+    assert "site-2 failed: no reply within 15 s (round-timeout)" in run.server_log
+    assert second["evaluate"]["num_examples"] > 0  # the others still evaluate the final head
 
 
 @pytest.mark.slow
-def test_a_killed_site_is_recorded_as_failed_and_the_run_finishes_with_the_others(dep):
-    run_id, folder = dep.submit({"num-server-rounds": 3, "dp.epsilon": 5.0, "min-clients": 2, "round-timeout": 20.0,
-                                 "evaluate-every": 3})
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # kill site-2 once round 1 is done
-            results = folder / "results.json"
-            if results.exists() and json.loads(results.read_text())["rounds"]:
-                break
-            time.sleep(0.5)
-        dep.kill_site("site-2")
-        run = dep.wait(run_id, folder, timeout=300)
-    finally:
-        dep.start_site("site-2")  # the later tests need every site
-    assert run.status == "finished:completed", run.server_log[-3000:]
-    rounds = run.results["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2, 3]
-    assert rounds[0]["train"]["trained"] == ["site-1", "site-2", "site-3"]
-    for rnd in rounds[1:]:
-        assert rnd["train"]["trained"] == ["site-1", "site-3"]
-        assert rnd["train"]["failed"] in (["site-2"], [])  # [] once the SuperLink has marked the node offline
-    assert rounds[1]["train"]["failed"] == ["site-2"]  # the dropout is explicit in results.json
-    assert rounds[2]["evaluate"]["num_examples"] > 0 and rounds[0]["evaluate"] is None  # evaluate-every = 3
+def test_a_restarted_site_keeps_its_encoders_and_privacy_history(dep):
+    site = dep.sites["site-2"]  # killed by the previous test (else stopped here): a restart after a crash
+    if not _ledger(site.state_dir / "ledger.jsonl"):
+        dep.run({"num-server-rounds": 1, "dp.epsilon": 3.0})
+    dep.stop_site("site-2")
+    before = {p.name: p.read_bytes() for p in site.state_dir.iterdir() if p.is_file() and p.suffix != ".lock"}
+    eps_before = _ledger(site.state_dir / "ledger.jsonl")[-1]["epsilon"]
+
+    dep.start_site("site-2")  # after a crash, once the SuperLink has marked the node offline
+    after_restart = {p.name: p.read_bytes() for p in site.state_dir.iterdir() if p.is_file() and p.suffix != ".lock"}
+    run = dep.run({"num-server-rounds": 1, "dp.epsilon": 5.0})
+
+    assert after_restart == before  # the restart touched nothing in the state folder
+    ledger = _ledger(site.state_dir / "ledger.jsonl")
+    new = [e for e in ledger if e["run_id"] == run.results["run_id"]]
+    assert len(new) == 1 and new[0]["status"] == "trained"
+    assert eps_before < new[0]["epsilon"] <= 5.0  # continues from the earlier runs' spend
+    assert new[0]["prev_hash"] == ledger[-2]["entry_hash"]  # one chain across runs and restarts
+    history = json.loads((site.state_dir / "privacy.json").read_text())
+    assert len(history["rounds"]) == len(history["privacy"]["history"]) == len(ledger)  # every round, every run
+    assert run.results["privacy"]["clients"]["site-2"]["epsilon"] == pytest.approx(new[0]["epsilon"])
+    assert run.results["rounds"][0]["train"]["trained"] == ["site-1", "site-2", "site-3"]
 
 
 @pytest.mark.slow
@@ -231,12 +235,9 @@ def test_a_run_asking_more_than_a_sites_policy_is_refused_by_that_site(dep):
 
 @pytest.mark.slow
 def test_a_run_gives_up_when_fewer_sites_than_min_clients_stay_connected(dep):
-    dep.stop_site("site-2")  # a clean shutdown: the SuperLink forgets the node at once
-    try:
-        run = dep.run({"num-server-rounds": 1, "dp.epsilon": 6.0, "min-clients": 3, "round-timeout": 5.0},
-                      expect="finished:failed", timeout=180)
-    finally:
-        dep.start_site("site-2")
+    dep.stop_site("site-2")  # a clean shutdown: the SuperLink forgets the node at once (last test: stays stopped)
+    run = dep.run({"num-server-rounds": 1, "dp.epsilon": 7.0, "min-clients": 3, "round-timeout": 5.0},
+                  expect="finished:failed", timeout=180)
     results = run.results
     assert results["status"] == "failed" and results["rounds"] == []
     assert "only 2 site(s) connected after waiting 5 s (round-timeout), but the run needs 3 (min-clients)" in results["error"]

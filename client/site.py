@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig, flower_run_i
 
 
 def _simulated(node_config: Mapping[str, Any], config: RunConfig, flower_run_id: int) -> SiteContext:
-    from common.partition import client_partition, num_clients
+    from common.partition import num_clients
 
     index, total = int(node_config["partition-id"]), int(node_config.get("num-partitions", 0))
     expected = num_clients(config)
@@ -60,9 +61,17 @@ def _simulated(node_config: Mapping[str, Any], config: RunConfig, flower_run_id:
             f"the simulation runs {total} SuperNodes but the scenario describes {expected} clients; run "
             f"`flwr run . --federation-config \"num-supernodes={expected}\"` or use `fedfuse simulate`"
         )
-    part = client_partition(config, index)
+    part = _cached_partition(config, index)
     state = run_out_dir(config, flower_run_id) / "clients" / part.client_id
     return SiteContext(part.client_id, index, part.train, part.test, state, part.budget, None, True)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_partition(config: RunConfig, index: int):  # noqa: ANN202
+    """A simulated client's partition, built once per process (Ray actors serve many messages)."""
+    from common.partition import client_partition
+
+    return client_partition(config, index)
 
 
 def _deployed(node_config: Mapping[str, Any]) -> SiteContext:

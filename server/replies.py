@@ -166,4 +166,11 @@ def mean_metrics(replies: list[EvaluateReply]) -> dict[str, Any] | None:
             "num_examples": n,
         }
     out["by_modalities"] = by
+    # What each client reported, so that comparisons can be made on the same clients.
+    out["clients"] = {
+        r.client_id: {"accuracy": r.overall[M.ACCURACY], "macro_f1": r.overall[M.MACRO_F1], "num_examples": r.num_examples,
+                      "by_modalities": {s: {"accuracy": m[M.ACCURACY], "macro_f1": m[M.MACRO_F1],
+                                            "num_examples": int(m[M.NUM_EXAMPLES])} for s, m in r.by_modalities.items()}}
+        for r in scored
+    }
     return out

@@ -185,3 +185,24 @@ def test_a_run_folder_refuses_a_different_configuration(tmp_path):
     assert folder.open_run(flat | {"out-dir": "elsewhere"}) == run_id
     with pytest.raises(Exception, match="different configuration"):
         folder.open_run(flat | {"dp.epsilon": 1.0})
+
+
+def test_heldout_sites_are_scored_per_site_and_pooled(tmp_path):
+    from common import synthetic
+    from common.model import MultimodalModel
+    from common.sitedata import write_site
+    from server.heldout import HeldoutEvaluator
+
+    data = synthetic.generate(30, seed=5)
+    write_site(tmp_path / "a", data, ["train"] * 20 + ["test"] * 10, name="a")  # a training site: not scored
+    write_site(tmp_path / "b", data, ["test"] * 30, name="b")
+    write_site(tmp_path / "c", data.restrict(["image"]), ["test"] * 30, name="c")
+    config = parse_run_config(RunConfig().to_flat() | {"encoders": "federated", "data.server-test": str(tmp_path)})
+    model = MultimodalModel(data.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim), seed=0)
+    report = HeldoutEvaluator(config)(model.state_dict())
+    assert report["num_examples"] == 60 and set(report["clients"]) == {"b", "c"}
+    assert report["pooled"]["num_examples"] == 60
+    assert report["pooled"]["accuracy"] == pytest.approx(report["accuracy"])  # pooled accuracy = weighted mean
+    assert "image+signal+tabular" in report["by_modalities"]
+    # without any trained encoder there is no whole model to score
+    assert HeldoutEvaluator(config)({k: v for k, v in model.state_dict().items() if k.startswith("head.")}) is None

@@ -20,9 +20,20 @@ log = logging.getLogger("fedfuse.server")
 app = ServerApp()
 
 
+def _show_progress() -> None:
+    """A deployed ServerApp has no log handler and its stderr is the run's log (`flwr log`): show fedfuse's lines there."""
+    fedfuse = logging.getLogger("fedfuse")
+    if not fedfuse.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        fedfuse.addHandler(handler)
+        fedfuse.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or continue) the federated training described by the run config."""
+    _show_progress()
     # Parse the run config once; open the output folder (resuming when it holds this run)
     config = parse_run_config(context.run_config)
     folder = RunFolder(run_out_dir(config, context.run_id))

@@ -147,6 +147,7 @@ def test_three_sites_run_two_rounds_and_write_results_and_ledgers(dep):
     assert results["status"] == "completed" and [r["round"] for r in results["rounds"]] == [1, 2]
     for rnd in results["rounds"]:
         assert rnd["train"]["trained"] == ["site-1", "site-2", "site-3"] and rnd["train"]["failed"] == []
+    assert "round 2/2 | trained 3/3 clients" in run.server_log  # fedfuse's progress lines reach `flwr log`
     clients = results["privacy"]["clients"]
     assert {c: set(v["modalities"]) for c, v in clients.items()} == {c: set(m) for c, m in DEFAULT_SITES.items()}
     for name in DEFAULT_SITES:

@@ -17,34 +17,33 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("audit", "verify privacy ledgers and re-account every client's epsilon"),
     "certs": ("certs", "create the CA, SuperLink certificate and site keys for a deployment"),
     "site": ("site", "run a deployment site's SuperNode with the warm executor (fast rounds)"),
-    "bench": ("bench", "measure overheads (dp-overhead, round-overhead)"),
+    "bench": ("bench", "benchmarks: dp-overhead, round-overhead, deploy-round, hapt, av-digits"),
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    parser = argparse.ArgumentParser(prog="fedfuse", description=__doc__.splitlines()[0])
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The parser; only the command named in ``argv`` is imported and configured (commands pull in torch)."""
+    parser = argparse.ArgumentParser(prog="fedfuse", description="fedfuse: federated, privacy-preserving multi-modal training")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     modules: dict[str, object] = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
             module = importlib.import_module(f"common.commands.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"common.commands.{module_name}":
-                raise
-            continue  # not built yet
-        module.configure(sub.add_parser(name, help=help_text, description=help_text))
-        modules[name] = module
+            module.configure(command)
+            modules[name] = module
     return parser, modules
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, modules = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, modules = build_parser(argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # force: an imported library may already have put a WARNING handler on the root logger.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         return int(modules[args.command].run(args) or 0)
     except FedfuseError as exc:
@@ -53,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fedfuse {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -59,17 +59,20 @@ def main(grid: Grid, context: Context) -> None:
     strategy = FedFuse(config, state, optimizer, folder, {"modalities": list(modalities), "labels": list(labels)}, heldout)
     if state.round_offset >= total:
         log.info("run %s already completed its %d rounds", run_id, total)
-    elif config.secagg.enabled:  # the head through SecAgg+: the server learns only the sum of the updates
-        log.info("run %s: %d rounds with secure aggregation, output in %s", run_id, total - state.round_offset, folder.path)
-        run_secure(strategy, grid, context, num_rounds=total - state.round_offset)
-    else:
-        log.info("run %s: %d rounds, output in %s", run_id, total - state.round_offset, folder.path)
-        try:  # PollingGrid: replies polled every 0.2 s (Flower: 3 s), a missing reply is recorded as a failure
-            strategy.start(grid=PollingGrid(grid), initial_arrays=ArrayRecord(state.global_state),
-                           num_rounds=total - state.round_offset, timeout=config.server.round_timeout,
-                           evaluate_fn=strategy.end_round)
-        except NodesUnavailableError as exc:  # too few sites for longer than round-timeout: stop, say why
-            log.error("run %s stopped: %s", run_id, exc)
-            folder.write_results(strategy.results(status="failed") | {"error": str(exc)})
-            raise
+        folder.write_results(strategy.results(status="completed"))
+        return
+    rounds = total - state.round_offset
+    polling = PollingGrid(grid)  # replies polled every 0.2 s (Flower: 3 s), a missing reply is recorded as a failure
+    try:
+        if config.secagg.enabled:  # the head through SecAgg+: the server learns only the sum of the updates
+            log.info("run %s: %d rounds with secure aggregation, output in %s", run_id, rounds, folder.path)
+            run_secure(strategy, polling, context, num_rounds=rounds)
+        else:
+            log.info("run %s: %d rounds, output in %s", run_id, rounds, folder.path)
+            strategy.start(grid=polling, initial_arrays=ArrayRecord(state.global_state), num_rounds=rounds,
+                           timeout=config.server.round_timeout, evaluate_fn=strategy.end_round)
+    except NodesUnavailableError as exc:  # too few sites for longer than round-timeout: stop, say why
+        log.error("run %s stopped: %s", run_id, exc)
+        folder.write_results(strategy.results(status="failed") | {"error": str(exc)})
+        raise
     folder.write_results(strategy.results(status="completed"))

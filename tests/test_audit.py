@@ -333,7 +333,7 @@ def test_pinned_keys_catch_a_re_signed_ledger(tmp_path, prv_rows):
 
 
 def test_help_documents_exit_statuses():
-    parser, _ = build_parser()
+    parser, _ = build_parser(["audit"])
     sub = parser._subparsers._group_actions[0].choices["audit"]
     text = sub.format_help()
     for line in ["3  tampering", "4  corrupt", "5  over budget", "6  accounting disagreement", "2  usage error"]:

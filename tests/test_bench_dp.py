@@ -192,7 +192,7 @@ def test_a_second_backward_or_a_stale_graph_is_refused():
 
 
 def run_bench(argv, capsys):
-    parser, modules = build_parser()
+    parser, modules = build_parser(["bench"])
     args = parser.parse_args(["bench", "dp-overhead", *argv])
     status = modules["bench"].run(args)
     return status, capsys.readouterr().out.strip().splitlines()

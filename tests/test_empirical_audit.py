@@ -157,7 +157,7 @@ def test_cli_usage_errors(tmp_path, capsys):
 
 
 def test_help_documents_the_empirical_exit_status():
-    parser, _ = build_parser()
+    parser, _ = build_parser(["audit"])
     text = parser._subparsers._group_actions[0].choices["audit"].format_help()
     assert f"{EXIT_EMPIRICAL}  (--empirical) the empirical lower bound exceeds the claimed epsilon" in text
     assert "--noise" not in text

@@ -49,7 +49,7 @@ def plot_epsilon(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("cumulative ε (dotted: budget)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    if clients:
+    if ax.get_legend_handles_labels()[0]:  # a non-private run has no epsilon to plot
         ax.legend(fontsize=8, loc="upper left")
     delta = results.get("config", {}).get("dp.delta")
     ax.set_title(f"Privacy spend per client (δ = {delta:g})" if isinstance(delta, float) else "Privacy spend per client")

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +13,7 @@ from common.cli import main
 from common.commands.simulate import build_config
 from common.ledger import CHAIN_FIELDS, KEY_FILE, LEDGER_FILE, OVER_BUDGET, TAMPERING, Ledger, LedgerKey, encode_entry
 from simulations import runner
+from simulate_helpers import leftovers, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -109,84 +105,22 @@ def test_an_over_budget_ledger_is_flagged(run_dir, tmp_path, capsys):
     assert any("over its budget" in p for p in bad["problems"])
 
 
-def _our_processes(out: Path) -> list[int]:
-    """Pids of processes started for the run in ``out`` (their environment names its FLWR_HOME)."""
-    marker = f"FLWR_HOME={out.resolve() / '.flwr'}".encode()
-    pids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                    pids.append(int(pid))
-            except OSError:
-                continue
-    return pids
-
-
-def _leftovers(out: Path, wait: float) -> list[str]:
-    """Command lines of the run's processes still alive after ``wait`` seconds (Ray takes a moment to exit); killed."""
-    deadline = time.monotonic() + wait
-    while _our_processes(out) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = []
-    for pid in _our_processes(out):
-        try:
-            left.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200])
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return left
-
-
-def _kill_run(proc: subprocess.Popen, out: Path) -> None:
-    """Kill the simulation's process group, any process of the run that left it, and its Ray temp folder."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    for pid in _our_processes(out):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    for folder in Path("/tmp").glob(runner.ray_tmp_prefix(out) + "*"):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _simulate(args: list[str], out: Path, *, until=None, timeout: float = 240) -> None:
-    """Run ``fedfuse simulate ARGS`` in its own process group until it exits or ``until()`` holds; never leak it."""
-    log = out.parent / f"simulate-{time.monotonic_ns()}.log"
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "simulate", *args, "--quiet"],
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None and time.monotonic() < deadline and not (until and until()):
-            time.sleep(0.1)
-        assert until is None or until(), f"the run ended or timed out first:\n{log.read_text()[-2000:]}"
-        assert until is not None or proc.returncode == 0, log.read_text()[-2000:]
-    finally:
-        if until is not None or proc.returncode != 0:  # killed on purpose, failed or timed out
-            _kill_run(proc, out)
-
-
 def test_a_killed_and_resumed_run_audits_as_one_chain_per_client(tmp_path, capsys):
     # Prepare: a 3-round run killed (SIGKILL to its process group) once round 1's checkpoint exists
     out = tmp_path / "run"
     latest = out / "checkpoints" / "latest.json"
     overrides = [a for o in [*OVERRIDES, "num-server-rounds=3"] for a in ("--set", o)]
-    _simulate(["--out", str(out), *overrides], out, until=latest.exists)
-    assert _leftovers(out, wait=0) == []
+    simulate(["--out", str(out), *overrides], out, until=latest.exists)
+    assert leftovers(out, wait=0) == []
     killed_at = json.loads(latest.read_text())["round"]
     assert killed_at < 3  # (often killed between the checkpoint and results.json: a crash like any other)
     # Execute: resume, then audit
-    _simulate(["--resume", str(out)], out)
+    simulate(["--resume", str(out)], out)
     status, report = audit_json(out, capsys)
     # Assert: every ledger verifies as one chain (one key, one run) with rounds 1, 2, 3 trained once each
     assert status == 0 and report["ok"]
     assert len(report["clients"]) == CLIENTS
-    assert _leftovers(out, wait=30) == []  # a finished run leaves no process behind
+    assert leftovers(out, wait=30) == []  # a finished run leaves no process behind
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed" and [r["round"] for r in results["rounds"]] == [1, 2, 3]
     run_id = json.loads((out / "run.json").read_text())["run_id"]

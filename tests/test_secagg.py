@@ -6,12 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,7 +40,7 @@ from server.run_folder import RunFolder
 from server.secagg import (SumRejected, _SecAggPlus, decode_average, expected_weights, parse_clear_reply,
                            quantization_range, run_secure)
 from server.strategy import FedFuse, RunState
-from simulations.runner import ray_tmp_prefix
+from simulate_helpers import checkpoint_reached, simulate
 
 MODALITIES = ("image", "signal", "tabular")
 
@@ -485,28 +480,9 @@ def test_secure_aggregation_gives_the_plain_head_in_simulation(plain_run, tmp_pa
 
 @pytest.mark.slow
 def test_a_killed_secure_run_resumes_to_the_plain_head(plain_run, tmp_path):
-    from test_simulation import _kill_leftovers
-
     # Prepare: start the secure run in its own process group and kill it hard after round 1
     out = tmp_path / "run"
-    args = ["simulate", "--out", str(out), "--quiet", *DETERMINISTIC, *SECURE]
-    with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], start_new_session=True,
-                                stdout=log, stderr=subprocess.STDOUT)
-    latest = out / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if latest.exists() and json.loads(latest.read_text())["round"] >= 1:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _kill_leftovers(ray_tmp_prefix(out))
-        for folder in Path("/tmp").glob(ray_tmp_prefix(out) + "*"):
-            shutil.rmtree(folder, ignore_errors=True)
+    simulate(["--out", str(out), *DETERMINISTIC, *SECURE], out, until=checkpoint_reached(out, 1))
     # Execute
     assert main(["simulate", "--resume", str(out), "--quiet"]) == 0
     # Assert: every round once, each client's ledger one chain, and still the plain run's head

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +10,7 @@ import pytest
 from common.accounting import PrivacyHistory
 from common.cli import main
 from common.ledger import Ledger, verify_chain
-from simulations.runner import ray_tmp_prefix
+from simulate_helpers import checkpoint_reached, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -103,43 +97,10 @@ def test_an_existing_run_folder_is_never_overwritten(simulated, capsys):
     assert (out / "results.json").read_bytes() == before
 
 
-def _kill_leftovers(marker: str) -> None:
-    """Kill any process (Ray workers included) whose command line mentions ``marker``."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
-
-
 def test_resume_after_a_killed_run_trains_every_round_once(tmp_path):
     # Prepare: start a 4-round run in its own process group and kill it hard after round 2
     out = tmp_path / "run"
-    args = ["simulate", "--out", str(out), "--quiet", *SCENARIO[:-2], "--set", "num-server-rounds=4"]
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = out / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if latest.exists() and json.loads(latest.read_text())["round"] >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _kill_leftovers(ray_tmp_prefix(out))
-        for folder in Path("/tmp").glob(ray_tmp_prefix(out) + "*"):
-            shutil.rmtree(folder, ignore_errors=True)
-    assert json.loads(latest.read_text())["round"] >= 2  # results.json may lag the checkpoint by one write
+    simulate(["--out", str(out), *SCENARIO[:-2], "--set", "num-server-rounds=4"], out, until=checkpoint_reached(out, 2))
     # Execute
     assert main(["simulate", "--resume", str(out), "--quiet"]) == 0
     # Assert: four rounds, each once; every client's privacy history is one continuous chain

@@ -206,6 +206,22 @@ def write_outputs(out: Path, stem: str, payload: dict[str, Any], markdown: str) 
     return json_path, md_path
 
 
+def finish(out: Path, name: str, title: str, *, started: float, runs: dict[str, dict[str, Any]], body: str,
+           payload: dict[str, Any]) -> int:
+    """Write ``<out>/<name>-results.{json,md}``, print the tables; exit status 1 if any client overspent."""
+    hw = hardware()
+    payload = {"benchmark": name, "command": command_line(), "hardware": hw,
+               "wall_seconds": round(time.perf_counter() - started, 1), **payload}
+    json_path, md_path = write_outputs(out, f"{name}-results", payload, header(title, started, hw, runs) + body)
+    print(body)
+    print(f"\nwall time {(time.perf_counter() - started) / 60:.1f} min; results: {json_path}, {md_path}")
+    bad = [n for n, r in payload.get("runs", {}).items() if not r["epsilon_ok"]]
+    if bad:
+        print(f"clients spent more than their budget in: {', '.join(bad)}")
+        return 1
+    return 0
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")

@@ -179,16 +179,5 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(runs, todo)
     assigned = assignment(cache, MIXED_GROUPS)
     body, verdicts = tables(summary, assigned)
-    hw = C.hardware()
-    markdown = C.header("AV-Digits: spoken + written digits, clients with different modalities", started, hw, runs) + body
-    payload = {"benchmark": "av-digits", "command": C.command_line(), "hardware": hw,
-               "wall_seconds": round(time.perf_counter() - started, 1), "scenario": str(args.scenario),
-               "overrides": common, "mixed_assignment": assigned, "targets": verdicts, **summary}
-    json_path, md_path = C.write_outputs(out, "av-digits-results", payload, markdown)
-    print(body)
-    print(f"\nwall time {(time.perf_counter() - started) / 60:.1f} min; results: {json_path}, {md_path}")
-    bad = [n for n, r in summary["runs"].items() if not r["epsilon_ok"]]
-    if bad:
-        print(f"clients spent more than their budget in: {', '.join(bad)}")
-        return 1
-    return 0
+    return C.finish(out, "av-digits", "AV-Digits: spoken + written digits, clients with different modalities", started=started, runs=runs, body=body,
+                    payload={"scenario": str(args.scenario), "overrides": common, "mixed_assignment": assigned, "targets": verdicts, **summary})

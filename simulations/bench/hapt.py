@@ -212,16 +212,5 @@ def run(args: argparse.Namespace) -> int:
                        progress=lambda s: print(s, flush=True))
     summary = summarize(runs, todo, cache, out / "runs")
     body, verdicts = tables(summary, args)
-    hw = C.hardware()
-    markdown = C.header("HAPT: federated multimodal activity recognition", started, hw, runs) + body
-    payload = {"benchmark": "hapt", "command": C.command_line(), "hardware": hw,
-               "wall_seconds": round(time.perf_counter() - started, 1), "scenario": str(args.scenario),
-               "overrides": common, "targets": verdicts, **summary}
-    json_path, md_path = C.write_outputs(out, "hapt-results", payload, markdown)
-    print(body)
-    print(f"\nwall time {(time.perf_counter() - started) / 60:.1f} min; results: {json_path}, {md_path}")
-    bad = [n for n, r in summary["runs"].items() if not r["epsilon_ok"]]
-    if bad:
-        print(f"clients spent more than their budget in: {', '.join(bad)}")
-        return 1
-    return 0
+    return C.finish(out, "hapt", "HAPT: federated multimodal activity recognition", started=started, runs=runs, body=body,
+                    payload={"scenario": str(args.scenario), "overrides": common, "targets": verdicts, **summary})

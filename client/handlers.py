@@ -16,9 +16,9 @@ from client.site import SiteContext, resolve_site
 from common import messages as M
 from common.messages import update_digest
 from common.config import RunConfig, parse_run_config
-from common.errors import BudgetExhaustedError, NonFiniteError
+from common.errors import BudgetExhaustedError
 from common.evaluation import evaluate
-from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields
+from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, utc_now
 from common.model import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel
 from common.state import ClientRecord, ClientState
 from common.training import RoundResult, train_round
@@ -88,23 +88,56 @@ def _target_epsilon(site: SiteContext, config: RunConfig) -> tuple[float, str | 
     return config.dp.epsilon, None
 
 
-def _ledger_entry(state: ClientState, site: SiteContext, config: RunConfig, *, run_id: str, server_round: int,
-                  status: str, result: RoundResult | None, epsilon: float, budget: float,
-                  update_hash: str | None, record: ClientRecord) -> Ledger:
-    key = LedgerKey.load_or_create(state.folder / KEY_FILE)
+def _entry_fields(site: SiteContext, config: RunConfig, *, run_id: str, server_round: int, status: str,
+                  result: RoundResult | None, epsilon: float, budget: float, update_hash: str | None,
+                  record: ClientRecord) -> dict:
+    """The unsigned ledger entry of a round (its time fixed now, so a recovered entry is the same entry)."""
     history = record.history
-    fields = entry_fields(
+    if result is not None:
+        sigma, q, steps = result.noise_multiplier or 0.0, result.sample_rate, result.steps if result.private else 0
+    elif status == "discarded":  # the round failed after using the data: its mechanism is the last in the history
+        sigma, q, steps = history.entries[-1]
+    else:  # refused: nothing trained
+        sigma, q, steps = (history.plan.noise_multiplier, history.plan.sample_rate, 0) if history.plan else (0.0, 0.0, 0)
+    return entry_fields(
         run_id=run_id, client_id=site.client_id, round=server_round, status=status,
-        noise_multiplier=(result.noise_multiplier if result and result.noise_multiplier else
-                          (history.plan.noise_multiplier if history.plan else 0.0)),
-        sample_rate=result.sample_rate if result else (history.plan.sample_rate if history.plan else 0.0),
-        steps=result.steps if (result and result.private) else 0,
+        noise_multiplier=sigma, sample_rate=q, steps=steps,
         max_grad_norm=config.dp.max_grad_norm, delta=config.dp.delta, accountant=history.accountant,
         epsilon=epsilon, budget=budget, update_hash=update_hash, modalities=site.modalities,
-    )
+    ) | {"time": utc_now()}
+
+
+def _sign(state: ClientState, fields: dict) -> Ledger:
+    """Append ``fields`` to the client's own ledger, signed with its key."""
     ledger = Ledger(state.folder / LEDGER_FILE)
-    ledger.append(fields, key)
+    ledger.append(fields, LedgerKey.load_or_create(state.folder / KEY_FILE))
     return ledger
+
+
+def _charge(state: ClientState, record: ClientRecord, fields: dict) -> Ledger:
+    """Record a round's privacy spend, then its ledger entry.
+
+    The entry is saved with the accountant history in one atomic write (as ``record.pending``) before
+    it is signed into the ledger, so a crash between the two cannot leave a spend the ledger lacks:
+    :func:`_settle` signs the pending entry on the next start.
+    """
+    record.pending = fields
+    state.save_record(record)
+    return _sign(state, fields)
+
+
+def _settle(state: ClientState, record: ClientRecord, client_id: str) -> None:
+    """Sign the last charged round's entry if a crash kept it out of the ledger."""
+    pending = record.pending
+    if not pending:
+        return
+    ledger = Ledger(state.folder / LEDGER_FILE)
+    key = (pending["run_id"], pending["round"], pending["time"])
+    if any((e.get("run_id"), e.get("round"), e.get("time")) == key for e in ledger.entries()):
+        return
+    log.warning("%s: round %s of run %s was charged to the privacy history but its ledger entry was not written "
+                "(a crash); signing it now", client_id, pending["round"], pending["run_id"])
+    _sign(state, pending)
 
 
 def handle_train(message: Message, context: Context, *, admit: Callable[[SiteContext], None] | None = None) -> Message:
@@ -123,6 +156,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
     state = ClientState(site.state_dir)
     with state.locked():
         record = state.load_record(client_id=site.client_id, modalities=site.modalities, accountant=config.dp.accountant)
+        _settle(state, record, site.client_id)
         if record.trained(run_id, server_round):
             # Trained before a crash: re-send that update (no new privacy cost), never train twice.
             cached = state.load_reply(run_id=run_id, server_round=server_round)
@@ -140,6 +174,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
         model = _model(site, config, state)
         shared = _shared_keys(model, config)
         reference = _merge_global(model, message, shared)
+        spent_before = len(record.history.entries)
         try:
             result = train_round(
                 model, site.train, record.history,
@@ -153,12 +188,19 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 proximal_reference=reference,
             )
         except BudgetExhaustedError as exc:
-            ledger = _ledger_entry(state, site, config, run_id=run_id, server_round=server_round, status="refused-budget",
-                                   result=None, epsilon=exc.epsilon_now, budget=budget, update_hash=None, record=record)
+            # Nothing was trained or charged: the refusal goes straight into the ledger.
+            ledger = _sign(state, _entry_fields(site, config, run_id=run_id, server_round=server_round,
+                                                status="refused-budget", result=None, epsilon=exc.epsilon_now,
+                                                budget=budget, update_hash=None, record=record))
             return _status_reply(message, site, M.STATUS_BUDGET_EXHAUSTED, str(exc),
                                  {M.NUM_EXAMPLES: 0, M.EPSILON: exc.epsilon_now, M.BUDGET: budget}, ledger)
-        except NonFiniteError:
-            state.save_record(record)  # the data was used: keep the round's privacy cost on record
+        except BaseException:
+            # Failed after using the data (a non-finite loss, an error mid-round): the round's privacy cost stays
+            # on record, in the history and the ledger, though its update is discarded.
+            if len(record.history.entries) > spent_before:
+                _charge(state, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
+                                                     status="discarded", result=None, epsilon=record.history.epsilon(),
+                                                     budget=budget, update_hash=None, record=record))
             raise
 
         # Persist privacy first, then the model, then the reply (see common/state.py).
@@ -171,9 +213,9 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
             metrics[M.TRAIN_LOSS] = result.train_loss
         digest = update_digest(arrays)
         record.rounds.append([run_id, server_round])
-        state.save_record(record)
-        ledger = _ledger_entry(state, site, config, run_id=run_id, server_round=server_round, status="trained",
-                              result=result, epsilon=result.epsilon, budget=budget, update_hash=digest, record=record)
+        ledger = _charge(state, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
+                                                      status="trained", result=result, epsilon=result.epsilon,
+                                                      budget=budget, update_hash=digest, record=record))
         state.save_model(model.state_dict())
         state.save_reply(arrays, run_id=run_id, server_round=server_round, metrics=metrics)
         state.log_round({"run_id": run_id, "round": server_round, "seconds": result.seconds, "steps": result.steps,

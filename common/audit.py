@@ -136,6 +136,11 @@ class ClientReport:
         return sum(1 for e in self.entries if e.get("status") == "refused-budget")
 
     @property
+    def discarded_rounds(self) -> int:
+        """Rounds that used the data (and are charged) but failed, so no update was sent."""
+        return sum(1 for e in self.entries if e.get("status") == "discarded")
+
+    @property
     def modalities(self) -> list[str]:
         seen: list[str] = []
         for e in self.entries:
@@ -178,6 +183,7 @@ class ClientReport:
             "modalities": self.modalities,
             "rounds": self.rounds,
             "refused_rounds": self.refused_rounds,
+            "discarded_rounds": self.discarded_rounds,
             "sources": {k: str(v) for k, v in self.sources.items()},
             "accounted_copy": self.accounted_copy,
             "per_entry": [
@@ -323,6 +329,9 @@ def _account(report: ClientReport, tolerance: float) -> None:
         if accountable and refused and (steps != 0 or e.get("update_hash") is not None):
             report.findings.append(Finding(OVER_BUDGET, f"{where}: refused for budget but records {steps!r} steps "
                                                         f"and {'an' if e.get('update_hash') else 'no'} update"))
+        if accountable and e.get("status") == "discarded" and e.get("update_hash") is not None:
+            report.findings.append(Finding(ACCOUNTING, f"{where}: recorded as discarded (nothing sent) but records "
+                                                       "an update hash"))
         if not accountable or e.get("private") is not True:
             report.recomputed.append(None)
             continue
@@ -403,7 +412,8 @@ def format_report(report: AuditReport) -> str:
         rows.append([
             cid,
             ",".join(c.modalities) or "-",
-            f"{c.rounds}" + (f" (+{c.refused_rounds} refused)" if c.refused_rounds else ""),
+            f"{c.rounds}" + (f" (+{c.refused_rounds} refused)" if c.refused_rounds else "")
+            + (f" (+{c.discarded_rounds} discarded)" if c.discarded_rounds else ""),
             "-" if not c.entries else (privacy_spend(last.get("epsilon"), last.get("delta")) if c.private
                                        else "(ε = ∞, non-private)"),
             "-" if rec is None else ("∞" if math.isinf(rec) else f"{rec:.2f}"),

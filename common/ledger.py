@@ -30,7 +30,7 @@ from common.fileio import atomic_write_bytes, fsync_dir
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-STATUSES = ("trained", "refused-budget")
+STATUSES = ("trained", "refused-budget", "discarded")  # discarded: trained, failed, nothing sent
 ACCOUNTANTS = ("prv", "rdp")
 GENESIS_HASH = "0" * 64  # prev_hash of entry 0
 LEAF_PREFIX = b"\x00"  # RFC 6962 leaf prefix: an entry hash can never collide with a (future) node hash
@@ -461,6 +461,8 @@ class Ledger:
             bad.append("a refused round must record steps 0 (nothing was trained)")
         if entry.get("status") == "refused-budget" and entry.get("update_hash") is not None:
             bad.append("a refused round sends no update: update_hash must be null")
+        if entry.get("status") == "discarded" and entry.get("update_hash") is not None:
+            bad.append("a discarded round sends no update: update_hash must be null")
         if bad:
             raise LedgerError(f"cannot append to {self.path}: " + "; ".join(bad))
         entry.update(index=len(entries), prev_hash=entries[-1]["entry_hash"] if entries else GENESIS_HASH,

@@ -2,7 +2,8 @@
 
 Layout::
 
-    <state>/privacy.json        accountant history, noise plan, rounds trained (written FIRST)
+    <state>/privacy.json        accountant history, noise plan, rounds trained and the last round's
+                                ledger entry (written FIRST)
     <state>/model.safetensors   the client's encoders and its local copy of the head
     <state>/reply.safetensors   the last update sent, tagged with its run and round (re-sent, not
                                 retrained, if the server asks for the same round again after a crash)
@@ -13,7 +14,9 @@ Layout::
     <state>/state.lock          held while a round runs, so two processes never share a state
 
 Every file is replaced atomically. ``privacy.json`` is written before the model and the reply, so
-a crash between the writes can only over-count privacy spend, never under-count it.
+a crash between the writes can only over-count privacy spend, never under-count it; a ledger entry
+lost to such a crash is signed from ``privacy.json`` on the next start, so the ledger always
+explains the history's epsilon.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class ClientRecord:
     modalities: tuple[str, ...]
     history: PrivacyHistory
     rounds: list[list[Any]] = field(default_factory=list)  # [[run_id, round], ...] trained rounds
+    # The unsigned ledger entry of the last round charged to ``history``, saved in the same write, so that
+    # an entry lost to a crash before it reached the ledger is signed on the next start (client/handlers.py).
+    pending: dict[str, Any] | None = None
 
     def trained(self, run_id: str, server_round: int) -> bool:
         return [run_id, server_round] in self.rounds
@@ -98,6 +104,7 @@ class ClientState:
                 modalities=tuple(doc["modalities"]),
                 history=PrivacyHistory.from_dict(doc["privacy"]),
                 rounds=[list(r) for r in doc["rounds"]],
+                pending=doc.get("pending"),
             )
         except (OSError, ValueError, KeyError, TypeError, PrivacyParameterError) as exc:
             raise StateError(
@@ -127,6 +134,7 @@ class ClientState:
                 "modalities": list(record.modalities),
                 "privacy": record.history.to_dict(),
                 "rounds": record.rounds,
+                "pending": record.pending,
             },
         )
 

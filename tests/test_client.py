@@ -10,6 +10,8 @@ from client.handlers import handle_evaluate, handle_train
 from common import messages as M
 from common import synthetic
 from common.config import RunConfig
+from common.audit import audit_path
+from common.errors import NonFiniteError
 from common.ledger import Ledger, verify_chain
 from common.model import ModelConfig, global_head_template
 from common.sitedata import write_site
@@ -123,3 +125,52 @@ def test_a_deployed_site_refuses_a_run_asking_for_more_than_its_policy(tmp_path)
     assert not (tmp_path / "state" / "privacy.json").exists()  # nothing trained, nothing spent
     ok = handle_train(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 3.0}), node))
     assert ok.content[M.CLIENT][M.STATUS] == M.STATUS_OK and ok.content[M.CLIENT][M.CLIENT_ID] == "hospital-a"
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL at one point of a round (BaseException: nothing in the handler catches it)."""
+
+
+def test_a_crash_between_the_privacy_record_and_the_ledger_loses_no_entry(tmp_path, monkeypatch):
+    # Prepare: round 2 is charged to privacy.json, then the process dies before its ledger entry is signed
+    flat = run_config(tmp_path)
+    folder = tmp_path / "clients" / "client-00"
+    handle_train(train_message(global_head(), 1), context(flat))
+    real_append = Ledger.append
+
+    def die(self, fields, key):
+        raise Killed
+
+    monkeypatch.setattr(Ledger, "append", die)
+    with pytest.raises(Killed):
+        handle_train(train_message(global_head(), 2), context(flat))
+    monkeypatch.setattr(Ledger, "append", real_append)
+    assert len(Ledger(folder / "ledger.jsonl").entries()) == 1  # the spend of round 2 is not in the ledger yet
+    # Execute: the server resends round 2 after the restart (the update was lost), then round 3
+    again = handle_train(train_message(global_head(), 2), context(flat))
+    handle_train(train_message(global_head(), 3), context(flat))
+    # Assert: round 2 is not retrained; its entry was recovered, and every recorded epsilon is explained
+    assert again.content[M.CLIENT][M.STATUS] == M.STATUS_ALREADY_TRAINED
+    entries = Ledger(folder / "ledger.jsonl").entries()
+    assert [(e["round"], e["status"]) for e in entries] == [(1, "trained"), (2, "trained"), (3, "trained")]
+    report = audit_path(folder / "ledger.jsonl")
+    assert report.exit_status == 0, report.to_json()
+
+
+def test_a_failed_round_is_charged_in_the_ledger_as_discarded(tmp_path):
+    # Prepare: a learning rate so large that the round's loss overflows
+    flat = run_config(tmp_path)
+    folder = tmp_path / "clients" / "client-00"
+    handle_train(train_message(global_head(), 1), context(flat))
+    # Execute
+    with pytest.raises(NonFiniteError):
+        handle_train(train_message(global_head(), 2), context(run_config(tmp_path, **{"train.lr": 1e30})))
+    handle_train(train_message(global_head(), 3), context(flat))
+    # Assert: the failed round used the data, so its steps are on record; it sent nothing; the audit agrees
+    entries = Ledger(folder / "ledger.jsonl").entries()
+    assert [(e["round"], e["status"]) for e in entries] == [(1, "trained"), (2, "discarded"), (3, "trained")]
+    assert entries[1]["mechanism"]["steps"] == entries[0]["mechanism"]["steps"] > 0
+    assert entries[1]["update_hash"] is None and entries[0]["epsilon"] < entries[1]["epsilon"] < entries[2]["epsilon"]
+    report = audit_path(folder / "ledger.jsonl")
+    assert report.exit_status == 0, report.to_json()
+    assert [c.discarded_rounds for c in report.clients.values()] == [1]

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.site import SiteContext, resolve_site
 from common import messages as M
@@ -53,7 +53,7 @@ def _shared_keys(model: MultimodalModel, config: RunConfig) -> list[str]:
 
 def _merge_global(model: MultimodalModel, message: Message, keys: list[str]) -> dict[str, torch.Tensor]:
     """Load the global values of this client's shared blocks (those the server has); return them."""
-    incoming = message.content[M.ARRAYS].to_torch_state_dict() if M.ARRAYS in message.content else {}
+    incoming = M.unpack_arrays(message.content)
     merged = {k: v for k, v in incoming.items() if k in set(keys)}
     model.load_partial(merged)
     return merged
@@ -167,7 +167,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                                      Ledger(state.folder / LEDGER_FILE))
             arrays, metrics = cached
             log.info("%s: round %d already trained; re-sending its update", site.client_id, server_round)
-            content = RecordDict({M.ARRAYS: ArrayRecord(arrays), M.METRICS: MetricRecord(metrics),
+            content = RecordDict({**M.pack_arrays(arrays), M.METRICS: MetricRecord(metrics),
                                   M.CLIENT: _identity(site, M.STATUS_OK, ledger=Ledger(state.folder / LEDGER_FILE))})
             return Message(content, reply_to=message)
 
@@ -222,7 +222,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                          "epsilon": result.epsilon, "train_loss": result.train_loss})
     log.info("%s: round %d trained in %.1fs, %s", site.client_id, server_round, result.seconds,
              f"ε = {result.epsilon:.3f}" if result.private else "non-private")
-    content = RecordDict({M.ARRAYS: ArrayRecord(arrays), M.METRICS: MetricRecord(metrics),
+    content = RecordDict({**M.pack_arrays(arrays), M.METRICS: MetricRecord(metrics),
                           M.CLIENT: _identity(site, M.STATUS_OK, ledger=ledger)})
     return Message(content, reply_to=message)
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
@@ -90,7 +90,8 @@ def handle_secure_train(message: Message, context: Context) -> Message:
     reference = {key: torch.from_numpy(np.array(a, copy=True)) for key, a in zip(layout, arrays)}
 
     # Train as without secure aggregation: the handler reads the Message-API records
-    message.content[M.ARRAYS] = ArrayRecord(reference)
+    for name, record in M.pack_arrays(reference).items():
+        message.content[name] = record
     message.content[M.CONFIG] = ConfigRecord({k: fitins.config[k] for k in (M.SERVER_ROUND, M.RUN_ID, M.PLANNED_ROUNDS)})
     reply = handle_train(message, context, admit=functools.partial(_admit, max_weight=config.secagg.max_weight))
 
@@ -99,7 +100,7 @@ def handle_secure_train(message: Message, context: Context) -> Message:
     metrics = dict(reply.content.metric_records[M.METRICS])
     trained = identity.get(M.STATUS) == M.STATUS_OK
     weight = int(metrics[M.NUM_EXAMPLES]) if trained else 0
-    update = reply.content.array_records[M.ARRAYS].to_torch_state_dict() if trained else {}
+    update = M.unpack_arrays(reply.content) if trained else {}
     vector = encode_update(update, reference, layout, weight=weight / config.secagg.max_weight,
                            clipping_range=config.secagg.clipping_range)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), weight, {**metrics, M.CLIENT: json.dumps(identity)})

@@ -1,7 +1,10 @@
 """The message schema between the ServerApp and the ClientApps: record and metric names in one place.
 
-Train request   {"arrays": global shared blocks, "config": {SERVER_ROUND, RUN_ID, PLANNED_ROUNDS}}
-Train reply     {"arrays": the client's head blocks (+ its encoders when encoders = "federated"),
+Parameters travel packed (:func:`pack_arrays`): "arrays" holds ONE flat float32 array and "packing" the
+names and shapes it holds (in a deployment every array is its own HTTPS request, twice each way).
+
+Train request   {"arrays"+"packing": global shared blocks, "config": {SERVER_ROUND, RUN_ID, PLANNED_ROUNDS}}
+Train reply     {"arrays"+"packing": the client's head blocks (+ its encoders when encoders = "federated"),
                  "metrics": {NUM_EXAMPLES, EPSILON, ...}, "client": {CLIENT_ID, MODALITIES, STATUS, LEDGER, ...}}
                  A reply whose STATUS is not "ok" carries no arrays.
 Secure train    (secagg.enabled: Flower's SecAgg+, legacy FitIns / FitRes records, see server/secagg.py)
@@ -16,11 +19,15 @@ Evaluate reply  {"metrics": {NUM_EXAMPLES, ACCURACY, MACRO_F1, LOSS, "by.<subset
 from __future__ import annotations
 
 import hashlib
+from typing import Mapping
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 # Record names
 ARRAYS = "arrays"
+PACKING = "packing"  # beside ARRAYS: {"keys": [...], "shapes": [ndim, *shape, ndim, *shape, ...]}
+PACKED = "packed"  # the one array in ARRAYS
 CONFIG = "config"
 METRICS = "metrics"
 CLIENT = "client"
@@ -71,3 +78,51 @@ def update_digest(arrays: dict[str, torch.Tensor]) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def pack_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, ArrayRecord | ConfigRecord]:
+    """``{ARRAYS: one flat array, PACKING: names and shapes}``, to put in a RecordDict."""
+    keys = list(state)
+    if not keys:
+        raise ValueError("nothing to pack")
+    shapes: list[int] = []
+    for key in keys:
+        if state[key].dtype != torch.float32:
+            raise TypeError(f"'{key}' is {state[key].dtype}; parameters travel as float32")
+        shapes += [state[key].dim(), *state[key].shape]
+    flat = torch.cat([state[key].detach().reshape(-1) for key in keys])
+    return {ARRAYS: ArrayRecord({PACKED: flat}), PACKING: ConfigRecord({"keys": keys, "shapes": shapes})}
+
+
+def unpack_arrays(content: RecordDict) -> dict[str, torch.Tensor]:
+    """The parameters a message carries (empty if none); ValueError when the packing does not fit the array."""
+    if ARRAYS not in content.array_records:
+        return {}
+    if PACKING not in content.config_records:
+        raise ValueError(f"'{ARRAYS}' without its '{PACKING}' record")
+    arrays = content.array_records[ARRAYS]
+    packing = content.config_records[PACKING]
+    keys, shapes = packing.get("keys"), packing.get("shapes")
+    if list(arrays) != [PACKED] or not isinstance(keys, list) or not isinstance(shapes, list):
+        raise ValueError(f"'{ARRAYS}' must hold one '{PACKED}' array described by keys and shapes")
+    flat = arrays.to_torch_state_dict()[PACKED]
+    if flat.dtype != torch.float32 or flat.dim() != 1:
+        raise ValueError(f"the packed array must be a flat float32 vector, got {flat.dtype} {tuple(flat.shape)}")
+    out: dict[str, torch.Tensor] = {}
+    pos, offset = 0, 0
+    for key in keys:
+        if not isinstance(key, str) or key in out or pos >= len(shapes):
+            raise ValueError(f"bad or repeated key {key!r} in the packing")
+        ndim = shapes[pos]
+        shape = tuple(shapes[pos + 1: pos + 1 + ndim])
+        if len(shape) != ndim or any(not isinstance(d, int) or d < 0 for d in shape):
+            raise ValueError(f"bad shape for '{key}' in the packing")
+        pos += 1 + ndim
+        size = int(torch.tensor(shape).prod()) if shape else 1
+        if offset + size > len(flat):
+            raise ValueError("the packing describes more values than the array holds")
+        out[key] = flat[offset: offset + size].reshape(shape).clone()
+        offset += size
+    if pos != len(shapes) or offset != len(flat):
+        raise ValueError("the packing does not describe the whole array")
+    return out

@@ -95,7 +95,10 @@ def parse_train_reply(message: Message, *, global_state: dict[str, torch.Tensor]
     if status == M.STATUS_OK:
         if M.ARRAYS not in message.content.array_records:
             raise ReplyRejected("status ok but no arrays")
-        arrays = message.content.array_records[M.ARRAYS].to_torch_state_dict()
+        try:
+            arrays = M.unpack_arrays(message.content)
+        except ValueError as exc:
+            raise ReplyRejected(f"malformed update: {exc}") from None
         if not arrays:
             raise ReplyRejected("empty update")
         if metrics[M.NUM_EXAMPLES] < 1:

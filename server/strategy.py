@@ -75,7 +75,7 @@ class FedFuse(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Sample clients that may still train and send them the global blocks."""
         node_ids = self.train_nodes(server_round, grid)
-        record = RecordDict({M.ARRAYS: ArrayRecord(self.state.global_state), M.CONFIG: self.train_request(server_round)})
+        record = RecordDict({**M.pack_arrays(self.state.global_state), M.CONFIG: self.train_request(server_round)})
         return self._construct_messages(record, node_ids, "train")
 
     def train_nodes(self, server_round: int, grid: Grid) -> list[int]:
@@ -179,7 +179,7 @@ class FedFuse(FedAvg):
         num = max(int(len(list(grid.get_node_ids())) * self.fraction_evaluate), self.min_evaluate_nodes)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, num, wait=self.config.server.round_timeout)
         request = ConfigRecord({M.SERVER_ROUND: self.absolute(server_round), M.RUN_ID: self.state.run_id})
-        record = RecordDict({M.ARRAYS: ArrayRecord(self.state.global_state), M.CONFIG: request})
+        record = RecordDict({**M.pack_arrays(self.state.global_state), M.CONFIG: request})
         return self._construct_messages(record, node_ids, "evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

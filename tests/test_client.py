@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.handlers import handle_evaluate, handle_train
 from common import messages as M
@@ -32,7 +32,7 @@ def global_head(flat=None):
 
 def train_message(head, server_round=1, planned=3, run_id="run-a"):
     config = ConfigRecord({M.SERVER_ROUND: server_round, M.RUN_ID: run_id, M.PLANNED_ROUNDS: planned})
-    return Message(RecordDict({M.ARRAYS: ArrayRecord(head), M.CONFIG: config}), dst_node_id=11, message_type="train")
+    return Message(RecordDict({**M.pack_arrays(head), M.CONFIG: config}), dst_node_id=11, message_type="train")
 
 
 def context(flat, node_config=None):
@@ -43,7 +43,7 @@ def context(flat, node_config=None):
 def test_train_reply_carries_the_head_only(tmp_path):
     flat = run_config(tmp_path)
     reply = handle_train(train_message(global_head()), context(flat))
-    arrays = reply.content[M.ARRAYS].to_torch_state_dict()
+    arrays = M.unpack_arrays(reply.content)
     assert arrays and all(k.startswith("head.") for k in arrays)
     assert set(arrays) == set(global_head())  # client 0 holds every modality
     metrics, ident = reply.content[M.METRICS], reply.content[M.CLIENT]
@@ -61,7 +61,7 @@ def test_train_reply_carries_the_head_only(tmp_path):
 def test_a_client_missing_modalities_sends_only_its_blocks(tmp_path):
     flat = run_config(tmp_path)
     reply = handle_train(train_message(global_head()), context(flat, {"partition-id": 4, "num-partitions": 6}))
-    keys = set(reply.content[M.ARRAYS].to_torch_state_dict())
+    keys = set(M.unpack_arrays(reply.content))
     assert reply.content[M.CLIENT][M.MODALITIES] == ["image"]
     assert {k.split(".")[2] for k in keys if k.startswith("head.blocks.")} == {"image"}
     assert any(k.startswith("head.core.") for k in keys)
@@ -70,7 +70,7 @@ def test_a_client_missing_modalities_sends_only_its_blocks(tmp_path):
 def test_federated_encoders_are_sent_only_when_configured(tmp_path):
     flat = run_config(tmp_path, encoders="federated")
     reply = handle_train(train_message(global_head()), context(flat, {"partition-id": 2, "num-partitions": 6}))
-    keys = set(reply.content[M.ARRAYS].to_torch_state_dict())
+    keys = set(M.unpack_arrays(reply.content))
     assert {k.split(".")[1] for k in keys if k.startswith("encoders.")} == {"signal", "tabular"}
 
 
@@ -78,7 +78,7 @@ def test_the_same_round_is_never_trained_twice(tmp_path):
     flat = run_config(tmp_path)
     first = handle_train(train_message(global_head()), context(flat))
     again = handle_train(train_message(global_head()), context(flat))
-    a, b = (r.content[M.ARRAYS].to_torch_state_dict() for r in (first, again))
+    a, b = (M.unpack_arrays(r.content) for r in (first, again))
     assert all(torch.equal(a[k], b[k]) for k in a)
     import json
     privacy = json.loads((tmp_path / "clients" / "client-00" / "privacy.json").read_text())
@@ -174,3 +174,25 @@ def test_a_failed_round_is_charged_in_the_ledger_as_discarded(tmp_path):
     report = audit_path(folder / "ledger.jsonl")
     assert report.exit_status == 0, report.to_json()
     assert [c.discarded_rounds for c in report.clients.values()] == [1]
+
+
+def test_parameters_travel_as_one_packed_array_and_a_bad_packing_is_refused():
+    head = global_head()
+    content = RecordDict(M.pack_arrays(head))
+    assert list(content.array_records[M.ARRAYS]) == [M.PACKED]  # one array, one request per hop in a deployment
+    back = M.unpack_arrays(content)
+    assert list(back) == list(head) and all(torch.equal(back[k], head[k]) for k in head)
+    flat = content.array_records[M.ARRAYS].to_torch_state_dict()[M.PACKED]
+    bad_cases = [
+        ({"keys": list(head)[:-1]}, "does not describe the whole array"),
+        ({"keys": [list(head)[0]] * len(head)}, "repeated key"),
+        ({"shapes": [1, 10 ** 9] + list(content.config_records[M.PACKING]["shapes"])[2:]}, "more values"),
+    ]
+    for change, match in bad_cases:
+        packing = dict(content.config_records[M.PACKING]) | change
+        bad = RecordDict({M.ARRAYS: content.array_records[M.ARRAYS], M.PACKING: ConfigRecord(packing)})
+        with pytest.raises(ValueError, match=match):
+            M.unpack_arrays(bad)
+    with pytest.raises(ValueError, match="without its 'packing'"):
+        M.unpack_arrays(RecordDict({M.ARRAYS: content.array_records[M.ARRAYS]}))
+    assert flat.dim() == 1 and M.unpack_arrays(RecordDict({})) == {}

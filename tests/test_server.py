@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from common import messages as M
 from common.config import RunConfig, parse_run_config
@@ -50,7 +50,7 @@ def reply(node, arrays, *, client, modalities, n=10, status=M.STATUS_OK, ledger=
                M.CLIENT: ConfigRecord({M.CLIENT_ID: client, M.MODALITIES: modalities, M.STATUS: status,
                                        M.LEDGER: ledger or []})}
     if arrays is not None:
-        content[M.ARRAYS] = ArrayRecord(arrays)
+        content.update(M.pack_arrays(arrays))
     return Message(RecordDict(content), reply_to=request)
 
 
@@ -96,6 +96,18 @@ def test_unsafe_replies_are_rejected_and_the_round_goes_on(tmp_path, mutate, fra
     arrays, _ = strategy.aggregate_train(1, [reply(1, bad, client="bad", modalities=MODALITIES),
                                              reply(2, good, client="good", modalities=MODALITIES)])
     assert fragment in strategy._round["train"]["rejected"]["bad"]
+    assert strategy._round["train"]["trained"] == ["good"]
+    assert all(torch.allclose(v, torch.ones_like(v)) for v in arrays.to_torch_state_dict().values())
+
+
+def test_a_reply_whose_packing_does_not_fit_its_array_is_rejected(tmp_path):
+    strategy = make_strategy(tmp_path)
+    bad = reply(1, client_update(strategy, MODALITIES, 100.0), client="bad", modalities=MODALITIES)
+    packing = dict(bad.content.config_records[M.PACKING])
+    bad.content[M.PACKING] = ConfigRecord(packing | {"keys": packing["keys"][:-1]})  # one block unaccounted for
+    good = reply(2, client_update(strategy, MODALITIES, 1.0), client="good", modalities=MODALITIES)
+    arrays, _ = strategy.aggregate_train(1, [bad, good])
+    assert "malformed update" in strategy._round["train"]["rejected"]["bad"]
     assert strategy._round["train"]["trained"] == ["good"]
     assert all(torch.allclose(v, torch.ones_like(v)) for v in arrays.to_torch_state_dict().values())
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.accounting import PrivacyHistory
+from common import messages as M
 from common.cli import main
 from common.ledger import Ledger, verify_chain
 from simulate_helpers import checkpoint_reached, simulate
@@ -38,7 +39,7 @@ def simulated(tmp_path_factory):
     original = InMemoryLinkState.store_message_res
 
     def record(self, message):
-        arrays = [k for record in message.content.array_records.values() for k in record] if not message.has_error() else []
+        arrays = list(M.unpack_arrays(message.content)) if not message.has_error() else []  # (names of what it carries)
         wire.append((message.metadata.message_type, message.metadata.src_node_id, arrays))
         return original(self, message)
 

@@ -1,0 +1,108 @@
+"""In-process FedAvg on imported HAPT sites, for tuning and for questions the benchmark cannot ask cheaply.
+
+Same data, model, DP-SGD round (`train_round`) and aggregation as `fedfuse bench hapt` with
+``encoders = "federated"`` and p = 0, without Flower: every client trains every round, and the global
+model's macro-F1 on the pooled windows of the test subjects is printed every few rounds.
+``--standardise`` compares input standardisations (docs/benchmarks.md, "Input standardisation"):
+
+  none    the raw signals (what the product trains on)
+  window  each window divided by its own per-channel std (a per-sample transform: DP-safe)
+  pooled  one per-channel mean/std over all training windows of all subjects (NOT private: pooled data)
+  site    each subject's own per-channel mean/std (NOT covered by DP-SGD's guarantee: statistics of
+          the site's data shift every sample; a product version would have to release them with DP)
+
+    fedfuse data import hapt --source ../shared/data/hapt --out /tmp/hapt-sites
+    python simulations/tuning/hapt_fedavg.py /tmp/hapt-sites --standardise site --rounds 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from common.accounting import PrivacyHistory
+from common.data import MultimodalData
+from common.evaluation import macro_f1, predict
+from common.model import ModelConfig, MultimodalModel
+from common.partition import heldout_sites
+from common.sitedata import federation_schema, load_site, site_folders
+from common.training import train_round
+from server.aggregation import Contribution, weighted_average
+
+STANDARDISE = ("none", "window", "pooled", "site")
+
+
+def standardise(data: MultimodalData, how: str, names: list[str], pooled: dict | None = None) -> MultimodalData:
+    if how == "none":
+        return data
+    inputs = {}
+    for m, x in data.inputs.items():
+        x, present = x.float(), data.mask[:, names.index(m)]
+        if how == "site":
+            mu, sd = x[present].mean(dim=(0, 2), keepdim=True), x[present].std(dim=(0, 2), keepdim=True) + 1e-6
+        elif how == "window":
+            mu, sd = 0.0, x.std(dim=2, keepdim=True) + 1e-3
+        else:
+            mu, sd = pooled[m]
+        inputs[m] = torch.where(present[:, None, None], (x - mu) / sd, torch.zeros_like(x))
+    return MultimodalData(data.schema, inputs, data.mask, data.labels)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("sites", type=Path, help="a folder of HAPT site folders (fedfuse data import hapt --out)")
+    p.add_argument("--standardise", choices=STANDARDISE, default="none")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--epsilon", type=float, default=math.inf, help="per-client budget (default: non-private)")
+    p.add_argument("--lr", type=float, default=0.4)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and DP-SGD sampling")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    held_out = set(heldout_sites(args.sites))
+    sites = [load_site(f) for f in site_folders(args.sites)]
+    schema = federation_schema(sites)
+    train_sites = [s for s in sites if s.path not in held_out]
+    pooled = None
+    if args.standardise == "pooled":
+        pooled = {}
+        for m in schema.names:
+            xs = torch.cat([s.part("train").inputs[m].float() for s in train_sites])
+            pooled[m] = (xs.mean(dim=(0, 2), keepdim=True), xs.std(dim=(0, 2), keepdim=True))
+    trains = [standardise(s.part("train"), args.standardise, schema.names, pooled) for s in train_sites]
+    tests = [standardise(s.part("test"), args.standardise, schema.names, pooled) for s in sites if s.path in held_out]
+
+    config = ModelConfig("concat", 64, 64)  # simulations/scenarios/hapt.toml
+    torch.manual_seed(args.seed)
+    global_state = MultimodalModel(schema, config).state_dict()
+    models = [MultimodalModel(d.schema, config) for d in trains]
+    histories = [PrivacyHistory() for _ in trains]
+    gen = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    for r in range(1, args.rounds + 1):
+        updates = []
+        for data, model, history in zip(trains, models, histories):
+            model.load_partial({k: v for k, v in global_state.items() if k in model.state_dict()})
+            train_round(model, data, history, target_epsilon=args.epsilon, delta=1e-5, max_grad_norm=1.0,
+                        planned_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=64, lr=args.lr,
+                        momentum=0.9, modality_dropout=0.3, run_id="tuning", generator=gen)
+            updates.append(Contribution(model.state_dict(), float(len(data))))
+        average, _ = weighted_average(updates)
+        global_state.update(average)
+        if r % 3 == 0 or r == args.rounds:
+            model = MultimodalModel(schema, config)
+            model.load_state_dict(global_state)
+            truth = torch.cat([d.labels for d in tests])
+            pred = torch.cat([predict(model, d) for d in tests])
+            print(f"round {r:3d}  test-subject macro-F1 {macro_f1(truth, pred, schema.num_classes):.3f}  "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -41,6 +41,28 @@ def config_hash(flat_config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How ``current`` differs from a run's stored configuration, one line per key (empty: the same run).
+
+    A key the stored configuration lacks (added to fedfuse after the run started) counts as the same
+    only while it holds its default, so an upgrade does not strand a run folder that can be resumed.
+    """
+    from common.config import RunConfig
+
+    defaults = json_safe(RunConfig().to_flat())
+    stored, current = json_safe(stored), json_safe(current)
+    out = []
+    for key in sorted((set(stored) | set(current)) - {"out-dir"}):
+        if key not in current:
+            out.append(f"{key} = {stored[key]!r} in the stored run, unknown now")
+        elif key not in stored:
+            if current[key] != defaults.get(key):
+                out.append(f"{key} = {current[key]!r}, not set when the run started (its default: {defaults.get(key)!r})")
+        elif stored[key] != current[key]:
+            out.append(f"{key} = {current[key]!r}, the stored run has {stored[key]!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     round: int
@@ -64,11 +86,13 @@ class RunFolder:
         if run_file.exists():
             doc = json.loads(run_file.read_text())
             if doc.get("config_hash") != digest:
-                raise ConfigError(
-                    f"{self.path} holds a run with a different configuration; resuming it with this one would mix "
-                    "two experiments. Choose another output folder, or resume with the stored configuration "
-                    f"(`fedfuse simulate --resume {self.path}`)"
-                )
+                differences = config_differences(doc.get("config") or {}, flat_config)
+                if differences:
+                    raise ConfigError(
+                        f"{self.path} holds a run with a different configuration ({'; '.join(differences)}); "
+                        "resuming it with this one would mix two experiments. Choose another output folder, or "
+                        f"resume with the stored configuration (`fedfuse simulate --resume {self.path}`)"
+                    )
             return str(doc["run_id"])
         run_id = uuid.uuid4().hex[:12]
         atomic_write_json(run_file, {

@@ -195,8 +195,19 @@ def test_a_run_folder_refuses_a_different_configuration(tmp_path):
     flat = RunConfig().to_flat()
     run_id = folder.open_run(flat)
     assert folder.open_run(flat | {"out-dir": "elsewhere"}) == run_id
-    with pytest.raises(Exception, match="different configuration"):
+    with pytest.raises(Exception, match=r"different configuration \(dp.epsilon = 1.0, the stored run has 8.0\)"):
         folder.open_run(flat | {"dp.epsilon": 1.0})
+
+
+def test_a_run_started_before_a_config_key_existed_resumes_while_the_key_holds_its_default(tmp_path):
+    # Prepare: a run folder written by a fedfuse that did not know "train.momentum" yet
+    flat = RunConfig().to_flat()
+    old = RunFolder(tmp_path / "old")
+    run_id = old.open_run({k: v for k, v in flat.items() if k != "train.momentum"})
+    # Execute / Assert: today's config (the key at its default) continues that run; another value does not
+    assert old.open_run(flat) == run_id
+    with pytest.raises(Exception, match="train.momentum = 0.1, not set when the run started"):
+        old.open_run(flat | {"train.momentum": 0.1})
 
 
 def test_heldout_sites_are_scored_per_site_and_pooled(tmp_path):

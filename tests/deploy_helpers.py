@@ -71,6 +71,7 @@ class Site:
     max_epsilon: float
     max_delta: float | None = None
     proc: subprocess.Popen | None = None
+    executor: subprocess.Popen | None = None  # `fedfuse site executor`, when started on its own (start_site_split)
     starts: int = 0
 
     def node_config(self) -> str:
@@ -229,13 +230,17 @@ class Deployment:
         """Allow a site's public key at the SuperLink (``flwr supernode register``)."""
         self.flwr("supernode", "register", str(self.creds.site(name).auth_public_key), CONNECTION, "--name", name)
 
-    def site_command(self, site: Site, *, key: Path | None = None) -> list[str]:
-        """The command that starts a site's SuperNode (TLS + its private key + its node config)."""
+    def supernode_options(self, site: Site, *, key: Path | None = None) -> list[str]:
+        """flower-supernode's options for a site (TLS + its private key + its node config)."""
         known = site.name in self.sites
         ca = self.creds.site(site.name).ca_cert if known else self.creds.ca_cert  # the same CA certificate
-        flower = ["--superlink", self.address, "--root-certificates", str(ca),
-                  "--auth-supernode-private-key", str(key or self.creds.site(site.name).auth_private_key),
-                  "--node-config", site.node_config(), "--port", str(site.port), "--max-wait-time", "60"]
+        return ["--superlink", self.address, "--root-certificates", str(ca),
+                "--auth-supernode-private-key", str(key or self.creds.site(site.name).auth_private_key),
+                "--node-config", site.node_config(), "--port", str(site.port), "--max-wait-time", "60"]
+
+    def site_command(self, site: Site, *, key: Path | None = None) -> list[str]:
+        """The command that starts a site's SuperNode."""
+        flower = self.supernode_options(site, key=key)
         if self.isolation == "warm":
             return [str(BIN / "fedfuse"), "site", "supernode", "--", *flower]
         return [str(BIN / "flower-supernode"), *flower]
@@ -265,13 +270,35 @@ class Deployment:
         if self.isolation == "warm":
             self._wait_for_log(name, "preloaded", max(1.0, deadline - time.monotonic()), site.proc, after=mark)
 
+    def start_site_split(self, name: str, *, timeout: float = 120) -> None:
+        """Start a site as two processes, as an operator may run them under two services: ``flower-supernode
+        --isolation process`` with a SuperExec secret, and ``fedfuse site executor`` beside it."""
+        site = self.sites[name]
+        if site.proc is not None and site.proc.poll() is None:
+            raise DeploymentError(f"{name} is already running")
+        secret = site.home / "superexec.secret"
+        site.home.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(os.urandom(32))
+        secret.chmod(0o600)
+        mark = self.log_size(name)
+        site.proc = self._spawn([str(BIN / "flower-supernode"), *self.supernode_options(site), "--isolation", "process",
+                                 "--superexec-auth-secret-file", str(secret)], site.home, site.log_path)
+        site.executor = self._spawn([str(BIN / "fedfuse"), "site", "executor", "--runtime-api-address",
+                                     f"127.0.0.1:{site.port}", "--superexec-auth-secret-file", str(secret)],
+                                    site.home, site.log_path)
+        site.starts += 1
+        self._wait_for_log(name, "SuperNode ID", timeout, site.proc, after=mark)
+        self._wait_for_log(name, "preloaded", timeout, site.executor, after=mark)
+
     def kill_site(self, name: str) -> None:
         """SIGKILL a site's SuperNode, its executor and its running ClientApps (a crash, not a shutdown)."""
         _stop(self.sites[name].proc, grace=0)
+        _stop(self.sites[name].executor, grace=0)
 
     def stop_site(self, name: str, grace: float = 15) -> None:
         """Stop a site gracefully (SIGTERM, then SIGKILL after ``grace`` s)."""
         _stop(self.sites[name].proc, grace)
+        _stop(self.sites[name].executor, grace)
 
     def restart_site(self, name: str) -> None:
         """Stop a site and start it again with the same key, data, state folder and port."""
@@ -290,7 +317,7 @@ class Deployment:
 
     def close(self) -> None:
         """Stop every process this deployment started and make sure none is left."""
-        procs = [s.proc for s in self.sites.values()] + self.extra + [self.superlink]
+        procs = [s.proc for s in self.sites.values()] + [s.executor for s in self.sites.values()] + self.extra + [self.superlink]
         for proc in procs:  # everyone at once, then whoever is left after a few seconds gets SIGKILL
             if proc is not None and proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)

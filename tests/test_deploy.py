@@ -235,6 +235,24 @@ def test_a_run_asking_more_than_a_sites_policy_is_refused_by_that_site(dep):
 
 
 @pytest.mark.slow
+def test_a_site_may_run_the_warm_executor_as_its_own_process(dep):
+    # Prepare: site-1 as flower-supernode --isolation process + `fedfuse site executor` (two services)
+    dep.stop_site("site-1")
+    dep.start_site_split("site-1")
+    # Execute (site-1's policy allows ε = 8 over its whole history; the earlier tests spent up to 6)
+    run = dep.run({"num-server-rounds": 1, "dp.epsilon": 8.0})
+    # Assert: the standalone executor ran site-1's ClientApp, with site-1's state
+    results = run.results
+    # (flower-supernode --isolation process runs no ClientApp itself: without the executor site-1 would time out)
+    assert results["status"] == "completed" and "site-1" in results["rounds"][0]["train"]["trained"]
+    assert dep.sites["site-1"].executor.poll() is None and "warm executor: taking ClientApp tasks" in dep.logs("site-1")
+    assert _ledger(dep.sites["site-1"].state_dir / "ledger.jsonl")[-1]["run_id"] == json.loads(
+        (run.folder / "run.json").read_text())["run_id"]
+    dep.stop_site("site-1")
+    dep.start_site("site-1")  # back as the other tests expect it
+
+
+@pytest.mark.slow
 def test_a_run_gives_up_when_fewer_sites_than_min_clients_stay_connected(dep):
     dep.stop_site("site-2")  # a clean shutdown: the SuperLink forgets the node at once (last test: stays stopped)
     run = dep.run({"num-server-rounds": 1, "dp.epsilon": 7.0, "min-clients": 3, "round-timeout": 5.0},

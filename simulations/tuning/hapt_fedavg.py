@@ -10,6 +10,8 @@ model's macro-F1 on the pooled windows of the test subjects is printed every few
   pooled  one per-channel mean/std over all training windows of all subjects (NOT private: pooled data)
   site    each subject's own per-channel mean/std (NOT covered by DP-SGD's guarantee: statistics of
           the site's data shift every sample; a product version would have to release them with DP)
+  dp:SIGMA:BOUND  "site" with the statistics released by the Gaussian mechanism (noise multiplier
+          SIGMA; per-window channel means clamped to ±BOUND, second moments to [0, BOUND²])
 
     fedfuse data import hapt --source ../shared/data/hapt --out /tmp/hapt-sites
     python simulations/tuning/hapt_fedavg.py /tmp/hapt-sites --standardise site --rounds 12
@@ -33,7 +35,25 @@ from common.sitedata import federation_schema, load_site, site_folders
 from common.training import train_round
 from server.aggregation import Contribution, weighted_average
 
-STANDARDISE = ("none", "window", "pooled", "site")
+STANDARDISE = ("none", "window", "pooled", "site", "dp:SIGMA:BOUND")
+
+
+def dp_statistics(x: torch.Tensor, *, sigma: float, bound: float, modalities: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of windows ``x`` (N, C, T) released with the Gaussian mechanism.
+
+    Each window contributes [1, its channel means / bound, its channel second moments / bound²] (each
+    coordinate in [-1, 1] after clamping), so one window moves the per-modality sum by at most
+    √(1 + 2C), and a sample holding every modality by √(modalities) times that: the noise's scale.
+    """
+    channels = x.shape[1]
+    a = x.mean(dim=2).clamp(-bound, bound) / bound
+    b = (x ** 2).mean(dim=2).clamp(0, bound ** 2) / bound ** 2
+    std = sigma * modalities ** 0.5 * (1 + 2 * channels) ** 0.5
+    n = max(len(x) + float(torch.randn(()) * std), 1.0)
+    mean = (a.sum(0) + torch.randn(channels) * std) * bound / n
+    second = (b.sum(0) + torch.randn(channels) * std) * bound ** 2 / n
+    var = (second - mean ** 2).clamp(min=1e-2)
+    return mean[None, :, None], var.sqrt()[None, :, None]
 
 
 def standardise(data: MultimodalData, how: str, names: list[str], pooled: dict | None = None) -> MultimodalData:
@@ -44,10 +64,15 @@ def standardise(data: MultimodalData, how: str, names: list[str], pooled: dict |
         x, present = x.float(), data.mask[:, names.index(m)]
         if how == "site":
             mu, sd = x[present].mean(dim=(0, 2), keepdim=True), x[present].std(dim=(0, 2), keepdim=True) + 1e-6
+        elif how.startswith("dp:"):
+            mu, sd = dp_statistics(x[present], sigma=float(how.split(":")[1]), bound=float(how.split(":")[2]),
+                                   modalities=len(names))
         elif how == "window":
             mu, sd = 0.0, x.std(dim=2, keepdim=True) + 1e-3
-        else:
+        elif how == "pooled":
             mu, sd = pooled[m]
+        else:
+            raise SystemExit(f"--standardise must be one of {', '.join(STANDARDISE)}, got {how!r}")
         inputs[m] = torch.where(present[:, None, None], (x - mu) / sd, torch.zeros_like(x))
     return MultimodalData(data.schema, inputs, data.mask, data.labels)
 
@@ -55,7 +80,7 @@ def standardise(data: MultimodalData, how: str, names: list[str], pooled: dict |
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sites", type=Path, help="a folder of HAPT site folders (fedfuse data import hapt --out)")
-    p.add_argument("--standardise", choices=STANDARDISE, default="none")
+    p.add_argument("--standardise", default="none")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--epsilon", type=float, default=math.inf, help="per-client budget (default: non-private)")
     p.add_argument("--lr", type=float, default=0.4)

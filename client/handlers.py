@@ -16,7 +16,7 @@ from client.site import SiteContext, resolve_site
 from common import messages as M
 from common.messages import update_digest
 from common.config import RunConfig, parse_run_config
-from common.errors import BudgetExhaustedError
+from common.errors import BudgetExhaustedError, NonFiniteError
 from common.evaluation import evaluate
 from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, utc_now
 from common.model import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel
@@ -194,14 +194,20 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                                                 budget=budget, update_hash=None, record=record))
             return _status_reply(message, site, M.STATUS_BUDGET_EXHAUSTED, str(exc),
                                  {M.NUM_EXAMPLES: 0, M.EPSILON: exc.epsilon_now, M.BUDGET: budget}, ledger)
-        except BaseException:
+        except BaseException as exc:
             # Failed after using the data (a non-finite loss, an error mid-round): the round's privacy cost stays
             # on record, in the history and the ledger, though its update is discarded.
-            if len(record.history.entries) > spent_before:
-                _charge(state, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
-                                                     status="discarded", result=None, epsilon=record.history.epsilon(),
-                                                     budget=budget, update_hash=None, record=record))
-            raise
+            if len(record.history.entries) <= spent_before:
+                raise
+            epsilon = record.history.epsilon()
+            ledger = _charge(state, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
+                                                          status="discarded", result=None, epsilon=epsilon,
+                                                          budget=budget, update_hash=None, record=record))
+            if not isinstance(exc, NonFiniteError):
+                raise
+            # A diverged round is the run's problem, not the site's: say so, and send the entry that charges it
+            return _status_reply(message, site, M.STATUS_DISCARDED, str(exc),
+                                 {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: budget}, ledger)
 
         # Persist privacy first, then the model, then the reply (see common/state.py).
         arrays = {k: v for k, v in model.state_dict().items() if k in set(shared)}

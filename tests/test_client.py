@@ -11,7 +11,6 @@ from common import messages as M
 from common import synthetic
 from common.config import RunConfig
 from common.audit import audit_path
-from common.errors import NonFiniteError
 from common.ledger import Ledger, verify_chain
 from common.model import ModelConfig, global_head_template
 from common.sitedata import write_site
@@ -163,10 +162,12 @@ def test_a_failed_round_is_charged_in_the_ledger_as_discarded(tmp_path):
     folder = tmp_path / "clients" / "client-00"
     handle_train(train_message(global_head(), 1), context(flat))
     # Execute
-    with pytest.raises(NonFiniteError):
-        handle_train(train_message(global_head(), 2), context(run_config(tmp_path, **{"train.lr": 1e30})))
+    failed = handle_train(train_message(global_head(), 2), context(run_config(tmp_path, **{"train.lr": 1e30})))
     handle_train(train_message(global_head(), 3), context(flat))
     # Assert: the failed round used the data, so its steps are on record; it sent nothing; the audit agrees
+    ident = failed.content[M.CLIENT]
+    assert ident[M.STATUS] == M.STATUS_DISCARDED and "discarded" in ident[M.REASON]
+    assert M.ARRAYS not in failed.content.array_records and len(ident[M.LEDGER]) == 2  # the server gets the entry
     entries = Ledger(folder / "ledger.jsonl").entries()
     assert [(e["round"], e["status"]) for e in entries] == [(1, "trained"), (2, "discarded"), (3, "trained")]
     assert entries[1]["mechanism"]["steps"] == entries[0]["mechanism"]["steps"] > 0

@@ -133,6 +133,15 @@ def test_budget_exhausted_clients_are_excluded_from_later_rounds(tmp_path):
     assert sent[M.CONFIG][M.SERVER_ROUND] == 2 and sent[M.CONFIG][M.PLANNED_ROUNDS] == 5
 
 
+def test_a_client_whose_round_diverged_stays_in_the_federation(tmp_path):
+    strategy = make_strategy(tmp_path, **{"min-clients": 1})
+    strategy.aggregate_train(1, [reply(1, None, client="nan", modalities=MODALITIES, n=0, status=M.STATUS_DISCARDED),
+                                 reply(2, client_update(strategy, MODALITIES, 1.0), client="ok", modalities=MODALITIES)])
+    assert strategy._round["train"]["refused"] == {"nan": M.STATUS_DISCARDED} and strategy._round["train"]["trained"] == ["ok"]
+    assert strategy.state.excluded == set() and strategy.state.clients["nan"]["status"] == "active"
+    assert [m.metadata.dst_node_id for m in strategy.configure_train(2, None, ConfigRecord(), FakeGrid([1, 2]))] == [1, 2]
+
+
 def test_the_federation_keeps_a_verified_copy_of_each_ledger(tmp_path):
     strategy = make_strategy(tmp_path)
     key, own = LedgerKey.generate(), Ledger(tmp_path / "client-ledger.jsonl")

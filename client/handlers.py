@@ -18,7 +18,7 @@ from common.messages import update_digest
 from common.config import RunConfig, parse_run_config
 from common.errors import BudgetExhaustedError, NonFiniteError
 from common.evaluation import evaluate
-from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, utc_now
+from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
 from common.model import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel
 from common.state import ClientRecord, ClientState
 from common.training import RoundResult, train_round
@@ -53,8 +53,8 @@ def _shared_keys(model: MultimodalModel, config: RunConfig) -> list[str]:
 
 def _merge_global(model: MultimodalModel, message: Message, keys: list[str]) -> dict[str, torch.Tensor]:
     """Load the global values of this client's shared blocks (those the server has); return them."""
-    incoming = M.unpack_arrays(message.content)
-    merged = {k: v for k, v in incoming.items() if k in set(keys)}
+    wanted = set(keys)
+    merged = {k: v for k, v in M.unpack_arrays(message.content).items() if k in wanted}
     model.load_partial(merged)
     return merged
 
@@ -131,9 +131,9 @@ def _settle(state: ClientState, record: ClientRecord, client_id: str) -> None:
     pending = record.pending
     if not pending:
         return
-    ledger = Ledger(state.folder / LEDGER_FILE)
     key = (pending["run_id"], pending["round"], pending["time"])
-    if any((e.get("run_id"), e.get("round"), e.get("time")) == key for e in ledger.entries()):
+    entries, _ = read_ledger(state.folder / LEDGER_FILE)  # parse only: _sign verifies the chain before appending
+    if any(isinstance(e, dict) and (e.get("run_id"), e.get("round"), e.get("time")) == key for e in entries):
         return
     log.warning("%s: round %s of run %s was charged to the privacy history but its ledger entry was not written "
                 "(a crash); signing it now", client_id, pending["round"], pending["run_id"])
@@ -210,7 +210,8 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                                  {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: budget}, ledger)
 
         # Persist privacy first, then the model, then the reply (see common/state.py).
-        arrays = {k: v for k, v in model.state_dict().items() if k in set(shared)}
+        shared_set = set(shared)
+        arrays = {k: v for k, v in model.state_dict().items() if k in shared_set}
         metrics = {M.NUM_EXAMPLES: result.num_examples, M.EPSILON: result.epsilon, M.BUDGET: budget,
                    M.SAMPLE_RATE: result.sample_rate, M.STEPS: result.steps}
         if result.private:

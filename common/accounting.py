@@ -3,7 +3,7 @@
 A client's whole participation is a sequence of Poisson-subsampled Gaussian mechanisms
 ``[(noise_multiplier, sample_rate, steps), ...]`` (one entry per round it trained). Epsilon is
 always computed over the *whole* history with Opacus's PRV (default) or RDP accountant; a new
-accountant per round would report one round's epsilon only (see ../shared/notes/privacy.md).
+accountant per round would report one round's epsilon only (README, "The privacy guarantee").
 """
 
 from __future__ import annotations

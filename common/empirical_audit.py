@@ -79,7 +79,8 @@ MIN_SCORE_NOISE = 1e-3  # floor of the noise the score assumes (a run without no
 
 @dataclass(frozen=True)
 class EmpiricalAuditConfig:
-    """One audit run. Defaults: the setup measured in ../shared/notes/privacy.md, a few seconds on one core."""
+    """One audit run. Defaults: the setup of the README's measured figures (`fedfuse audit --empirical`), a few
+    seconds on one core."""
 
     epsilon: float = 8.0  # the target epsilon train_round calibrates its noise for (the claim under audit)
     delta: float = 1e-5

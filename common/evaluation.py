@@ -44,7 +44,8 @@ def predict(model: MultimodalModel, data: MultimodalData, mask: torch.Tensor | N
 def evaluate(model: MultimodalModel, data: MultimodalData) -> dict:
     """Accuracy and macro-F1 on ``data``, overall and for each subset of its modalities.
 
-    For a subset S the model sees only S, on the samples that have every modality of S.
+    For a subset S the model sees only S, on the samples that have every modality of S. ``predictions``
+    holds the predicted class of every sample (all its modalities present), for pooling across datasets.
     """
     k = data.schema.num_classes
     out_logits = logits(model, data)
@@ -54,6 +55,7 @@ def evaluate(model: MultimodalModel, data: MultimodalData) -> dict:
         "macro_f1": macro_f1(data.labels, pred, k),
         "loss": float(torch.nn.functional.cross_entropy(out_logits, data.labels)),
         "num_examples": len(data),
+        "predictions": pred,
         "by_modalities": {},
     }
     names = data.schema.names

@@ -189,7 +189,7 @@ class FlatGradSample(nn.Module):
         for p in params:
             self._slices[p] = (offset, offset + p.numel())
             p.data = self.flat.data[offset : offset + p.numel()].view_as(p)
-            p.requires_grad_(False)
+            p.requires_grad_(False)  # every parameter, at wrap time (data-independent): `flat` carries the grads
             offset += p.numel()
         # Capture each layer's input and output gradient: its forward is wrapped (an instance attribute that
         # release() deletes); cheaper here than a forward hook, which takes nn.Module's slow call path.

@@ -32,9 +32,6 @@ from common.model import MultimodalModel
 
 log = logging.getLogger(__name__)
 
-# flat: exact per-sample gradients of all parameters in one flat buffer (common/grad_samplers.py), clipped and
-# noised by Opacus's own DPOptimizer (fastest here: `fedfuse bench dp-overhead`); the others are Opacus's engines.
-
 
 @dataclass(frozen=True)
 class RoundResult:

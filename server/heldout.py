@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.evaluation import evaluate, macro_f1, predict
+from common.evaluation import evaluate, macro_f1
 from common.model import ENCODER_PREFIX, ModelConfig, MultimodalModel
 from common.partition import heldout_sites
 from server.replies import EvaluateReply, mean_metrics
@@ -47,7 +47,7 @@ class HeldoutEvaluator:
             data = _widen(data.restrict(present), model)
             report = evaluate(model, data)
             labels.append(data.labels)
-            predictions.append(predict(model, data))
+            predictions.append(report["predictions"])
             by = {s: {"accuracy": m["accuracy"], "macro-f1": m["macro_f1"], "num-examples": m["num_examples"]}
                   for s, m in report["by_modalities"].items()}
             overall = {"accuracy": report["accuracy"], "macro-f1": report["macro_f1"], "loss": report["loss"]}

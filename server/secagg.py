@@ -40,6 +40,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
 from common import messages as M
+from common.fusion import block_of
 from common.model import HEAD_PREFIX
 from server.replies import ReplyRejected, TrainReply, parse_identity, parse_metrics
 from server.strategy import FedFuse
@@ -47,7 +48,6 @@ from server.strategy import FedFuse
 log = logging.getLogger("fedfuse.server")
 
 MODULUS = 2**32  # SecAgg+'s mask modulus (its largest)
-BLOCKS = HEAD_PREFIX + "blocks."
 
 
 class SumRejected(Exception):
@@ -61,7 +61,8 @@ def quantization_range(num_clients: int) -> int:
 
 def holds(key: str, modalities: Sequence[str]) -> bool:
     """Whether a client with ``modalities`` has head key ``key`` (``blocks.<m>.*`` only with m, ``core.*`` always)."""
-    return not key.startswith(BLOCKS) or key[len(BLOCKS):].split(".")[0] in modalities
+    modality = block_of(key.removeprefix(HEAD_PREFIX))
+    return modality is None or modality in modalities
 
 
 def expected_weights(layout: Sequence[str], clients: Sequence[tuple[Sequence[str], int]]) -> dict[str, float]:
@@ -146,6 +147,7 @@ class SecureFedFuse(Strategy):
         self._nodes: list[int] = []
         self._workflow: _SecAggPlus | None = None
         self._aggregated = False
+        self._quantization = 0  # this round's quantisation range T (fit_round)
 
     def workflow(self) -> DefaultWorkflow:
         return DefaultWorkflow(fit_workflow=self.fit_round, evaluate_workflow=self.evaluate_round)
@@ -162,9 +164,10 @@ class SecureFedFuse(Strategy):
             self.fed.record_replies(r, [], [])
             return
         self._aggregated = False
+        self._quantization = quantization_range(len(self._nodes))
         self._workflow = _SecAggPlus(self.secagg.num_shares, self.secagg.reconstruction_threshold,
                                      max_weight=float(self.secagg.max_weight), clipping_range=self.secagg.clipping_range,
-                                     quantization_range=quantization_range(len(self._nodes)), modulus_range=MODULUS,
+                                     quantization_range=self._quantization, modulus_range=MODULUS,
                                      timeout=self.fed.config.server.round_timeout)
         self._workflow(grid, context)
         if not self._aggregated:  # SecAgg+ halted: too many clients dropped out to unmask
@@ -175,11 +178,11 @@ class SecureFedFuse(Strategy):
     def evaluate_round(self, grid: Grid, context: Context) -> None:
         """Clients evaluate the new head (Message API, as in a plain round); then checkpoint and results."""
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        arrays = ArrayRecord(self.fed.state.global_state)
-        messages = list(self.fed.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        # (FedFuse reads the head from its own state: the ArrayRecord arguments are Flower's interface only)
+        messages = list(self.fed.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
         replies = grid.send_and_receive(messages, timeout=self.fed.config.server.round_timeout) if messages else []
         self.fed.aggregate_evaluate(server_round, replies)
-        self.fed.end_round(server_round, ArrayRecord(self.fed.state.global_state))
+        self.fed.end_round(server_round, ArrayRecord())
 
     # --- Flower's legacy Strategy interface -----------------------------------------------------
     def initialize_parameters(self, client_manager: Any) -> Parameters:
@@ -236,7 +239,7 @@ class SecureFedFuse(Strategy):
             return None
         total = sum(u.num_examples for u in updates) / self.secagg.max_weight
         tolerance = sum_tolerance(num_clients=len(results), total_weight=total, clipping_range=self.secagg.clipping_range,
-                                  quantization=quantization_range(len(self._nodes)))
+                                  quantization=self._quantization)
         expected = expected_weights(self.layout, [(u.modalities, u.num_examples) for u in updates])
         try:
             averages = decode_average(mean, self.layout, self.fed.state.global_state, expected, tolerance=tolerance)

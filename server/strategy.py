@@ -82,13 +82,13 @@ class FedFuse(FedAvg):
         """The round's training clients: a sample of those not excluded (this starts the round's record)."""
         self._started = time.perf_counter()
         excluded_nodes = {n for n, c in self.node_clients.items() if c in self.state.excluded}
-        available = [n for n in grid.get_node_ids() if n not in excluded_nodes]
+        connected = list(grid.get_node_ids())
+        available = [n for n in connected if n not in excluded_nodes]
         want = max(int(len(available) * self.fraction_train), self.min_train_nodes)
         if not available:
             log.warning("round %d: every client is excluded (budgets exhausted); nothing to train", self.absolute(server_round))
             return []
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, len(list(grid.get_node_ids())),
-                                   wait=self.config.server.round_timeout)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, len(connected), wait=self.config.server.round_timeout)
         node_ids = [n for n in node_ids if n not in excluded_nodes][: min(want, len(available))]
         self._round = {"round": self.absolute(server_round), "train": {"sampled": len(node_ids)}}
         return node_ids

@@ -13,8 +13,8 @@ model's macro-F1 on the pooled windows of the test subjects is printed every few
   dp:SIGMA:BOUND  "site" with the statistics released by the Gaussian mechanism (noise multiplier
           SIGMA; per-window channel means clamped to ±BOUND, second moments to [0, BOUND²])
 
-    fedfuse data import hapt --source ../shared/data/hapt --out /tmp/hapt-sites
-    python simulations/tuning/hapt_fedavg.py /tmp/hapt-sites --standardise site --rounds 12
+    fedfuse data import hapt --source HAPT_DIR --out SITES_DIR
+    python simulations/tuning/hapt_fedavg.py SITES_DIR --standardise site --rounds 12
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def build_config(scenario: Path | None, overrides: list[str]) -> dict[str, Any]:
     return parse_run_config(flat).to_flat()
 
 
-def _setup_logging(quiet: bool) -> None:
+def setup_logging(quiet: bool) -> None:
+    """Flower's own per-round logging down to warnings; fedfuse's progress lines (warnings only when ``quiet``)."""
     import flwr.supercore.logger  # noqa: F401  (configures the "flwr" logger on import)
 
     flwr_log = logging.getLogger("flwr")
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     federation_space(config)
     for index in range(clients):
         client_partition(config, index)
-    _setup_logging(args.quiet)
+    setup_logging(args.quiet)
     log.info("simulating %d clients for %d rounds; output in %s", clients, config.server.num_server_rounds, out)
     try:
         seconds = runner.run(flat, num_clients=clients, out_dir=out, cpus_per_client=args.cpus_per_client)

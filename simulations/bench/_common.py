@@ -74,7 +74,7 @@ def run_cells(cells: Sequence[Cell], *, scenario: Path, common: list[str], round
     from common.config import parse_run_config
     from common.fileio import atomic_write_json
     from common.partition import num_clients
-    from server.run_folder import RUN_FILE, config_hash
+    from server.run_folder import RUN_FILE, config_differences
     from simulations import runner
 
     out: dict[str, dict[str, Any]] = {}
@@ -88,14 +88,15 @@ def run_cells(cells: Sequence[Cell], *, scenario: Path, common: list[str], round
         flat["out-dir"] = str(folder)
         if results_path.exists():
             done = json.loads(results_path.read_text())
-            if done.get("status") == "completed" and _same_config(done.get("config", {}), flat):
+            if done.get("status") == "completed" and not config_differences(done.get("config", {}), flat):
                 progress(f"[{i}/{len(cells)}] {cell.name}: reusing the completed run in {folder}")
                 out[cell.name] = done
                 continue
         # A folder with an interrupted run of this configuration is resumed; another configuration is refused.
         run_file = folder / RUN_FILE
-        if run_file.exists() and json.loads(run_file.read_text()).get("config_hash") != config_hash(flat):
-            raise ConfigError(f"{folder} holds a run with another configuration; delete it or choose another --out")
+        if run_file.exists() and (differences := config_differences(json.loads(run_file.read_text()).get("config", {}), flat)):
+            raise ConfigError(f"{folder} holds a run with another configuration ({'; '.join(differences)}); delete it "
+                              "or choose another --out")
         clients = num_clients(parse_run_config(flat))
         progress(f"[{i}/{len(cells)}] {cell.name}: {clients} clients, {flat['num-server-rounds']} rounds ...")
         start = time.perf_counter()
@@ -118,11 +119,6 @@ def _toml(value: Any) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _same_config(stored: dict[str, Any], flat: dict[str, Any]) -> bool:
-    norm = lambda v: float("inf") if v is None else v  # noqa: E731  (inf is stored as null)
-    return all(norm(stored.get(k)) == v for k, v in flat.items())
 
 
 def epsilon_ok(results: dict[str, Any]) -> bool:
@@ -248,11 +244,23 @@ def header(title: str, started: float, hw: dict[str, Any], runs: dict[str, dict[
     ])
 
 
-def setup_logging() -> None:
-    """Quiet Flower and Ray; fedfuse warnings only (the bench prints its own progress)."""
-    import flwr.supercore.logger  # noqa: F401  (configures the "flwr" logger on import)
+def run_benchmark(args: Any, *, name: str, label: str, title: str, importer: Callable[[Path, Path], Path],
+                  cells: Callable[[Path], list[Cell]],
+                  report: Callable[[dict[str, dict[str, Any]], list[Cell], Path, Path], tuple[str, dict[str, Any]]]) -> int:
+    """A real-data benchmark from start to end: import the data into ``<out>/cache/<name>`` (once), run its
+    cells (reusing finished runs), then ``report(runs, cells, cache, runs_dir) -> (body, payload fields)``."""
+    from common.commands.simulate import setup_logging
 
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.WARNING)
-    flwr_log.propagate = False
-    logging.getLogger("fedfuse").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    setup_logging(quiet=True)  # the bench prints its own progress
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cache = importer(args.data.resolve(), out / "cache" / name)
+    todo = cells(cache)
+    common = ["data.dataset=" + _toml(str(cache)), *args.overrides]
+    print(f"{label} benchmark: {len(todo)} simulations ({args.seeds} seed(s)); runs in {out / 'runs'}", flush=True)
+    runs = run_cells(todo, scenario=args.scenario, common=common, rounds=args.rounds, runs_dir=out / "runs",
+                     progress=lambda s: print(s, flush=True))
+    body, fields = report(runs, todo, cache, out / "runs")
+    return finish(out, name, title, started=started, runs=runs, body=body,
+                  payload={"scenario": str(args.scenario), "overrides": common, **fields})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -166,18 +165,12 @@ def tables(summary: dict[str, Any], assigned: dict[str, str]) -> tuple[str, list
 
 
 def run(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    C.setup_logging()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    cache = imported(args.data.resolve(), out / "cache" / "av-digits")
-    todo = cells(args)
-    common = ["data.dataset=" + C._toml(str(cache)), *args.overrides]
-    print(f"AV-Digits benchmark: {len(todo)} simulations ({args.seeds} seed(s)); runs in {out / 'runs'}", flush=True)
-    runs = C.run_cells(todo, scenario=args.scenario, common=common, rounds=args.rounds, runs_dir=out / "runs",
-                       progress=lambda s: print(s, flush=True))
-    summary = summarize(runs, todo)
-    assigned = assignment(cache, MIXED_GROUPS)
-    body, verdicts = tables(summary, assigned)
-    return C.finish(out, "av-digits", "AV-Digits: spoken + written digits, clients with different modalities", started=started, runs=runs, body=body,
-                    payload={"scenario": str(args.scenario), "overrides": common, "mixed_assignment": assigned, "targets": verdicts, **summary})
+    def report(runs: dict[str, dict[str, Any]], todo: list[C.Cell], cache: Path, runs_dir: Path) -> tuple[str, dict[str, Any]]:
+        summary = summarize(runs, todo)
+        assigned = assignment(cache, MIXED_GROUPS)
+        body, verdicts = tables(summary, assigned)
+        return body, {"mixed_assignment": assigned, "targets": verdicts, **summary}
+
+    return C.run_benchmark(args, name="av-digits", label="AV-Digits",
+                           title="AV-Digits: spoken + written digits, clients with different modalities",
+                           importer=imported, cells=lambda cache: cells(args), report=report)

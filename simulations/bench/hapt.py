@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -200,17 +199,10 @@ def _gap(a: float | None, b: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    C.setup_logging()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    cache = imported(args.data.resolve(), out / "cache" / "hapt")
-    todo = cells(args, cache)
-    common = ["data.dataset=" + C._toml(str(cache)), *args.overrides]
-    print(f"HAPT benchmark: {len(todo)} simulations ({args.seeds} seed(s)); runs in {out / 'runs'}", flush=True)
-    runs = C.run_cells(todo, scenario=args.scenario, common=common, rounds=args.rounds, runs_dir=out / "runs",
-                       progress=lambda s: print(s, flush=True))
-    summary = summarize(runs, todo, cache, out / "runs")
-    body, verdicts = tables(summary, args)
-    return C.finish(out, "hapt", "HAPT: federated multimodal activity recognition", started=started, runs=runs, body=body,
-                    payload={"scenario": str(args.scenario), "overrides": common, "targets": verdicts, **summary})
+    def report(runs: dict[str, dict[str, Any]], todo: list[C.Cell], cache: Path, runs_dir: Path) -> tuple[str, dict[str, Any]]:
+        summary = summarize(runs, todo, cache, runs_dir)
+        body, verdicts = tables(summary, args)
+        return body, {"targets": verdicts, **summary}
+
+    return C.run_benchmark(args, name="hapt", label="HAPT", title="HAPT: federated multimodal activity recognition",
+                           importer=imported, cells=lambda cache: cells(args, cache), report=report)

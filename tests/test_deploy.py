@@ -24,7 +24,7 @@ from server.grid import NodesUnavailableError, PollingGrid, sample_nodes
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState
 
-from deploy_helpers import BIN, DEFAULT_SITES, deployment, leftover_processes
+from simulations.deployment import BIN, DEFAULT_SITES, deployment, leftover_processes
 
 POLICY = {"site-1": 8.0, "site-2": 8.0, "site-3": 5.0}  # site-3 accepts at most epsilon = 5 over its whole history
 

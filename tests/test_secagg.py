@@ -494,12 +494,12 @@ def test_a_killed_secure_run_resumes_to_the_plain_head(plain_run, tmp_path):
 
 @pytest.mark.slow
 def test_secure_aggregation_gives_the_plain_head_in_deployment(tmp_path):
-    deploy_helpers = pytest.importorskip("deploy_helpers", reason="tests/deploy_helpers.py (the deployment harness) is not there")
+    from simulations.deployment import deployment, leftover_processes
 
     # Prepare: three sites over TLS + SuperNode auth that accept non-private runs; fresh site state per run
     config = {"dp.epsilon": math.inf, "num-server-rounds": 2}
     heads = {}
-    with deploy_helpers.deployment(tmp_path / "dep", max_epsilon=math.inf, run_config=config) as dep:
+    with deployment(tmp_path / "dep", max_epsilon=math.inf, run_config=config) as dep:
         for name, secure in (("plain", False), ("secure", True)):
             for site in dep.sites.values():  # the same starting point for both runs (encoders, privacy, ledger)
                 shutil.rmtree(site.state_dir, ignore_errors=True)
@@ -514,5 +514,5 @@ def test_secure_aggregation_gives_the_plain_head_in_deployment(tmp_path):
                 copy_ = Ledger(run.folder / "ledgers" / f"{site.name}.jsonl").entries()
                 assert [e["entry_hash"] for e in copy_] == [e["entry_hash"] for e in own] and len(own) == 2
             heads[name] = final_head(run.folder, rounds=2)
-    assert deploy_helpers.leftover_processes(tmp_path / "dep") == []
+    assert leftover_processes(tmp_path / "dep") == []
     assert max_difference(heads["plain"], heads["secure"]) < TOLERANCE

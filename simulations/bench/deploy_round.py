@@ -1,6 +1,6 @@
 """``fedfuse bench deploy-round``: per-round wall time of a real deployment on loopback, Flower's defaults vs each improvement.
 
-Each variant starts its own deployment (``tests/deploy_helpers.py``: a SuperLink with TLS and
+Each variant starts its own deployment (``simulations/deployment.py``: a SuperLink with TLS and
 SuperNode authentication, three sites holding image+signal, signal and tabular+image) and runs the
 default model for ``--rounds`` rounds. A round's time is what the ServerApp records in results.json
 (the train phase, the evaluate phase when there is one, aggregation and the checkpoint). The
@@ -19,7 +19,6 @@ each variant: on a shared machine the figures move with it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -29,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 # name -> (site isolation, ServerApp reply poll interval in s, evaluate every round?)
 VARIANTS: dict[str, tuple[str, float, bool]] = {
     "flower": ("subprocess", 3.0, True),
@@ -52,26 +50,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the deployments' folders (logs, runs) here")
 
 
-def _helpers():
-    path = ROOT / "tests" / "deploy_helpers.py"
-    if not path.exists():
-        from common.errors import ConfigError
-
-        raise ConfigError(f"fedfuse bench deploy-round needs a source checkout ({path} is missing): run it from the repository")
-    spec = importlib.util.spec_from_file_location("deploy_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_helpers"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def _load() -> float:
     return os.getloadavg()[0]
 
 
 def measure(name: str, folder: Path, rounds: int) -> dict:
     """Run one variant in a fresh deployment; return its per-round seconds and load averages."""
-    helpers = _helpers()
+    from simulations import deployment as helpers
+
     isolation, poll, evaluate_each_round = VARIANTS[name]
     config = {"num-server-rounds": rounds, "evaluate-every": 1 if evaluate_each_round else rounds,
               "dp.epsilon": 8.0, "round-timeout": 300.0}
@@ -93,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         from common.errors import ConfigError
 
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}" if unknown else "--rounds must be >= 2")
+    from simulations.deployment import check_checkout
+
+    check_checkout()
     figures = []
     with tempfile.TemporaryDirectory(prefix="ffdep-", dir="/tmp") as tmp:
         base = args.keep.resolve() if args.keep else Path(tmp)

@@ -11,7 +11,7 @@ installation off, and each process in its own process group, all killed on exit:
 
 ``isolation``: ``"warm"`` (``fedfuse site supernode``: --isolation process + the warm executor),
 ``"subprocess"`` (plain ``flower-supernode``, Flower's default). Used by ``tests/test_deploy.py``
-and ``fedfuse bench deploy-round``; needs a source checkout (the FAB is built from it).
+and ``fedfuse bench deploy-round``; needs a source checkout (the FAB is built from it: :func:`check_checkout`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import synthetic
+
 ROOT = Path(__file__).resolve().parents[1]  # the app: `flwr run ROOT` builds the FAB from it
 BIN = Path(sys.executable).parent
 CONNECTION = "local-tls"
-LABELS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")  # common.synthetic.LABELS
 
 # name -> modalities held (as in the issue: image+signal, signal, tabular+image)
 DEFAULT_SITES: dict[str, tuple[str, ...]] = {
@@ -48,9 +49,18 @@ BASE_RUN_CONFIG: dict[str, Any] = {
     "min-clients": 3,
     "round-timeout": 120.0,
     "federation.modalities": "image,signal,tabular",
-    "federation.labels": ",".join(LABELS),
+    "federation.labels": ",".join(synthetic.LABELS),
     "dp.epsilon": 8.0,
 }
+
+
+def check_checkout() -> None:
+    """Refuse clearly when fedfuse runs from an installed package: ``flwr run`` builds the app from the checkout."""
+    if not (ROOT / "pyproject.toml").exists():
+        from common.errors import ConfigError
+
+        raise ConfigError(f"a local deployment needs a source checkout of fedfuse ({ROOT / 'pyproject.toml'} is missing): "
+                          "run it from the repository")
 
 
 class DeploymentError(RuntimeError):
@@ -72,7 +82,6 @@ class Site:
     max_delta: float | None = None
     proc: subprocess.Popen | None = None
     executor: subprocess.Popen | None = None  # `fedfuse site executor`, when started on its own (start_site_split)
-    starts: int = 0
 
     def node_config(self) -> str:
         parts = [f'data-dir="{self.data_dir}"', f'state-dir="{self.state_dir}"', f'client-id="{self.name}"',
@@ -255,7 +264,6 @@ class Deployment:
         while True:
             mark = self.log_size(name)
             site.proc = self._spawn(self.site_command(site), site.home, site.log_path)
-            site.starts += 1
             if not wait:
                 return
             try:
@@ -286,7 +294,6 @@ class Deployment:
         site.executor = self._spawn([str(BIN / "fedfuse"), "site", "executor", "--runtime-api-address",
                                      f"127.0.0.1:{site.port}", "--superexec-auth-secret-file", str(secret)],
                                     site.home, site.log_path)
-        site.starts += 1
         self._wait_for_log(name, "SuperNode ID", timeout, site.proc, after=mark)
         self._wait_for_log(name, "preloaded", timeout, site.executor, after=mark)
 

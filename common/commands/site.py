@@ -132,10 +132,10 @@ def _stop_supernode(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _run_supernode(args: argparse.Namespace, flower_args: list[str] | None = None) -> int:
+def _run_supernode(args: argparse.Namespace) -> int:
     from client.executor import WarmExecutor, check_flower_version, preload
 
-    flower_args = list(flower_args if flower_args is not None else args.flower_args)
+    flower_args = list(args.flower_args)
     if flower_args[:1] == ["--"]:
         flower_args = flower_args[1:]
     if not flower_args:

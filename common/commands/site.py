@@ -61,8 +61,8 @@ def _executor_options(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen site command."""
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; fedfuse's root handler would repeat it
-    if logging.getLogger("fedfuse").level == logging.NOTSET:
-        logging.getLogger("fedfuse").setLevel(logging.INFO)  # this is the site's log: show what fedfuse does
+    if logging.getLogger("fedfuse").level == logging.NOTSET:  # this is the site's log: show what fedfuse does
+        logging.getLogger("fedfuse").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     return int(args._run(args))
 
 

@@ -38,6 +38,17 @@ def offline_environment(out_dir: Path) -> dict[str, str]:
     }
 
 
+# Where a run's Ray temp folder goes: a short path, as Ray's socket paths must stay under ~107 bytes
+# (a TMPDIR or an output folder may be much longer).
+RAY_TMP_ROOT = Path("/tmp")
+
+
+def remove_ray_folders(out_dir: Path) -> None:
+    """Remove the Ray temp folders of runs into ``out_dir`` (left behind when a run was killed)."""
+    for folder in RAY_TMP_ROOT.glob(ray_tmp_prefix(out_dir) + "*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def ray_tmp_prefix(out_dir: Path) -> str:
     """Name prefix of the run's Ray temp folder (short: Ray's socket paths must stay under ~107 bytes)."""
     return f"ffray-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:8]}-"
@@ -46,11 +57,10 @@ def ray_tmp_prefix(out_dir: Path) -> str:
 @contextmanager
 def _environment(out_dir: Path) -> Iterator[None]:
     """Set the offline settings and a Ray temp folder owned by this run; restore everything after."""
-    # Ray's socket paths must stay under ~107 bytes, so its folder is short-named and removed after the run
-    # (and a folder left by a killed earlier run of the same output folder is removed now).
-    for stale in Path("/tmp").glob(ray_tmp_prefix(out_dir) + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    ray_tmp = Path(tempfile.mkdtemp(prefix=ray_tmp_prefix(out_dir), dir="/tmp"))
+    # Ray's folder is short-named and removed after the run (and one left by a killed earlier run of the
+    # same output folder is removed now).
+    remove_ray_folders(out_dir)
+    ray_tmp = Path(tempfile.mkdtemp(prefix=ray_tmp_prefix(out_dir), dir=RAY_TMP_ROOT))
     values = offline_environment(out_dir) | {"RAY_TMPDIR": str(ray_tmp)}
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from simulations.runner import ray_tmp_prefix
+from simulations.runner import remove_ray_folders
 
 
 def run_processes(out: Path) -> list[int]:
@@ -54,8 +53,7 @@ def kill_run(proc: subprocess.Popen, out: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    for folder in Path("/tmp").glob(ray_tmp_prefix(out) + "*"):
-        shutil.rmtree(folder, ignore_errors=True)
+    remove_ray_folders(out)
 
 
 def simulate(args: list[str], out: Path, *, until: Callable[[], bool] | None = None, timeout: float = 300) -> None:

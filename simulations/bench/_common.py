@@ -219,6 +219,7 @@ def finish(out: Path, name: str, title: str, *, started: float, runs: dict[str, 
 
 
 def _json_safe(value: Any) -> Any:
+    """Like common.fileio.json_safe, but a benchmark report keeps ±inf as "inf" (a non-private budget), NaN as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):

@@ -125,7 +125,8 @@ def summarize(runs: dict[str, dict[str, Any]], cells_: list[C.Cell], cache: Path
         for metric in ("test_macro_f1", "test_macro_f1_per_subject", "test_accuracy", "client_macro_f1", "max_epsilon"):
             vals = [r[metric] for r in rows if r.get(metric) is not None]
             if vals:
-                s[metric] = {"mean": C.mean_std(vals)[0], "std": C.mean_std(vals)[1], "values": vals}
+                mean, std = C.mean_std(vals)
+                s[metric] = {"mean": mean, "std": std, "values": vals}
         s["epsilon_ok"] = all(r["epsilon_ok"] for r in rows)
     return {"runs": per_run, "settings": settings}
 

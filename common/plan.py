@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 from common.accounting import calibrate_noise
+from common.config import RunConfig
 from common.errors import BudgetExhaustedError
 from common.training import steps_per_epoch
 
@@ -32,6 +33,7 @@ from common.training import steps_per_epoch
 # site's NSR/round is 2.1 at ε = 8 and 4.6 at ε = 3, which learn (macro-F1 80 and 76), and 12.0 at ε = 1,
 # which does not (35). One dataset's runs: a rule of thumb, not a guarantee.
 DROWNING = 6.0
+RANKING_ACCOUNTANT = "rdp"  # settings are compared with RDP's calibration: fast, and its σ is at least PRV's
 
 
 @dataclass(frozen=True)
@@ -140,3 +142,35 @@ def suggest(plans: list[Plan], base: Setting) -> Plan:
     same = [p for p in plans if p.setting.rounds == base.rounds and p.setting.local_epochs == base.local_epochs]
     pick = best(same) if same else best(plans)
     return best(plans) if pick.drowned else pick
+
+
+def federation_sizes(config: RunConfig) -> tuple[dict[str, tuple[int, int]], dict[str, float], int]:
+    """Per client: (training examples, parameters it trains); its budget; the head's parameter count."""
+    from common.model import ModelConfig, MultimodalModel, global_head_template
+    from common.partition import client_partition, federation_space, num_clients
+
+    model_config = ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim)
+    sites, budgets = {}, {}
+    for index in range(num_clients(config)):
+        part = client_partition(config, index)
+        params = sum(p.numel() for p in MultimodalModel(part.train.schema, model_config).parameters())
+        sites[part.client_id], budgets[part.client_id] = (len(part.train), params), part.budget
+    modalities, labels = federation_space(config)
+    head = sum(t.numel() for t in global_head_template(modalities, len(labels), model_config).values())
+    return sites, budgets, head
+
+
+def drowning_warning(config: RunConfig) -> str | None:
+    """A warning for the start of a run whose configured setting drowns a site's signal (None: it does not)."""
+    if math.isinf(config.dp.epsilon) and not config.dp.group_budgets:
+        return None
+    sites, budgets, head = federation_sizes(config)
+    base = Setting(config.train.batch_size, config.server.num_server_rounds, config.train.local_epochs)
+    p = plan(sites, head, base, epsilon=budgets, delta=config.dp.delta, accountant=RANKING_ACCOUNTANT)
+    if not p.drowned:
+        return None
+    worst = max(p.sites, key=lambda s: s.nsr_round)
+    return (f"the privacy noise will drown the signal at {len(p.drowned)} of {len(p.sites)} site(s): at {worst.site} "
+            f"(n = {worst.n}) σ = {worst.noise_multiplier:.2f} and the noise-to-signal ratio of a round's update is "
+            f"{worst.nsr_round:.3g} (> {DROWNING:g}). Expect chance-level accuracy; `fedfuse plan` suggests a "
+            "batch size and number of rounds")

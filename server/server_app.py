@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import parse_run_config, run_out_dir
 from common.model import ModelConfig, global_head_template
 from common.partition import federation_space, idle_sites, real_data_changes
+from common.plan import drowning_warning
 from server.grid import NodesUnavailableError, PollingGrid
 from server.heldout import HeldoutEvaluator
 from server.optimizer import build_optimizer
@@ -31,15 +32,20 @@ def _show_progress() -> None:
 
 
 def _data_notes(config) -> dict:  # noqa: ANN001
-    """Simulation on site folders: say which sites take no part, and what the knobs change in their data."""
+    """Simulation: which sites take no part, what the knobs change in real data, and noise that drowns the signal."""
+    if config.federation.modalities:  # a deployment: the server sees no data
+        return {}
     notes: dict = {}
-    if not config.federation.modalities and not config.data.synthetic:
+    if not config.data.synthetic:
         idle, changes = idle_sites(config), real_data_changes(config)
         for name, why in idle.items():
             log.warning("site '%s' takes no part in this run: %s", name, why)
         for change in changes:
             log.warning("the run alters the sites' real data: %s", change)
         notes = {"sites_not_training": idle, "data_changes": changes}
+    if (warning := drowning_warning(config)) is not None:
+        log.warning("%s", warning)
+        notes["plan_warning"] = warning
     return notes
 
 

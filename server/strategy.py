@@ -244,9 +244,15 @@ class FedFuse(FedAvg):
             "rounds": self.state.rounds,
             "final": last,  # the last evaluated round: pooled figures, the clients' mean, each client's own
             "final_server_evaluate": server_last,
-            "warnings": learning_warnings(self.state.rounds, self.state.total_rounds),
+            "warnings": self.warnings(),
             "privacy": {"clients": self.state.clients},
         }
+
+    def warnings(self) -> list[dict[str, Any]]:
+        """The plan's warning from before the first round (round 0), then the learning warnings."""
+        plan = self.federation.get("plan_warning")
+        before = [{"round": 0, "kind": "noise", "message": plan}] if plan else []
+        return before + learning_warnings(self.state.rounds, self.state.total_rounds)
 
     def _log_progress(self, rnd: dict[str, Any]) -> None:
         ev, tr = headline(rnd.get("evaluate")), rnd["train"]

@@ -149,3 +149,26 @@ def test_a_collapse_is_warned_about_and_final_figures_below_the_best_are_flagged
     assert "0.760 at round 3" in warnings[0]["message"]
     # a drop within sampling noise of a small test set is not a collapse
     assert learning_warnings(rounds_of([0.6, 0.7, 0.76, 0.64], n=40), total_rounds=4) == []
+
+
+def test_the_accuracy_plot_draws_the_shown_subsets_with_the_legend_outside(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from common.plots import plot_accuracy
+
+    # Prepare: two rounds of pooled figures for 127 subsets of seven modalities
+    names = [f"m{i}" for i in range(7)]
+    by = {"+".join(c): {"accuracy": 0.5, "macro_f1": 0.5, "num_examples": 10}
+          for k in range(1, 8) for c in itertools.combinations(names, k)}
+    rounds = [{"round": r, "evaluate": {"pooled": {"accuracy": 0.5, "macro_f1": 0.5, "num_examples": 10,
+                                                   "by_modalities": by}}} for r in (1, 2)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    # Execute
+    plot_accuracy({"rounds": rounds}, tmp_path / "accuracy.png")
+    # Assert: the overall line and 12 subsets; the legend sits right of the axes and says where the rest is
+    ax = figures[0].axes[0]
+    assert len(ax.lines) == 13 and (tmp_path / "accuracy.png").exists()
+    legend = ax.get_legend()
+    assert legend.get_title().get_text() == "+ 115 more in results.json"
+    assert legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1

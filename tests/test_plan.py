@@ -8,10 +8,9 @@ import pytest
 from common import synthetic
 from common.accounting import calibrate_noise
 from common.cli import main
-from common.commands.plan import drowning_warning
 from common.commands.simulate import build_config
 from common.config import parse_run_config
-from common.plan import DROWNING, Setting, candidates, plan, plan_site, suggest
+from common.plan import DROWNING, Setting, candidates, drowning_warning, plan, plan_site, suggest
 from common.sitedata import write_site
 
 

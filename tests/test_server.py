@@ -255,3 +255,9 @@ def test_the_run_log_names_idle_sites_and_knobs_that_alter_real_data(tmp_path, c
     assert "site 'b' takes no part in this run: no 'train' split" in caplog.text
     assert "the run alters the sites' real data: data.missing-rate = 0.2" in caplog.text
     assert _data_notes(parse_run_config(RunConfig().to_flat())) == {}  # synthetic data: nothing to say
+    # a plan that drowns the signal is warned about before the first round
+    tiny = parse_run_config(RunConfig().to_flat() | {"data.dataset": str(tmp_path), "dp.epsilon": 0.5,
+                                                     "num-server-rounds": 50})
+    with caplog.at_level("WARNING", logger="fedfuse.server"):
+        assert "drown the signal at 1 of 1 site(s)" in _data_notes(tiny)["plan_warning"]
+    assert "`fedfuse plan` suggests" in caplog.text

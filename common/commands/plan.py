@@ -11,7 +11,7 @@ from typing import Any
 
 from common.config import RunConfig
 
-RANKING_ACCOUNTANT = "rdp"  # candidates are ranked with RDP's calibration: fast, and its σ is at least PRV's
+from common.plan import RANKING_ACCOUNTANT
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,25 +22,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plans as JSON")
 
 
-def federation_sizes(config: RunConfig) -> tuple[dict[str, tuple[int, int]], dict[str, float], int]:
-    """Per client: (training examples, parameters it trains); its budget; the head's parameter count."""
-    from common.model import ModelConfig, MultimodalModel, global_head_template
-    from common.partition import client_partition, federation_space, num_clients
-
-    model_config = ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim)
-    sites, budgets = {}, {}
-    for index in range(num_clients(config)):
-        part = client_partition(config, index)
-        params = sum(p.numel() for p in MultimodalModel(part.train.schema, model_config).parameters())
-        sites[part.client_id], budgets[part.client_id] = (len(part.train), params), part.budget
-    modalities, labels = federation_space(config)
-    head = sum(t.numel() for t in global_head_template(modalities, len(labels), model_config).values())
-    return sites, budgets, head
-
-
 def make_plans(config: RunConfig) -> dict[str, Any]:
     """The configured setting, every candidate (ranked with RDP), and the suggested one, for ``config``'s sites."""
-    from common.plan import Setting, candidates, plan, suggest
+    from common.plan import Setting, candidates, federation_sizes, plan, suggest
 
     sites, budgets, head = federation_sizes(config)
     base = Setting(config.train.batch_size, config.server.num_server_rounds, config.train.local_epochs)
@@ -120,20 +104,3 @@ def _print(plans: dict[str, Any], config: RunConfig) -> None:
 def _fmt(value: float) -> str:
     return "∞" if math.isinf(value) else f"{value:.3g}"
 
-
-def drowning_warning(config: RunConfig) -> str | None:
-    """A warning for the start of a run whose configured setting drowns a site's signal (None: it does not)."""
-    from common.plan import DROWNING, Setting, plan
-
-    if math.isinf(config.dp.epsilon) and not config.dp.group_budgets:
-        return None
-    sites, budgets, head = federation_sizes(config)
-    base = Setting(config.train.batch_size, config.server.num_server_rounds, config.train.local_epochs)
-    p = plan(sites, head, base, epsilon=budgets, delta=config.dp.delta, accountant=RANKING_ACCOUNTANT)
-    if not p.drowned:
-        return None
-    worst = max(p.sites, key=lambda s: s.nsr_round)
-    return (f"the privacy noise will drown the signal at {len(p.drowned)} of {len(p.sites)} site(s): at {worst.site} "
-            f"(n = {worst.n}) σ = {worst.noise_multiplier:.2f} and the noise-to-signal ratio of a round's update is "
-            f"{_fmt(worst.nsr_round)} (> {DROWNING:g}). Expect chance-level accuracy; `fedfuse plan` suggests a "
-            "batch size and number of rounds")

@@ -98,10 +98,6 @@ def run(args: argparse.Namespace) -> int:
     for index in range(clients):
         client_partition(config, index)
     setup_logging(args.quiet)
-    from common.commands.plan import drowning_warning
-
-    if args.resume is None and (warning := drowning_warning(config)):
-        log.warning("%s", warning)
     log.info("simulating %d clients for %d rounds; output in %s", clients, config.server.num_server_rounds, out)
     try:
         seconds = runner.run(flat, num_clients=clients, out_dir=out, cpus_per_client=args.cpus_per_client)

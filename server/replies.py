@@ -145,7 +145,7 @@ def parse_evaluate_reply(message: Message, num_classes: int | None = None) -> Ev
         if key == M.NUM_EXAMPLES:
             continue
         subset, _, name = key[len(M.BY_PREFIX):].rpartition(".") if key.startswith(M.BY_PREFIX) else ("", "", key)
-        if name in M.CLASS_COUNTS and subset or key == M.CONFUSION:
+        if (name in M.CLASS_COUNTS and subset) or key == M.CONFUSION:
             size = None if num_classes is None else (num_classes ** 2 if key == M.CONFUSION else num_classes)
             values = _counts(key, value, size)
             if size is None:

@@ -245,10 +245,12 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     if site.test is not None and config.release.eval_metrics:
         report = evaluate(model, site.test)
         metrics = {M.NUM_EXAMPLES: report["num_examples"], M.ACCURACY: report["accuracy"],
-                   M.MACRO_F1: report["macro_f1"], M.LOSS: report["loss"]}
+                   M.MACRO_F1: report["macro_f1"], M.LOSS: report["loss"],
+                   M.CONFUSION: [c for row in report["confusion"] for c in row]}
         for subset, sub in report["by_modalities"].items():
             metrics[f"{M.BY_PREFIX}{subset}.{M.ACCURACY}"] = sub["accuracy"]
             metrics[f"{M.BY_PREFIX}{subset}.{M.MACRO_F1}"] = sub["macro_f1"]
             metrics[f"{M.BY_PREFIX}{subset}.{M.NUM_EXAMPLES}"] = sub["num_examples"]
+            metrics |= {f"{M.BY_PREFIX}{subset}.{name}": sub["class_counts"][name] for name in M.CLASS_COUNTS}
     content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: _identity(site, M.STATUS_OK)})
     return Message(content, reply_to=message)

@@ -14,6 +14,7 @@ from common.errors import FedfuseError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulate", "run a federated simulation locally (Flower simulation engine)"),
     "data": ("data", "validate site data folders and import public datasets"),
+    "plan": ("plan", "before a private run: each site's noise and the noise-to-signal ratio, from public parameters"),
     "audit": ("audit", "verify privacy ledgers and re-account every client's epsilon"),
     "certs": ("certs", "create the CA, SuperLink certificate and site keys for a deployment"),
     "site": ("site", "run a deployment site's SuperNode with the warm executor (fast rounds)"),

@@ -26,7 +26,9 @@ from common.fusion import FUSIONS
 GRAD_SAMPLE_MODES = ("flat", "hooks", "functorch")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ENCODER_MODES = ("local", "federated")
-ASSIGNMENTS = ("all", "groups", "dropout")
+ASSIGNMENTS = ("auto", "all", "groups", "dropout")
+AUTO = "auto"  # data.assignment / data.missing-rate: synthetic data gets the simulated federation, site folders stay as they are
+SYNTHETIC_MISSING_RATE = 0.1  # data.missing-rate = "auto" on the synthetic dataset
 
 
 def _fail(key: str, message: str) -> None:
@@ -144,10 +146,10 @@ class DataSection:
     num_clients: int = 6  # synthetic only; a folder has one client per site
     samples_per_client: int = 1200  # synthetic only
     test_fraction: float = 0.2  # synthetic only: held-out part of each client's samples
-    assignment: str = "groups"  # all | groups | dropout (FedMultimodal: drop each modality w.p. p)
+    assignment: str = AUTO  # auto (synthetic: groups; site folders: all) | all | groups | dropout (FedMultimodal)
     groups: str = "image+signal+tabular;image+signal;signal+tabular;image+tabular;image;tabular"
     modality_drop_prob: float = 0.0  # p for assignment = dropout
-    missing_rate: float = 0.1  # per sample: hide each held modality with this probability
+    missing_rate: float | str = AUTO  # per sample: hide each held modality w.p. this; auto = 0.1 synthetic, 0 site folders
     dirichlet_alpha: float = 0.0  # label skew across clients (0 = none, smaller = more skew)
     server_test: str = ""  # folder whose test-only sites the server evaluates the global model on (encoders = federated)
 
@@ -162,14 +164,32 @@ class DataSection:
             _fail("data.test-fraction", "must lie in [0, 1)")
         if self.assignment not in ASSIGNMENTS:
             _fail("data.assignment", f"must be one of {list(ASSIGNMENTS)}, got '{self.assignment}'")
-        if self.assignment == "groups" and not self.group_list:
+        if self.assignment in ("groups", AUTO) and not self.group_list:
             _fail("data.groups", "needs at least one group, e.g. 'image;signal;image+signal'")
         if not 0 <= self.modality_drop_prob < 1:
             _fail("data.modality-drop-prob", "must lie in [0, 1)")
-        if not 0 <= self.missing_rate < 1:
-            _fail("data.missing-rate", "must lie in [0, 1)")
+        if self.missing_rate != AUTO and not (isinstance(self.missing_rate, float) and 0 <= self.missing_rate < 1):
+            _fail("data.missing-rate", f"must lie in [0, 1) or be \"{AUTO}\", got {self.missing_rate!r}")
         if self.dirichlet_alpha < 0:
             _fail("data.dirichlet-alpha", "must be >= 0 (0 = no label skew)")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.dataset == "synthetic"
+
+    @property
+    def effective_assignment(self) -> str:
+        """The assignment in force: ``auto`` is ``groups`` on synthetic data and ``all`` on site folders."""
+        if self.assignment != AUTO:
+            return self.assignment
+        return "groups" if self.synthetic else "all"
+
+    @property
+    def effective_missing_rate(self) -> float:
+        """The per-sample missing rate in force: ``auto`` is 0.1 on synthetic data and 0 on site folders."""
+        if self.missing_rate == AUTO:
+            return SYNTHETIC_MISSING_RATE if self.synthetic else 0.0
+        return float(self.missing_rate)
 
     @property
     def group_list(self) -> tuple[tuple[str, ...], ...]:
@@ -293,7 +313,16 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
                 f"unknown run config key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
                 + f" (known keys: {', '.join(known)})"
             )
-        kind = {"int": int, "float": float, "bool": bool, "str": str}[str(field_types[attr])]
+        type_name = str(field_types[attr])
+        if type_name == "float | str":  # a number, or the word "auto"
+            if isinstance(value, str) and value.strip().lower() == AUTO:
+                values[section][attr] = AUTO
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[section][attr] = float(value)
+            else:
+                _fail(key, f"expected a number or \"{AUTO}\", got {value!r}")
+            continue
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[type_name]
         values[section][attr] = _coerce(key, value, kind)
     built = {("server" if s == "" else s): cls(**values[s]) for s, cls in sections.items()}
     return RunConfig(**built)

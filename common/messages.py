@@ -12,7 +12,8 @@ Secure train    (secagg.enabled: Flower's SecAgg+, legacy FitIns / FitRes record
                 PLANNED_ROUNDS, LAYOUT}. FitRes: the masked vector (client/secagg.py), num_examples (the
                 SecAgg+ weight: 0 when the client did not train), metrics = the reply's metrics + CLIENT
                 (the client record as a JSON string), in the clear.
-Evaluate reply  {"metrics": {NUM_EXAMPLES, ACCURACY, MACRO_F1, LOSS, "by.<subset>.<metric>"},
+Evaluate reply  {"metrics": {NUM_EXAMPLES, ACCURACY, MACRO_F1, LOSS, CONFUSION (K x K ints, row-major),
+                 "by.<subset>.<metric>" (ACCURACY, MACRO_F1, NUM_EXAMPLES; SUPPORT, PREDICTED, CORRECT: K ints each)},
                  "client": {CLIENT_ID, MODALITIES}}
 """
 
@@ -69,6 +70,9 @@ ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
 LOSS = "loss"
 BY_PREFIX = "by."  # "by.image+signal.accuracy", "by.image+signal.num-examples", ...
+CONFUSION = "confusion"  # per-class counts: true class x predicted class, flattened row-major (K * K ints)
+SUPPORT, PREDICTED, CORRECT = "support", "predicted", "correct"  # per subset, per class: true examples, predictions, hits
+CLASS_COUNTS = (SUPPORT, PREDICTED, CORRECT)
 
 
 def update_digest(arrays: dict[str, torch.Tensor]) -> str:

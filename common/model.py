@@ -57,8 +57,10 @@ class MultimodalModel(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         # inputs: name -> (B, *shape); mask: (B, M) bool in schema order
         embeddings = []
-        for i, name in enumerate(self.schema.names):
-            x = inputs[name]
+        for i, spec in enumerate(self.schema.modalities):
+            name, x = spec.name, inputs[spec.name]
+            if spec.scaling is not None:  # the schema's fixed, public (offset, scale): the same at every site
+                x = (x - spec.scaling[0]) / spec.scaling[1]
             present = mask[:, i].view(-1, *([1] * (x.dim() - 1)))
             x = torch.where(present, x, torch.zeros((), dtype=x.dtype))  # zero-fill absent
             embeddings.append(self.encoders[name](x))  # (B, D)

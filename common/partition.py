@@ -42,11 +42,31 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def _has_train_split(site: Path) -> bool:
+
+def _declared_splits(site: Path) -> list[str] | None:
     try:
-        return "train" in json.loads((site / "schema.json").read_text()).get("splits", [])
+        splits = json.loads((site / "schema.json").read_text()).get("splits", [])
+        return [s for s in splits if isinstance(s, str)] if isinstance(splits, list) else None
     except (OSError, ValueError, AttributeError):
-        return True  # let load_site report what is wrong with it
+        return None  # let load_site report what is wrong with it
+
+
+def _has_train_split(site: Path) -> bool:
+    splits = _declared_splits(site)
+    return True if splits is None else "train" in splits
+
+
+def not_training(site: Path) -> str:
+    """Why the site folder ``site`` takes no part in training ("" when it trains)."""
+    splits = _declared_splits(site)
+    from common.sitedata import TEST_SPLIT, TRAIN_SPLIT, split_hint
+
+    if splits is None or TRAIN_SPLIT in splits:
+        return ""
+    hint = split_hint(splits)
+    return (f"no '{TRAIN_SPLIT}' split (it declares {splits})" + (f"; {hint}" if hint else "")
+            + (f"; its '{TEST_SPLIT}' samples can serve as server-side test data (data.server-test)"
+               if TEST_SPLIT in splits else ""))
 
 
 @functools.lru_cache(maxsize=4)
@@ -56,8 +76,36 @@ def _site_paths(folder: str) -> tuple[Path, ...]:
 
     paths = tuple(p for p in site_folders(folder) if _has_train_split(p))
     if not paths:
-        raise DataError(f"data.dataset '{folder}' holds no site folders with training samples (one folder per client)")
+        raise DataError(f"data.dataset '{folder}' holds no site folders with a 'train' split (one folder per "
+                        "client; fedfuse trains on the samples whose split is 'train' and evaluates on 'test')")
     return paths
+
+
+def idle_sites(config: RunConfig) -> dict[str, str]:
+    """Site folders of ``data.dataset`` that take no part in training, each with the reason (empty for synthetic)."""
+    if config.data.synthetic:
+        return {}
+    from common.sitedata import site_folders
+
+    return {p.name: why for p in site_folders(_dataset_folder(config)) if (why := not_training(p))}
+
+
+def real_data_changes(config: RunConfig) -> list[str]:
+    """What the run's simulation knobs change in real site data (empty: the sites' data is used as it is)."""
+    data = config.data
+    if data.synthetic:
+        return []
+    out = []
+    if data.effective_assignment == "groups":
+        out.append(f"data.assignment = \"groups\": site i keeps only the modalities of group i mod "
+                   f"{len(data.group_list)} of data.groups ({data.groups!r})")
+    elif data.effective_assignment == "dropout":
+        out.append(f"data.assignment = \"dropout\": each site drops each of its modalities with probability "
+                   f"{data.modality_drop_prob:g} (data.modality-drop-prob)")
+    if data.effective_missing_rate > 0:
+        out.append(f"data.missing-rate = {data.effective_missing_rate:g}: each present modality of each sample is "
+                   "hidden with this probability, in the sites' training and test splits")
+    return out
 
 
 def heldout_sites(folder: str | Path) -> list[Path]:
@@ -114,9 +162,10 @@ def num_clients(config: RunConfig) -> int:
 def assigned_modalities(config: RunConfig, index: int, available: tuple[str, ...]) -> tuple[tuple[str, ...], int | None]:
     """The modalities client ``index`` holds (subset of ``available``) and its group, if any."""
     data = config.data
-    if data.assignment == "all":
+    assignment = data.effective_assignment
+    if assignment == "all":
         return available, None
-    if data.assignment == "groups":
+    if assignment == "groups":
         groups = data.group_list
         group = index % len(groups)
         unknown = [m for m in groups[group] if m not in dataset_schema(config)]
@@ -142,7 +191,7 @@ def _budget(config: RunConfig, group: int | None) -> float:
     if not budgets:
         return config.dp.epsilon
     if group is None:
-        raise ConfigError("run config key 'dp.group-epsilon' needs data.assignment = 'groups'")
+        raise ConfigError("run config key 'dp.group-epsilon' needs data.assignment = 'groups' (or 'auto' on synthetic data)")
     if len(budgets) != len(config.data.group_list):
         raise ConfigError(
             f"run config key 'dp.group-epsilon': {len(budgets)} budgets for {len(config.data.group_list)} groups"
@@ -190,7 +239,8 @@ def client_partition(config: RunConfig, index: int) -> ClientPartition:
     else:
         client_id, train, test = _site_raw(config, index)
     held, group = assigned_modalities(config, index, train.schema.names)
-    train = _with_missing(train.restrict(held), config.data.missing_rate, _seed(config.server.seed, index, 4))
+    rate = config.data.effective_missing_rate
+    train = _with_missing(train.restrict(held), rate, _seed(config.server.seed, index, 4))
     if test is not None:
-        test = _with_missing(test.restrict(held), config.data.missing_rate, _seed(config.server.seed, index, 5))
+        test = _with_missing(test.restrict(held), rate, _seed(config.server.seed, index, 5))
     return ClientPartition(client_id, index, group, train, test, _budget(config, group))

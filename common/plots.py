@@ -13,20 +13,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
-    """Accuracy per round, overall and for each subset of present modalities."""
-    rounds = [r for r in results["rounds"] if r.get("evaluate")]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [r["round"] for r in rounds]
-    ax.plot(xs, [r["evaluate"]["accuracy"] for r in rounds], color="black", linewidth=2.5, label="all present modalities")
-    subsets = sorted({s for r in rounds for s in r["evaluate"]["by_modalities"]}, key=lambda s: (s.count("+"), s))
+    """Pooled held-out accuracy per round, overall and for the subsets of present modalities worth showing."""
+    from common.evaluation import OWN_MODALITIES, headline, shown_subsets
+
+    rounds = [(r["round"], headline(r.get("evaluate"))) for r in results["rounds"] if headline(r.get("evaluate"))]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot([x for x, _ in rounds], [e["accuracy"] for _, e in rounds], color="black", linewidth=2.5, label=OWN_MODALITIES)
+    last = rounds[-1][1]["by_modalities"] if rounds else {}
+    subsets = shown_subsets(last)
     for subset in subsets:
-        pts = [(r["round"], r["evaluate"]["by_modalities"][subset]["accuracy"]) for r in rounds if subset in r["evaluate"]["by_modalities"]]
+        pts = [(x, e["by_modalities"][subset]["accuracy"]) for x, e in rounds if subset in e["by_modalities"]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, linestyle="--" if "+" not in subset else "-", label=subset)
     ax.set_xlabel("round")
-    ax.set_ylabel("held-out accuracy (clients' test splits)")
+    ax.set_ylabel("held-out accuracy (pooled over the clients' test splits)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    hidden = len(last) - len(subsets)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
+              title=f"+ {hidden} more in results.json" if hidden > 0 else None, title_fontsize=7)
     ax.set_title("Accuracy per round, by modalities present at test time")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

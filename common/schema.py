@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -28,6 +29,7 @@ class ModalitySpec:
     shape: tuple[int, ...]
     dtype: str = "float32"
     vocab_size: int | None = None  # text only: token ids lie in [0, vocab_size)
+    scaling: tuple[float, float] | None = None  # (offset, scale): the model sees (x - offset) / scale; public constants
 
     def __post_init__(self) -> None:
         where = f"modality '{self.name}'"
@@ -52,18 +54,29 @@ class ModalitySpec:
                 raise SchemaError(f"{where}: kind 'text' needs an integer vocab_size >= 2")
         elif self.vocab_size is not None:
             raise SchemaError(f"{where}: vocab_size applies to kind 'text' only")
+        if self.scaling is not None:
+            offset, scale = self.scaling
+            if self.kind == "text":
+                raise SchemaError(f"{where}: scaling applies to numeric kinds, not to token ids")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (offset, scale)) \
+                    or scale <= 0:
+                raise SchemaError(f"{where}: scaling needs a finite offset and a scale > 0, got offset {offset!r}, "
+                                  f"scale {scale!r}")
+            object.__setattr__(self, "scaling", (float(offset), float(scale)))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "shape": list(self.shape), "dtype": self.dtype}
         if self.vocab_size is not None:
             out["vocab_size"] = self.vocab_size
+        if self.scaling is not None:
+            out["scaling"] = {"offset": self.scaling[0], "scale": self.scaling[1]}
         return out
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> "ModalitySpec":
         if not isinstance(data, Mapping):
             raise SchemaError(f"modality '{name}': expected a table with kind, shape, dtype")
-        unknown = set(data) - {"kind", "shape", "dtype", "vocab_size"}
+        unknown = set(data) - {"kind", "shape", "dtype", "vocab_size", "scaling"}
         if unknown:
             raise SchemaError(f"modality '{name}': unknown field(s) {sorted(unknown)}")
         for key in ("kind", "shape"):
@@ -78,7 +91,18 @@ class ModalitySpec:
             shape=tuple(shape),
             dtype=data.get("dtype", "float32"),
             vocab_size=data.get("vocab_size"),
+            scaling=_scaling(name, data.get("scaling")),
         )
+
+
+def _scaling(name: str, value: Any) -> tuple[float, float] | None:
+    """``{"offset": a, "scale": b}`` from schema.json as ``(a, b)``."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != {"offset", "scale"}:
+        raise SchemaError(f"modality '{name}': scaling must be {{\"offset\": number, \"scale\": number}} (the model "
+                          f"sees (x - offset) / scale), got {value!r}")
+    return value["offset"], value["scale"]
 
 
 @dataclass(frozen=True)

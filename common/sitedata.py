@@ -46,6 +46,10 @@ CHUNK_BYTES = 32 * 2**20  # .npy files are scanned in chunks of about this many 
 _INT = re.compile(r"-?[0-9]+")
 _PRESENCE, _UNKNOWN = {"1": 1, "0": 0}, 2  # presence cell -> code; _UNKNOWN: neither "1" nor "0"
 _SPLIT_ORDER = {"train": 0, "test": 2}  # order of "splits" in schema.json: train, others, test
+TRAIN_SPLIT, TEST_SPLIT = "train", "test"  # the split names fedfuse uses; samples of other splits are not used
+SPLIT_ROLES = {TRAIN_SPLIT: "training", TEST_SPLIT: "held-out evaluation"}
+_NEAR_SPLITS = {"training": TRAIN_SPLIT, "trn": TRAIN_SPLIT, "testing": TEST_SPLIT, "tst": TEST_SPLIT,
+                "eval": TEST_SPLIT, "evaluation": TEST_SPLIT, "heldout": TEST_SPLIT, "held-out": TEST_SPLIT}
 
 
 @dataclass(frozen=True)
@@ -488,6 +492,17 @@ def _check_array(path: Path, spec: ModalitySpec, n: int | None, presence: np.nda
                     kind="non-zero absent row")
 
 
+def split_role(split: str) -> str:
+    """What fedfuse does with the samples of ``split``."""
+    return SPLIT_ROLES.get(split, f"not used (fedfuse trains on '{TRAIN_SPLIT}' and evaluates on '{TEST_SPLIT}')")
+
+
+def split_hint(splits: Sequence[str]) -> str:
+    """A hint for split names that look like 'train' or 'test' but are not ("" if none)."""
+    return "; ".join(f"'{s}' is not used (did you mean '{_NEAR_SPLITS[s.lower()]}'?)" for s in splits
+                     if s.lower() in _NEAR_SPLITS and s != _NEAR_SPLITS[s.lower()])
+
+
 # ---------------------------------------------------------------------------
 # Loading and summaries
 # ---------------------------------------------------------------------------
@@ -527,6 +542,7 @@ def summarize_site(site: Site) -> dict[str, Any]:
         "path": str(site.path),
         "samples": len(site.data),
         "splits": dict(sorted(Counter(site.split).items())),
+        "split_roles": {s: split_role(s) for s in sorted(set(site.split))},
         "presence": site.data.presence(),
         "classes": {label: counts.get(i, 0) for i, label in enumerate(site.schema.labels)},
     }

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.evaluation import evaluate, macro_f1
+from common.evaluation import evaluate
 from common.model import ENCODER_PREFIX, ModelConfig, MultimodalModel
 from common.partition import heldout_sites
-from server.replies import EvaluateReply, mean_metrics
+from server.metrics import summarize_evaluation
+from server.replies import EvaluateReply
 
 log = logging.getLogger("fedfuse.server")
 
@@ -39,25 +40,20 @@ class HeldoutEvaluator:
             return None
         model = MultimodalModel(self.schema.restrict(trained), self.model_config)
         model.load_partial({k: v for k, v in global_state.items() if k in model.state_dict()})
-        scores, labels, predictions = [], [], []
+        scores = []
         for name, data in self.parts:
             present = [m for m in trained if m in data.schema]
             if not present:
                 continue
             data = _widen(data.restrict(present), model)
             report = evaluate(model, data)
-            labels.append(data.labels)
-            predictions.append(report["predictions"])
             by = {s: {"accuracy": m["accuracy"], "macro-f1": m["macro_f1"], "num-examples": m["num_examples"]}
                   for s, m in report["by_modalities"].items()}
             overall = {"accuracy": report["accuracy"], "macro-f1": report["macro_f1"], "loss": report["loss"]}
-            scores.append(EvaluateReply(0, name, report["num_examples"], overall, by))
-        summary = mean_metrics(scores)
-        if summary is not None:  # every held-out sample together, as centralised benchmarks report it
-            y, p = torch.cat(labels), torch.cat(predictions)
-            summary["pooled"] = {"accuracy": float((y == p).float().mean()),
-                                 "macro_f1": macro_f1(y, p, self.schema.num_classes), "num_examples": len(y)}
-        return summary
+            counts = {s: m["class_counts"] for s, m in report["by_modalities"].items()}
+            scores.append(EvaluateReply(0, name, report["num_examples"], overall, by, report["confusion"], counts))
+        # pooled: every held-out sample together, as centralised benchmarks report it; client_mean: per site
+        return summarize_evaluation(scores, self.schema.labels)
 
 
 def _widen(data: Any, model: MultimodalModel) -> Any:

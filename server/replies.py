@@ -42,6 +42,8 @@ class EvaluateReply:
     num_examples: int
     overall: dict[str, float] = field(default_factory=dict)  # accuracy, macro-f1, loss
     by_modalities: dict[str, dict[str, float]] = field(default_factory=dict)  # subset -> metric -> value
+    confusion: list[list[int]] | None = None  # true class x predicted class (None: not sent)
+    class_counts: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # subset -> support/predicted/correct
 
 
 def claimed_client_id(message: Message) -> str | None:
@@ -126,25 +128,58 @@ def parse_train_reply(message: Message, *, global_state: dict[str, torch.Tensor]
     return TrainReply(message.metadata.src_node_id, client_id, modalities, status, reason, arrays, metrics, ledger)
 
 
-def parse_evaluate_reply(message: Message) -> EvaluateReply:
-    """Split an evaluate reply's flat metrics into overall and per-modality-subset values."""
+def parse_evaluate_reply(message: Message, num_classes: int | None = None) -> EvaluateReply:
+    """Split an evaluate reply's flat metrics into overall and per-modality-subset values.
+
+    Per-class counts (``confusion``, ``by.<subset>.support`` ...) must hold ``num_classes`` (squared)
+    non-negative integers that agree with the reply's example counts; without ``num_classes`` they are dropped.
+    """
     client_id, _, _, _, _ = parse_identity(message.content)
     metrics = parse_metrics(message.content)
+    n = metrics[M.NUM_EXAMPLES]
     overall: dict[str, float] = {}
     by: dict[str, dict[str, float]] = {}
+    counts: dict[str, dict[str, list[int]]] = {}
+    confusion: list[list[int]] | None = None
     for key, value in metrics.items():
         if key == M.NUM_EXAMPLES:
             continue
+        subset, _, name = key[len(M.BY_PREFIX):].rpartition(".") if key.startswith(M.BY_PREFIX) else ("", "", key)
+        if (name in M.CLASS_COUNTS and subset) or key == M.CONFUSION:
+            size = None if num_classes is None else (num_classes ** 2 if key == M.CONFUSION else num_classes)
+            values = _counts(key, value, size)
+            if size is None:
+                continue
+            if key == M.CONFUSION:
+                confusion = [values[i * num_classes:(i + 1) * num_classes] for i in range(num_classes)]
+            else:
+                counts.setdefault(subset, {})[name] = values
+            continue
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ReplyRejected(f"metric '{key}' is not a finite number")
-        if key.startswith(M.BY_PREFIX):
-            subset, _, name = key[len(M.BY_PREFIX):].rpartition(".")
+        if subset:
             by.setdefault(subset, {})[name] = value
         elif key in (M.ACCURACY, M.MACRO_F1, M.LOSS):
             overall[key] = value
         else:
             raise ReplyRejected(f"unknown metric '{key}'")
-    return EvaluateReply(message.metadata.src_node_id, client_id, metrics[M.NUM_EXAMPLES], overall, by)
+    if confusion is not None and sum(map(sum, confusion)) != n:
+        raise ReplyRejected(f"the confusion matrix counts {sum(map(sum, confusion))} examples, the reply {n}")
+    for subset, c in counts.items():
+        if set(c) != set(M.CLASS_COUNTS) or subset not in by:
+            raise ReplyRejected(f"per-class counts of '{subset}' must come with its scores and hold {list(M.CLASS_COUNTS)}")
+        if sum(c[M.SUPPORT]) != by[subset].get(M.NUM_EXAMPLES) or sum(c[M.PREDICTED]) != sum(c[M.SUPPORT]) or any(
+                k > min(s, p) for s, p, k in zip(c[M.SUPPORT], c[M.PREDICTED], c[M.CORRECT])):
+            raise ReplyRejected(f"the per-class counts of '{subset}' are inconsistent")
+    return EvaluateReply(message.metadata.src_node_id, client_id, n, overall, by, confusion, counts)
+
+
+def _counts(key: str, value: Any, size: int | None) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ReplyRejected(f"metric '{key}' must be a list of non-negative integers")
+    if size is not None and len(value) != size:
+        raise ReplyRejected(f"metric '{key}' holds {len(value)} counts, expected {size}")
+    return list(value)
 
 
 def mean_metrics(replies: list[EvaluateReply]) -> dict[str, Any] | None:

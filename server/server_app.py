@@ -8,7 +8,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config, run_out_dir
 from common.model import ModelConfig, global_head_template
-from common.partition import federation_space
+from common.partition import federation_space, idle_sites, real_data_changes
+from common.plan import drowning_warning
 from server.grid import NodesUnavailableError, PollingGrid
 from server.heldout import HeldoutEvaluator
 from server.optimizer import build_optimizer
@@ -28,6 +29,24 @@ def _show_progress() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         fedfuse.addHandler(handler)
         fedfuse.setLevel(logging.INFO)
+
+
+def _data_notes(config) -> dict:  # noqa: ANN001
+    """Simulation: which sites take no part, what the knobs change in real data, and noise that drowns the signal."""
+    if config.federation.modalities:  # a deployment: the server sees no data
+        return {}
+    notes: dict = {}
+    if not config.data.synthetic:
+        idle, changes = idle_sites(config), real_data_changes(config)
+        for name, why in idle.items():
+            log.warning("site '%s' takes no part in this run: %s", name, why)
+        for change in changes:
+            log.warning("the run alters the sites' real data: %s", change)
+        notes = {"sites_not_training": idle, "data_changes": changes}
+    if (warning := drowning_warning(config)) is not None:
+        log.warning("%s", warning)
+        notes["plan_warning"] = warning
+    return notes
 
 
 @app.main()
@@ -56,7 +75,8 @@ def main(grid: Grid, context: Context) -> None:
         log.info("resuming run %s after round %d of %d", run_id, checkpoint.round, total)
 
     heldout = HeldoutEvaluator(config) if config.data.server_test else None
-    strategy = FedFuse(config, state, optimizer, folder, {"modalities": list(modalities), "labels": list(labels)}, heldout)
+    federation = {"modalities": list(modalities), "labels": list(labels)} | _data_notes(config)
+    strategy = FedFuse(config, state, optimizer, folder, federation, heldout)
     if state.round_offset >= total:
         log.info("run %s already completed its %d rounds", run_id, total)
         folder.write_results(strategy.results(status="completed"))

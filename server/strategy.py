@@ -27,11 +27,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import messages as M
 from common.config import RunConfig
+from common.evaluation import headline
 from common.ledger import Ledger, LedgerError
 from server.aggregation import Contribution, weighted_average
 from server.grid import sample_nodes
 from server.optimizer import ServerOptimizer
-from server.replies import ReplyRejected, TrainReply, claimed_client_id, mean_metrics, parse_evaluate_reply, parse_train_reply
+from server.metrics import summarize_evaluation
+from server.watch import learning_warnings
+from server.replies import ReplyRejected, TrainReply, claimed_client_id, parse_evaluate_reply, parse_train_reply
 from server.run_folder import Checkpoint, RunFolder
 
 log = logging.getLogger("fedfuse.server")
@@ -67,6 +70,7 @@ class FedFuse(FedAvg):
         self.node_clients: dict[int, str] = {}  # Flower node id -> client id (node ids change across runs)
         self._round: dict[str, Any] = {}
         self._started = time.perf_counter()
+        self._warned = len(learning_warnings(state.rounds, state.total_rounds))  # warnings logged before a resume
 
     def absolute(self, server_round: int) -> int:
         return self.state.round_offset + server_round
@@ -184,17 +188,21 @@ class FedFuse(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        labels = self.federation.get("labels") or []  # without them, per-class counts cannot be checked: not pooled
         parsed = []
         for msg in valid:
             try:
-                parsed.append(parse_evaluate_reply(msg))
+                parsed.append(parse_evaluate_reply(msg, len(labels) if labels else None))
             except ReplyRejected as exc:
                 log.warning("round %d: rejected an evaluation from node %d: %s", self.absolute(server_round), msg.metadata.src_node_id, exc)
-        summary = mean_metrics(parsed)
+        summary = summarize_evaluation(parsed, labels)
         self._round["evaluate"] = summary
         if summary is None:
             return None
-        return MetricRecord({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        figures = {f"client-mean-{k}": v for k, v in summary["client_mean"].items() if isinstance(v, (int, float))}
+        if summary["pooled"]:
+            figures |= {f"pooled-{k}": v for k, v in summary["pooled"].items() if isinstance(v, (int, float))}
+        return MetricRecord(figures)
 
     # --- end of round --------------------------------------------------------------------------
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -214,6 +222,10 @@ class FedFuse(FedAvg):
         self.folder.save_checkpoint(Checkpoint(r, self.state.global_state, self.optimizer.state(), self.record()))
         self.folder.write_results(self.results(status="running" if r < self.state.total_rounds else "completed"))
         self._log_progress(self._round)
+        warnings = learning_warnings(self.state.rounds, self.state.total_rounds)
+        for warning in warnings[self._warned:]:
+            log.warning("round %d: %s", warning["round"], warning["message"])
+        self._warned = len(warnings)
         self._round = {}
         return None
 
@@ -230,17 +242,25 @@ class FedFuse(FedAvg):
             "config": self.config.to_flat(),
             "federation": self.federation,
             "rounds": self.state.rounds,
-            "final": last,
+            "final": last,  # the last evaluated round: pooled figures, the clients' mean, each client's own
             "final_server_evaluate": server_last,
+            "warnings": self.warnings(),
             "privacy": {"clients": self.state.clients},
         }
 
+    def warnings(self) -> list[dict[str, Any]]:
+        """The plan's warning from before the first round (round 0), then the learning warnings."""
+        plan = self.federation.get("plan_warning")
+        before = [{"round": 0, "kind": "noise", "message": plan}] if plan else []
+        return before + learning_warnings(self.state.rounds, self.state.total_rounds)
+
     def _log_progress(self, rnd: dict[str, Any]) -> None:
-        ev, tr = rnd.get("evaluate") or {}, rnd["train"]
+        ev, tr = headline(rnd.get("evaluate")), rnd["train"]
         eps = rnd.get("max_epsilon")
         log.info(
-            "round %d/%d | trained %d/%d clients | loss %s | accuracy %s | max ε %s | %.1fs",
+            "round %d/%d | trained %d/%d clients | held-out loss %s | accuracy %s | macro-F1 %s | max ε %s | %.1fs",
             rnd["round"], self.state.total_rounds, len(tr.get("trained", [])), tr.get("sampled", 0),
-            f"{ev['loss']:.3f}" if ev else "-", f"{ev['accuracy']:.3f}" if ev else "-",
+            f"{ev['loss']:.3f}" if ev and ev.get("loss") is not None else "-",
+            f"{ev['accuracy']:.3f}" if ev else "-", f"{ev['macro_f1']:.3f}" if ev else "-",
             f"{eps:.2f}" if eps is not None and eps != float("inf") else ("∞" if eps else "-"), rnd["seconds"],
         )

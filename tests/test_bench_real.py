@@ -122,8 +122,8 @@ def test_hapt_two_rounds_on_real_data(tmp_path):
     assert len(results["privacy"]["clients"]) == 6
     server = results["final_server_evaluate"]
     assert server["num_examples"] == sum(len(load_site(fed / s).part("test")) for s in ("subject-02", "subject-04", "subject-09"))
-    assert server["accuracy"] > 1 / 6
-    assert results["final"]["accuracy"] > 1 / 6
+    assert server["pooled"]["accuracy"] > 1 / 6
+    assert results["final"]["pooled"]["accuracy"] > 1 / 6
     _assert_budgets_kept(results)
 
 
@@ -143,9 +143,9 @@ def test_av_digits_two_rounds_on_real_data(tmp_path):
 
     # Assert: every subset scored on the right clients' test takes; above chance (1/10) overall; budgets kept
     assert results["status"] == "completed"
-    by = results["final"]["by_modalities"]
+    by = results["final"]["pooled"]["by_modalities"]
     assert {k: v["num_examples"] for k, v in by.items()} == {"audio": 200, "image": 200, "audio+image": 100}
-    assert results["final"]["accuracy"] > 0.1
+    assert results["final"]["pooled"]["accuracy"] > 0.1
     modalities = {cid: "+".join(c["modalities"]) for cid, c in results["privacy"]["clients"].items()}
     assert modalities == {"speaker-george": "image", "speaker-jackson": "image", "speaker-lucas": "audio",
                           "speaker-nicolas": "audio", "speaker-theo": "audio+image", "speaker-yweweler": "audio+image"}

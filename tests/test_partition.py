@@ -6,7 +6,7 @@ import torch
 from common import synthetic
 from common.config import RunConfig, parse_run_config
 from common.errors import ConfigError
-from common.partition import client_partition, federation_space, num_clients
+from common.partition import client_partition, federation_space, idle_sites, num_clients, real_data_changes
 from common.sitedata import write_site
 
 
@@ -79,3 +79,59 @@ def test_explicit_federation_space_for_deployments():
     assert federation_space(cfg) == (("acc", "gyro"), ("walk", "sit"))
     with pytest.raises(ConfigError, match="go together"):
         federation_space(config(**{"federation.modalities": "acc"}))
+
+
+def _real_federation(folder):
+    """Three site folders as a user brings them: one with every modality, one without tabular, one test-only."""
+    data = synthetic.generate(40, seed=3)
+    write_site(folder / "site-a", data, ["train"] * 30 + ["test"] * 10, name="site-a")
+    write_site(folder / "site-b", data.restrict(["image", "signal"]), ["train"] * 30 + ["val"] * 10, name="site-b")
+    write_site(folder / "site-c", data, ["testing"] * 40, name="site-c")
+    return data
+
+
+def test_site_folders_are_used_as_they_are_by_default(tmp_path):
+    # Prepare: the README's command, nothing but the dataset set (the default scenario's keys at their defaults)
+    data = _real_federation(tmp_path)
+    cfg = config(**{"data.dataset": str(tmp_path)})
+    # Execute
+    a, b = client_partition(cfg, 0), client_partition(cfg, 1)
+    # Assert: every site keeps the modalities it has, no sample loses one, and the run log has nothing to say
+    assert (a.modalities, b.modalities) == (("image", "signal", "tabular"), ("image", "signal"))
+    assert torch.equal(a.train.mask, data.mask[:30]) and torch.equal(a.test.mask, data.mask[30:])
+    assert torch.equal(b.train.mask, data.restrict(["image", "signal"]).mask[:30])
+    assert real_data_changes(cfg) == []
+    # the synthetic dataset keeps its simulated federation: groups and a 10 % missing rate
+    synth = config()
+    assert synth.data.effective_assignment == "groups" and synth.data.effective_missing_rate == 0.1
+    assert client_partition(synth, 4).modalities == ("image",)
+
+
+def test_knobs_set_explicitly_alter_real_data_and_say_so(tmp_path):
+    # Prepare
+    data = _real_federation(tmp_path)
+    cfg = config(**{"data.dataset": str(tmp_path), "data.missing-rate": 0.3, "data.assignment": "groups",
+                    "data.groups": "image+signal;signal"})
+    # Execute
+    a, b = client_partition(cfg, 0), client_partition(cfg, 1)
+    changes = real_data_changes(cfg)
+    # Assert: the knobs apply, and each change is named with its key
+    assert a.modalities == ("image", "signal") and b.modalities == ("signal",)
+    assert int(a.train.mask.sum()) < int(data.mask[:30, :2].sum())
+    assert len(changes) == 2 and "data.assignment = \"groups\"" in changes[0] and "data.missing-rate = 0.3" in changes[1]
+    # "auto" can also be written out, and a word that is not a number says what it expects
+    assert config(**{"data.missing-rate": "auto"}).data.missing_rate == "auto"
+    with pytest.raises(ConfigError, match="data.missing-rate.*number or \"auto\""):
+        config(**{"data.missing-rate": "some"})
+
+
+def test_sites_that_do_not_train_are_named_with_the_reason(tmp_path):
+    # Prepare
+    _real_federation(tmp_path)
+    cfg = config(**{"data.dataset": str(tmp_path)})
+    # Execute
+    idle = idle_sites(cfg)
+    # Assert: two clients; the test-only site is reported, with a hint about its split name
+    assert num_clients(cfg) == 2
+    assert list(idle) == ["site-c"]
+    assert "no 'train' split" in idle["site-c"] and "'testing' is not used (did you mean 'test'?)" in idle["site-c"]

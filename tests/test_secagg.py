@@ -474,7 +474,7 @@ def test_secure_aggregation_gives_the_plain_head_in_simulation(plain_run, tmp_pa
     assert results["status"] == "completed" and results["config"]["secagg.enabled"] is True
     clients = ["client-00", "client-01", "client-02", "client-03"]
     assert [r["train"]["trained"] for r in results["rounds"]] == [clients] * 3
-    assert all(r["evaluate"]["accuracy"] > 0 for r in results["rounds"])
+    assert all(r["evaluate"]["pooled"]["accuracy"] > 0 for r in results["rounds"])
     assert_ledgers_reached_the_server(out, clients, [1, 2, 3])
 
 

@@ -234,7 +234,30 @@ def test_heldout_sites_are_scored_per_site_and_pooled(tmp_path):
     report = HeldoutEvaluator(config)(model.state_dict())
     assert report["num_examples"] == 60 and set(report["clients"]) == {"b", "c"}
     assert report["pooled"]["num_examples"] == 60
-    assert report["pooled"]["accuracy"] == pytest.approx(report["accuracy"])  # pooled accuracy = weighted mean
-    assert "image+signal+tabular" in report["by_modalities"]
+    assert report["pooled"]["accuracy"] == pytest.approx(report["client_mean"]["accuracy"])  # = weighted mean
+    assert "image+signal+tabular" in report["pooled"]["by_modalities"]
     # without any trained encoder there is no whole model to score
     assert HeldoutEvaluator(config)({k: v for k, v in model.state_dict().items() if k.startswith("head.")}) is None
+
+
+def test_the_run_log_names_idle_sites_and_knobs_that_alter_real_data(tmp_path, caplog):
+    from common import synthetic
+    from common.sitedata import write_site
+    from server.server_app import _data_notes
+
+    data = synthetic.generate(30, seed=5)
+    write_site(tmp_path / "a", data, ["train"] * 20 + ["test"] * 10, name="a")
+    write_site(tmp_path / "b", data, ["test"] * 30, name="b")
+    config = parse_run_config(RunConfig().to_flat() | {"data.dataset": str(tmp_path), "data.missing-rate": 0.2})
+    with caplog.at_level("WARNING", logger="fedfuse.server"):
+        notes = _data_notes(config)
+    assert list(notes["sites_not_training"]) == ["b"] and len(notes["data_changes"]) == 1
+    assert "site 'b' takes no part in this run: no 'train' split" in caplog.text
+    assert "the run alters the sites' real data: data.missing-rate = 0.2" in caplog.text
+    assert _data_notes(parse_run_config(RunConfig().to_flat())) == {}  # synthetic data: nothing to say
+    # a plan that drowns the signal is warned about before the first round
+    tiny = parse_run_config(RunConfig().to_flat() | {"data.dataset": str(tmp_path), "dp.epsilon": 0.5,
+                                                     "num-server-rounds": 50})
+    with caplog.at_level("WARNING", logger="fedfuse.server"):
+        assert "drown the signal at 1 of 1 site(s)" in _data_notes(tiny)["plan_warning"]
+    assert "`fedfuse plan` suggests" in caplog.text

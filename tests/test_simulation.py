@@ -63,10 +63,16 @@ def test_results_json_schema(simulated):
     assert {"config", "rounds", "final", "privacy"} <= set(results)
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     for entry in [r["evaluate"] for r in results["rounds"]] + [results["final"]]:
-        assert {"accuracy", "macro_f1", "by_modalities"} <= set(entry)
-        for subset, metrics in entry["by_modalities"].items():
-            assert set(subset.split("+")) <= {"image", "signal", "tabular"}
-            assert {"accuracy", "macro_f1"} <= set(metrics)
+        assert {"num_examples", "pooled", "client_mean", "clients"} <= set(entry)
+        for figures in (entry["pooled"], entry["client_mean"]):
+            assert {"accuracy", "macro_f1", "by_modalities"} <= set(figures)
+            for subset, metrics in figures["by_modalities"].items():
+                assert set(subset.split("+")) <= {"image", "signal", "tabular"}
+                assert {"accuracy", "macro_f1", "num_examples"} <= set(metrics)
+        pooled = entry["pooled"]
+        assert pooled["num_examples"] == entry["num_examples"] == sum(map(sum, pooled["confusion"]))
+        assert pooled["accuracy"] == pytest.approx(entry["client_mean"]["accuracy"])  # the same for accuracy
+    assert isinstance(results["warnings"], list)
     for cid, client in results["privacy"]["clients"].items():
         assert {"epsilon", "delta", "budget", "rounds_trained", "modalities"} <= set(client), cid
 
@@ -81,7 +87,7 @@ def test_only_head_arrays_cross_the_wire(simulated):
 
 def test_fused_model_beats_chance_and_every_client_stays_within_budget(simulated):
     _, out, results, _ = simulated
-    assert results["final"]["accuracy"] > 1 / 6 + 0.12  # chance is 1/6; 3 small DP rounds
+    assert results["final"]["pooled"]["accuracy"] > 1 / 6 + 0.12  # chance is 1/6; 3 small DP rounds
     for cid, client in results["privacy"]["clients"].items():
         assert client["rounds_trained"] == 3
         assert 0 < client["epsilon"] <= client["budget"] == 6.0

@@ -125,6 +125,7 @@ def test_summarize_site(site: Path) -> None:
         "path": str(site),
         "samples": 6,
         "splits": {"test": 2, "train": 4},
+        "split_roles": {"test": "held-out evaluation", "train": "training"},
         "presence": {"image": 5, "text": 5},
         "classes": {"cat": 2, "dog": 2, "eel": 2},
     }
@@ -531,3 +532,17 @@ def test_cli_validate_folder_of_sites(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_cli_validate_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
     assert main(["data", "validate", str(tmp_path / "nope")]) == 2
+
+
+def test_cli_validate_says_what_each_split_is_for(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Prepare: a site with a 'val' split, and a test-only site whose split is named 'testing'
+    n = len(make_data())
+    write_site(tmp_path / "a", make_data(), ["train"] * (n - 2) + ["val", "test"], name="a")
+    write_site(tmp_path / "b", make_data(), ["testing"] * n, name="b")
+    # Execute
+    assert main(["data", "validate", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # Assert: each split's role, and a note for the site that will not train
+    assert "splits: test: held-out evaluation; train: training; val: not used" in out
+    assert "note: no 'train' samples: in a simulation this site takes no part in training" in out
+    assert "'testing' is not used (did you mean 'test'?)" in out

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from common.errors import DataError, SchemaError
 from common.sitedata import (
     SCHEMA_FILE,
+    TRAIN_SPLIT,
     Problem,
     check_site,
     federation_schema,
     site_folders,
+    split_hint,
     summarize_site,
 )
 
@@ -24,6 +27,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("validate", help="check a site folder (or a folder of site folders); list every problem")
     p.add_argument("dir", type=Path, help="a site folder, or a folder whose sub-folders are sites")
     p.add_argument("--json", action="store_true", help="print problems or summaries as JSON")
+
+    i = sub.add_parser("inspect", help="show each modality's value range (locally: nothing is sent) to catch unit mistakes")
+    i.add_argument("dir", type=Path, help="a site folder, or a folder whose sub-folders are sites")
+    i.add_argument("--json", action="store_true", help="print the ranges and notes as JSON")
 
     imp = sub.add_parser("import", help="turn a public dataset into site folders")
     which = imp.add_subparsers(dest="dataset", metavar="DATASET", required=True)
@@ -47,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``fedfuse data <action>``; returns the exit status."""
     if args.data_command == "validate":
         return _validate(args.dir, as_json=args.json)
+    if args.data_command == "inspect":
+        return _inspect(args.dir, as_json=args.json)
     if args.dataset == "hapt":
         from common.importers.hapt import import_hapt
 
@@ -59,11 +68,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validate(path: Path, *, as_json: bool) -> int:
+def _folders(path: Path) -> list[Path]:
+    """A folder with schema.json is a site; otherwise its sub-folders are."""
     if not path.is_dir():
         raise DataError(f"{path} is not a folder; give a site folder or a folder of site folders")
-    # A folder with schema.json is a site; otherwise its sub-folders are
-    folders = [path] if (path / SCHEMA_FILE).exists() or not site_folders(path) else site_folders(path)
+    return [path] if (path / SCHEMA_FILE).exists() or not site_folders(path) else site_folders(path)
+
+
+def _inspect(path: Path, *, as_json: bool) -> int:
+    from common.sitedata import load_site
+    from common.value_ranges import modality_ranges, range_notes
+
+    ranges = {site.name: modality_ranges(site) for site in map(load_site, _folders(path))}
+    notes = range_notes(ranges)
+    if as_json:
+        print(json.dumps({"sites": {k: [r.to_dict() for r in v] for k, v in ranges.items()}, "notes": notes}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Value ranges over present samples, as the encoders see them (after the schema's scaling)")
+    for column in ("site", "modality", "present", "min", "1%", "mean", "std", "99%", "max", "scaling"):
+        table.add_column(column, justify="left" if column in ("site", "modality", "scaling") else "right")
+    for site, rs in ranges.items():
+        for r in rs:
+            table.add_row(site, r.modality, str(r.present), *(f"{v:.4g}" for v in (r.min, r.p01, r.mean, r.std, r.p99, r.max)),
+                          "declared" if r.scaled else "none")
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
+    for note in notes:
+        print(f"note: {note}")
+    print("computed here from the sites' records and shown only here; nothing is sent or changed")
+    return 0
+
+
+def _validate(path: Path, *, as_json: bool) -> int:
+    folders = _folders(path)
     checked = {f.name: check_site(f) for f in folders}
     failed: dict[str, list[Problem]] = {k: problems for k, (_, problems) in checked.items() if problems}
     sites = [site for site, _ in checked.values() if site is not None]
@@ -99,6 +138,13 @@ def _validate(path: Path, *, as_json: bool) -> int:
 
 def _format_summary(s: dict) -> str:
     splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
+    roles = "; ".join(f"{k}: {v}" for k, v in s["split_roles"].items())
     presence = ", ".join(f"{k} {v}" for k, v in s["presence"].items())
     classes = ", ".join(f"{k} {v}" for k, v in s["classes"].items())
-    return f"{s['name']}: {s['samples']} samples ({splits})\n  presence: {presence}\n  classes: {classes}"
+    lines = [f"{s['name']}: {s['samples']} samples ({splits})", f"  splits: {roles}"]
+    if TRAIN_SPLIT not in s["splits"]:
+        lines.append(f"  note: no '{TRAIN_SPLIT}' samples: in a simulation this site takes no part in training"
+                     + (f" ({hint})" if (hint := split_hint(list(s["splits"]))) else ""))
+    elif hint := split_hint(list(s["splits"])):
+        lines.append(f"  note: {hint}")
+    return "\n".join(lines + [f"  presence: {presence}", f"  classes: {classes}"])

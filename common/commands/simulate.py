@@ -128,13 +128,7 @@ def print_summary(results: dict[str, Any], seconds: float) -> None:
     console = Console(width=None if sys.stdout.isatty() else 120)
     final = results.get("final")
     if final:
-        table = Table(title=f"Final held-out accuracy, round {results['rounds'][-1]['round']}")
-        for column in ("modalities at test time", "accuracy", "macro-F1", "examples"):
-            table.add_column(column, justify="left" if column.startswith("mod") else "right")
-        table.add_row("all present", f"{final['accuracy']:.3f}", f"{final['macro_f1']:.3f}", str(final["num_examples"]))
-        for subset, m in final["by_modalities"].items():
-            table.add_row(subset, f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", str(m["num_examples"]))
-        console.print(table)
+        console.print(final_table(final, results["rounds"][-1]["round"]))
     clients = results["privacy"]["clients"]
     table = Table(title="Privacy spend per client")
     for column in ("client", "modalities", "rounds", "spend", "budget", "status"):
@@ -146,5 +140,39 @@ def print_summary(results: dict[str, Any], seconds: float) -> None:
                       format_spend(math.inf if eps is None else eps, c.get("delta")),
                       "∞" if budget is None else f"{budget:g}", c.get("status", ""))
     console.print(table)
+    for warning in results.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] round {warning['round']}: {warning['message']}")
     console.print(f"{len(results['rounds'])} rounds in {seconds:.0f} s. Results, plots, checkpoints: "
                   f"{Path(results['config']['out-dir'])}")
+
+
+def final_table(final: dict[str, Any], last_round: int) -> Any:
+    """Held-out scores of the last evaluated round: pooled over every client's test split, and the clients' mean.
+
+    Rows: each sample with its own modalities, then the subsets worth showing (all of them are in results.json).
+    """
+    from rich.table import Table
+
+    from common.evaluation import OWN_MODALITIES, shown_subsets
+
+    pooled, mean = final.get("pooled"), final["client_mean"]
+    head = pooled or mean
+    title = f"Final held-out scores, round {last_round}" + ("" if pooled else " (mean of the clients' own scores)")
+    table = Table(title=title, caption="pooled: every client's test examples together; client mean: each client's own "
+                  "macro-F1, weighted by its test examples" if pooled else None)
+    columns = ["modalities at test time", "accuracy", "macro-F1"] + (["macro-F1 (client mean)"] if pooled else []) + ["examples"]
+    for column in columns:
+        table.add_column(column, justify="left" if column.startswith("mod") else "right")
+
+    def row(label: str, p: dict[str, Any], m: dict[str, Any] | None) -> None:
+        extra = [f"{m['macro_f1']:.3f}" if m else "-"] if pooled else []
+        table.add_row(label, f"{p['accuracy']:.3f}", f"{p['macro_f1']:.3f}", *extra, str(p["num_examples"]))
+
+    row(OWN_MODALITIES, head, mean)
+    subsets = shown_subsets(head["by_modalities"])
+    for subset in subsets:
+        row(subset, head["by_modalities"][subset], mean["by_modalities"].get(subset))
+    hidden = len(head["by_modalities"]) - len(subsets)
+    if hidden > 0:
+        table.add_row(f"({hidden} more subsets in results.json)", "", "", *([""] if pooled else []), "")
+    return table

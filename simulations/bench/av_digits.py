@@ -7,8 +7,8 @@ Cells, each run once per seed, all with the scenario's budget and training sched
   audio+image (``data.assignment = "groups"``);
 - ``image-only`` and ``audio-only``: every client holds only that modality (the baselines).
 
-Figures come from results' ``final.by_modalities``: each client scores the model on its own test takes
-(0-4), with only the named modalities visible, over the test samples that have them.
+Figures come from results' ``final.pooled.by_modalities``: each client scores the model on its own test takes
+(0-4), with only the named modalities visible, over the test samples that have them; the counts are pooled.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def summarize(runs: dict[str, dict[str, Any]], cells_: list[C.Cell]) -> dict[str
     per_run: dict[str, dict[str, Any]] = {}
     for cell in cells_:
         res = runs[cell.name]
-        by = (res.get("final") or {}).get("by_modalities", {})
+        by = ((res.get("final") or {}).get("pooled") or {}).get("by_modalities", {})
         per_run[cell.name] = {
             "seed": cell.seed, "groups": res["config"]["data.groups"], "budget": res["config"]["dp.epsilon"],
             "max_epsilon": C.max_epsilon(res), "epsilon_ok": C.epsilon_ok(res), "seconds": res.get("bench_seconds"),

@@ -7,7 +7,7 @@ Cells, each run once per seed (``data.assignment = "dropout"``: each client drop
   subjects (server-side, ``data.server-test``);
 - federated encoders, every p of ``--drop-probs`` > 0, at the budget ``--dropout-epsilon``;
 - local encoders, p = 0, every budget of ``--local-epsilons``: personalised macro-F1 on each client's held-out
-  windows (results' ``final.macro_f1``).
+  windows (results' ``final.client_mean.macro_f1``).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def summarize(runs: dict[str, dict[str, Any]], cells_: list[C.Cell], cache: Path
     per_run: dict[str, dict[str, Any]] = {}
     for cell in cells_:
         res = runs[cell.name]
-        final, server = res.get("final") or {}, res.get("final_server_evaluate") or {}
+        final = (res.get("final") or {}).get("client_mean") or {}  # each client's own held-out windows, mean
+        server = (res.get("final_server_evaluate") or {}).get("client_mean") or {}  # per test subject, mean
         row = {"seed": cell.seed, "encoders": res["config"]["encoders"], "p": res["config"]["data.modality-drop-prob"],
                "budget": cell.overrides["dp.epsilon"], "max_epsilon": C.max_epsilon(res), "epsilon_ok": C.epsilon_ok(res),
                "client_macro_f1": final.get("macro_f1"), "client_accuracy": final.get("accuracy"),

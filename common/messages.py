@@ -12,7 +12,8 @@ Secure train    (secagg.enabled: Flower's SecAgg+, legacy FitIns / FitRes record
                 PLANNED_ROUNDS, LAYOUT}. FitRes: the masked vector (client/secagg.py), num_examples (the
                 SecAgg+ weight: 0 when the client did not train), metrics = the reply's metrics + CLIENT
                 (the client record as a JSON string), in the clear.
-Evaluate reply  {"metrics": {NUM_EXAMPLES, ACCURACY, MACRO_F1, LOSS, "by.<subset>.<metric>"},
+Evaluate reply  {"metrics": {NUM_EXAMPLES, ACCURACY, MACRO_F1, LOSS, "by.<subset>.<metric>",
+                             "attention.<modality>.<class>.<weight-sum|count>"},
                  "client": {CLIENT_ID, MODALITIES}}
 """
 
@@ -69,6 +70,11 @@ ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
 LOSS = "loss"
 BY_PREFIX = "by."  # "by.image+signal.accuracy", "by.image+signal.num-examples", ...
+# Attention fusion only: summed pooling weight and sample count per modality and true class
+# (samples with >= 2 modalities present), "attention.image.3.weight-sum", "attention.image.3.count"
+ATTENTION_PREFIX = "attention."
+ATTENTION_SUM = "weight-sum"
+ATTENTION_COUNT = "count"
 
 
 def update_digest(arrays: dict[str, torch.Tensor]) -> str:

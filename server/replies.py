@@ -10,6 +10,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from common import messages as M
+from common.attention import parse_key as attention_key, pool as pool_attention
 from common.messages import update_digest
 from common.ledger import LedgerError, decode_entry
 from common.model import ENCODER_PREFIX, HEAD_PREFIX
@@ -42,6 +43,7 @@ class EvaluateReply:
     num_examples: int
     overall: dict[str, float] = field(default_factory=dict)  # accuracy, macro-f1, loss
     by_modalities: dict[str, dict[str, float]] = field(default_factory=dict)  # subset -> metric -> value
+    attention: dict[str, float] = field(default_factory=dict)  # "attention.*" sums and counts (common/attention.py)
 
 
 def claimed_client_id(message: Message) -> str | None:
@@ -132,6 +134,7 @@ def parse_evaluate_reply(message: Message) -> EvaluateReply:
     metrics = parse_metrics(message.content)
     overall: dict[str, float] = {}
     by: dict[str, dict[str, float]] = {}
+    attention: dict[str, float] = {}
     for key, value in metrics.items():
         if key == M.NUM_EXAMPLES:
             continue
@@ -142,9 +145,15 @@ def parse_evaluate_reply(message: Message) -> EvaluateReply:
             by.setdefault(subset, {})[name] = value
         elif key in (M.ACCURACY, M.MACRO_F1, M.LOSS):
             overall[key] = value
+        elif key.startswith(M.ATTENTION_PREFIX):
+            try:
+                attention_key(key)
+            except ValueError as exc:
+                raise ReplyRejected(str(exc)) from None
+            attention[key] = value
         else:
             raise ReplyRejected(f"unknown metric '{key}'")
-    return EvaluateReply(message.metadata.src_node_id, client_id, metrics[M.NUM_EXAMPLES], overall, by)
+    return EvaluateReply(message.metadata.src_node_id, client_id, metrics[M.NUM_EXAMPLES], overall, by, attention)
 
 
 def mean_metrics(replies: list[EvaluateReply]) -> dict[str, Any] | None:
@@ -169,6 +178,9 @@ def mean_metrics(replies: list[EvaluateReply]) -> dict[str, Any] | None:
             "num_examples": n,
         }
     out["by_modalities"] = by
+    attention = pool_attention(r.attention for r in scored)
+    if attention:
+        out["attention"] = attention
     # What each client reported, so that comparisons can be made on the same clients.
     out["clients"] = {
         r.client_id: {"accuracy": r.overall[M.ACCURACY], "macro_f1": r.overall[M.MACRO_F1], "num_examples": r.num_examples,

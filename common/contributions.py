@@ -19,7 +19,7 @@ scores every subset on held-out data (``common/evaluation.py``), so nothing new 
   with its standard error (``stderr``); the true value lies within ±1.96 · stderr of the estimate
   with about 95 % confidence.
 
-:func:`coalition_scores` is the one place that reads per-subset figures out of results.json.
+:func:`subset_figures` is the one place that reads per-subset figures out of results.json.
 """
 
 from __future__ import annotations
@@ -186,17 +186,21 @@ def attribute(players: Iterable[str], values: Mapping[frozenset, float] | Game, 
 # --- from results.json --------------------------------------------------------------------------
 
 
-def coalition_scores(evaluation: Mapping[str, Any], metric: str) -> tuple[dict[frozenset, float], str]:
-    """``({coalition: score}, source)`` from one round's ``evaluate`` entry of results.json.
+def subset_figures(evaluation: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any], str]:
+    """``(figures per subset, overall figures, source)`` of one round's ``evaluate`` entry of results.json.
 
-    Pooled figures (every held-out prediction together) when the entry has them, otherwise the
-    example-weighted mean of the clients' own scores; ``source`` says which.
+    The one place that knows where results.json keeps them: pooled figures (every held-out prediction
+    together) when the entry has them, otherwise the example-weighted mean of the clients' own scores.
     """
     pooled = evaluation.get("pooled")
     if isinstance(pooled, Mapping) and isinstance(pooled.get("by_modalities"), Mapping) and pooled["by_modalities"]:
-        by, source = pooled["by_modalities"], "pooled"
-    else:
-        by, source = evaluation.get("by_modalities") or {}, "client-weighted mean"
+        return pooled["by_modalities"], pooled, "pooled"
+    return evaluation.get("by_modalities") or {}, evaluation, "client-weighted mean"
+
+
+def coalition_scores(evaluation: Mapping[str, Any], metric: str) -> tuple[dict[frozenset, float], str]:
+    """``({coalition: score}, source)`` for ``metric`` from one round's ``evaluate`` entry (see :func:`subset_figures`)."""
+    by, _, source = subset_figures(evaluation)
     scores = {frozenset(s.split("+")): float(m[metric]) for s, m in by.items()
               if isinstance(m, Mapping) and isinstance(m.get(metric), (int, float))}
     return scores, source
@@ -260,8 +264,7 @@ def modality_contributions(evaluation: Mapping[str, Any], *, modalities: Sequenc
         out["source"] = source
         overall[metric] = _attribute_or_reason(scores, _players(scores, modalities), chance)
     out["overall"] = overall
-    by = (evaluation.get("pooled") or {}).get("by_modalities") or evaluation.get("by_modalities") or {}
-    per_class = class_scores(by, len(labels))
+    per_class = class_scores(subset_figures(evaluation)[0], len(labels))
     if per_class["accuracy"]:
         out["per_class"] = {
             metric: {labels[c]: _attribute_or_reason(s, _players(s, modalities), chance)

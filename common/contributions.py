@@ -189,13 +189,16 @@ def attribute(players: Iterable[str], values: Mapping[frozenset, float] | Game, 
 def subset_figures(evaluation: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any], str]:
     """``(figures per subset, overall figures, source)`` of one round's ``evaluate`` entry of results.json.
 
-    The one place that knows where results.json keeps them: pooled figures (every held-out prediction
-    together) when the entry has them, otherwise the example-weighted mean of the clients' own scores.
+    The one place that knows where results.json keeps them: ``pooled`` (every held-out prediction
+    together, from the clients' per-class counts) when the entry has it, otherwise the example-weighted
+    mean of the clients' own scores (``client_mean``, or the entry itself in results written before).
     """
     pooled = evaluation.get("pooled")
     if isinstance(pooled, Mapping) and isinstance(pooled.get("by_modalities"), Mapping) and pooled["by_modalities"]:
         return pooled["by_modalities"], pooled, "pooled"
-    return evaluation.get("by_modalities") or {}, evaluation, "client-weighted mean"
+    mean = evaluation.get("client_mean")
+    mean = mean if isinstance(mean, Mapping) else evaluation
+    return mean.get("by_modalities") or {}, mean, "client-weighted mean"
 
 
 def coalition_scores(evaluation: Mapping[str, Any], metric: str) -> tuple[dict[frozenset, float], str]:
@@ -209,25 +212,35 @@ def coalition_scores(evaluation: Mapping[str, Any], metric: str) -> tuple[dict[f
 def class_scores(by_modalities: Mapping[str, Any], num_classes: int) -> dict[str, list[dict[frozenset, float]]]:
     """Per class, ``{coalition: score}`` for recall (``accuracy``) and F1 (``macro_f1``).
 
-    Read from each subset's confusion matrix (``confusion``: rows true class, columns predicted), where
-    results.json has one; empty lists otherwise. A class with no held-out example has no score.
+    From each subset's per-class counts: ``per_class`` (``support``, ``predicted``, ``correct`` per class)
+    or a ``confusion`` matrix (rows true class, columns predicted). Empty lists when results.json has
+    neither. A class with no held-out example in a subset has no score there.
     """
     out: dict[str, list[dict[frozenset, float]]] = {m: [{} for _ in range(num_classes)] for m in METRICS}
     found = False
     for subset, figures in by_modalities.items():
-        matrix = figures.get("confusion") if isinstance(figures, Mapping) else None
-        if not (isinstance(matrix, list) and len(matrix) == num_classes):
+        counts = _class_counts(figures, num_classes) if isinstance(figures, Mapping) else None
+        if counts is None:
             continue
         found = True
         coalition = frozenset(subset.split("+"))
-        for c in range(num_classes):
-            tp = matrix[c][c]
-            actual = sum(matrix[c])
-            predicted = sum(row[c] for row in matrix)
-            if actual:
-                out["accuracy"][c][coalition] = tp / actual
-                out["macro_f1"][c][coalition] = 2 * tp / (actual + predicted)
+        for c, (support, predicted, correct) in enumerate(zip(*counts)):
+            if support:
+                out["accuracy"][c][coalition] = correct / support
+                out["macro_f1"][c][coalition] = 2 * correct / (support + predicted)
     return out if found else {m: [] for m in METRICS}
+
+
+def _class_counts(figures: Mapping[str, Any], k: int) -> tuple[list[int], list[int], list[int]] | None:
+    """(support, predicted, correct) per class of one subset's figures, or None."""
+    per_class = figures.get("per_class")
+    if isinstance(per_class, Mapping) and all(len(per_class.get(n) or []) == k for n in ("support", "predicted", "correct")):
+        return list(per_class["support"]), list(per_class["predicted"]), list(per_class["correct"])
+    matrix = figures.get("confusion")
+    if isinstance(matrix, list) and len(matrix) == k and all(isinstance(row, list) and len(row) == k for row in matrix):
+        return ([sum(row) for row in matrix], [sum(row[c] for row in matrix) for c in range(k)],
+                [matrix[c][c] for c in range(k)])
+    return None
 
 
 def _players(scores: Mapping[frozenset, float], order: Sequence[str]) -> tuple[str, ...]:

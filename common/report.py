@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from common.contributions import METRICS, modality_contributions, subset_figures  # noqa: E402
+from common.contributions import METRICS, class_scores, modality_contributions, subset_figures  # noqa: E402
 from common.errors import FedfuseError  # noqa: E402
 from common.plots import COLORS, contributions_figure  # noqa: E402
 
@@ -66,7 +66,8 @@ tr.problem td { background:#fff6ec; }
 .bar { position:relative; background:var(--soft); border-radius:3px; height:10px; min-width:90px; margin-top:4px; }
 .bar > span { position:absolute; left:0; top:0; bottom:0; border-radius:3px; background:var(--accent); }
 .bar.over > span { background:var(--bad); }
-.cm td { text-align:center; padding:3px 6px; font-variant-numeric:tabular-nums; border:1px solid #fff; }
+table.cm { width:auto; } .cm th { white-space:nowrap; }
+.cm td { min-width:46px; text-align:center; padding:3px 6px; font-variant-numeric:tabular-nums; border:1px solid #fff; }
 .cms { display:flex; flex-wrap:wrap; gap:18px; } .cms > div { flex:1 1 300px; }
 details summary { cursor:pointer; color:var(--accent); }
 code { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:0.92em; }
@@ -200,6 +201,9 @@ def _header(results: Mapping[str, Any], run: Mapping[str, Any], run_dir: Path) -
                      else f"(ε = {num(config.get('dp.epsilon'), 2)}, δ = {esc(config.get('dp.delta'))}) per client"),
     ]
     error = results.get("error")
+    collapse = ((results.get("final") or {}).get("modality_contributions") or {}).get("warnings") or []
+    notes = "".join(f'<div class="note"><b>Warning</b>{_round_of(w)}: {esc(w.get("message") if isinstance(w, Mapping) else w)}</div>'
+                    for w in [*(results.get("warnings") or []), *collapse])
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [
         ("scores", "held-out scores"), ("contributions", "modality contributions"), ("confusion", "confusion matrices"),
         ("clients", "clients and privacy"), ("rounds", "rounds"), ("config", "configuration")])
@@ -209,11 +213,15 @@ def _header(results: Mapping[str, Any], run: Mapping[str, Any], run_dir: Path) -
         f'<p class="muted small">{esc(run_dir.resolve())}'
         + (f" · started {esc(created)}" if created else "") + "</p>"
         f'<p class="small">{" · ".join(facts)}</p>'
-        + (f'<div class="error"><b>The run failed:</b> {esc(error)}</div>' if error else "")
+        + (f'<div class="error"><b>The run failed:</b> {esc(error)}</div>' if error else "") + notes
         + '<div class="cards">' + "".join(f'<div class="card"><div class="v">{v}</div><div class="k">{esc(k)}</div></div>'
                                          for k, v in cards) + "</div>"
         + f"<nav>{nav}</nav></header>"
     )
+
+
+def _round_of(warning: Any) -> str:
+    return f" (round {esc(warning['round'])})" if isinstance(warning, Mapping) and warning.get("round") is not None else ""
 
 
 def _scores(results: Mapping[str, Any], modalities: Sequence[str]) -> str:
@@ -296,9 +304,10 @@ def _class_table(per_class: Mapping[str, Any], metric: str, modalities: Sequence
         if "shapley" not in game:
             rows.append([esc(label)] + ["–"] * len(modalities) + [esc(game.get("error", ""))])
             continue
-        best = max(game["shapley"], key=game["shapley"].get)
-        rows.append([esc(label)] + [f'<span class="top1">{signed(game["shapley"][m])}</span>' if m == best
-                                     else signed(game["shapley"].get(m)) for m in modalities] + [num(game["full"])])
+        top = max(game["shapley"].values())  # bold: the largest value (every one of them on a tie)
+        rows.append([esc(label)] + [f'<span class="top1">{signed(game["shapley"][m])}</span>'
+                                     if abs(game["shapley"].get(m, -math.inf) - top) < 1e-9 else signed(game["shapley"].get(m))
+                                     for m in modalities] + [num(game["full"])])
     header = ["class"] + list(modalities) + [f"{CLASS_METRIC_NAMES[metric]} with all"]
     return table(header, rows, numeric=tuple(range(1, len(modalities) + 2)))
 
@@ -399,35 +408,47 @@ def _contributions(results: Mapping[str, Any], modalities: Sequence[str], labels
 def _confusion(results: Mapping[str, Any], modalities: Sequence[str], labels: Sequence[str]) -> str:
     by, overall_figures, _ = subset_figures(results.get("final") or {})
     matrices = {s: f["confusion"] for s, f in by.items() if isinstance(f, Mapping) and isinstance(f.get("confusion"), list)}
-    overall = overall_figures.get("confusion")
-    if isinstance(overall, list):
-        matrices = {"each sample’s own modalities": overall, **matrices}
-    head = '<section id="confusion"><h2>Confusion matrices</h2>'
-    if not matrices:
+    if isinstance(overall_figures.get("confusion"), list):
+        matrices = {"each sample’s own modalities": overall_figures["confusion"], **matrices}
+    recall = class_scores(by, len(labels))["accuracy"]
+    head = '<section id="confusion"><h2>Confusion matrices and per-class recall</h2>'
+    if not matrices and not recall:
         return head + '<p class="muted">This run’s results.json has no per-class counts, so no confusion matrix.</p></section>'
-    shown = list(matrices)
-    if len(shown) > 8:
+    out = [head]
+    if matrices:
         full = "+".join(modalities)
-        shown = [s for s in shown if "+" not in s or s == full or not s[0].isalpha() or s.startswith("each")][:8]
-    short = [esc(lab[:8]) for lab in labels]
-    blocks = []
-    for subset in shown:
-        m = matrices[subset]
+        shown = [s for s in matrices if s.startswith("each") or "+" not in s or s == full][:8]
+        short = [esc(lab[:10]) for lab in labels]
+        blocks = []
+        for subset in shown:
+            m = matrices[subset]
+            rows = []
+            for i, row in enumerate(m):
+                total = sum(row) or 1
+                cells = []
+                for j, v in enumerate(row):
+                    a = v / total
+                    color = f"rgba(36,86,166,{a:.2f})" if i == j else f"rgba(179,38,30,{min(1.0, a * 1.6):.2f})"
+                    ink = "#fff" if a > 0.55 else "#1d2330"
+                    cells.append(f'<td style="background:{color};color:{ink}">{v}</td>')
+                rows.append(f"<tr><th>{short[i] if i < len(short) else i}</th>{''.join(cells)}</tr>")
+            header = "".join(f"<th>{c}</th>" for c in short[: len(m)])
+            blocks.append(f'<div><h3>{esc(subset)}</h3><table class="cm"><tr><th>true ↓ / predicted →</th>{header}</tr>'
+                          f"{''.join(rows)}</table></div>")
+        out.append('<p class="small muted">Final round, held-out counts; rows: true class, columns: predicted. Blue: the '
+                   "share of the row predicted right; red: confusions.</p>" + f'<div class="cms">{"".join(blocks)}</div>')
+    if recall:
+        subsets = _subset_order(s for s in by if any(frozenset(s.split("+")) in per for per in recall))
+        if len(subsets) > MAX_SUBSET_LINES:
+            final_acc = {s: by[s].get("accuracy", 0.0) for s in subsets}
+            subsets = _chart_subsets(final_acc, modalities)
         rows = []
-        for i, row in enumerate(m):
-            total = sum(row) or 1
-            cells = []
-            for j, v in enumerate(row):
-                a = v / total
-                color = f"rgba(36,86,166,{a:.2f})" if i == j else f"rgba(179,38,30,{min(1.0, a * 1.6):.2f})"
-                ink = "#fff" if a > 0.55 else "#1d2330"
-                cells.append(f'<td style="background:{color};color:{ink}">{v}</td>')
-            rows.append(f"<tr><th>{short[i] if i < len(short) else i}</th>{''.join(cells)}</tr>")
-        header = "".join(f"<th>{c}</th>" for c in short[: len(m)])
-        blocks.append(f'<div><h3>{esc(subset)}</h3><table class="cm"><tr><th>true ↓ / predicted →</th>{header}</tr>'
-                      f"{''.join(rows)}</table></div>")
-    return (head + '<p class="small muted">Final round, held-out counts; rows: true class, columns: predicted. '
-            "Blue: correct share of the row; red: confusions.</p>" + f'<div class="cms">{"".join(blocks)}</div></section>')
+        for c, label in enumerate(labels):
+            values = {s: recall[c].get(frozenset(s.split("+"))) for s in subsets}
+            rows.append([esc(label)] + [num(values[s]) for s in subsets])
+        out.append("<h3>Recall per class, by modalities present at test time</h3>")
+        out.append(table(["class"] + subsets, rows, numeric=tuple(range(1, len(subsets) + 1))))
+    return "".join(out) + "</section>"
 
 
 def _clients(results: Mapping[str, Any], audit: Mapping[str, Any], audit_error: str | None) -> str:
@@ -499,7 +520,8 @@ def _rounds(results: Mapping[str, Any]) -> str:
         refused, rejected, failed = tr.get("refused") or {}, tr.get("rejected") or {}, tr.get("failed") or []
         rows.append([str(r.get("round")), f"{len(trained)} / {tr.get('sampled', 0)}",
                      _who(refused) or "–", _who(rejected) or "–", _who(failed) or "–",
-                     num(ev.get("accuracy")), num(r.get("max_epsilon"), 2), num(r.get("seconds"), 1)])
+                     num(subset_figures(ev)[1].get("accuracy")) if ev else "–", num(r.get("max_epsilon"), 2),
+                     num(r.get("seconds"), 1)])
         classes.append("problem" if refused or rejected or failed else "")
     head = '<section id="rounds"><h2>Rounds</h2>'
     if not rows:
@@ -523,13 +545,12 @@ def render(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     results, run = load_run(run_dir)
     federation = results.get("federation") or {}
-    final = results.get("final") or {}
-    modalities = list(federation.get("modalities") or sorted({m for s in final.get("by_modalities") or {} for m in s.split("+")}))
-    labels = list(federation.get("labels") or [])
-    if not labels:  # an older results.json: classes by index
-        width = max((len(f.get("confusion")) for f in (final.get("by_modalities") or {}).values()
-                     if isinstance(f, Mapping) and isinstance(f.get("confusion"), list)), default=2)
-        labels = [str(i) for i in range(width)]
+    by, overall, _ = subset_figures(results.get("final") or {})
+    modalities = list(federation.get("modalities") or sorted({m for s in by for m in s.split("+")}))
+    labels = list(federation.get("labels") or overall.get("labels") or [])
+    if not labels:
+        raise FedfuseError(f"{run_dir / 'results.json'} names no class labels (its 'federation' entry is missing); "
+                           "was it written by fedfuse?")
     audit, audit_error = _audit(run_dir)
     title = f"fedfuse run {results.get('run_id', '')} – {results.get('status', '')}"
     generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

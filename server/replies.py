@@ -10,7 +10,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from common import messages as M
-from common.attention import parse_key as attention_key, pool as pool_attention
+from common.attention import parse_key as attention_key
 from common.messages import update_digest
 from common.ledger import LedgerError, decode_entry
 from common.model import ENCODER_PREFIX, HEAD_PREFIX
@@ -153,7 +153,7 @@ def parse_evaluate_reply(message: Message) -> EvaluateReply:
             attention[key] = value
         else:
             raise ReplyRejected(f"unknown metric '{key}'")
-    return EvaluateReply(message.metadata.src_node_id, client_id, metrics[M.NUM_EXAMPLES], overall, by, attention)
+    return EvaluateReply(message.metadata.src_node_id, client_id, metrics[M.NUM_EXAMPLES], overall, by, attention=attention)
 
 
 def mean_metrics(replies: list[EvaluateReply]) -> dict[str, Any] | None:
@@ -178,9 +178,6 @@ def mean_metrics(replies: list[EvaluateReply]) -> dict[str, Any] | None:
             "num_examples": n,
         }
     out["by_modalities"] = by
-    attention = pool_attention(r.attention for r in scored)
-    if attention:
-        out["attention"] = attention
     # What each client reported, so that comparisons can be made on the same clients.
     out["clients"] = {
         r.client_id: {"accuracy": r.overall[M.ACCURACY], "macro_f1": r.overall[M.MACRO_F1], "num_examples": r.num_examples,

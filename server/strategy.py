@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import messages as M
+from common.attention import pool as pool_attention
 from common.config import RunConfig
 from common.contributions import modality_contributions
 from common.ledger import Ledger, LedgerError
@@ -193,6 +194,8 @@ class FedFuse(FedAvg):
             except ReplyRejected as exc:
                 log.warning("round %d: rejected an evaluation from node %d: %s", self.absolute(server_round), msg.metadata.src_node_id, exc)
         summary = mean_metrics(parsed)
+        if summary is not None and (attention := pool_attention(r.attention for r in parsed if r.num_examples > 0)):
+            summary["attention"] = attention  # attention fusion: mean weight per modality and class (common/attention.py)
         self._round["evaluate"] = summary
         if summary is None:
             return None

@@ -206,3 +206,26 @@ def test_on_the_synthetic_dataset_each_class_is_credited_to_the_modality_that_ge
         assert max(recall, key=recall.get) == generator, (label, recall)
         weights = {m: found["attention"][m][label] for m in names}
         assert max(weights, key=weights.get) == generator, (label, weights)
+
+
+def test_pooled_per_class_counts_give_per_class_contributions():
+    """results.json's pooled figures: per subset, per-class counts (true examples, predictions, correct ones)."""
+    def counts(support, predicted, correct):
+        return {"accuracy": sum(correct) / sum(support), "macro_f1": 0.5, "num_examples": sum(support),
+                "per_class": {"support": support, "predicted": predicted, "correct": correct}}
+
+    ev = {"pooled": {"accuracy": 1.0, "macro_f1": 1.0, "by_modalities": {
+              "image": counts([10, 10], [15, 5], [10, 5]),  # x: recall 1, y: 0.5
+              "signal": counts([10, 10], [5, 15], [5, 10]),
+              "image+signal": counts([10, 10], [10, 10], [10, 10])}},
+          "client_mean": {"accuracy": 0.7, "macro_f1": 0.6, "by_modalities": {}}}
+    found = modality_contributions(ev, modalities=["image", "signal"], labels=["x", "y"])
+    assert found["source"] == "pooled"
+    assert found["per_class"]["accuracy"]["x"]["shapley"] == pytest.approx({"image": 0.5, "signal": 0.0})
+    # y's F1 alone with image: 2 * 5 / (10 + 5) = 2/3; with signal 2 * 10 / (10 + 15) = 0.8; together 1; chance 1/2
+    f1 = found["per_class"]["macro_f1"]["y"]["shapley"]
+    assert f1 == pytest.approx({"image": ((2 / 3 - 0.5) + (1 - 0.8)) / 2, "signal": ((0.8 - 0.5) + (1 - 2 / 3)) / 2})
+    # Without pooled figures: the clients' mean
+    mean_only = {"pooled": None, "client_mean": {"accuracy": 0.7, "by_modalities": {"image": {"accuracy": 0.7, "macro_f1": 0.6}}}}
+    scores, source = coalition_scores(mean_only, "accuracy")
+    assert source == "client-weighted mean" and scores == {F({"image"}): 0.7}

@@ -168,3 +168,40 @@ def test_the_browser_check_catches_a_request_and_a_console_error(tmp_path):
     load = load_page(bad, tmp_path / "bad.png", browser=browser)
     assert load.outside_requests == ["http://127.0.0.1:9/x.png"]
     assert any("boom" in e for e in load.errors)
+
+
+def pooled_results(run: Path, tmp_path: Path) -> Path:
+    """The failed-client run's results with pooled figures from per-class counts added to its final round, as
+    results.json holds them when the sites release per-class counts (a confusion matrix, counts per subset)."""
+    import shutil
+
+    out = shutil.copytree(run, tmp_path / "pooled")
+    results = json.loads((out / "results.json").read_text())
+    k = 6
+    confusion = [[8 if i == j else (2 if j == (i + 1) % k else 0) for j in range(k)] for i in range(k)]
+
+    def subset(correct):
+        return {"accuracy": sum(correct) / 60, "macro_f1": sum(correct) / 60, "num_examples": 60,
+                "per_class": {"support": [10] * k, "predicted": [10] * k, "correct": correct}}
+
+    pooled = {"accuracy": 0.8, "macro_f1": 0.8, "num_examples": 60, "labels": results["federation"]["labels"],
+              "confusion": confusion, "by_modalities": {"image": subset([9, 9, 3, 3, 3, 3]), "signal": subset([3, 3, 9, 9, 3, 3]),
+                                                        "image+signal": subset([9, 9, 9, 9, 5, 5])}}
+    final = results["rounds"][-1]["evaluate"]
+    final["pooled"] = pooled
+    final.pop("modality_contributions")  # drawn by the report from the figures
+    results["final"] = final
+    results["warnings"] = [{"round": 2, "message": "held-out accuracy stayed at chance level"}]
+    (out / "results.json").write_text(json.dumps(results))
+    return out
+
+
+def test_pooled_per_class_counts_show_confusion_and_per_class_contributions(failed_client_run, tmp_path):
+    page = render(pooled_results(failed_client_run, tmp_path))
+    assert "Per class: Shapley values of the class’s recall" in page and "true ↓ / predicted →" in page
+    assert "Recall per class, by modalities present at test time" in page
+    assert "held-out accuracy stayed at chance level" in page and "(round 2)" in page
+    assert "pooled held-out figures" in page or "Source: pooled" in page
+    # alpha: image alone 0.9, signal alone 0.3, both 0.9, chance 1/6: image's value is the larger
+    alpha = page[page.index("<td>alpha</td>"):].split("</tr>")[0]
+    assert '<span class="top1">+0.' in alpha.split("</td>")[1]

@@ -205,3 +205,25 @@ def test_pooled_per_class_counts_show_confusion_and_per_class_contributions(fail
     # alpha: image alone 0.9, signal alone 0.3, both 0.9, chance 1/6: image's value is the larger
     alpha = page[page.index("<td>alpha</td>"):].split("</tr>")[0]
     assert '<span class="top1">+0.' in alpha.split("</td>")[1]
+
+
+def test_the_end_of_run_table_and_the_plot_show_the_contributions(failed_client_run, tmp_path, capsys):
+    from common.commands.report import print_contributions
+    from common.plots import plot_results
+
+    results = json.loads((failed_client_run / "results.json").read_text())
+    print_contributions(results)
+    printed = capsys.readouterr().out
+    assert "Modality contributions" in printed and "image × signal" in printed
+    assert {p.name for p in plot_results(results, tmp_path)} == {"accuracy.png", "epsilon.png", "contributions.png"}
+
+
+def test_benchmark_tables_link_each_runs_report():
+    import time
+
+    from simulations.bench._common import REPORT_FILE, hardware, header
+    from common.report import REPORT_FILE as REPORT
+
+    assert REPORT_FILE == REPORT
+    text = header("t", time.perf_counter(), hardware(), {"eps8-s0": {}, "eps8-s1": {}})
+    assert "[eps8-s0](runs/eps8-s0/report.html), [eps8-s1](runs/eps8-s1/report.html)" in text

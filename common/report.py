@@ -322,8 +322,8 @@ def _contributions(results: Mapping[str, Any], modalities: Sequence[str], labels
     chance = mc.get("empty_value")
     out.append(
         '<p class="small">How much of the final model’s held-out score each modality brings. The value of a set S of '
-        "modalities is the score with only S visible; with none visible it is chance level, "
-        f"{esc(mc.get('empty_value_means', ''))} = {num(chance)}. A modality’s <b>Shapley value</b> is the score it adds "
+        "modalities is the score with only S visible; with none visible it is "
+        f"{esc(mc.get('empty_value_means', 'chance level'))} ({num(chance)}). A modality’s <b>Shapley value</b> is the score it adds "
         "when it joins, averaged over every order in which the modalities could join; the values add up to the score "
         "with every modality minus chance. A pair’s <b>interaction</b> is positive when the two are worth more together "
         "than apart (each tells apart what the other cannot) and negative when they are redundant. "

@@ -227,3 +227,15 @@ def test_benchmark_tables_link_each_runs_report():
     assert REPORT_FILE == REPORT
     text = header("t", time.perf_counter(), hardware(), {"eps8-s0": {}, "eps8-s1": {}})
     assert "[eps8-s0](runs/eps8-s0/report.html), [eps8-s1](runs/eps8-s1/report.html)" in text
+
+
+def test_a_run_that_failed_before_any_round_still_renders(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({
+        "run_id": "abc", "status": "failed", "error": "only 1 site(s) connected after waiting 60 s (round-timeout)",
+        "config": RunConfig().to_flat(), "federation": {"modalities": ["image", "signal"], "labels": ["a", "b"]},
+        "rounds": [], "final": None, "privacy": {"clients": {}}}))
+    page = render(run)
+    assert "The run failed:</b> only 1 site(s) connected" in page and "No round was evaluated" in page
+    assert "No client took part" in page and "No round completed" in page

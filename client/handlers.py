@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from client.site import SiteContext, resolve_site
 from common import messages as M
 from common.messages import update_digest
+from common.attention import attention_metrics
 from common.config import RunConfig, parse_run_config
 from common.errors import BudgetExhaustedError, NonFiniteError
 from common.evaluation import evaluate
@@ -252,5 +253,6 @@ def handle_evaluate(message: Message, context: Context) -> Message:
             metrics[f"{M.BY_PREFIX}{subset}.{M.MACRO_F1}"] = sub["macro_f1"]
             metrics[f"{M.BY_PREFIX}{subset}.{M.NUM_EXAMPLES}"] = sub["num_examples"]
             metrics |= {f"{M.BY_PREFIX}{subset}.{name}": sub["class_counts"][name] for name in M.CLASS_COUNTS}
+        metrics |= attention_metrics(model, site.test)  # attention fusion only: weight per modality and class
     content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: _identity(site, M.STATUS_OK)})
     return Message(content, reply_to=message)

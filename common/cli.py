@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("certs", "create the CA, SuperLink certificate and site keys for a deployment"),
     "site": ("site", "run a deployment site's SuperNode with the warm executor (fast rounds)"),
     "bench": ("bench", "benchmarks: dp-overhead, round-overhead, deploy-round, hapt, av-digits"),
+    "report": ("report", "write a run's self-contained HTML report (scores, modality contributions, privacy)"),
 }
 
 

@@ -61,14 +61,21 @@ class AttentionFusion(FusionHead):
         self.act = nn.GELU()
 
     def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tokens, weights = self._attend(emb, mask)
+        pooled = (weights.unsqueeze(-1) * tokens).sum(dim=1)  # (B, D)
+        return self.core["classifier"](self.act(self.core["classifier_hidden"](pooled)))  # (B, K)
+
+    def attention(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The pooling weight of each modality (B, M): zero where absent, summing to 1 over the present ones."""
+        return self._attend(emb, mask)[1]
+
+    def _attend(self, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.core
         tokens = torch.stack([self.blocks[m]["token"](emb[:, i]) for i, m in enumerate(self.modalities)], dim=1)
         tokens = _masked(c["norm"](tokens), mask)  # (B, M, D)
         scores = c["score"](torch.tanh(c["score_hidden"](tokens))).squeeze(-1)  # (B, M)
         scores = scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, dim=1)  # (B, M), zero on absent modalities
-        pooled = (weights.unsqueeze(-1) * tokens).sum(dim=1)  # (B, D)
-        return c["classifier"](self.act(c["classifier_hidden"](pooled)))  # (B, K)
+        return tokens, torch.softmax(scores, dim=1)  # (B, M, D), (B, M) zero on absent modalities
 
 
 class ConcatFusion(FusionHead):

@@ -13,7 +13,8 @@ Secure train    (secagg.enabled: Flower's SecAgg+, legacy FitIns / FitRes record
                 SecAgg+ weight: 0 when the client did not train), metrics = the reply's metrics + CLIENT
                 (the client record as a JSON string), in the clear.
 Evaluate reply  {"metrics": {NUM_EXAMPLES, ACCURACY, MACRO_F1, LOSS, CONFUSION (K x K ints, row-major),
-                 "by.<subset>.<metric>" (ACCURACY, MACRO_F1, NUM_EXAMPLES; SUPPORT, PREDICTED, CORRECT: K ints each)},
+                 "by.<subset>.<metric>" (ACCURACY, MACRO_F1, NUM_EXAMPLES; SUPPORT, PREDICTED, CORRECT: K ints each),
+                 "attention.<modality>.<class>.<weight-sum|count>" (attention fusion only)},
                  "client": {CLIENT_ID, MODALITIES}}
 """
 
@@ -73,6 +74,11 @@ BY_PREFIX = "by."  # "by.image+signal.accuracy", "by.image+signal.num-examples",
 CONFUSION = "confusion"  # per-class counts: true class x predicted class, flattened row-major (K * K ints)
 SUPPORT, PREDICTED, CORRECT = "support", "predicted", "correct"  # per subset, per class: true examples, predictions, hits
 CLASS_COUNTS = (SUPPORT, PREDICTED, CORRECT)
+# Attention fusion only: summed pooling weight and sample count per modality and true class
+# (samples with >= 2 modalities present), "attention.image.3.weight-sum", "attention.image.3.count"
+ATTENTION_PREFIX = "attention."
+ATTENTION_SUM = "weight-sum"
+ATTENTION_COUNT = "count"
 
 
 def update_digest(arrays: dict[str, torch.Tensor]) -> str:

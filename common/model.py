@@ -56,6 +56,10 @@ class MultimodalModel(nn.Module):
 
     def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         # inputs: name -> (B, *shape); mask: (B, M) bool in schema order
+        return self.head(self.embed(inputs, mask), mask)  # (B, K)
+
+    def embed(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Every encoder's embedding (B, M, D), absent inputs zero-filled first (the head masks them)."""
         embeddings = []
         for i, spec in enumerate(self.schema.modalities):
             name, x = spec.name, inputs[spec.name]
@@ -64,8 +68,7 @@ class MultimodalModel(nn.Module):
             present = mask[:, i].view(-1, *([1] * (x.dim() - 1)))
             x = torch.where(present, x, torch.zeros((), dtype=x.dtype))  # zero-fill absent
             embeddings.append(self.encoders[name](x))  # (B, D)
-        emb = torch.stack(embeddings, dim=1)  # (B, M, D)
-        return self.head(emb, mask)  # (B, K)
+        return torch.stack(embeddings, dim=1)  # (B, M, D)
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """The shared head's parameters, keyed ``head.<...>`` (what a client may send)."""

@@ -10,6 +10,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from common import messages as M
+from common.attention import parse_key as attention_key
 from common.messages import update_digest
 from common.ledger import LedgerError, decode_entry
 from common.model import ENCODER_PREFIX, HEAD_PREFIX
@@ -44,6 +45,7 @@ class EvaluateReply:
     by_modalities: dict[str, dict[str, float]] = field(default_factory=dict)  # subset -> metric -> value
     confusion: list[list[int]] | None = None  # true class x predicted class (None: not sent)
     class_counts: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # subset -> support/predicted/correct
+    attention: dict[str, float] = field(default_factory=dict)  # "attention.*" sums and counts (common/attention.py)
 
 
 def claimed_client_id(message: Message) -> str | None:
@@ -141,6 +143,7 @@ def parse_evaluate_reply(message: Message, num_classes: int | None = None) -> Ev
     by: dict[str, dict[str, float]] = {}
     counts: dict[str, dict[str, list[int]]] = {}
     confusion: list[list[int]] | None = None
+    attention: dict[str, float] = {}
     for key, value in metrics.items():
         if key == M.NUM_EXAMPLES:
             continue
@@ -161,6 +164,12 @@ def parse_evaluate_reply(message: Message, num_classes: int | None = None) -> Ev
             by.setdefault(subset, {})[name] = value
         elif key in (M.ACCURACY, M.MACRO_F1, M.LOSS):
             overall[key] = value
+        elif key.startswith(M.ATTENTION_PREFIX):
+            try:
+                attention_key(key)
+            except ValueError as exc:
+                raise ReplyRejected(str(exc)) from None
+            attention[key] = value
         else:
             raise ReplyRejected(f"unknown metric '{key}'")
     if confusion is not None and sum(map(sum, confusion)) != n:
@@ -171,7 +180,7 @@ def parse_evaluate_reply(message: Message, num_classes: int | None = None) -> Ev
         if sum(c[M.SUPPORT]) != by[subset].get(M.NUM_EXAMPLES) or sum(c[M.PREDICTED]) != sum(c[M.SUPPORT]) or any(
                 k > min(s, p) for s, p, k in zip(c[M.SUPPORT], c[M.PREDICTED], c[M.CORRECT])):
             raise ReplyRejected(f"the per-class counts of '{subset}' are inconsistent")
-    return EvaluateReply(message.metadata.src_node_id, client_id, n, overall, by, confusion, counts)
+    return EvaluateReply(message.metadata.src_node_id, client_id, n, overall, by, confusion, counts, attention=attention)
 
 
 def _counts(key: str, value: Any, size: int | None) -> list[int]:

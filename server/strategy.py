@@ -26,8 +26,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import messages as M
+from common.attention import pool as pool_attention
 from common.config import RunConfig
 from common.evaluation import headline
+from common.contributions import modality_contributions
 from common.ledger import Ledger, LedgerError
 from server.aggregation import Contribution, weighted_average
 from server.grid import sample_nodes
@@ -169,6 +171,7 @@ class FedFuse(FedAvg):
         rec.setdefault("delta", self.config.dp.delta)
         if reply.status == M.STATUS_OK:
             rec["rounds_trained"] += 1
+            rec["train_examples"] = reply.num_examples  # released for weighting; shown in the run report
         rec["status"] = "excluded: " + reply.status if reply.status in EXCLUDING else "active"
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -196,6 +199,8 @@ class FedFuse(FedAvg):
             except ReplyRejected as exc:
                 log.warning("round %d: rejected an evaluation from node %d: %s", self.absolute(server_round), msg.metadata.src_node_id, exc)
         summary = summarize_evaluation(parsed, labels)
+        if summary is not None and (attention := pool_attention(r.attention for r in parsed if r.num_examples > 0)):
+            summary["attention"] = attention  # attention fusion: mean weight per modality and class (common/attention.py)
         self._round["evaluate"] = summary
         if summary is None:
             return None
@@ -218,6 +223,7 @@ class FedFuse(FedAvg):
         self._round.setdefault("evaluate", None)
         if self.heldout is not None:
             self._round["server_evaluate"] = self.heldout(self.state.global_state)
+        self._add_contributions(r)
         self.state.rounds.append(self._round)
         self.folder.save_checkpoint(Checkpoint(r, self.state.global_state, self.optimizer.state(), self.record()))
         self.folder.write_results(self.results(status="running" if r < self.state.total_rounds else "completed"))
@@ -228,6 +234,16 @@ class FedFuse(FedAvg):
         self._warned = len(warnings)
         self._round = {}
         return None
+
+    def _add_contributions(self, r: int) -> None:
+        """What each modality contributes to this round's held-out scores (from the evaluation only); warn on collapse."""
+        for name in ("evaluate", "server_evaluate"):
+            evaluation = self._round.get(name)
+            if evaluation:
+                found = modality_contributions(evaluation, modalities=self.federation["modalities"], labels=self.federation["labels"])
+                evaluation["modality_contributions"] = found
+                for warning in found["warnings"]:
+                    log.warning("round %d: %s", r, warning)
 
     def record(self) -> dict[str, Any]:
         return {"run_id": self.state.run_id, "rounds": self.state.rounds, "clients": self.state.clients,

@@ -58,6 +58,18 @@ def test_the_run_completes_and_writes_results_plots_and_checkpoints(simulated):
     assert json.loads((out / "checkpoints" / "latest.json").read_text()) == {"round": 3}
 
 
+def test_the_run_writes_its_report_and_modality_contributions(simulated):
+    _, out, results, _ = simulated
+    assert "Modality contributions" in (out / "report.html").read_text()
+    assert all("modality_contributions" in r["evaluate"] for r in results["rounds"])
+    mc = results["final"]["modality_contributions"]
+    # No client holds image and tabular together: no game for the federation, and the reason says so.
+    assert "image+tabular" in mc["overall"]["accuracy"]["error"]
+    both = mc["clients"]["client-00"]["accuracy"]  # image+signal
+    assert sum(both["shapley"].values()) == pytest.approx(both["full"] - 1 / 6)
+    assert set(mc["attention"]) == {"image", "signal", "tabular"}
+
+
 def test_results_json_schema(simulated):
     _, _, results, _ = simulated
     assert {"config", "rounds", "final", "privacy"} <= set(results)

@@ -112,6 +112,14 @@ def run(args: argparse.Namespace) -> int:
 
     plot_results(results, out)
     print_summary(results, seconds)
+    from common.commands.report import print_contributions, write_report
+
+    print_contributions(results)
+    try:
+        print(f"report: {write_report(out)}")
+    except Exception as exc:  # noqa: BLE001  (the run's results are written; a report failure must not hide them)
+        print(f"could not write the run report ({type(exc).__name__}: {exc}); retry with: fedfuse report {out}",
+              file=sys.stderr)
     if results.get("status") != "completed":
         print(f"the run did not complete; continue with: fedfuse simulate --resume {out}", file=sys.stderr)
         return 1

@@ -90,6 +90,8 @@ def run_cells(cells: Sequence[Cell], *, scenario: Path, common: list[str], round
             done = json.loads(results_path.read_text())
             if done.get("status") == "completed" and not config_differences(done.get("config", {}), flat):
                 progress(f"[{i}/{len(cells)}] {cell.name}: reusing the completed run in {folder}")
+                if not (folder / REPORT_FILE).exists():  # a run from before fedfuse wrote reports
+                    _write_report(folder)
                 out[cell.name] = done
                 continue
         # A folder with an interrupted run of this configuration is resumed; another configuration is refused.
@@ -108,9 +110,23 @@ def run_cells(cells: Sequence[Cell], *, scenario: Path, common: list[str], round
         atomic_write_json(results_path, done)  # results.json as the server wrote it, plus the bench's timing
         if done.get("status") != "completed":
             raise FedfuseError(f"the simulation {cell.name} did not complete (status {done.get('status')}); see {folder}; run the same command again to resume it")
+        _write_report(folder)
         progress(f"    done in {done['bench_seconds']:.0f} s")
         out[cell.name] = done
     return out
+
+
+REPORT_FILE = "report.html"  # common.report.REPORT_FILE, named here so that light benchmarks skip matplotlib
+
+
+def _write_report(folder: Path) -> None:
+    """The run's HTML report beside its results (a failure is logged, never fatal to the benchmark)."""
+    from common.report import write_report
+
+    try:
+        write_report(folder)
+    except Exception as exc:  # noqa: BLE001  (the figures are in results.json; the page can be redrawn)
+        log.warning("could not write the report of %s (%s); redraw it with: fedfuse report %s", folder, exc, folder)
 
 
 def _toml(value: Any) -> str:
@@ -240,6 +256,8 @@ def header(title: str, started: float, hw: dict[str, Any], runs: dict[str, dict[
         f"(the {len(runs)} simulations took {simulated / 60:.1f} min when they ran; completed runs are reused)",
         f"- machine: {hw['cpu']}, {hw['cores']} cores (load average at the end {hw['load_average']}), {hw['gpu']}; "
         f"python {hw['python']}, torch {hw['torch']}, flwr {hw['flwr']}, opacus {hw['opacus']}",
+        "- run reports (scores, modality contributions, privacy): "
+        + ", ".join(f"[{name}](runs/{name}/{REPORT_FILE})" for name in runs),
         "",
         "",
     ])

@@ -238,6 +238,9 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     """Evaluate the client's encoders + the global head on its held-out split, per modality subset."""
     config = parse_run_config(context.run_config)
     site = resolve_site(context.node_config, config, context.run_id)
+    _, refusal = _target_epsilon(site, config)
+    if refusal:  # a site that refuses the run answers none of its messages with anything computed from its data
+        return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0})
     state = ClientState(site.state_dir)
     model = _model(site, config, state)
     _merge_global(model, message, _shared_keys(model, config))
@@ -252,3 +255,29 @@ def handle_evaluate(message: Message, context: Context) -> Message:
             metrics[f"{M.BY_PREFIX}{subset}.{M.NUM_EXAMPLES}"] = sub["num_examples"]
     content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: _identity(site, M.STATUS_OK)})
     return Message(content, reply_to=message)
+
+
+def failure_reply(message: Message, context: Context) -> Message:
+    """What the server learns when this site fails a message: that it failed, and which site it is (if known).
+
+    Whatever went wrong (a bad data folder, a row that does not parse, a state folder in use, a bug) is in the
+    site's own log only: an error text could carry paths, values or facts about individual records.
+    """
+    content = RecordDict({M.METRICS: MetricRecord({M.NUM_EXAMPLES: 0}),
+                          M.CLIENT: ConfigRecord({M.CLIENT_ID: _known_client_id(context), M.MODALITIES: [],
+                                                  M.STATUS: M.STATUS_FAILED, M.REASON: M.FAILURE_SITE})})
+    return Message(content, reply_to=message)
+
+
+def _known_client_id(context: Context) -> str:
+    """The site's client id if it can be told without its data: the node config's, else the simulated partition's."""
+    node = context.node_config
+    if node.get("client-id"):
+        return str(node["client-id"])
+    if "partition-id" in node:
+        try:
+            return resolve_site(node, parse_run_config(context.run_config), context.run_id).client_id
+        except Exception:  # noqa: BLE001  (the failure itself may be here: then the server names the node)
+            return ""
+    return ""
+

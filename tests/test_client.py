@@ -197,3 +197,37 @@ def test_parameters_travel_as_one_packed_array_and_a_bad_packing_is_refused():
     with pytest.raises(ValueError, match="without its 'packing'"):
         M.unpack_arrays(RecordDict({M.ARRAYS: content.array_records[M.ARRAYS]}))
     assert flat.dim() == 1 and M.unpack_arrays(RecordDict({})) == {}
+
+
+def test_a_site_that_refused_the_run_evaluates_nothing(tmp_path):
+    data = synthetic.generate(60, seed=1)
+    write_site(tmp_path / "site", data, ["train"] * 50 + ["test"] * 10, name="hospital-a")
+    node = {"data-dir": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "max-epsilon": 4.0}
+    refused = handle_evaluate(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 8.0}), node))
+    assert dict(refused.content[M.METRICS]) == {M.NUM_EXAMPLES: 0}  # nothing computed from its data
+    assert refused.content[M.CLIENT][M.STATUS] == M.STATUS_POLICY_REFUSED
+    ok = handle_evaluate(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 3.0}), node))
+    assert ok.content[M.CLIENT][M.STATUS] == M.STATUS_OK and ok.content[M.METRICS][M.NUM_EXAMPLES] == 10
+
+
+@pytest.mark.parametrize("handler", ["train", "evaluate"])
+def test_a_failing_site_tells_the_server_only_a_category(tmp_path, handler, caplog):
+    from client.client_app import evaluate, train
+
+    # Prepare: a site folder with a row that does not match its schema (the details name the file and the row)
+    data = synthetic.generate(60, seed=1)
+    site = write_site(tmp_path / "secret-ward-7", data, ["train"] * 50 + ["test"] * 10, name="hospital-a")
+    index = site / "index.csv"
+    lines = index.read_text().splitlines()
+    lines[3] = lines[3].replace(",train,", ",train,label-of-patient-1234,", 1)  # a row no schema allows
+    index.write_text("\n".join(lines) + "\n")
+    node = {"data-dir": str(site), "state-dir": str(tmp_path / "state"), "max-epsilon": 8.0, "client-id": "hospital-a"}
+    # Execute
+    reply = (train if handler == "train" else evaluate)(train_message(global_head()), context(run_config(tmp_path), node))
+    # Assert: the reply names the site and says it failed; the details are in the site's log only
+    assert not reply.has_error()
+    ident = dict(reply.content[M.CLIENT])
+    assert ident == {M.CLIENT_ID: "hospital-a", M.MODALITIES: [], M.STATUS: M.STATUS_FAILED, M.REASON: M.FAILURE_SITE}
+    assert dict(reply.content[M.METRICS]) == {M.NUM_EXAMPLES: 0} and not reply.content.array_records
+    assert "secret-ward-7" not in repr(reply.content)
+    assert "secret-ward-7" in caplog.text  # the site's own log has what went wrong

@@ -97,8 +97,10 @@ def _entry_fields(site: SiteContext, config: RunConfig, *, run_id: str, server_r
         sigma, q, steps = result.noise_multiplier or 0.0, result.sample_rate, result.steps if result.private else 0
     elif status == "discarded":  # the round failed after using the data: its mechanism is the last in the history
         sigma, q, steps = history.entries[-1]
-    else:  # refused: nothing trained
-        sigma, q, steps = (history.plan.noise_multiplier, history.plan.sample_rate, 0) if history.plan else (0.0, 0.0, 0)
+    elif history.plan:  # refused: nothing trained
+        sigma, q, steps = history.plan.noise_multiplier, history.plan.sample_rate, 0
+    else:  # refused with no plan yet (a history rebuilt from the ledger): the last mechanism, with no steps
+        sigma, q, steps = (*history.entries[-1][:2], 0) if history.entries else (0.0, 0.0, 0)
     return entry_fields(
         run_id=run_id, client_id=site.client_id, round=server_round, status=status,
         noise_multiplier=sigma, sample_rate=q, steps=steps,
@@ -150,8 +152,10 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
     server_round, run_id = int(request[M.SERVER_ROUND]), str(request[M.RUN_ID])
     planned_rounds = int(request[M.PLANNED_ROUNDS])
     budget, refusal = _target_epsilon(site, config)
-    if refusal:
-        return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0})
+    if refusal:  # its ledger goes along (read only), so that an audit of the run holds a copy of every site's ledger
+        ledger = Ledger(site.state_dir / LEDGER_FILE)
+        return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0},
+                             ledger if ledger.path.exists() else None)
 
     state = ClientState(site.state_dir)
     with state.locked():

@@ -1,5 +1,6 @@
 """Client handlers, called directly with constructed Flower messages."""
 
+import json
 import math
 
 import pytest
@@ -231,3 +232,34 @@ def test_a_failing_site_tells_the_server_only_a_category(tmp_path, handler, capl
     assert dict(reply.content[M.METRICS]) == {M.NUM_EXAMPLES: 0} and not reply.content.array_records
     assert "secret-ward-7" not in repr(reply.content)
     assert "secret-ward-7" in caplog.text  # the site's own log has what went wrong
+
+
+def test_an_exhausted_client_whose_privacy_record_is_deleted_stays_exhausted(tmp_path):
+    # Prepare: a client spends its whole budget in run a, so run b is refused
+    flat = run_config(tmp_path, **{"dp.epsilon": 1.0})
+    folder = tmp_path / "clients" / "client-00"
+    handle_train(train_message(global_head(), 1, planned=1, run_id="run-a"), context(flat))
+    refused = handle_train(train_message(global_head(), 1, planned=1, run_id="run-b"), context(flat))
+    assert refused.content[M.CLIENT][M.STATUS] == M.STATUS_BUDGET_EXHAUSTED
+    history = json.loads((folder / "privacy.json").read_text())["privacy"]["history"]
+    # Execute: the accountant history is deleted (the ledger and its key remain)
+    (folder / "privacy.json").unlink()
+    again = handle_train(train_message(global_head(), 1, planned=1, run_id="run-c"), context(flat))
+    # Assert: rebuilt from the ledger, still refused, epsilon where it was (not 0)
+    assert again.content[M.CLIENT][M.STATUS] == M.STATUS_BUDGET_EXHAUSTED
+    spent = refused.content[M.METRICS][M.EPSILON]
+    assert spent > 0.9 and again.content[M.METRICS][M.EPSILON] == pytest.approx(spent, rel=1e-9)
+    assert json.loads((folder / "privacy.json").read_text())["privacy"]["history"] == history
+    assert audit_path(folder).clients["client-00"].verified  # one chain: the rebuilt state signs on with the same key
+
+
+def test_a_deleted_privacy_record_continues_from_the_ledger(tmp_path):
+    flat = run_config(tmp_path)
+    folder = tmp_path / "clients" / "client-00"
+    first = handle_train(train_message(global_head(), 1), context(flat))
+    (folder / "privacy.json").unlink()
+    second = handle_train(train_message(global_head(), 2), context(flat))
+    assert second.content[M.CLIENT][M.STATUS] == M.STATUS_OK
+    assert second.content[M.METRICS][M.EPSILON] > first.content[M.METRICS][M.EPSILON]  # continues, not from 0
+    again = handle_train(train_message(global_head(), 2), context(flat))  # round 2 is known as trained: re-sent
+    assert M.unpack_arrays(again.content).keys() == M.unpack_arrays(second.content).keys()

@@ -15,8 +15,9 @@ Layout::
 
 A state folder whose ``privacy.json`` is missing but whose ledger holds entries is rebuilt from the
 ledger (after verifying its chain and its key), never started afresh: the ledger records every round's
-mechanism, so the history, and so ε, continue where they were. An unreadable ``privacy.json``, a
-ledger that does not verify, or a trained model with neither record stops training with a clear error.
+mechanism, so the history, and so ε, continue where they were. An unreadable ``privacy.json``, one
+that charges fewer rounds than the ledger (an old backup), a ledger that does not verify, or a trained
+model with neither record stops training with a clear error.
 
 Every file is replaced atomically. ``privacy.json`` is written before the model and the reply, so
 a crash between the writes can only over-count privacy spend, never under-count it; a ledger entry
@@ -129,7 +130,24 @@ class ClientState:
                 f"it from the signed ledger {LEDGER_FILE}."
             ) from exc
         self._check(record, client_id=client_id, modalities=modalities, accountant=accountant)
+        charged = self._charged_in_ledger()
+        if charged > len(record.history.entries):
+            raise StateError(
+                f"{path} records {len(record.history.entries)} rounds that used the data, but the ledger "
+                f"{self.folder / LEDGER_FILE} records {charged}: the history is older than the ledger (restored from "
+                "an old backup?), and training on it would under-count this client's privacy spend. Move "
+                f"{PRIVACY_FILE} away: the next round rebuilds it from the signed ledger"
+            )
         return record
+
+    def _charged_in_ledger(self) -> int:
+        """How many rounds the ledger charges (entries with steps > 0); parsed only, verified when rebuilding."""
+        path = self.folder / LEDGER_FILE
+        if not path.exists():
+            return 0
+        entries, _ = read_ledger(path)
+        return sum(1 for e in entries if isinstance(e, dict) and isinstance(e.get("mechanism"), dict)
+                   and isinstance(e["mechanism"].get("steps"), int) and e["mechanism"]["steps"] > 0)
 
     def _check(self, record: ClientRecord, *, client_id: str, modalities: tuple[str, ...], accountant: str) -> None:
         """Refuse a record of another client, accountant or set of modalities."""
@@ -180,6 +198,7 @@ class ClientState:
                 "delta": private[-1]["delta"] if private else None,
                 "history": [[e["mechanism"]["noise_multiplier"], e["mechanism"]["sample_rate"], e["mechanism"]["steps"]]
                             for e in entries if e["mechanism"]["steps"] > 0],
+                "runs": [e["run_id"] for e in entries if e["mechanism"]["steps"] > 0],
                 "plan": None,  # the next round calibrates again, against what the history has spent
             },
             "rounds": [[e["run_id"], e["round"]] for e in entries if e["status"] == "trained"],

@@ -102,3 +102,15 @@ def test_a_trained_model_without_any_privacy_record_stops_training(tmp_path):
     ClientState(tmp_path).save_model({"x": torch.ones(1)})
     with pytest.raises(StateError, match="privacy spend is unknown"):
         ClientState(tmp_path).load_record(client_id="c", modalities=("image",), accountant="prv")
+
+
+def test_a_privacy_record_older_than_the_ledger_stops_training(tmp_path):
+    # Prepare: the ledger charges one round; privacy.json, restored from a backup taken before it, none
+    _ledger_of_one_round(tmp_path)
+    ClientState(tmp_path).save_record(ClientRecord("client-00", ("image",), PrivacyHistory()))
+    # Execute / Assert
+    with pytest.raises(StateError, match="records 0 rounds that used the data, but the ledger .* records 1"):
+        ClientState(tmp_path).load_record(client_id="client-00", modalities=("image",), accountant="prv")
+    (tmp_path / "privacy.json").unlink()  # as the error says: the next load rebuilds it from the ledger
+    record = ClientState(tmp_path).load_record(client_id="client-00", modalities=("image",), accountant="prv")
+    assert record.history.entries == [(1.1, 0.1, 10)]

@@ -8,6 +8,9 @@ that runs Flower's own ``run_clientapp`` with the task's token, exactly what
 and loads the ClientApp from the run's FAB: the parent forgets fedfuse's own modules after
 preloading, so a child imports the app code that came with the run, not the site's installed copy.
 
+Before Flower unpacks a task's FAB, the child checks it against the fedfuse installed at the site
+(``common/provenance.py``): a run whose app code differs fails at once, before it can touch the data.
+
 It relies on Flower internals (the Runtime API client and ``run_clientapp``), not a public API:
 flwr is pinned to 1.42 in pyproject.toml and ``tests/test_deploy.py`` runs it end to end.
 Fork safety: the parent starts no threads and runs no torch operations.
@@ -26,6 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from common.errors import ConfigError, FedfuseError
+from common.provenance import ReviewedApp, UntrustedAppError
 
 log = logging.getLogger("fedfuse.executor")
 
@@ -81,7 +85,7 @@ class WarmExecutor:
     """Acquire ClientApp tasks from a SuperNode's Runtime API and run each in a forked child."""
 
     def __init__(self, runtime_api_address: str, *, root_certificates: Path | None = None,
-                 auth_secret: bytes | None = None, poll: float = POLL_INTERVAL):
+                 auth_secret: bytes | None = None, poll: float = POLL_INTERVAL, reviewed: ReviewedApp | None = None):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
@@ -96,6 +100,8 @@ class WarmExecutor:
         if not 0.01 <= poll <= 60:
             raise ConfigError(f"--poll must lie in [0.01, 60] seconds, got {poll}")
         self.address, self.poll = runtime_api_address, poll
+        self.reviewed = reviewed or ReviewedApp.installed()  # fixed now: the code reviewed when the site started
+        log.info("warm executor: runs only apps whose code is the fedfuse checkout at %s", self.reviewed.root)
         self.certificates = root_certificates.read_bytes() if root_certificates else None
         interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if auth_secret:  # signs AcquireTask: only holders of the SuperNode's secret receive task tokens
@@ -144,7 +150,7 @@ class WarmExecutor:
         """Fork a child that runs one ClientApp task."""
         pid = os.fork()
         if pid == 0:  # child: never returns
-            _run_task(self.address, token, self.certificates)
+            _run_task(self.address, token, self.certificates, self.reviewed)
         self.children.add(pid)
         self.launched += 1
         log.debug("warm executor: task %d runs in process %d", self.launched, pid)
@@ -184,7 +190,26 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _run_task(address: str, token: str, certificates: bytes | None) -> None:
+def _check_apps_before_install(reviewed: ReviewedApp) -> None:
+    """Make Flower's ClientApp runner refuse (before unpacking it) a FAB whose code is not the reviewed one."""
+    from flwr.supernode.runtime import run_clientapp as runner
+
+    install = runner.install_from_fab
+
+    def checked_install(fab_file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202  (Flower's signature)
+        if not isinstance(fab_file, bytes):
+            raise UntrustedAppError("the app bundle did not arrive as bytes; it cannot be checked")
+        try:
+            reviewed.check(fab_file)
+        except UntrustedAppError as exc:
+            logging.getLogger("fedfuse.executor").error("refused the run's app: %s", exc)
+            raise
+        return install(fab_file, *args, **kwargs)
+
+    runner.install_from_fab = checked_install
+
+
+def _run_task(address: str, token: str, certificates: bytes | None, reviewed: ReviewedApp) -> None:
     """In the forked child: run one task as ``flwr-clientapp --token`` would, then exit with its status."""
     code = 1
     try:
@@ -198,6 +223,7 @@ def _run_task(address: str, token: str, certificates: bytes | None) -> None:
         fedfuse.propagate = False
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+        _check_apps_before_install(reviewed)
         run_clientapp(runtime_api_address=address, token=token, insecure=certificates is None,
                       certificates=certificates, parent_pid=os.getppid(), runtime_dependency_install=False)
         code = 0

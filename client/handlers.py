@@ -98,8 +98,10 @@ def _entry_fields(site: SiteContext, config: RunConfig, *, run_id: str, server_r
         sigma, q, steps = result.noise_multiplier or 0.0, result.sample_rate, result.steps if result.private else 0
     elif status == "discarded":  # the round failed after using the data: its mechanism is the last in the history
         sigma, q, steps = history.entries[-1]
-    else:  # refused: nothing trained
-        sigma, q, steps = (history.plan.noise_multiplier, history.plan.sample_rate, 0) if history.plan else (0.0, 0.0, 0)
+    elif history.plan:  # refused: nothing trained
+        sigma, q, steps = history.plan.noise_multiplier, history.plan.sample_rate, 0
+    else:  # refused with no plan yet (a history rebuilt from the ledger): the last mechanism, with no steps
+        sigma, q, steps = (*history.entries[-1][:2], 0) if history.entries else (0.0, 0.0, 0)
     return entry_fields(
         run_id=run_id, client_id=site.client_id, round=server_round, status=status,
         noise_multiplier=sigma, sample_rate=q, steps=steps,
@@ -151,8 +153,10 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
     server_round, run_id = int(request[M.SERVER_ROUND]), str(request[M.RUN_ID])
     planned_rounds = int(request[M.PLANNED_ROUNDS])
     budget, refusal = _target_epsilon(site, config)
-    if refusal:
-        return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0})
+    if refusal:  # its ledger goes along (read only), so that an audit of the run holds a copy of every site's ledger
+        ledger = Ledger(site.state_dir / LEDGER_FILE)
+        return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0},
+                             ledger if ledger.path.exists() else None)
 
     state = ClientState(site.state_dir)
     with state.locked():
@@ -239,6 +243,9 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     """Evaluate the client's encoders + the global head on its held-out split, per modality subset."""
     config = parse_run_config(context.run_config)
     site = resolve_site(context.node_config, config, context.run_id)
+    _, refusal = _target_epsilon(site, config)
+    if refusal:  # a site that refuses the run answers none of its messages with anything computed from its data
+        return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0})
     state = ClientState(site.state_dir)
     model = _model(site, config, state)
     _merge_global(model, message, _shared_keys(model, config))
@@ -256,3 +263,29 @@ def handle_evaluate(message: Message, context: Context) -> Message:
         metrics |= attention_metrics(model, site.test)  # attention fusion only: weight per modality and class
     content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: _identity(site, M.STATUS_OK)})
     return Message(content, reply_to=message)
+
+
+def failure_reply(message: Message, context: Context) -> Message:
+    """What the server learns when this site fails a message: that it failed, and which site it is (if known).
+
+    Whatever went wrong (a bad data folder, a row that does not parse, a state folder in use, a bug) is in the
+    site's own log only: an error text could carry paths, values or facts about individual records.
+    """
+    content = RecordDict({M.METRICS: MetricRecord({M.NUM_EXAMPLES: 0}),
+                          M.CLIENT: ConfigRecord({M.CLIENT_ID: _known_client_id(context), M.MODALITIES: [],
+                                                  M.STATUS: M.STATUS_FAILED, M.REASON: M.FAILURE_SITE})})
+    return Message(content, reply_to=message)
+
+
+def _known_client_id(context: Context) -> str:
+    """The site's client id if it can be told without its data: the node config's, else the simulated partition's."""
+    node = context.node_config
+    if node.get("client-id"):
+        return str(node["client-id"])
+    if "partition-id" in node:
+        try:
+            return resolve_site(node, parse_run_config(context.run_config), context.run_id).client_id
+        except Exception:  # noqa: BLE001  (the failure itself may be here: then the server names the node)
+            return ""
+    return ""
+

@@ -35,6 +35,9 @@ from common.ledger import (
     read_ledger,
 )
 
+RESULTS_FILE = "results.json"  # a run folder's results (server/run_folder.py): its privacy.clients is the roster
+TRAIN_LOG = "train_log.jsonl"  # a site's training log beside its ledger (common/state.py): not a ledger
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.02  # measured PRV - PLD: +0.010 to +0.012 for eps in [0.1, 54]; see docs/ledger-format.md
@@ -237,27 +240,53 @@ class AuditReport:
 # --- finding ledgers ----------------------------------------------------------------------------
 
 
+def _client_of(path: Path) -> str | None:
+    """The client id a ledger file's entries name (None if it has no readable entry that names one)."""
+    entries, _ = read_ledger(path)
+    for e in entries:
+        if isinstance(e, dict) and isinstance(e.get("client_id"), str) and e["client_id"]:
+            return e["client_id"]
+    return None
+
+
 def find_ledgers(path: Path) -> dict[str, dict[str, Path]]:
-    """Client id -> {copy name: file} for a run folder, a folder of ledger files, or one ledger file."""
+    """Client id -> {copy name: file} for a run folder, a site's state folder, a folder of ledgers or one ledger file.
+
+    A run folder files each client's copies under its name (checked against the entries by the audit); a state
+    folder's ``ledger.jsonl`` or a loose ledger file belongs to the client its entries name (the file name says
+    nothing: a site's ledger is always ``ledger.jsonl``). A state folder's ``train_log.jsonl`` is not a ledger.
+    """
     path = Path(path)
     if path.is_file():
-        return {path.stem: {"file": path}}
+        return {_client_of(path) or path.stem: {"file": path}}
     if not path.is_dir():
-        raise LedgerError(f"{path} does not exist: give a run's output folder, a folder of ledgers or a ledger file")
+        raise LedgerError(f"{path} does not exist: give a run's output folder, a site's state folder, a folder of "
+                          "ledgers or a ledger file")
     found: dict[str, dict[str, Path]] = {}
     for p in sorted((path / "ledgers").glob("*.jsonl")):
         found.setdefault(p.stem, {})["federation"] = p
     for p in sorted((path / "clients").glob(f"*/{LEDGER_FILE}")):
         found.setdefault(p.parent.name, {})["client"] = p
+    if not found and (path / LEDGER_FILE).is_file():  # a site's own state folder
+        return {_client_of(path / LEDGER_FILE) or path.name: {"file": path / LEDGER_FILE}}
     if not found:
         for p in sorted(path.glob("*.jsonl")):
-            found.setdefault(p.stem, {})["file"] = p
-    if not found:
-        raise LedgerError(
-            f"no ledgers under {path}: expected {path}/ledgers/*.jsonl (federation copies), "
-            f"{path}/clients/*/{LEDGER_FILE} (client copies) or *.jsonl ledger files"
-        )
+            if p.name != TRAIN_LOG:
+                found.setdefault(_client_of(p) or p.stem, {})["file"] = p
     return found
+
+
+def roster(path: Path) -> dict[str, str]:
+    """Clients that must have a ledger under a run folder, from its results.json: client id -> why."""
+    results = Path(path) / RESULTS_FILE
+    if not results.is_file():
+        return {}
+    try:
+        clients = json.loads(results.read_text())["privacy"]["clients"]
+        return {cid: f"{RESULTS_FILE} records its privacy spend" for cid, rec in clients.items()
+                if isinstance(rec, dict) and (rec.get("rounds_trained") or rec.get("epsilon") is not None)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LedgerError(f"{results} is unreadable ({exc}): the audit needs its list of clients") from exc
 
 
 # --- auditing one client ------------------------------------------------------------------------
@@ -368,16 +397,35 @@ def audit_path(
     """Audit every ledger under ``path`` (run folder, folder of ledgers, or one ledger file).
 
     ``keys``: a folder of pinned public keys, ``<client_id>.pem`` (``fedfuse certs`` writes
-    ``superlink/ledger-keys/``); a ledger signed by another key, or of a client without a key there,
-    is reported as tampering.
+    ``superlink/ledger-keys/``); a ledger signed by another key, of a client without a key there, or
+    (auditing a run) a client with a key there but no ledger, is reported as tampering. A client that
+    results.json says spent privacy but that has no ledger is reported as tampering too.
     """
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise LedgerError(f"tolerance must be a number >= 0, got {tolerance}")
     if keys is not None and not Path(keys).is_dir():
         raise LedgerError(f"--keys {keys} is not a folder: give the folder of <client_id>.pem ledger public keys")
     path = Path(path)
+    found = find_ledgers(path)
+    # Every client the run or the auditor knows of must have a ledger: deleting both copies must not hide one.
+    expected = roster(path) if path.is_dir() else {}
+    single = path.is_file() or (path / LEDGER_FILE).is_file()  # one client's ledger: the other keys are not about it
+    if keys is not None and not single:
+        expected |= {p.stem: f"its ledger key is pinned ({p})" for p in sorted(Path(keys).glob("*.pem"))}
+    if not found and not expected:
+        raise LedgerError(
+            f"no ledgers under {path}: expected {path}/ledgers/*.jsonl (federation copies), "
+            f"{path}/clients/*/{LEDGER_FILE} (client copies), {path}/{LEDGER_FILE} (a site's state folder) or "
+            "*.jsonl ledger files"
+        )
     clients = {}
-    for cid, sources in sorted(find_ledgers(path).items()):
+    for cid, why in expected.items():
+        if cid not in found:
+            report = ClientReport(client_id=cid, sources={})
+            report.findings.append(Finding(TAMPERING, f"no ledger at all, though {why}: every copy of it is missing "
+                                                      "(deleted?)"))
+            clients[cid] = report
+    for cid, sources in sorted(found.items()):
         pinned = None
         if keys is not None:
             key_file = Path(keys) / f"{cid}.pem"
@@ -388,7 +436,7 @@ def audit_path(
                 continue
             pinned = load_public_key_hex(key_file)
         clients[cid] = audit_client(cid, sources, tolerance=tolerance, expected_public_key=pinned)
-    return AuditReport(path=path, tolerance=tolerance, clients=clients)
+    return AuditReport(path=path, tolerance=tolerance, clients=dict(sorted(clients.items())))
 
 
 # --- presenting ---------------------------------------------------------------------------------

@@ -15,7 +15,11 @@ Secure train    (secagg.enabled: Flower's SecAgg+, legacy FitIns / FitRes record
 Evaluate reply  {"metrics": {NUM_EXAMPLES, ACCURACY, MACRO_F1, LOSS, CONFUSION (K x K ints, row-major),
                  "by.<subset>.<metric>" (ACCURACY, MACRO_F1, NUM_EXAMPLES; SUPPORT, PREDICTED, CORRECT: K ints each),
                  "attention.<modality>.<class>.<weight-sum|count>" (attention fusion only)},
-                 "client": {CLIENT_ID, MODALITIES}}
+                 "client": {CLIENT_ID, MODALITIES, STATUS, REASON}}
+                 A reply whose STATUS is not "ok" (policy-refused, failed) carries NUM_EXAMPLES = 0 only.
+Failure reply   (train or evaluate, any stage) {"metrics": {NUM_EXAMPLES: 0}, "client": {CLIENT_ID (when the site
+                 knows it), MODALITIES: [], STATUS: "failed", REASON: FAILURE_SITE}}: what went wrong stays in
+                 the site's log.
 """
 
 from __future__ import annotations
@@ -54,7 +58,17 @@ STATUS_BUDGET_EXHAUSTED = "budget-exhausted"  # the round would exceed the clien
 STATUS_POLICY_REFUSED = "policy-refused"  # the run asks for more privacy loss than the site allows
 STATUS_ALREADY_TRAINED = "already-trained"  # this round was trained before a crash and its update is lost
 STATUS_DISCARDED = "discarded"  # training failed (non-finite loss or weights): charged to the budget, nothing sent
-STATUSES = (STATUS_OK, STATUS_BUDGET_EXHAUSTED, STATUS_POLICY_REFUSED, STATUS_ALREADY_TRAINED, STATUS_DISCARDED)
+STATUS_FAILED = "failed"  # the site's ClientApp failed: REASON is FAILURE_SITE only, the details stay in the site's log
+STATUSES = (STATUS_OK, STATUS_BUDGET_EXHAUSTED, STATUS_POLICY_REFUSED, STATUS_ALREADY_TRAINED, STATUS_DISCARDED,
+            STATUS_FAILED)
+
+# Failure categories: all the server learns, and results.json records, about a site that failed a message
+FAILURE_SITE = "site-error"  # the site's ClientApp failed (one category for every cause: nothing about records leaks)
+FAILURE_NO_REPLY = "no-reply"  # no reply within round-timeout, or the site went offline
+FAILURE_APP_REFUSED = "app-refused"  # the site refuses to run the run's app: its code is not the one the site reviewed
+FAILURE_APP = "app-error"  # Flower could not load or run the ClientApp at the site
+FAILURE_DROPPED = "dropped-out"  # left a secure-aggregation round before sending its masked vector
+FAILURE_CATEGORIES = (FAILURE_SITE, FAILURE_NO_REPLY, FAILURE_APP_REFUSED, FAILURE_APP, FAILURE_DROPPED)
 
 # Metrics (train)
 NUM_EXAMPLES = "num-examples"  # size of the client's training (or test) set: released for weighting

@@ -13,6 +13,12 @@ Layout::
                                 site's own operators, never sent
     <state>/state.lock          held while a round runs, so two processes never share a state
 
+A state folder whose ``privacy.json`` is missing but whose ledger holds entries is rebuilt from the
+ledger (after verifying its chain and its key), never started afresh: the ledger records every round's
+mechanism, so the history, and so ε, continue where they were. An unreadable ``privacy.json``, one
+that charges fewer rounds than the ledger (an old backup), a ledger that does not verify, or a trained
+model with neither record stops training with a clear error.
+
 Every file is replaced atomically. ``privacy.json`` is written before the model and the reply, so
 a crash between the writes can only over-count privacy spend, never under-count it; a ledger entry
 lost to such a crash is signed from ``privacy.json`` on the next start, so the ledger always
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,8 +39,9 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from common.accounting import PrivacyHistory
+from common.accounting import HISTORY_FORMAT, PrivacyHistory
 from common.errors import FedfuseError, PrivacyParameterError
+from common.ledger import CORRUPT, KEY_FILE, LEDGER_FILE, TAMPERING, LedgerKey, check_chain, read_ledger
 from common.fileio import atomic_save_tensors, atomic_write_json, json_safe, load_tensors
 
 PRIVACY_FILE = "privacy.json"
@@ -42,6 +50,8 @@ REPLY_FILE = "reply.safetensors"
 TRAIN_LOG = "train_log.jsonl"
 LOCK_FILE = "state.lock"
 STATE_FORMAT = 1
+
+log = logging.getLogger("fedfuse.state")
 
 
 class StateError(FedfuseError):
@@ -94,7 +104,14 @@ class ClientState:
         """The stored record, or a fresh one for a new client. Refuses a folder of another client."""
         path = self.folder / PRIVACY_FILE
         if not path.exists():
-            return ClientRecord(client_id, tuple(modalities), PrivacyHistory(accountant=accountant))
+            record = self._rebuild(client_id=client_id, accountant=accountant)
+            if record is None:
+                return ClientRecord(client_id, tuple(modalities), PrivacyHistory(accountant=accountant))
+            log.warning("%s: %s is missing; rebuilt from the verified ledger (%d rounds, %d mechanisms)",
+                        client_id, path, len(record.rounds), len(record.history.entries))
+            self._check(record, client_id=client_id, modalities=modalities, accountant=accountant)
+            self.save_record(record)
+            return record
         try:
             doc = json.loads(path.read_text())
             if doc.get("format") != STATE_FORMAT:
@@ -109,8 +126,31 @@ class ClientState:
         except (OSError, ValueError, KeyError, TypeError, PrivacyParameterError) as exc:
             raise StateError(
                 f"{path} is unreadable ({exc}); it holds this client's privacy history, so training stops rather "
-                "than start a new budget. Restore it from a backup."
+                f"than start a new budget. Restore it from a backup, or move it away: the next round then rebuilds "
+                f"it from the signed ledger {LEDGER_FILE}."
             ) from exc
+        self._check(record, client_id=client_id, modalities=modalities, accountant=accountant)
+        charged = self._charged_in_ledger()
+        if charged > len(record.history.entries):
+            raise StateError(
+                f"{path} records {len(record.history.entries)} rounds that used the data, but the ledger "
+                f"{self.folder / LEDGER_FILE} records {charged}: the history is older than the ledger (restored from "
+                "an old backup?), and training on it would under-count this client's privacy spend. Move "
+                f"{PRIVACY_FILE} away: the next round rebuilds it from the signed ledger"
+            )
+        return record
+
+    def _charged_in_ledger(self) -> int:
+        """How many rounds the ledger charges (entries with steps > 0); parsed only, verified when rebuilding."""
+        path = self.folder / LEDGER_FILE
+        if not path.exists():
+            return 0
+        entries, _ = read_ledger(path)
+        return sum(1 for e in entries if isinstance(e, dict) and isinstance(e.get("mechanism"), dict)
+                   and isinstance(e["mechanism"].get("steps"), int) and e["mechanism"]["steps"] > 0)
+
+    def _check(self, record: ClientRecord, *, client_id: str, modalities: tuple[str, ...], accountant: str) -> None:
+        """Refuse a record of another client, accountant or set of modalities."""
         if record.client_id != client_id:
             raise StateError(f"{self.folder} belongs to client '{record.client_id}', not '{client_id}'")
         if record.history.accountant != accountant:
@@ -123,7 +163,52 @@ class ClientState:
                 f"{self.folder} holds encoders for {list(record.modalities)}, but the client now has "
                 f"{list(modalities)}; use a new state folder for a different set of modalities"
             )
-        return record
+
+    def _rebuild(self, *, client_id: str, accountant: str) -> ClientRecord | None:
+        """The record the ledger explains, when ``privacy.json`` is gone; None for a client that never trained."""
+        ledger_path = self.folder / LEDGER_FILE
+        entries, problems = read_ledger(ledger_path) if ledger_path.exists() else ([], [])
+        if not entries and not problems:
+            if (self.folder / MODEL_FILE).exists():
+                raise StateError(
+                    f"{self.folder} holds a trained model but neither its privacy history ({PRIVACY_FILE}) nor a "
+                    f"ledger ({LEDGER_FILE}); its privacy spend is unknown, so training stops. Restore both from a "
+                    "backup, or start a new state folder (the data's earlier spend still counts against it)"
+                )
+            return None
+        restore = f"Restore {PRIVACY_FILE} from a backup; keep {LEDGER_FILE} as evidence (`fedfuse audit {self.folder}`)"
+        key_file = self.folder / KEY_FILE
+        pinned = LedgerKey.load_or_create(key_file).public_hex if key_file.exists() else None
+        bad = problems + [f.message for f in check_chain(entries, expected_public_key=pinned) if f.kind in (TAMPERING, CORRUPT)]
+        if bad:
+            raise StateError(f"{PRIVACY_FILE} is missing and the ledger {ledger_path} does not verify "
+                             f"({'; '.join(bad[:3])}), so the privacy history cannot be rebuilt. {restore}")
+        if pinned is None:
+            raise StateError(f"{PRIVACY_FILE} and the ledger key {KEY_FILE} are missing: the ledger {ledger_path} "
+                             f"cannot be trusted to rebuild the privacy history. {restore}")
+        private = [e for e in entries if e.get("private") is True]
+        last = entries[-1]
+        doc = {
+            "format": STATE_FORMAT,
+            "client_id": last["client_id"],
+            "modalities": last["modalities"],
+            "privacy": {
+                "format": HISTORY_FORMAT,
+                "accountant": private[-1]["accountant"] if private else accountant,
+                "delta": private[-1]["delta"] if private else None,
+                "history": [[e["mechanism"]["noise_multiplier"], e["mechanism"]["sample_rate"], e["mechanism"]["steps"]]
+                            for e in entries if e["mechanism"]["steps"] > 0],
+                "runs": [e["run_id"] for e in entries if e["mechanism"]["steps"] > 0],
+                "plan": None,  # the next round calibrates again, against what the history has spent
+            },
+            "rounds": [[e["run_id"], e["round"]] for e in entries if e["status"] == "trained"],
+        }
+        try:
+            return ClientRecord(client_id=doc["client_id"], modalities=tuple(doc["modalities"]),
+                                history=PrivacyHistory.from_dict(doc["privacy"]), rounds=doc["rounds"])
+        except PrivacyParameterError as exc:
+            raise StateError(f"{PRIVACY_FILE} is missing and the ledger {ledger_path} records rounds this fedfuse "
+                             f"cannot rebuild a history from ({exc}). {restore}") from exc
 
     def save_record(self, record: ClientRecord) -> None:
         atomic_write_json(

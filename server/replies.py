@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from common import messages as M
 from common.attention import parse_key as attention_key
 from common.messages import update_digest
 from common.ledger import LedgerError, decode_entry
 from common.model import ENCODER_PREFIX, HEAD_PREFIX
+from common.provenance import UNTRUSTED_APP_MARK
 
 
 class ReplyRejected(Exception):
@@ -46,6 +48,21 @@ class EvaluateReply:
     confusion: list[list[int]] | None = None  # true class x predicted class (None: not sent)
     class_counts: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # subset -> support/predicted/correct
     attention: dict[str, float] = field(default_factory=dict)  # "attention.*" sums and counts (common/attention.py)
+    status: str = M.STATUS_OK  # not ok: the client refused (or failed) this evaluation and reported nothing
+
+
+def failure_category(message: Message) -> str:
+    """The category results.json records for a message that came back as an error (Flower's or fedfuse's own)."""
+    if message.has_error():
+        code = message.error.code
+        if code in (ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE):
+            return M.FAILURE_NO_REPLY
+        if UNTRUSTED_APP_MARK in message.error.reason:
+            return M.FAILURE_APP_REFUSED
+        if code in (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.CLIENT_APP_CRASHED):
+            return M.FAILURE_SITE
+        return M.FAILURE_APP
+    return M.FAILURE_SITE
 
 
 def claimed_client_id(message: Message) -> str | None:
@@ -63,13 +80,13 @@ def parse_identity(content: RecordDict) -> tuple[str, tuple[str, ...], str, str,
         raise ReplyRejected(f"no '{M.CLIENT}' record")
     ident = content.config_records[M.CLIENT]
     client_id, modalities = ident.get(M.CLIENT_ID), ident.get(M.MODALITIES)
-    if not isinstance(client_id, str) or not client_id:
-        raise ReplyRejected("missing client id")
-    if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
-        raise ReplyRejected("modalities must be a list of names")
     status = ident.get(M.STATUS, M.STATUS_OK)
     if status not in M.STATUSES:
         raise ReplyRejected(f"unknown status '{status}'")
+    if not isinstance(client_id, str) or not (client_id or status == M.STATUS_FAILED):  # a failed site may not know it
+        raise ReplyRejected("missing client id")
+    if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+        raise ReplyRejected("modalities must be a list of names")
     raw = ident.get(M.LEDGER, [])
     if not isinstance(raw, list):
         raise ReplyRejected("the ledger must be a list of entries")
@@ -136,8 +153,12 @@ def parse_evaluate_reply(message: Message, num_classes: int | None = None) -> Ev
     Per-class counts (``confusion``, ``by.<subset>.support`` ...) must hold ``num_classes`` (squared)
     non-negative integers that agree with the reply's example counts; without ``num_classes`` they are dropped.
     """
-    client_id, _, _, _, _ = parse_identity(message.content)
+    client_id, _, status, _, _ = parse_identity(message.content)
     metrics = parse_metrics(message.content)
+    if status != M.STATUS_OK:  # a refusal (or a failure) carries no evaluation, and none may be taken from it
+        if set(metrics) != {M.NUM_EXAMPLES} or metrics[M.NUM_EXAMPLES] != 0:
+            raise ReplyRejected(f"a '{status}' evaluate reply must carry no metrics")
+        return EvaluateReply(message.metadata.src_node_id, client_id, 0, status=status)
     n = metrics[M.NUM_EXAMPLES]
     overall: dict[str, float] = {}
     by: dict[str, dict[str, float]] = {}
@@ -193,7 +214,7 @@ def _counts(key: str, value: Any, size: int | None) -> list[int]:
 
 def mean_metrics(replies: list[EvaluateReply]) -> dict[str, Any] | None:
     """Example-weighted means, overall and per modality subset (each subset weighted by its own counts)."""
-    scored = [r for r in replies if r.num_examples > 0 and r.overall]
+    scored = [r for r in replies if r.status == M.STATUS_OK and r.num_examples > 0 and r.overall]
     if not scored:
         return None
     total = sum(r.num_examples for r in scored)

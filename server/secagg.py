@@ -222,7 +222,7 @@ class SecureFedFuse(Strategy):
         if reasons:
             log.warning("round %d: secure aggregation: %s", r, "; ".join(reasons))
         answered = {proxy.node_id for proxy, _ in results}
-        failures = [(n, "dropped out of secure aggregation") for n in self._nodes if n not in answered]
+        failures = [(n, M.FAILURE_DROPPED, "dropped out of secure aggregation") for n in self._nodes if n not in answered]
         replies = [(proxy.node_id, functools.partial(parse_clear_reply, fitres, proxy.node_id), _claimed(fitres))
                    for proxy, fitres in results]
         updates = self.fed.record_replies(r, replies, failures)

@@ -36,7 +36,8 @@ from server.grid import sample_nodes
 from server.optimizer import ServerOptimizer
 from server.metrics import summarize_evaluation
 from server.watch import learning_warnings
-from server.replies import ReplyRejected, TrainReply, claimed_client_id, parse_evaluate_reply, parse_train_reply
+from server.replies import (ReplyRejected, TrainReply, claimed_client_id, failure_category, parse_evaluate_reply,
+                            parse_train_reply)
 from server.run_folder import Checkpoint, RunFolder
 
 log = logging.getLogger("fedfuse.server")
@@ -110,7 +111,7 @@ class FedFuse(FedAvg):
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         parse = functools.partial(parse_train_reply, global_state=self.state.global_state, encoders=self.config.server.encoders)
         updates = self.record_replies(r, [(m.metadata.src_node_id, functools.partial(parse, m), claimed_client_id(m)) for m in valid],
-                                      [(m.metadata.src_node_id, m.error.reason) for m in errors])
+                                      [(m.metadata.src_node_id, failure_category(m), m.error.reason) for m in errors])
         if not updates:
             log.warning("round %d: no update to aggregate; the global head is unchanged", r)
             return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": 0})
@@ -119,17 +120,22 @@ class FedFuse(FedAvg):
         return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": len(updates)})
 
     def record_replies(self, r: int, replies: list[tuple[int, Callable[[], TrainReply], str | None]],
-                       failures: list[tuple[int | None, str]]) -> list[TrainReply]:
+                       failures: list[tuple[int | None, str, str]]) -> list[TrainReply]:
         """Parse each reply, keep its ledger and privacy record, exclude exhausted clients; return the updates."""
-        # replies: (node id, parse, claimed client id); failures: (node id or None, reason)
-        trained, refused, rejected, failed, updates = [], {}, {}, [], []
-        for node, reason in failures:
+        # replies: (node id, parse, claimed client id); failures: (node id or None, category, what Flower said)
+        trained, refused, rejected, failed, updates = [], {}, {}, {}, []
+        for node, category, reason in failures:
             who = self.node_clients.get(node, f"node {node}") if node is not None else "a client"
-            failed.append(who)
-            log.warning("round %d: %s failed: %s", r, who, reason)
+            failed[who] = category
+            log.warning("round %d: %s failed (%s): %s", r, who, category, reason)
         for node, parse, claimed in replies:
             try:
                 reply = parse()
+                if reply.status == M.STATUS_FAILED:  # the site's ClientApp failed: its category, nothing else
+                    who = self.site_name(node, reply.client_id)
+                    failed[who] = reply.reason if reply.reason in M.FAILURE_CATEGORIES else M.FAILURE_SITE
+                    log.warning("round %d: %s failed (%s); the details are in the site's own log", r, who, failed[who])
+                    continue
                 self.node_clients[node] = reply.client_id
                 self._keep_ledger(reply.client_id, reply.ledger)
             except (ReplyRejected, LedgerError) as exc:
@@ -148,9 +154,16 @@ class FedFuse(FedAvg):
             updates.append(reply)
         self._round.setdefault("round", r)
         self._round["train"] = {"sampled": self._round.get("train", {}).get("sampled", 0), "trained": sorted(trained),
-                                "refused": refused, "rejected": rejected, "failed": sorted(failed)}
+                                "refused": refused, "rejected": rejected, "failed": dict(sorted(failed.items()))}
         self._round["train_seconds"] = round(time.perf_counter() - self._started, 3)
         return updates
+
+    def site_name(self, node: int, claimed: str | None) -> str:
+        """How results.json names a site: its client id (claimed now, or known from an earlier reply), else its node."""
+        if claimed:
+            self.node_clients.setdefault(node, claimed)
+            return claimed
+        return self.node_clients.get(node, f"node {node}")
 
     def _keep_ledger(self, client_id: str, entries: list[dict[str, Any]]) -> None:
         """Append the entries the federation's copy lacks; refuse a ledger that rewrites what it holds."""
@@ -190,18 +203,38 @@ class FedFuse(FedAvg):
         return self._construct_messages(record, node_ids, "evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        r = self.absolute(server_round)
+        valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
         labels = self.federation.get("labels") or []  # without them, per-class counts cannot be checked: not pooled
-        parsed = []
+        parsed, outcome = [], {"evaluated": [], "refused": {}, "rejected": {}, "failed": {}}
+        for msg in errors:
+            who = self.site_name(msg.metadata.src_node_id, None)
+            outcome["failed"][who] = failure_category(msg)
+            log.warning("round %d: %s failed to evaluate (%s): %s", r, who, outcome["failed"][who], msg.error.reason)
         for msg in valid:
+            node = msg.metadata.src_node_id
             try:
-                parsed.append(parse_evaluate_reply(msg, len(labels) if labels else None))
+                reply = parse_evaluate_reply(msg, len(labels) if labels else None)
             except ReplyRejected as exc:
-                log.warning("round %d: rejected an evaluation from node %d: %s", self.absolute(server_round), msg.metadata.src_node_id, exc)
+                who = self.site_name(node, claimed_client_id(msg))
+                outcome["rejected"][who] = str(exc)
+                log.warning("round %d: rejected an evaluation from %s (node %d): %s", r, who, node, exc)
+                continue
+            who = self.site_name(node, reply.client_id)
+            if reply.status == M.STATUS_FAILED:
+                outcome["failed"][who] = M.FAILURE_SITE
+                log.warning("round %d: %s failed to evaluate (%s); the details are in the site's own log", r, who, M.FAILURE_SITE)
+            elif reply.status != M.STATUS_OK:  # e.g. a site refusing the run: nothing of its data is in the results
+                outcome["refused"][who] = reply.status
+            else:
+                outcome["evaluated"].append(who)
+                parsed.append(reply)
         summary = summarize_evaluation(parsed, labels)
-        if summary is not None and (attention := pool_attention(r.attention for r in parsed if r.num_examples > 0)):
+        if summary is not None and (attention := pool_attention(e.attention for e in parsed if e.num_examples > 0)):
             summary["attention"] = attention  # attention fusion: mean weight per modality and class (common/attention.py)
         self._round["evaluate"] = summary
+        self._round["evaluate_replies"] = {k: (sorted(v) if isinstance(v, list) else dict(sorted(v.items())))
+                                           for k, v in outcome.items()}
         if summary is None:
             return None
         figures = {f"client-mean-{k}": v for k, v in summary["client_mean"].items() if isinstance(v, (int, float))}

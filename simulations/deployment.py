@@ -379,14 +379,14 @@ class Deployment:
         """``flwr supernode ls --format json``: registered nodes and their status."""
         return json.loads(self.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)["nodes"]
 
-    def submit(self, run_config: Mapping[str, Any] | None = None) -> tuple[str, Path]:
-        """Submit a run of the app in this checkout (``flwr run``); return Flower's run id and the run folder."""
+    def submit(self, run_config: Mapping[str, Any] | None = None, *, app: Path = ROOT) -> tuple[str, Path]:
+        """Submit a run of the app in this checkout, or in ``app`` (``flwr run``); return Flower's run id and the run folder."""
         self._runs += 1
         folder = self.root / "runs" / f"run-{self._runs}"
         config = {**self.run_config, **(run_config or {}), "out-dir": str(folder)}
         path = self.root / "configs" / f"run-{self._runs}.toml"
         path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-        done = self.flwr("run", str(ROOT), CONNECTION, "--format", "json", "--run-config", str(path))
+        done = self.flwr("run", str(app), CONNECTION, "--format", "json", "--run-config", str(path))
         try:
             return str(json.loads(done.stdout)["run-id"]), folder
         except (ValueError, KeyError) as exc:
@@ -407,10 +407,10 @@ class Deployment:
         return Run(run_id, str(run.get("status", "")), str(run.get("status-details", "")), folder, text, seconds)
 
     def run(self, run_config: Mapping[str, Any] | None = None, *, timeout: float = 300,
-            expect: str | None = "finished:completed") -> Run:
+            expect: str | None = "finished:completed", app: Path = ROOT) -> Run:
         """Submit a run and wait for it; raise RunFailed unless it ends with status ``expect`` (None: any)."""
         started = time.monotonic()
-        run_id, folder = self.submit(run_config)
+        run_id, folder = self.submit(run_config, app=app)
         run = self.wait(run_id, folder, timeout=timeout, started=started)
         if expect is not None and run.status != expect:
             raise RunFailed(f"run {run_id} ended {run.status!r} ({run.details}), expected {expect!r}; ServerApp log:\n"

@@ -354,3 +354,64 @@ def test_an_unexpected_error_is_reported_not_raised(tmp_path, monkeypatch, prv_r
     assert report.exit_status == 4
     assert report.clients["site-a"].findings[-1].message == (
         "the audit could not process this ledger (ValueError: accountant failed)")
+
+
+# --- who must have a ledger, and auditing at a site ---------------------------------------------
+
+
+def publish_key(keys, name: str, key: LedgerKey) -> None:
+    """A site's ledger public key as `fedfuse certs` publishes it (PEM SubjectPublicKeyInfo)."""
+    from cryptography.hazmat.primitives import serialization
+
+    keys.mkdir(exist_ok=True)
+    pub = serialization.load_pem_private_key(key.pem(), None).public_key()
+    (keys / f"{name}.pem").write_bytes(pub.public_bytes(serialization.Encoding.PEM,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def test_a_client_whose_ledgers_were_both_deleted_fails_the_audit(tmp_path, prv_rows):
+    # Prepare: a run of two clients; results.json lists both; both copies of site-b's ledger are deleted
+    build_run(tmp_path / "run", {"site-a": prv_rows, "site-b": honest(client="site-b")})
+    keys = tmp_path / "keys"
+    for cid in ("site-a", "site-b"):
+        publish_key(keys, cid, LedgerKey.load_or_create(tmp_path / "run" / "clients" / cid / "ledger_key.pem"))
+    results = {"privacy": {"clients": {"site-a": {"rounds_trained": 4, "epsilon": 1.0},
+                                       "site-b": {"rounds_trained": 4, "epsilon": 1.0},
+                                       "site-c": {"rounds_trained": 0, "status": "excluded: policy-refused"}}}}
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    assert audit_path(tmp_path / "run", keys=keys).exit_status == 0  # site-c refused the run: it needs no ledger
+    (tmp_path / "run" / "ledgers" / "site-b.jsonl").unlink()
+    (tmp_path / "run" / "clients" / "site-b" / "ledger.jsonl").unlink()
+    # Execute / Assert: the roster in results.json catches it
+    report = audit_path(tmp_path / "run")
+    assert report.exit_status == EXIT_CODES[TAMPERING]
+    assert "no ledger at all, though results.json records its privacy spend" in report.clients["site-b"].findings[0].message
+    # and the pinned keys catch it when results.json was edited too
+    results["privacy"]["clients"].pop("site-b")
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    assert audit_path(tmp_path / "run").exit_status == 0  # the server's word alone hides the dropped client
+    report = audit_path(tmp_path / "run", keys=keys)
+    assert report.exit_status == EXIT_CODES[TAMPERING]
+    assert "its ledger key is pinned" in report.clients["site-b"].findings[0].message
+
+
+def test_a_site_audits_its_own_state_folder_and_ledger(tmp_path, prv_rows, capsys):
+    # Prepare: a site's state folder as the ClientApp leaves it: ledger.jsonl beside train_log.jsonl
+    state = tmp_path / "state"
+    key = LedgerKey.load_or_create(state / "ledger_key.pem")
+    for f in prv_rows:
+        Ledger(state / "ledger.jsonl").append(f, key)
+    (state / "train_log.jsonl").write_text('{"run_id": "run-1", "round": 1, "steps": 250, "epsilon": 0.5}\n')
+    keys = tmp_path / "keys"
+    publish_key(keys, "site-a", key)
+    publish_key(keys, "site-b", LedgerKey.generate())  # another site's key: not about this ledger
+    # Execute / Assert: the client id comes from the entries, the training log is not read as a ledger
+    for path in (state, state / "ledger.jsonl"):
+        for pinned in (None, keys):
+            report = audit_path(path, keys=pinned)
+            assert list(report.clients) == ["site-a"] and report.exit_status == 0, format_report(report)
+            assert report.clients["site-a"].rounds == 4
+    assert main(["audit", str(state), "--keys", str(keys)]) == 0
+    # a ledger signed by another key than the pinned one is still caught
+    publish_key(keys, "site-a", LedgerKey.generate())
+    assert main(["audit", str(state / "ledger.jsonl"), "--keys", str(keys)]) == EXIT_CODES[TAMPERING]

@@ -1,5 +1,6 @@
 """Client handlers, called directly with constructed Flower messages."""
 
+import json
 import math
 
 import pytest
@@ -197,3 +198,68 @@ def test_parameters_travel_as_one_packed_array_and_a_bad_packing_is_refused():
     with pytest.raises(ValueError, match="without its 'packing'"):
         M.unpack_arrays(RecordDict({M.ARRAYS: content.array_records[M.ARRAYS]}))
     assert flat.dim() == 1 and M.unpack_arrays(RecordDict({})) == {}
+
+
+def test_a_site_that_refused_the_run_evaluates_nothing(tmp_path):
+    data = synthetic.generate(60, seed=1)
+    write_site(tmp_path / "site", data, ["train"] * 50 + ["test"] * 10, name="hospital-a")
+    node = {"data-dir": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "max-epsilon": 4.0}
+    refused = handle_evaluate(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 8.0}), node))
+    assert dict(refused.content[M.METRICS]) == {M.NUM_EXAMPLES: 0}  # nothing computed from its data
+    assert refused.content[M.CLIENT][M.STATUS] == M.STATUS_POLICY_REFUSED
+    ok = handle_evaluate(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 3.0}), node))
+    assert ok.content[M.CLIENT][M.STATUS] == M.STATUS_OK and ok.content[M.METRICS][M.NUM_EXAMPLES] == 10
+
+
+@pytest.mark.parametrize("handler", ["train", "evaluate"])
+def test_a_failing_site_tells_the_server_only_a_category(tmp_path, handler, caplog):
+    from client.client_app import evaluate, train
+
+    # Prepare: a site folder with a row that does not match its schema (the details name the file and the row)
+    data = synthetic.generate(60, seed=1)
+    site = write_site(tmp_path / "secret-ward-7", data, ["train"] * 50 + ["test"] * 10, name="hospital-a")
+    index = site / "index.csv"
+    lines = index.read_text().splitlines()
+    lines[3] = lines[3].replace(",train,", ",train,label-of-patient-1234,", 1)  # a row no schema allows
+    index.write_text("\n".join(lines) + "\n")
+    node = {"data-dir": str(site), "state-dir": str(tmp_path / "state"), "max-epsilon": 8.0, "client-id": "hospital-a"}
+    # Execute
+    reply = (train if handler == "train" else evaluate)(train_message(global_head()), context(run_config(tmp_path), node))
+    # Assert: the reply names the site and says it failed; the details are in the site's log only
+    assert not reply.has_error()
+    ident = dict(reply.content[M.CLIENT])
+    assert ident == {M.CLIENT_ID: "hospital-a", M.MODALITIES: [], M.STATUS: M.STATUS_FAILED, M.REASON: M.FAILURE_SITE}
+    assert dict(reply.content[M.METRICS]) == {M.NUM_EXAMPLES: 0} and not reply.content.array_records
+    assert "secret-ward-7" not in repr(reply.content)
+    assert "secret-ward-7" in caplog.text  # the site's own log has what went wrong
+
+
+def test_an_exhausted_client_whose_privacy_record_is_deleted_stays_exhausted(tmp_path):
+    # Prepare: a client spends its whole budget in run a, so run b is refused
+    flat = run_config(tmp_path, **{"dp.epsilon": 1.0})
+    folder = tmp_path / "clients" / "client-00"
+    handle_train(train_message(global_head(), 1, planned=1, run_id="run-a"), context(flat))
+    refused = handle_train(train_message(global_head(), 1, planned=1, run_id="run-b"), context(flat))
+    assert refused.content[M.CLIENT][M.STATUS] == M.STATUS_BUDGET_EXHAUSTED
+    history = json.loads((folder / "privacy.json").read_text())["privacy"]["history"]
+    # Execute: the accountant history is deleted (the ledger and its key remain)
+    (folder / "privacy.json").unlink()
+    again = handle_train(train_message(global_head(), 1, planned=1, run_id="run-c"), context(flat))
+    # Assert: rebuilt from the ledger, still refused, epsilon where it was (not 0)
+    assert again.content[M.CLIENT][M.STATUS] == M.STATUS_BUDGET_EXHAUSTED
+    spent = refused.content[M.METRICS][M.EPSILON]
+    assert spent > 0.9 and again.content[M.METRICS][M.EPSILON] == pytest.approx(spent, rel=1e-9)
+    assert json.loads((folder / "privacy.json").read_text())["privacy"]["history"] == history
+    assert audit_path(folder).clients["client-00"].verified  # one chain: the rebuilt state signs on with the same key
+
+
+def test_a_deleted_privacy_record_continues_from_the_ledger(tmp_path):
+    flat = run_config(tmp_path)
+    folder = tmp_path / "clients" / "client-00"
+    first = handle_train(train_message(global_head(), 1), context(flat))
+    (folder / "privacy.json").unlink()
+    second = handle_train(train_message(global_head(), 2), context(flat))
+    assert second.content[M.CLIENT][M.STATUS] == M.STATUS_OK
+    assert second.content[M.METRICS][M.EPSILON] > first.content[M.METRICS][M.EPSILON]  # continues, not from 0
+    again = handle_train(train_message(global_head(), 2), context(flat))  # round 2 is known as trained: re-sent
+    assert M.unpack_arrays(again.content).keys() == M.unpack_arrays(second.content).keys()

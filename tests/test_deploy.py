@@ -146,7 +146,7 @@ def test_three_sites_run_two_rounds_and_write_results_and_ledgers(dep):
     results = run.results
     assert results["status"] == "completed" and [r["round"] for r in results["rounds"]] == [1, 2]
     for rnd in results["rounds"]:
-        assert rnd["train"]["trained"] == ["site-1", "site-2", "site-3"] and rnd["train"]["failed"] == []
+        assert rnd["train"]["trained"] == ["site-1", "site-2", "site-3"] and rnd["train"]["failed"] == {}
     assert "round 2/2 | trained 3/3 clients" in run.server_log  # fedfuse's progress lines reach `flwr log`
     clients = results["privacy"]["clients"]
     assert {c: set(v["modalities"]) for c, v in clients.items()} == {c: set(m) for c, m in DEFAULT_SITES.items()}
@@ -160,6 +160,33 @@ def test_three_sites_run_two_rounds_and_write_results_and_ledgers(dep):
     audit = subprocess.run([str(BIN / "fedfuse"), "audit", str(run.folder), "--keys", str(dep.creds.server_folder / "ledger-keys")],
                            capture_output=True, text=True, timeout=300)
     assert audit.returncode == 0, audit.stdout + audit.stderr  # signatures (pinned keys), chains, re-accounted epsilon
+    # A site's privacy officer audits the site's own state folder, or its ledger.jsonl, with or without the pinned keys
+    state = dep.sites["site-2"].state_dir
+    assert (state / "train_log.jsonl").exists()  # beside the ledger, and not a ledger
+    for target, keys in ((state, []), (state / "ledger.jsonl", ["--keys", str(dep.creds.server_folder / "ledger-keys")])):
+        audit = subprocess.run([str(BIN / "fedfuse"), "audit", str(target), *keys], capture_output=True, text=True, timeout=300)
+        assert audit.returncode == 0 and "site-2" in audit.stdout, audit.stdout + audit.stderr
+
+
+@pytest.mark.slow
+def test_a_site_refuses_an_app_whose_code_differs_from_the_fedfuse_it_installed(dep, tmp_path):
+    # Prepare: the operator ships a modified ClientApp (here: one harmless extra line in the train handler)
+    from test_provenance import app_copy
+
+    app = app_copy(tmp_path / "app")
+    handlers = app / "client" / "handlers.py"
+    handlers.write_text(handlers.read_text() + "\nSHIPPED_BY_THE_OPERATOR = True\n")
+    before = {name: _ledger(site.state_dir / "ledger.jsonl") for name, site in dep.sites.items()}
+    # Execute
+    run = dep.run({"num-server-rounds": 1, "dp.epsilon": 3.0, "round-timeout": 30.0}, app=app)
+    # Assert: every site refused the task before the app was unpacked; nothing trained, nothing was spent
+    rnd = run.results["rounds"][0]
+    assert rnd["train"]["trained"] == [] and rnd["evaluate"] is None
+    assert sorted(rnd["train"]["failed"].values()) == [M.FAILURE_APP_REFUSED] * 3
+    for name, site in dep.sites.items():
+        assert "refused the run's app" in dep.logs(name) and "client/handlers.py: differs" in dep.logs(name)
+        assert _ledger(site.state_dir / "ledger.jsonl") == before[name]
+    # and the genuine app still runs (the next tests)
 
 
 @pytest.mark.slow
@@ -189,8 +216,8 @@ def test_a_killed_site_is_recorded_as_failed_and_the_run_finishes_with_the_other
     first, second = run.results["rounds"]
     assert first["train"]["trained"] == ["site-1", "site-2", "site-3"] and first["evaluate"] is None  # evaluate-every = 2
     assert second["train"]["trained"] == ["site-1", "site-3"]
-    assert second["train"]["failed"] == ["site-2"]  # the dropout is explicit in results.json
-    assert "site-2 failed: no reply within 15 s (round-timeout)" in run.server_log
+    assert second["train"]["failed"] == {"site-2": M.FAILURE_NO_REPLY}  # the dropout is explicit in results.json
+    assert "site-2 failed (no-reply): no reply within 15 s (round-timeout)" in run.server_log
     assert second["evaluate"]["num_examples"] > 0  # the others still evaluate the final head
 
 
@@ -232,6 +259,15 @@ def test_a_run_asking_more_than_a_sites_policy_is_refused_by_that_site(dep):
     assert expected in dep.logs("site-3")  # the site's own log
     assert expected in run.server_log  # and its reply, as the ServerApp logged it
     assert _ledger(site3.state_dir / "ledger.jsonl") == ledger_before  # refused before touching any data
+    # It evaluated nothing either: no metric of its held-out data is in the results, its refusal is recorded
+    assert results["rounds"][0]["evaluate_replies"]["refused"] == {"site-3": M.STATUS_POLICY_REFUSED}
+    assert results["rounds"][0]["evaluate_replies"]["evaluated"] == ["site-1", "site-2"]
+    assert set(results["final"]["clients"]) == {"site-1", "site-2"}
+    assert results["final"]["num_examples"] == sum(c["num_examples"] for c in results["final"]["clients"].values())
+    # Its ledger came along with the refusal, so the run's audit with every pinned key passes
+    audit = subprocess.run([str(BIN / "fedfuse"), "audit", str(run.folder), "--keys", str(dep.creds.server_folder / "ledger-keys")],
+                           capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 @pytest.mark.slow

@@ -87,7 +87,7 @@ def one_modality_run(tmp_path_factory):
 
 def test_results_carry_contributions_per_round_and_the_failure(failed_client_run):
     results = json.loads((failed_client_run / "results.json").read_text())
-    assert results["rounds"][1]["train"]["failed"] == ["client-01"]
+    assert list(results["rounds"][1]["train"]["failed"]) == ["client-01"]  # by site name, with a category
     for entry in [r["evaluate"] for r in results["rounds"]] + [results["final"]]:
         mc = entry["modality_contributions"]
         acc = mc["overall"]["accuracy"]
@@ -106,7 +106,7 @@ def test_the_page_shows_every_part_of_the_run(failed_client_run):
     rounds = page[page.index('id="rounds"'):].split("</table>")[0].split("<tr")[2:]  # body rows of the rounds table
     first, second = rounds
     assert "client-01" not in first and 'class="problem"' not in first
-    assert second.startswith(' class="problem"') and "<td>client-01</td>" in second  # failed, in its column
+    assert second.startswith(' class="problem"') and "<td><b>client-01</b>: app-error</td>" in second  # failed, in its column, with its category
     assert "default-src 'none'" in page  # the browser may fetch nothing
     assert "http://" not in page.replace("http://www.w3.org/", "") and "https://" not in page  # (SVG namespaces only)
 

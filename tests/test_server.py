@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from common import messages as M
 from common.config import RunConfig, parse_run_config
@@ -115,10 +116,11 @@ def test_a_reply_whose_packing_does_not_fit_its_array_is_rejected(tmp_path):
 def test_a_client_that_raised_does_not_stop_the_round(tmp_path):
     strategy = make_strategy(tmp_path)
     request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=3, message_type="train")
-    failed = Message(Error(code=0, reason="ClientApp raised NonFiniteError"), reply_to=request)
+    failed = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="ClientApp raised NonFiniteError"),
+                     reply_to=request)
     good = reply(2, client_update(strategy, MODALITIES, 1.0), client="good", modalities=MODALITIES)
     arrays, _ = strategy.aggregate_train(1, [failed, good])
-    assert strategy._round["train"]["failed"] == ["node 3"] and arrays is not None
+    assert strategy._round["train"]["failed"] == {"node 3": M.FAILURE_SITE} and arrays is not None
 
 
 def test_budget_exhausted_clients_are_excluded_from_later_rounds(tmp_path):
@@ -261,3 +263,42 @@ def test_the_run_log_names_idle_sites_and_knobs_that_alter_real_data(tmp_path, c
     with caplog.at_level("WARNING", logger="fedfuse.server"):
         assert "drown the signal at 1 of 1 site(s)" in _data_notes(tiny)["plan_warning"]
     assert "`fedfuse plan` suggests" in caplog.text
+
+
+def evaluate_reply(node, *, client, metrics, status=M.STATUS_OK):
+    request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type="evaluate")
+    ident = {M.CLIENT_ID: client, M.MODALITIES: MODALITIES, M.STATUS: status}
+    return Message(RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: ConfigRecord(ident)}), reply_to=request)
+
+
+def test_a_site_that_refused_the_run_adds_nothing_to_the_evaluation(tmp_path):
+    strategy = make_strategy(tmp_path)
+    scored = {M.NUM_EXAMPLES: 20, M.ACCURACY: 0.5, M.MACRO_F1: 0.4, M.LOSS: 1.0}
+    strategy.aggregate_evaluate(1, [evaluate_reply(1, client="ok", metrics=scored),
+                                    evaluate_reply(2, client="refuser", metrics={M.NUM_EXAMPLES: 0},
+                                                   status=M.STATUS_POLICY_REFUSED)])
+    summary, outcome = strategy._round["evaluate"], strategy._round["evaluate_replies"]
+    assert set(summary["clients"]) == {"ok"} and summary["num_examples"] == 20
+    assert outcome == {"evaluated": ["ok"], "refused": {"refuser": M.STATUS_POLICY_REFUSED}, "rejected": {}, "failed": {}}
+    # a refusal that still carries metrics is not taken into the results
+    strategy.aggregate_evaluate(2, [evaluate_reply(2, client="refuser", metrics=scored, status=M.STATUS_POLICY_REFUSED)])
+    assert strategy._round["evaluate"] is None and "refuser" in strategy._round["evaluate_replies"]["rejected"]
+
+
+def test_failures_are_recorded_by_site_name_with_a_category(tmp_path):
+    strategy = make_strategy(tmp_path)
+    failed = reply(4, None, client="berlin", modalities=[], n=0, status=M.STATUS_FAILED)
+    failed.content[M.CLIENT] = ConfigRecord(dict(failed.content[M.CLIENT]) | {M.REASON: M.FAILURE_SITE})
+    anonymous = reply(5, None, client="", modalities=[], n=0, status=M.STATUS_FAILED)
+    request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=6, message_type="train")
+    silent = Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason="no reply within 5 s"), reply_to=request)
+    request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=7, message_type="train")
+    untrusted = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                              reason="<class 'UntrustedAppError'>:<'fedfuse-untrusted-app: ...'>"), reply_to=request)
+    strategy.node_clients[6] = "paris"  # known from an earlier reply
+    good = reply(2, client_update(strategy, MODALITIES, 1.0), client="good", modalities=MODALITIES)
+    strategy.aggregate_train(1, [failed, anonymous, silent, untrusted, good])
+    assert strategy._round["train"]["failed"] == {"berlin": M.FAILURE_SITE, "node 5": M.FAILURE_SITE,
+                                                  "node 7": M.FAILURE_APP_REFUSED, "paris": M.FAILURE_NO_REPLY}
+    assert strategy._round["train"]["trained"] == ["good"] and strategy.state.excluded == set()
+    assert "berlin" not in strategy.state.clients  # a failure is no privacy record

@@ -58,3 +58,59 @@ def test_a_reply_is_only_returned_for_its_own_run_and_round(tmp_path):
     assert torch.equal(arrays["head.x"], torch.ones(2)) and metrics == {"num-examples": 5}
     assert state.load_reply(run_id="r1", server_round=4) is None
     assert state.load_reply(run_id="r2", server_round=3) is None
+
+
+def _ledger_of_one_round(folder, *, client_id="client-00", key=None):
+    from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, entry_fields
+
+    key = key or LedgerKey.load_or_create(folder / KEY_FILE)
+    fields = entry_fields(run_id="run", client_id=client_id, round=1, status="trained", noise_multiplier=1.1,
+                          sample_rate=0.1, steps=10, max_grad_norm=1.0, delta=1e-5, accountant="prv", epsilon=0.5,
+                          budget=8.0, update_hash=None, modalities=["image"])
+    Ledger(folder / LEDGER_FILE).append(fields, key)
+    return folder / LEDGER_FILE
+
+
+def test_a_missing_privacy_record_is_rebuilt_from_the_ledger(tmp_path):
+    _ledger_of_one_round(tmp_path)
+    record = ClientState(tmp_path).load_record(client_id="client-00", modalities=("image",), accountant="prv")
+    assert record.history.entries == [(1.1, 0.1, 10)] and record.history.delta == 1e-5 and record.trained("run", 1)
+    assert (tmp_path / "privacy.json").exists()
+    with pytest.raises(StateError, match="belongs to client 'client-00'"):  # the ledger's client, not the caller's
+        (tmp_path / "privacy.json").unlink()
+        ClientState(tmp_path).load_record(client_id="someone-else", modalities=("image",), accountant="prv")
+
+
+def test_a_missing_privacy_record_with_an_untrustworthy_ledger_stops_training(tmp_path):
+    from common.ledger import KEY_FILE, LedgerKey
+
+    path = _ledger_of_one_round(tmp_path)
+    path.write_text(path.read_text().replace('"steps":10', '"steps":1'))  # spend edited down
+    with pytest.raises(StateError, match="does not verify"):
+        ClientState(tmp_path).load_record(client_id="client-00", modalities=("image",), accountant="prv")
+    other = tmp_path / "other"
+    _ledger_of_one_round(other, key=LedgerKey.generate())  # signed by a key that is not the folder's
+    LedgerKey.load_or_create(other / KEY_FILE)
+    with pytest.raises(StateError, match="does not verify"):
+        ClientState(other).load_record(client_id="client-00", modalities=("image",), accountant="prv")
+    (other / KEY_FILE).unlink()
+    with pytest.raises(StateError, match="ledger key ledger_key.pem are missing"):
+        ClientState(other).load_record(client_id="client-00", modalities=("image",), accountant="prv")
+
+
+def test_a_trained_model_without_any_privacy_record_stops_training(tmp_path):
+    ClientState(tmp_path).save_model({"x": torch.ones(1)})
+    with pytest.raises(StateError, match="privacy spend is unknown"):
+        ClientState(tmp_path).load_record(client_id="c", modalities=("image",), accountant="prv")
+
+
+def test_a_privacy_record_older_than_the_ledger_stops_training(tmp_path):
+    # Prepare: the ledger charges one round; privacy.json, restored from a backup taken before it, none
+    _ledger_of_one_round(tmp_path)
+    ClientState(tmp_path).save_record(ClientRecord("client-00", ("image",), PrivacyHistory()))
+    # Execute / Assert
+    with pytest.raises(StateError, match="records 0 rounds that used the data, but the ledger .* records 1"):
+        ClientState(tmp_path).load_record(client_id="client-00", modalities=("image",), accountant="prv")
+    (tmp_path / "privacy.json").unlink()  # as the error says: the next load rebuilds it from the ledger
+    record = ClientState(tmp_path).load_record(client_id="client-00", modalities=("image",), accountant="prv")
+    assert record.history.entries == [(1.1, 0.1, 10)]

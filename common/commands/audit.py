@@ -17,8 +17,11 @@ EMPIRICAL_OPTIONS = ("epsilon", "delta", "canaries", "steps", "sample_rate", "re
 
 EPILOG = f"""\
 PATH is a run's output folder (federation copies in PATH/ledgers/<client>.jsonl, client copies in
-PATH/clients/<client>/ledger.jsonl, compared when both exist), a folder of *.jsonl ledgers, or one
-ledger file. The audit only reads: it writes a plot only when --plot is given.
+PATH/clients/<client>/ledger.jsonl, compared when both exist), a site's state folder (its ledger.jsonl),
+a folder of *.jsonl ledgers, or one ledger file; a state folder's or a file's ledger belongs to the
+client its entries name. In a run folder, every client that results.json records a privacy spend for,
+and (--keys) every client with a pinned key, must have a ledger: --keys is what makes the server's
+copies trustworthy. The audit only reads: it writes a plot only when --plot is given.
 
 --empirical (no PATH) is a run of its own: it trains m canaries (each included with probability
 1/2) beside real synthetic samples through the project's DP-SGD round (common/training.py: Poisson
@@ -30,7 +33,8 @@ epsilon the accountant claims. The DP noise is OS-seeded, so the bound varies be
 exit status (when several apply, the first in this list wins):
   {EXIT_OK}  every ledger verifies, recorded and recomputed epsilon agree, no budget was exceeded
   {EXIT_CODES[TAMPERING]}  tampering: an entry was edited, forged, reordered, dropped or inserted, a copy is
-     truncated, the client's two copies differ, or (--keys) a ledger is not signed by its pinned key
+     truncated, the client's two copies differ, (--keys) a ledger is not signed by its pinned key, or a
+     client that results.json or --keys names has no ledger at all
   {EXIT_CODES[CORRUPT]}  corrupt: a ledger cannot be read, has a partial or invalid line, or malformed fields
   {EXIT_CODES[OVER_BUDGET]}  over budget: a round's recorded or recomputed epsilon exceeds the client's budget,
      or a round refused for budget still trained
@@ -56,7 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("path", metavar="PATH", type=Path, nargs="?",
-                        help="run output folder, folder of ledgers, or a ledger (not with --empirical)")
+                        help="run output folder, site state folder, folder of ledgers, or a ledger (not with --empirical)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--plot", metavar="FILE", type=Path, help="write a PNG of epsilon per round per client")
     parser.add_argument(

@@ -4,7 +4,8 @@
 ``--isolation process`` and a private SuperExec secret, runs the warm executor
 (``client/executor.py``) beside it in this process, sends both logs to this process's output and
 stops both together. ``fedfuse site executor --runtime-api-address ADDR`` is the executor alone,
-for a ``flower-supernode --isolation process`` started some other way.
+for a ``flower-supernode --isolation process`` started some other way. Either runs only apps whose code
+is the fedfuse checkout installed here (``common/provenance.py``).
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def _stop_supernode(proc: subprocess.Popen) -> None:
 
 def _run_supernode(args: argparse.Namespace) -> int:
     from client.executor import WarmExecutor, check_flower_version, preload
+    from common.provenance import ReviewedApp
 
     flower_args = list(args.flower_args)
     if flower_args[:1] == ["--"]:
@@ -142,6 +144,7 @@ def _run_supernode(args: argparse.Namespace) -> int:
         raise ConfigError("give flower-supernode's options after `--`, e.g. fedfuse site supernode -- --superlink "
                           "HOST:9093 --root-certificates ca.crt --auth-supernode-private-key auth.key --node-config ...")
     check_flower_version()
+    reviewed = ReviewedApp.installed()  # the app code this site accepts (refuses to start without a checkout)
     facts = _supernode_facts(flower_args)
     host = "127.0.0.1" if facts.host in ("0.0.0.0", "") else facts.host
     address = f"{host}:{facts.port}"
@@ -164,7 +167,7 @@ def _run_supernode(args: argparse.Namespace) -> int:
     try:
         executor = WarmExecutor(address, auth_secret=secret_file.read_bytes(),
                                 root_certificates=Path(facts.ssl_ca_certfile) if facts.ssl_ca_certfile else None,
-                                poll=args.poll)
+                                poll=args.poll, reviewed=reviewed)
         log.info("preloaded %s in %.1f s", args.preload, preload(_modules(args.preload)))
         executor.serve(keep_going=lambda: proc.poll() is None)
     finally:

@@ -179,7 +179,7 @@ def train_round(
         loss = _train_dp(model, data, history, noise_multiplier=plan.noise_multiplier * _noise_scale,
                          max_grad_norm=max_grad_norm, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                          momentum=momentum, modality_dropout=modality_dropout, grad_sample_mode=grad_sample_mode,
-                         randomness=randomness, expected_steps=steps,
+                         randomness=randomness, expected_steps=steps, sample_rate=sample_rate,
                          proximal=_proximal(model, proximal_mu, proximal_reference, lr))
     except BaseException:
         model.load_state_dict(snapshot)
@@ -219,6 +219,34 @@ class FiniteRowsDPOptimizer(DPOptimizer):
             _mark_as_processed(p.grad_sample)
 
 
+@dataclass(frozen=True)
+class PoissonSampler:
+    """fedfuse's Poisson batch sampler: ``ceil(n / batch_size)`` steps per epoch, each record joining each step
+    independently with probability q = 1 / ceil(n / batch_size), drawn from the round's secret per-record
+    randomness. These are exactly the steps and the rate the accountant is charged (Opacus's uniform sampler
+    takes ``int(1 / q)`` steps per epoch: one too few for some n, e.g. 92 for n = 5900 at batch 64)."""
+
+    num_examples: int
+    batch_size: int
+    randomness: RoundRandomness
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.num_examples, self.batch_size)
+
+    @property
+    def sample_rate(self) -> float:
+        return 1.0 / self.steps_per_epoch
+
+    def steps(self, local_epochs: int) -> range:
+        """The step numbers of ``local_epochs`` epochs."""
+        return range(local_epochs * self.steps_per_epoch)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """Step ``step``'s batch (row indices)."""
+        return self.randomness.poisson_batch(step, num_examples=self.num_examples, sample_rate=self.sample_rate)
+
+
 @dataclass
 class PrivateTraining:
     """DP-SGD pieces for one round: call ``model``, step ``optimizer`` on the Poisson batch of each step."""
@@ -227,13 +255,23 @@ class PrivateTraining:
     optimizer: DPOptimizer
     accountant: IAccountant  # Opacus's; its history gets (sigma, q, 1) for every optimizer step
     close: Callable[[], None]  # removes the per-sample gradient machinery from the client's model
-    randomness: RoundRandomness  # the round's secret per-record randomness
-    num_examples: int
-    sample_rate: float
+    sampler: PoissonSampler  # the round's batches, from its secret per-record randomness
+
+    @property
+    def randomness(self) -> RoundRandomness:
+        return self.sampler.randomness
+
+    @property
+    def num_examples(self) -> int:
+        return self.sampler.num_examples
+
+    @property
+    def sample_rate(self) -> float:
+        return self.sampler.sample_rate
 
     def batch(self, step: int) -> torch.Tensor:
         """Step ``step``'s Poisson batch (row indices): each record joins with probability ``sample_rate``."""
-        return self.randomness.poisson_batch(step, num_examples=self.num_examples, sample_rate=self.sample_rate)
+        return self.sampler.batch(step)
 
     def steps_counted(self) -> int:
         """The steps the accountant has recorded so far."""
@@ -260,8 +298,8 @@ def private_training(
     accountant; the batches are fedfuse's own (:meth:`PrivateTraining.batch`), because Opacus's uniform
     sampler takes ``int(1 / q)`` steps per epoch, one too few for some N (92 for 1 / q = 93).
     """
-    randomness = randomness if randomness is not None else RoundRandomness()
-    sample_rate = 1.0 / steps_per_epoch(num_examples, batch_size)
+    sampler = PoissonSampler(num_examples, batch_size, randomness if randomness is not None else RoundRandomness())
+    sample_rate = sampler.sample_rate
     # flat: the model's parameters become views of one flat parameter with exact per-sample gradients; Opacus
     # treats it as a model that computes its own (grad_sample_mode "no_op") and clips and noises it as usual.
     flat = FlatGradSample(model) if grad_sample_mode == "flat" else None
@@ -276,7 +314,7 @@ def private_training(
         dp_optimizer = FiniteRowsDPOptimizer(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=int(num_examples * sample_rate),  # as Opacus's make_private computes it
-            loss_reduction="mean", generator=randomness.noise_generator(), secure_mode=False)
+            loss_reduction="mean", generator=sampler.randomness.noise_generator(), secure_mode=False)
         counter = create_accountant(mechanism=accountant)
         dp_optimizer.attach_step_hook(counter.get_optimizer_hook_fn(sample_rate=sample_rate))
     except BaseException:
@@ -291,7 +329,7 @@ def private_training(
             if flat is not None:
                 flat.release()  # the model gets its own parameters back
 
-    return PrivateTraining(dp_model, dp_optimizer, counter, close, randomness, num_examples, sample_rate)
+    return PrivateTraining(dp_model, dp_optimizer, counter, close, sampler)
 
 
 def dp_step(
@@ -332,17 +370,23 @@ def _train_dp(
     grad_sample_mode: str,
     randomness: RoundRandomness,
     expected_steps: int,
+    sample_rate: float,
     proximal: "Callable[[], None]",
 ) -> float:
     private = private_training(model, len(data), accountant=history.accountant, noise_multiplier=noise_multiplier,
                                max_grad_norm=max_grad_norm, batch_size=batch_size, lr=lr, momentum=momentum,
                                grad_sample_mode=grad_sample_mode, randomness=randomness)
+    steps = private.sampler.steps(local_epochs)
+    if (len(steps), private.sample_rate) != (expected_steps, sample_rate):  # before any data is touched
+        private.close()
+        raise RuntimeError(f"the sampler would take {len(steps)} steps at q = {private.sample_rate}, "
+                           f"the accountant is charged {expected_steps} at q = {sample_rate}")
     total, batches = 0.0, 0
     model.train()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for step in range(local_epochs * steps_per_epoch(len(data), batch_size)):
+            for step in steps:
                 loss = dp_step(private, data, private.batch(step), modality_dropout=modality_dropout, step=step)
                 if loss is not None:
                     total, batches = total + loss, batches + 1
@@ -350,8 +394,9 @@ def _train_dp(
     finally:
         private.close()
     counted = private.steps_counted()
-    if counted != expected_steps:  # defence in depth: the accountant must have seen every step
-        raise RuntimeError(f"Opacus counted {counted} steps, expected {expected_steps}")
+    rates = {q for _, q, _ in private.accountant.history}
+    if counted != expected_steps or rates != {sample_rate}:  # defence in depth: the accountant saw every step
+        raise RuntimeError(f"Opacus counted {counted} steps at q in {sorted(rates)}, expected {expected_steps} at q = {sample_rate}")
     _check_finite_params(model)  # decided from the noised parameters only (a DP output)
     return total / max(batches, 1)
 

@@ -33,7 +33,8 @@ from common.config import TrainSection
 from common.errors import ConfigError
 from common.model import ModelConfig, MultimodalModel
 from common.randomness import RoundRandomness
-from common.training import GRAD_SAMPLE_MODES, PrivateTraining, _batch, dp_step, non_private_step, private_training
+from common.training import (GRAD_SAMPLE_MODES, PoissonSampler, PrivateTraining, _batch, dp_step, non_private_step,
+                             private_training)
 
 EXTRA_MODES = ("ghost",)  # Opacus modes the training loop does not offer, measured for comparison only
 NON_PRIVATE = "non-private"
@@ -184,12 +185,12 @@ def _ghost(model, data, train: TrainSection, args: argparse.Namespace) -> _Varia
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="prv")
-        dp_model, dp_optimizer, criterion, dp_loader = engine.make_private(
+        dp_model, dp_optimizer, criterion, _ = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=torch.nn.CrossEntropyLoss(),
             noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm, poisson_sampling=True,
             grad_sample_mode="ghost", noise_generator=randomness.noise_generator())
-    private = PrivateTraining(dp_model, dp_optimizer, engine.accountant, dp_model._close, randomness, len(data),
-                              1 / len(dp_loader))
+    private = PrivateTraining(dp_model, dp_optimizer, engine.accountant, dp_model._close,
+                              PoissonSampler(len(data), args.batch_size, randomness))
 
     def step(idx: torch.Tensor) -> None:
         inputs, mask, labels = _batch(data, idx)

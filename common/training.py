@@ -134,12 +134,7 @@ def train_round(
     per_epoch = steps_per_epoch(n, batch_size)
     sample_rate = 1.0 / per_epoch
     steps = local_epochs * per_epoch
-    if _randomness is not None:
-        randomness = _randomness
-    elif math.isinf(target_epsilon) and non_private_key is not None:
-        randomness = RoundRandomness(non_private_key)
-    else:
-        randomness = RoundRandomness()  # a fresh secret key from the OS: every DP round
+    randomness = _randomness or _round_randomness(target_epsilon, non_private_key)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
     model.train()
@@ -190,6 +185,13 @@ def train_round(
                        time.perf_counter() - start)
 
 
+def _round_randomness(target_epsilon: float, non_private_key: int | None) -> RoundRandomness:
+    """A DP round's randomness always comes from a fresh secret OS key; a non-private one may use the run's."""
+    if math.isinf(target_epsilon) and non_private_key is not None:
+        return RoundRandomness(non_private_key)
+    return RoundRandomness()
+
+
 class FiniteRowsDPOptimizer(DPOptimizer):
     """Opacus's :class:`DPOptimizer` with one change inside the mechanism: a sample whose per-sample gradient
     is not finite (or whose norm overflows) contributes zero instead of poisoning the sum.
@@ -200,20 +202,23 @@ class FiniteRowsDPOptimizer(DPOptimizer):
 
     def clip_and_accumulate(self) -> None:
         """Clip each sample's gradient to ``max_grad_norm`` over all parameters, zeroing non-finite rows; sum."""
+        bad = None
         if len(self.grad_samples[0]) == 0:  # an empty Poisson batch
             clip_factor = torch.zeros((0,), device=self.grad_samples[0].device)
         else:
             per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]  # P x (B,)
             norms = torch.stack(per_param, dim=1).norm(2, dim=1)  # (B,)
-            bad = ~torch.isfinite(norms)  # a NaN or inf entry, or squares overflowing float32
+            bad = ~torch.isfinite(norms)  # (B,) a NaN or inf entry, or squares overflowing float32
             if bad.any():
-                for g in self.grad_samples:
-                    g[bad] = 0.0  # the row takes no part: 0 * inf would still be NaN in the sum
                 norms = torch.where(bad, torch.zeros_like(norms), norms)
+            else:
+                bad = None
             clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for p in self.params:
             _check_processed_flag(p.grad_sample)
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            if bad is not None:  # the row takes no part: a zero clip factor times inf would still be NaN
+                grad_sample = grad_sample.masked_fill(bad.view(-1, *[1] * (grad_sample.dim() - 1)), 0.0)
             grad = torch.einsum("i,i...", clip_factor.to(grad_sample.device, p.dtype), grad_sample)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)

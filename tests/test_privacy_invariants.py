@@ -244,8 +244,13 @@ def public_view(reply: Message) -> dict:
     }
 
 
+REPLY_OPTIONS = {"default": {}, "fusion-late": {"model.fusion": "late"}, "grad-sample-hooks": {"train.grad-sample-mode": "hooks"},
+                 "federated-encoders": {"encoders": "federated"}, "fedprox": {"strategy": "fedprox"}}
+
+
 @pytest.mark.usefixtures("task_identity")
-def test_replies_depend_on_the_records_only_through_the_dp_outputs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides", list(REPLY_OPTIONS.values()), ids=list(REPLY_OPTIONS))
+def test_replies_depend_on_the_records_only_through_the_dp_outputs(tmp_path, monkeypatch, overrides):
     # Prepare: three sites of 60 records: D, D with records whose loss overflows, and other records; q = 1,
     # two steps, so the planted records are sampled; spy on the rows zeroed before clipping
     clean = synthetic.generate(60, seed=1)
@@ -262,7 +267,8 @@ def test_replies_depend_on_the_records_only_through_the_dp_outputs(tmp_path, mon
     # Execute: the same round with the same head at each site
     views = {}
     for site, data in sites.items():
-        views[site] = public_view(handle_train(train_message(head()), site_context(tmp_path, site, data)))
+        arrays = global_head_template(["image", "signal", "tabular"], 6, ModelConfig(overrides.get("model.fusion", "attention")))
+        views[site] = public_view(handle_train(train_message(arrays), site_context(tmp_path, site, data, **overrides)))
     # Assert: the planted records really overflowed, inside the mechanism
     assert zeroed["planted"] > 0 and zeroed["clean"] == zeroed["other"] == 0
     # Assert: status, reason, metrics, parameter names and shapes and the ledger entry are the same
@@ -311,3 +317,23 @@ def test_a_malformed_or_hostile_head_is_refused_before_any_data_is_touched(tmp_p
     with pytest.raises(GlobalParametersError, match="the server"):
         handle_train(train_message(bad_heads()[case]), context)
     assert touched == [] and not (tmp_path / "site-state" / "privacy.json").exists()  # nothing trained or charged
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_modality_dropout_of_a_dp_round_is_not_a_function_of_the_runs_public_parameters(tmp_path, monkeypatch):
+    # Prepare: the same site, data, head, seed, client id and round twice (fresh state); q = 1, so both rounds'
+    # first batch holds every record in the same order; spy on the masks the model sees
+    data = synthetic.generate(60, seed=1)
+    seen = []
+    forward = MultimodalModel.forward
+    monkeypatch.setattr(MultimodalModel, "forward", lambda self, inputs, mask: seen.append(mask.clone()) or forward(self, inputs, mask))
+    firsts = []
+    for name in ("first", "second"):
+        seen.clear()
+        # Execute
+        handle_train(train_message(head()), site_context(tmp_path, name, data, **{"train.modality-dropout": 0.5}))
+        firsts.append(seen[0])
+    # Assert: the server, which knows every public parameter, cannot predict which modalities were hidden
+    assert firsts[0].shape == firsts[1].shape == (50, 3)
+    same = (firsts[0] == firsts[1]).all(dim=1).float().mean()
+    assert same < 0.5, f"{same:.0%} of the records got the same modality dropout in both rounds"

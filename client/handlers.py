@@ -20,16 +20,22 @@ from common.config import RunConfig, parse_run_config
 from common.errors import BudgetExhaustedError, NonFiniteError
 from common.evaluation import evaluate
 from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
-from common.model import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel
+from common.model import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel, check_global_parameters
 from common.state import ClientRecord, ClientState
 from common.training import RoundResult, train_round
 
 log = logging.getLogger("fedfuse.client")
 
 
-def _round_seed(seed: int, client_id: str, server_round: int) -> int:
-    """Seed of a round's modality dropout (stable across processes, unlike hash())."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{client_id}/{server_round}".encode()).digest()[:4], "big")
+def _non_private_key(seed: int, client_id: str, server_round: int) -> int:
+    """Key of a non-private round's shuffling and modality dropout, from the run's seed: such a round keeps
+    nothing private, so its runs may be reproducible. A DP round never uses it (its key is secret)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{client_id}/{server_round}".encode()).digest()[:8], "big")
+
+
+# The reply to a round whose noised parameters became non-finite: fixed text, nothing computed from the data.
+DISCARDED_REASON = ("the round's noised update was not finite (try a lower train.lr); it was discarded and its "
+                    "privacy cost is charged")
 
 
 def _model(site: SiteContext, config: RunConfig, state: ClientState) -> MultimodalModel:
@@ -53,9 +59,11 @@ def _shared_keys(model: MultimodalModel, config: RunConfig) -> list[str]:
 
 
 def _merge_global(model: MultimodalModel, message: Message, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Load the global values of this client's shared blocks (those the server has); return them."""
+    """Check the server's parameters, load the global values of this client's shared blocks; return them."""
+    received = M.unpack_arrays(message.content)
+    check_global_parameters(model, received, keys)  # before any data is touched
     wanted = set(keys)
-    merged = {k: v for k, v in M.unpack_arrays(message.content).items() if k in wanted}
+    merged = {k: v for k, v in received.items() if k in wanted}
     model.load_partial(merged)
     return merged
 
@@ -188,7 +196,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 batch_size=config.train.batch_size, run_id=run_id, lr=config.train.lr,
                 momentum=config.train.momentum, modality_dropout=config.train.modality_dropout,
                 grad_sample_mode=config.train.grad_sample_mode,
-                generator=torch.Generator().manual_seed(_round_seed(config.server.seed, site.client_id, server_round)),
+                non_private_key=_non_private_key(config.server.seed, site.client_id, server_round),
                 proximal_mu=config.server.proximal_mu if config.server.strategy == "fedprox" else 0.0,
                 proximal_reference=reference,
             )
@@ -210,8 +218,10 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                                                           budget=budget, update_hash=None, record=record))
             if not isinstance(exc, NonFiniteError):
                 raise
-            # A diverged round is the run's problem, not the site's: say so, and send the entry that charges it
-            return _status_reply(message, site, M.STATUS_DISCARDED, str(exc),
+            # A diverged round is the run's problem, not the site's: say so, and send the entry that charges it.
+            # Only non-finite *noised* parameters get here (a DP output); the reply says nothing else about it.
+            log.warning("%s: %s", site.client_id, exc)
+            return _status_reply(message, site, M.STATUS_DISCARDED, DISCARDED_REASON,
                                  {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: budget}, ledger)
 
         # Persist privacy first, then the model, then the reply (see common/state.py).

@@ -47,7 +47,7 @@ class ServerConfig:
     proximal_mu: float = 0.01  # FedProx's proximal weight (clients pull towards the global head)
     round_timeout: float = 600.0  # seconds the server waits for replies in a message phase, and for min-clients sites
     evaluate_every: int = 1  # clients evaluate every k-th round (and always in the last): fewer message phases
-    seed: int = 0  # data partitioning, initial weights, modality dropout (never DP noise)
+    seed: int = 0  # partitioning, initial weights, non-private rounds' shuffling and dropout (DP rounds: OS-seeded)
     out_dir: str = ""  # run output folder ("" = ./runs/<flower run id>)
 
     def __post_init__(self) -> None:

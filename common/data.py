@@ -150,8 +150,31 @@ class MultimodalData:
         return {n: int(self.mask[:, i].sum()) for i, n in enumerate(self.schema.names)}
 
 
+def hide_modalities_per_record(mask: torch.Tensor, p: float, draws: torch.Tensor) -> torch.Tensor:
+    """Hide present modalities with probability ``p``, keeping at least one, from each record's own draws.
+
+    ``draws`` (B, 2M) holds uniforms in [0, 1): row b decides record b's mask alone (M draws for hiding,
+    M to pick the modality a record that lost every one keeps), so no record's mask depends on another's.
+    Training takes the draws from secret per-record randomness (:mod:`common.randomness`).
+    """
+    if p <= 0:
+        return mask
+    m = mask.shape[1]
+    if tuple(draws.shape) != (mask.shape[0], 2 * m):
+        raise ValueError(f"draws must have shape {(mask.shape[0], 2 * m)} (B, 2M), got {tuple(draws.shape)}")
+    kept = mask & ~(draws[:, :m] < p)  # (B, M)
+    pick = (draws[:, m:] * mask).argmax(dim=1)  # (B,) a random present column
+    one = torch.zeros_like(mask)
+    one[torch.arange(len(mask)), pick] = True
+    return torch.where(kept.any(dim=1, keepdim=True), kept, one)
+
+
 def hide_modalities(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Randomly hide present modalities with probability ``p`` per sample, keeping at least one each."""
+    """Randomly hide present modalities with probability ``p`` per sample, keeping at least one each.
+
+    For building simulated datasets from a public seed (:mod:`common.partition`); training draws its
+    modality dropout per record from secret randomness instead (:mod:`common.randomness`).
+    """
     if p <= 0:
         return mask
     drop = torch.rand(mask.shape, generator=generator) < p

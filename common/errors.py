@@ -38,3 +38,10 @@ class BudgetExhaustedError(FedfuseError):
 
 class NonFiniteError(FedfuseError, ArithmeticError):
     """A loss or an update became NaN or infinite."""
+
+
+class GlobalParametersError(FedfuseError, ValueError):
+    """The parameters the server sent are not this client's model's, or not finite and bounded.
+
+    Raised before any data is touched: nothing was computed on the data and nothing is charged.
+    """

@@ -57,7 +57,7 @@ STATUS_OK = "ok"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"  # the round would exceed the client's budget: nothing trained
 STATUS_POLICY_REFUSED = "policy-refused"  # the run asks for more privacy loss than the site allows
 STATUS_ALREADY_TRAINED = "already-trained"  # this round was trained before a crash and its update is lost
-STATUS_DISCARDED = "discarded"  # training failed (non-finite loss or weights): charged to the budget, nothing sent
+STATUS_DISCARDED = "discarded"  # training failed (non-finite noised parameters): charged to the budget, nothing sent
 STATUS_FAILED = "failed"  # the site's ClientApp failed: REASON is FAILURE_SITE only, the details stay in the site's log
 STATUSES = (STATUS_OK, STATUS_BUDGET_EXHAUSTED, STATUS_POLICY_REFUSED, STATUS_ALREADY_TRAINED, STATUS_DISCARDED,
             STATUS_FAILED)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from common.encoders import build_encoder
+from common.errors import GlobalParametersError
 from common.fusion import FUSIONS, build_head
 from common.schema import DatasetSchema
 
@@ -88,6 +89,41 @@ class MultimodalModel(nn.Module):
             if tuple(own[key].shape) != tuple(value.shape):
                 raise ValueError(f"parameter '{key}': expected shape {tuple(own[key].shape)}, got {tuple(value.shape)}")
         self.load_state_dict(state, strict=False)
+
+
+MAX_GLOBAL_MAGNITUDE = 1e4  # no trained fedfuse parameter comes near this; beyond it a head can only make losses overflow
+
+
+def check_global_parameters(model: "MultimodalModel", received: dict[str, torch.Tensor], keys: list[str]) -> None:
+    """Refuse the server's parameters unless they fit this client's model: fedfuse names, every shared head
+    key present, the model's shapes, finite, and no value beyond :data:`MAX_GLOBAL_MAGNITUDE`.
+
+    ``keys`` are the parameters this client shares (and so takes from the server). Called before any data
+    is touched, so a malformed or hostile head never reaches the training data.
+    """
+    hint = "the server's model settings (model.fusion, model.embed-dim, model.hidden-dim, labels) must match the sites'"
+    unknown = sorted(k for k in received if not k.startswith((HEAD_PREFIX, ENCODER_PREFIX)))
+    if unknown:
+        raise GlobalParametersError(f"the server sent parameters that are not part of a fedfuse model: {unknown[:3]}")
+    missing = sorted(k for k in keys if k.startswith(HEAD_PREFIX) and k not in received)
+    if missing:
+        raise GlobalParametersError(f"the server's head lacks {len(missing)} of this client's parameters "
+                                    f"(first: '{missing[0]}'); {hint}")
+    own = model.state_dict()
+    for key in keys:
+        value = received.get(key)
+        if value is None:  # an encoder the federation has no global value for yet
+            continue
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise GlobalParametersError(f"the server's '{key}' has shape {tuple(value.shape)}, this client's model "
+                                        f"{tuple(own[key].shape)}; {hint}")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise GlobalParametersError(f"the server's '{key}' holds NaN or infinite values; refused before training")
+        largest = float(value.abs().max()) if value.numel() else 0.0
+        if largest > MAX_GLOBAL_MAGNITUDE:
+            raise GlobalParametersError(f"the server's '{key}' holds values up to {largest:.3g}, beyond the "
+                                        f"{MAX_GLOBAL_MAGNITUDE:g} that trained fedfuse parameters stay within; "
+                                        "refused before training")
 
 
 def _seeded(factory, seed: int | None, name: str, *args):

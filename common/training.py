@@ -2,7 +2,12 @@
 
 DP-SGD here means Poisson sampling (each record joins each step with probability q), per-sample
 gradient clipping to norm C over *all* of the client's parameters, and Gaussian noise of standard
-deviation sigma * C on their sum. The noise multiplier sigma is calibrated once per run, for the
+deviation sigma * C on their sum. Every random choice that touches records (sampling, modality
+dropout, noise) comes from secret per-round, per-record randomness (:mod:`common.randomness`); the
+batches come from fedfuse's own Poisson sampler, which takes exactly the accounted number of steps.
+A record whose loss or per-sample gradient is not finite contributes zero before clipping (so the
+sensitivity stays C): nothing about it leaves the mechanism, and whether a round is kept depends only
+on its noised parameters. The noise multiplier sigma is calibrated once per run, for the
 client's whole planned participation, against its remaining budget; before any data is touched
 the round is refused if it would take the client's epsilon over its budget (fail closed).
 """
@@ -11,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,16 +23,19 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
+from opacus.accountants import IAccountant, create_accountant
+from opacus.grad_sample import prepare_module
 from opacus.optimizers import DPOptimizer
-from torch.utils.data import DataLoader, TensorDataset
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.validators import ModuleValidator
 
 from common.accounting import NoisePlan, PrivacyHistory, calibrate_noise, validate_privacy_parameters
 from common.config import GRAD_SAMPLE_MODES
-from common.data import MultimodalData, hide_modalities
+from common.data import MultimodalData
 from common.errors import DataError, NonFiniteError, PrivacyParameterError
 from common.grad_samplers import FlatGradSample
 from common.model import MultimodalModel
+from common.randomness import RoundRandomness
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +54,6 @@ class RoundResult:
     num_examples: int  # size of the training set (not the number of Poisson-sampled records)
     train_loss: float  # mean over the round's batches; private information, not DP
     seconds: float
-
-
-def fresh_generator() -> torch.Generator:
-    """A generator seeded from the operating system's entropy (secure_mode's torchcsprng is not available)."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -74,12 +76,15 @@ def _batch(data: MultimodalData, idx: torch.Tensor) -> tuple[dict[str, torch.Ten
     return {n: x[idx] for n, x in data.inputs.items()}, data.mask[idx], data.labels[idx]
 
 
-def _check_finite_loss(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteError(
-            f"the training loss became {loss.item()} at step {step}; lower the learning rate or check the "
-            "data for extreme values. The round's update was discarded."
-        )
+def _batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """The batch's loss to differentiate (mean over the batch, non-finite rows counting zero) and its
+    mean over the finite rows (None if there are none): a record whose loss overflows takes no part."""
+    losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+    finite = torch.isfinite(losses)
+    loss = torch.where(finite, losses, 0.0).sum() / max(len(losses), 1)  # Opacus's loss_reduction="mean"
+    kept = int(finite.sum())
+    value = float(torch.where(finite, losses.detach(), 0.0).sum()) / kept if kept else None
+    return loss, value
 
 
 def train_round(
@@ -98,18 +103,22 @@ def train_round(
     momentum: float = 0.5,
     modality_dropout: float = 0.0,
     grad_sample_mode: str = "flat",
-    generator: torch.Generator | None = None,
     proximal_mu: float = 0.0,
     proximal_reference: dict[str, torch.Tensor] | None = None,
+    non_private_key: int | None = None,
     _noise_scale: float = 1.0,
+    _randomness: RoundRandomness | None = None,
 ) -> RoundResult:
     """Train ``model`` (in place) on ``data`` for one round; update ``history`` with the round's mechanism.
 
     ``target_epsilon = math.inf`` trains without DP and leaves the history untouched. On error the
     model is restored to its state before the round. With ``proximal_mu > 0`` (FedProx) every step
     also pulls the parameters named in ``proximal_reference`` towards it; that pull uses no data, so
-    it is applied after the DP step and costs no privacy. ``_noise_scale`` exists for the empirical
-    privacy audit's negative test only (it is not reachable from any configuration).
+    it is applied after the DP step and costs no privacy. ``non_private_key`` fixes the shuffling and modality
+    dropout of a non-private round (reproducible runs; there is no privacy to keep); a DP round ignores it and
+    always draws a fresh secret key. ``_noise_scale`` exists for the empirical
+    privacy audit's negative test only, ``_randomness`` (a fixed key for sampling, modality dropout and
+    noise) for tests that need bit-identical rounds only: neither is reachable from any configuration.
     """
     # Check everything before touching the data.
     validate_privacy_parameters(target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm)
@@ -125,13 +134,14 @@ def train_round(
     per_epoch = steps_per_epoch(n, batch_size)
     sample_rate = 1.0 / per_epoch
     steps = local_epochs * per_epoch
+    randomness = _randomness or _round_randomness(target_epsilon, non_private_key)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
     model.train()
 
     if math.isinf(target_epsilon):
         loss = _train_non_private(model, data, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                                  modality_dropout=modality_dropout, generator=generator, snapshot=snapshot,
+                                  modality_dropout=modality_dropout, randomness=randomness, snapshot=snapshot,
                                   proximal=_proximal(model, proximal_mu, proximal_reference, lr))
         return RoundResult(False, math.inf, None, None, sample_rate, steps, None, n, loss, time.perf_counter() - start)
 
@@ -164,7 +174,7 @@ def train_round(
         loss = _train_dp(model, data, history, noise_multiplier=plan.noise_multiplier * _noise_scale,
                          max_grad_norm=max_grad_norm, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                          momentum=momentum, modality_dropout=modality_dropout, grad_sample_mode=grad_sample_mode,
-                         generator=generator, expected_steps=steps,
+                         randomness=randomness, expected_steps=steps, sample_rate=sample_rate,
                          proximal=_proximal(model, proximal_mu, proximal_reference, lr))
     except BaseException:
         model.load_state_dict(snapshot)
@@ -175,21 +185,102 @@ def train_round(
                        time.perf_counter() - start)
 
 
+def _round_randomness(target_epsilon: float, non_private_key: int | None) -> RoundRandomness:
+    """A DP round's randomness always comes from a fresh secret OS key; a non-private one may use the run's."""
+    if math.isinf(target_epsilon) and non_private_key is not None:
+        return RoundRandomness(non_private_key)
+    return RoundRandomness()
+
+
+class FiniteRowsDPOptimizer(DPOptimizer):
+    """Opacus's :class:`DPOptimizer` with one change inside the mechanism: a sample whose per-sample gradient
+    is not finite (or whose norm overflows) contributes zero instead of poisoning the sum.
+
+    Each row is still clipped to norm C and the sum still gets N(0, sigma^2 C^2) noise, so a record moves
+    the clipped sum by at most C whatever it holds; no decision outside the mechanism depends on it.
+    """
+
+    def clip_and_accumulate(self) -> None:
+        """Clip each sample's gradient to ``max_grad_norm`` over all parameters, zeroing non-finite rows; sum."""
+        bad = None
+        if len(self.grad_samples[0]) == 0:  # an empty Poisson batch
+            clip_factor = torch.zeros((0,), device=self.grad_samples[0].device)
+        else:
+            per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]  # P x (B,)
+            norms = torch.stack(per_param, dim=1).norm(2, dim=1)  # (B,)
+            bad = ~torch.isfinite(norms)  # (B,) a NaN or inf entry, or squares overflowing float32
+            if bad.any():
+                norms = torch.where(bad, torch.zeros_like(norms), norms)
+            else:
+                bad = None
+            clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            if bad is not None:  # the row takes no part: a zero clip factor times inf would still be NaN
+                grad_sample = grad_sample.masked_fill(bad.view(-1, *[1] * (grad_sample.dim() - 1)), 0.0)
+            grad = torch.einsum("i,i...", clip_factor.to(grad_sample.device, p.dtype), grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+
+@dataclass(frozen=True)
+class PoissonSampler:
+    """fedfuse's Poisson batch sampler: ``ceil(n / batch_size)`` steps per epoch, each record joining each step
+    independently with probability q = 1 / ceil(n / batch_size), drawn from the round's secret per-record
+    randomness. These are exactly the steps and the rate the accountant is charged (Opacus's uniform sampler
+    takes ``int(1 / q)`` steps per epoch: one too few for some n, e.g. 92 for n = 5900 at batch 64)."""
+
+    num_examples: int
+    batch_size: int
+    randomness: RoundRandomness
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.num_examples, self.batch_size)
+
+    @property
+    def sample_rate(self) -> float:
+        return 1.0 / self.steps_per_epoch
+
+    def steps(self, local_epochs: int) -> range:
+        """The step numbers of ``local_epochs`` epochs."""
+        return range(local_epochs * self.steps_per_epoch)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """Step ``step``'s batch (row indices)."""
+        return self.randomness.poisson_batch(step, num_examples=self.num_examples, sample_rate=self.sample_rate)
+
+
 @dataclass
 class PrivateTraining:
-    """Opacus's DP-SGD pieces for one round: call ``model``, step ``optimizer``, draw batches from ``loader``."""
+    """DP-SGD pieces for one round: call ``model``, step ``optimizer`` on the Poisson batch of each step."""
 
     model: torch.nn.Module
     optimizer: DPOptimizer
-    loader: DataLoader
-    engine: PrivacyEngine
+    accountant: IAccountant  # Opacus's; its history gets (sigma, q, 1) for every optimizer step
     close: Callable[[], None]  # removes the per-sample gradient machinery from the client's model
+    sampler: PoissonSampler  # the round's batches, from its secret per-record randomness
 
-    def batches(self) -> Iterator[torch.Tensor]:
-        """One epoch of Poisson batches (row indices) from the loader's own sampler: the batches the loader
-        would yield, without its per-row fetch and collate of a dataset of indices (~0.13 ms a step here)."""
-        for idx in self.loader.batch_sampler:
-            yield torch.as_tensor(idx, dtype=torch.int64)
+    @property
+    def randomness(self) -> RoundRandomness:
+        return self.sampler.randomness
+
+    @property
+    def num_examples(self) -> int:
+        return self.sampler.num_examples
+
+    @property
+    def sample_rate(self) -> float:
+        return self.sampler.sample_rate
+
+    def batch(self, step: int) -> torch.Tensor:
+        """Step ``step``'s Poisson batch (row indices): each record joins with probability ``sample_rate``."""
+        return self.sampler.batch(step)
+
+    def steps_counted(self) -> int:
+        """The steps the accountant has recorded so far."""
+        return sum(s for _, _, s in self.accountant.history)
 
 
 def private_training(
@@ -203,31 +294,34 @@ def private_training(
     lr: float,
     momentum: float,
     grad_sample_mode: str,
+    randomness: RoundRandomness | None = None,
 ) -> PrivateTraining:
-    """Wrap ``model`` for DP-SGD: Poisson sampling at rate 1 / ceil(N / batch_size), clipping to C, noise sigma * C."""
+    """Wrap ``model`` for DP-SGD: Poisson sampling at rate 1 / ceil(N / batch_size), clipping to C, noise sigma * C.
+
+    ``randomness`` defaults to a fresh secret key (tests pass a fixed one). Opacus provides the per-sample
+    gradients (or fedfuse's flat ones), the clipping and noise (:class:`FiniteRowsDPOptimizer`) and the
+    accountant; the batches are fedfuse's own (:meth:`PrivateTraining.batch`), because Opacus's uniform
+    sampler takes ``int(1 / q)`` steps per epoch, one too few for some N (92 for 1 / q = 93).
+    """
+    sampler = PoissonSampler(num_examples, batch_size, randomness if randomness is not None else RoundRandomness())
+    sample_rate = sampler.sample_rate
     # flat: the model's parameters become views of one flat parameter with exact per-sample gradients; Opacus
     # treats it as a model that computes its own (grad_sample_mode "no_op") and clips and noises it as usual.
     flat = FlatGradSample(model) if grad_sample_mode == "flat" else None
     module = flat if flat is not None else model
     try:
+        if flat is None:
+            ModuleValidator.validate(module, strict=True)
         optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum)
-        # Poisson sampling and noise draw from generators seeded by the OS, never from torch's global RNG,
-        # which any code (or a fixed default seed in a fresh process) could make repeat across rounds.
-        loader = DataLoader(TensorDataset(torch.arange(num_examples)), batch_size=batch_size, generator=fresh_generator())
-        with warnings.catch_warnings():
-            # secure_mode needs torchcsprng, which is not available; documented in the README.
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant=accountant)
-            dp_model, dp_optimizer, dp_loader = engine.make_private(
-                module=module,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm,
-                poisson_sampling=True,
-                grad_sample_mode="no_op" if flat is not None else grad_sample_mode,
-                noise_generator=fresh_generator(),
-            )
+        dp_model = prepare_module(module, grad_sample_mode="no_op" if flat is not None else grad_sample_mode,
+                                  batch_first=True, loss_reduction="mean")
+        dp_model.forbid_grad_accumulation()  # one backward per step: a Poisson batch is one logical batch
+        dp_optimizer = FiniteRowsDPOptimizer(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=int(num_examples * sample_rate),  # as Opacus's make_private computes it
+            loss_reduction="mean", generator=sampler.randomness.noise_generator(), secure_mode=False)
+        counter = create_accountant(mechanism=accountant)
+        dp_optimizer.attach_step_hook(counter.get_optimizer_hook_fn(sample_rate=sample_rate))
     except BaseException:
         if flat is not None:
             flat.release()
@@ -240,7 +334,7 @@ def private_training(
             if flat is not None:
                 flat.release()  # the model gets its own parameters back
 
-    return PrivateTraining(dp_model, dp_optimizer, dp_loader, engine, close)
+    return PrivateTraining(dp_model, dp_optimizer, counter, close, sampler)
 
 
 def dp_step(
@@ -249,18 +343,17 @@ def dp_step(
     idx: torch.Tensor,
     *,
     modality_dropout: float,
-    generator: torch.Generator | None,
     step: int,
 ) -> float | None:
-    """One DP-SGD step on the Poisson batch ``idx``; its (non-DP) mean loss, None for an empty batch."""
+    """One DP-SGD step on the Poisson batch ``idx``; its (non-DP) mean loss over its finite rows, None if none.
+
+    A record whose loss is not finite counts zero in the loss, and its per-sample gradient (NaN or inf from
+    its own forward pass) is zeroed before clipping by :class:`FiniteRowsDPOptimizer`; the step goes on.
+    """
     inputs, mask, labels = _batch(data, idx)
-    mask = hide_modalities(mask, modality_dropout, generator)
+    mask = private.randomness.hide_modalities(step, idx, mask, modality_dropout, num_examples=private.num_examples)
     # An empty Poisson batch still takes a step: noise only, and it is accounted.
-    loss = F.cross_entropy(private.model(inputs, mask), labels)
-    value = None
-    if len(idx):
-        _check_finite_loss(loss, step)
-        value = loss.item()
+    loss, value = _batch_loss(private.model(inputs, mask), labels)
     loss.backward()
     private.optimizer.step()
     private.optimizer.zero_grad(set_to_none=True)
@@ -280,31 +373,36 @@ def _train_dp(
     momentum: float,
     modality_dropout: float,
     grad_sample_mode: str,
-    generator: torch.Generator | None,
+    randomness: RoundRandomness,
     expected_steps: int,
+    sample_rate: float,
     proximal: "Callable[[], None]",
 ) -> float:
     private = private_training(model, len(data), accountant=history.accountant, noise_multiplier=noise_multiplier,
                                max_grad_norm=max_grad_norm, batch_size=batch_size, lr=lr, momentum=momentum,
-                               grad_sample_mode=grad_sample_mode)
-    total, batches, step = 0.0, 0, 0
+                               grad_sample_mode=grad_sample_mode, randomness=randomness)
+    steps = private.sampler.steps(local_epochs)
+    if (len(steps), private.sample_rate) != (expected_steps, sample_rate):  # before any data is touched
+        private.close()
+        raise RuntimeError(f"the sampler would take {len(steps)} steps at q = {private.sample_rate}, "
+                           f"the accountant is charged {expected_steps} at q = {sample_rate}")
+    total, batches = 0.0, 0
     model.train()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for _ in range(local_epochs):
-                for idx in private.batches():
-                    loss = dp_step(private, data, idx, modality_dropout=modality_dropout, generator=generator, step=step)
-                    if loss is not None:
-                        total, batches = total + loss, batches + 1
-                    proximal()
-                    step += 1
+            for step in steps:
+                loss = dp_step(private, data, private.batch(step), modality_dropout=modality_dropout, step=step)
+                if loss is not None:
+                    total, batches = total + loss, batches + 1
+                proximal()
     finally:
         private.close()
-    counted = sum(s for _, _, s in private.engine.accountant.history)
-    if counted != expected_steps:  # defence in depth: the accountant must have seen every step
-        raise RuntimeError(f"Opacus counted {counted} steps, expected {expected_steps}")
-    _check_finite_params(model)
+    counted = private.steps_counted()
+    rates = {q for _, q, _ in private.accountant.history}
+    if counted != expected_steps or rates != {sample_rate}:  # defence in depth: the accountant saw every step
+        raise RuntimeError(f"Opacus counted {counted} steps at q in {sorted(rates)}, expected {expected_steps} at q = {sample_rate}")
+    _check_finite_params(model)  # decided from the noised parameters only (a DP output)
     return total / max(batches, 1)
 
 
@@ -315,18 +413,21 @@ def non_private_step(
     idx: torch.Tensor,
     *,
     modality_dropout: float,
-    generator: torch.Generator | None,
+    randomness: RoundRandomness,
     step: int,
-) -> float:
-    """One plain SGD step on the batch ``idx``; its mean loss."""
+) -> float | None:
+    """One plain SGD step on the batch ``idx``; its mean loss over the finite rows (None if none).
+
+    Rows whose loss is not finite take no part; a step whose gradient is still not finite is skipped.
+    """
     inputs, mask, labels = _batch(data, idx)
-    mask = hide_modalities(mask, modality_dropout, generator)
-    loss = F.cross_entropy(model(inputs, mask), labels)
-    _check_finite_loss(loss, step)
+    mask = randomness.hide_modalities(step, idx, mask, modality_dropout, num_examples=len(data))
+    loss, value = _batch_loss(model(inputs, mask), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
-    return loss.item()
+    if all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters()):
+        optimizer.step()
+    return value
 
 
 def _train_non_private(
@@ -338,28 +439,32 @@ def _train_non_private(
     lr: float,
     momentum: float,
     modality_dropout: float,
-    generator: torch.Generator | None,
+    randomness: RoundRandomness,
     snapshot: dict[str, torch.Tensor],
     proximal: "Callable[[], None]",
 ) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
-    total, n = 0.0, len(data)
-    order = torch.randperm(n, generator=generator)
+    total, batches, n = 0.0, 0, len(data)
+    epoch = 0
+    order = randomness.permutation(epoch, n)
     try:
+        start = 0
         for step in range(steps):
-            start = (step * batch_size) % n
             if start + batch_size > n:
-                order = torch.randperm(n, generator=generator)
-                start = 0
-            total += non_private_step(model, optimizer, data, order[start : start + batch_size],
-                                      modality_dropout=modality_dropout, generator=generator, step=step)
+                epoch, start = epoch + 1, 0
+                order = randomness.permutation(epoch, n)
+            loss = non_private_step(model, optimizer, data, order[start : start + batch_size],
+                                    modality_dropout=modality_dropout, randomness=randomness, step=step)
+            start += batch_size
+            if loss is not None:
+                total, batches = total + loss, batches + 1
             proximal()
         _check_finite_params(model)
     except BaseException:
         model.load_state_dict(snapshot)
         raise
-    return total / max(steps, 1)
+    return total / max(batches, 1)
 
 
 def _proximal(model: torch.nn.Module, mu: float, reference: dict[str, torch.Tensor] | None, lr: float) -> "Callable[[], None]":
@@ -379,4 +484,4 @@ def _proximal(model: torch.nn.Module, mu: float, reference: dict[str, torch.Tens
 def _check_finite_params(model: torch.nn.Module) -> None:
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise NonFiniteError(f"parameters became non-finite after training ({bad[:3]}...); the round was discarded")
+        raise NonFiniteError(f"the trained parameters became non-finite ({bad[:3]}...); the round was discarded")

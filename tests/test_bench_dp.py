@@ -116,7 +116,7 @@ def test_clipped_update_equals_opacus_hooks_with_noise_off():
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                dp_step(private, data, idx, modality_dropout=0.0, generator=None, step=0)
+                dp_step(private, data, idx, modality_dropout=0.0, step=0)
         finally:
             private.close()
         updates[mode] = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before
@@ -134,7 +134,7 @@ def test_an_empty_poisson_batch_gives_an_empty_buffer_and_a_noise_only_step():
                                batch_size=64, lr=1.0, momentum=0.0, grad_sample_mode="flat")
     # Execute
     try:
-        loss = dp_step(private, data, torch.arange(0), modality_dropout=0.0, generator=None, step=0)
+        loss = dp_step(private, data, torch.arange(0), modality_dropout=0.0, step=0)
     finally:
         private.close()
     # Assert: no loss, and every parameter moved by noise of std sigma * C / expected batch
@@ -232,7 +232,7 @@ def test_the_per_sample_buffer_on_huge_pages_lives_as_long_as_its_views():
     assert _empty_on_huge_pages(2, 3).shape == (2, 3)  # small: plain torch.empty
 
 
-def test_poisson_batches_come_from_the_loaders_own_sampler():
+def test_poisson_batches_are_drawn_per_record_at_the_accounted_rate():
     # Prepare: q = 1/4 over 200 rows
     data = synthetic.generate(200, seed=7)
     private = private_training(MultimodalModel(data.schema, ModelConfig()), len(data), accountant="prv",
@@ -240,14 +240,15 @@ def test_poisson_batches_come_from_the_loaders_own_sampler():
                                grad_sample_mode="flat")
     try:
         # Execute
-        batches = [list(private.batches()) for _ in range(50)]
+        batches = [private.batch(step) for step in range(200)]
     finally:
         private.close()
-    # Assert: one epoch is len(loader) steps; rows are indices; sizes are Binomial(200, 1/4)
-    sizes = [len(b) for epoch in batches for b in epoch]
-    assert all(len(epoch) == len(private.loader) == 4 for epoch in batches)
-    assert all(b.dtype == torch.int64 and (b.numel() == 0 or int(b.max()) < 200) for epoch in batches for b in epoch)
+    # Assert: q = 1 / ceil(200 / 50); rows are indices; sizes are Binomial(200, 1/4); every record gets sampled
+    sizes = [len(b) for b in batches]
+    assert private.sample_rate == 0.25
+    assert all(b.dtype == torch.int64 and (b.numel() == 0 or int(b.max()) < 200) for b in batches)
     assert abs(sum(sizes) / len(sizes) - 50) < 3 and len(set(sizes)) > 5
+    assert len(torch.cat(batches).unique()) == 200
 
 
 @pytest.mark.parametrize("conv, shape", [

@@ -158,12 +158,12 @@ def test_a_crash_between_the_privacy_record_and_the_ledger_loses_no_entry(tmp_pa
 
 
 def test_a_failed_round_is_charged_in_the_ledger_as_discarded(tmp_path):
-    # Prepare: a learning rate so large that the round's loss overflows
-    flat = run_config(tmp_path)
+    # Prepare: a clipping norm so large that, with a huge learning rate, the noised update overflows
+    flat = run_config(tmp_path, **{"dp.max-grad-norm": 1e3})
     folder = tmp_path / "clients" / "client-00"
     handle_train(train_message(global_head(), 1), context(flat))
     # Execute
-    failed = handle_train(train_message(global_head(), 2), context(run_config(tmp_path, **{"train.lr": 1e30})))
+    failed = handle_train(train_message(global_head(), 2), context(flat | {"train.lr": 1e38}))
     handle_train(train_message(global_head(), 3), context(flat))
     # Assert: the failed round used the data, so its steps are on record; it sent nothing; the audit agrees
     ident = failed.content[M.CLIENT]

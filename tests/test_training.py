@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from opacus.optimizers import DPOptimizer
 
 from common import synthetic
 from common.accounting import PrivacyHistory, compute_epsilon
@@ -12,7 +11,8 @@ from common.data import MultimodalData
 from common.errors import BudgetExhaustedError, DataError, NonFiniteError, PrivacyParameterError
 from common.model import ModelConfig, MultimodalModel
 from common.data import hide_modalities
-from common.training import train_round
+from common.randomness import RoundRandomness
+from common.training import FiniteRowsDPOptimizer, train_round
 
 CONFIG = ModelConfig(embed_dim=16, hidden_dim=16)
 DP = dict(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=2, local_epochs=1, batch_size=50)
@@ -25,7 +25,7 @@ def state(model):
 def test_per_sample_gradients_are_clipped_to_max_grad_norm(synth_train, monkeypatch):
     # Prepare: spy on Opacus's clipping inside the real training path
     norms = []
-    original = DPOptimizer.clip_and_accumulate
+    original = FiniteRowsDPOptimizer.clip_and_accumulate
 
     def spy(self):
         per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
@@ -35,7 +35,7 @@ def test_per_sample_gradients_are_clipped_to_max_grad_norm(synth_train, monkeypa
         assert raw.max() > self.max_grad_norm  # clipping is really exercised
         return original(self)
 
-    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    monkeypatch.setattr(FiniteRowsDPOptimizer, "clip_and_accumulate", spy)
     model = MultimodalModel(synth_train.schema, CONFIG)
     # Execute
     train_round(model, synth_train.subset(range(200)), PrivacyHistory(), **(DP | dict(max_grad_norm=0.01)))
@@ -139,16 +139,27 @@ def test_data_that_does_not_match_the_clients_schema_is_rejected(synth_train):
         train_round(model, synth_train.subset(range(50)), PrivacyHistory(), **DP)
 
 
-def test_non_finite_loss_discards_the_round_but_charges_the_budget(synth_train):
-    # Prepare: finite but enormous inputs overflow the forward pass
+def test_records_whose_loss_overflows_take_no_part_and_the_round_is_kept(synth_train):
+    # Prepare: finite but enormous inputs overflow the forward pass of every record
     data = synth_train.subset(range(100))
     huge = {n: (x * 1e38 if x.is_floating_point() else x) for n, x in data.inputs.items()}
     data = MultimodalData(data.schema, huge, data.mask, data.labels)
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
+    # Execute: handled inside the mechanism (zero per-sample gradients before clipping), no abort
+    result = train_round(model, data, history, **DP)
+    # Assert: the round is kept (its noised parameters are finite) and accounted like any other
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert result.private and len(history.entries) == 1 and result.steps == history.entries[0][2]
+
+
+def test_a_round_whose_noised_parameters_diverge_is_discarded_but_charged(synth_train):
+    # Prepare: a learning rate so large that the noised update overflows (decided from DP outputs only)
+    data = synth_train.subset(range(100))
+    model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
     before = state(model)
     # Execute
     with pytest.raises(NonFiniteError, match="discarded"):
-        train_round(model, data, history, **DP)
+        train_round(model, data, history, **(DP | dict(max_grad_norm=1e3)), lr=1e38)
     # Assert: model untouched; the data was used, so the round is accounted (fail closed)
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     assert len(history.entries) == 1
@@ -158,10 +169,11 @@ def test_modality_dropout_keeps_at_least_one_present_modality():
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand((1000, 3), generator=gen) < 0.7
     mask[~mask.any(1), 0] = True
-    dropped = hide_modalities(mask, 0.9, gen)
-    assert dropped.any(dim=1).all()
-    assert not (dropped & ~mask).any()  # never adds a modality
-    assert dropped.sum() < 0.5 * mask.sum()
+    for dropped in (hide_modalities(mask, 0.9, gen),
+                    RoundRandomness().hide_modalities(0, torch.arange(1000), mask, 0.9, num_examples=1000)):
+        assert dropped.any(dim=1).all()
+        assert not (dropped & ~mask).any()  # never adds a modality
+        assert dropped.sum() < 0.5 * mask.sum()
 
 
 def test_fusion_beats_every_single_modality_on_the_synthetic_data():

@@ -1,7 +1,8 @@
 """``fedfuse bench dp-overhead``: time of one DP-SGD step / one non-private step (default model, batch 64).
 
 Both steps are the real training loop's (:func:`common.training.dp_step`, :func:`common.training.non_private_step`):
-gather the batch, modality dropout, forward, loss (checked finite), backward, optimizer step; for DP also
+gather the batch, modality dropout (secret, per record), forward, loss (non-finite rows counting zero), backward,
+optimizer step; for DP also
 per-sample gradients, clipping to C over all parameters, noise sigma * C on every parameter and the
 accountant's step hook (Opacus's DPOptimizer). Model: the synthetic schema's three modalities, default
 ModelConfig, the same initial weights and batches for every variant. The variants are timed in one
@@ -31,7 +32,9 @@ from common import synthetic
 from common.config import TrainSection
 from common.errors import ConfigError
 from common.model import ModelConfig, MultimodalModel
-from common.training import GRAD_SAMPLE_MODES, PrivateTraining, _batch, dp_step, non_private_step, private_training
+from common.randomness import RoundRandomness
+from common.training import (GRAD_SAMPLE_MODES, PoissonSampler, PrivateTraining, _batch, dp_step, non_private_step,
+                             private_training)
 
 EXTRA_MODES = ("ghost",)  # Opacus modes the training loop does not offer, measured for comparison only
 NON_PRIVATE = "non-private"
@@ -49,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma (default 1.0; does not change the cost)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C (default 1.0)")
     parser.add_argument("--poisson", action="store_true",
-                        help="DP steps draw their batch from the real Poisson loader (expected size --batch-size; "
+                        help="DP steps draw their batch from the real Poisson sampler (expected size --batch-size; "
                              "the draw is timed); the non-private step of the same repeat uses a batch of that size")
     parser.add_argument("--profile", action="store_true",
                         help="also print where each variant's step time goes (phases; per-sample gradients by layer type)")
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         for name in list(variants):
             try:
                 for i in range(args.warmup or 1):
-                    variants[name].step(batches[i % len(batches)], generator)
+                    variants[name].step(batches[i % len(batches)])
             except Exception as exc:
                 print(f"dp-{name}: cannot run: {type(exc).__name__}: {exc}")
                 variants.pop(name).close()
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError("the non-private step failed; see above")
         times, cpu = _time_rotated(variants, batches, generator, repeats=args.repeats, poisson=args.poisson)
         if args.profile:
-            _profile(variants, data, batches, generator, repeats=max(20, args.repeats // 4))
+            _profile(variants, data, batches, repeats=max(20, args.repeats // 4))
     for v in variants.values():
         v.close()
 
@@ -130,13 +133,13 @@ def run(args: argparse.Namespace) -> int:
 
 @dataclass
 class _Variant:
-    """One way of training: ``step(idx, generator)`` runs the real loop's step on the batch ``idx``."""
+    """One way of training: ``step(idx)`` runs the real loop's step on the batch ``idx``."""
 
     model: torch.nn.Module  # what the step calls
     optimizer: torch.optim.Optimizer  # what the step steps (a DPOptimizer for DP variants)
     private: PrivateTraining | None = None  # None for the non-private step
     loss: Callable = F.cross_entropy
-    step: Callable[[torch.Tensor, torch.Generator], None] = lambda idx, generator: None
+    step: Callable[[torch.Tensor], None] = lambda idx: None
     close: Callable[[], None] = lambda: None
 
 
@@ -145,10 +148,10 @@ def _non_private(data, init, config: ModelConfig, train: TrainSection) -> _Varia
     model.load_state_dict(init)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum)
-    count = itertools.count()
+    count, randomness = itertools.count(), RoundRandomness()
 
-    def step(idx: torch.Tensor, generator: torch.Generator) -> None:
-        non_private_step(model, optimizer, data, idx, modality_dropout=train.modality_dropout, generator=generator,
+    def step(idx: torch.Tensor) -> None:
+        non_private_step(model, optimizer, data, idx, modality_dropout=train.modality_dropout, randomness=randomness,
                          step=next(count))
 
     return _Variant(model, optimizer, step=step)
@@ -165,8 +168,8 @@ def _private(mode: str, data, init, config: ModelConfig, train: TrainSection, ar
                                momentum=train.momentum, grad_sample_mode=mode)
     count = itertools.count()
 
-    def step(idx: torch.Tensor, generator: torch.Generator) -> None:
-        dp_step(private, data, idx, modality_dropout=train.modality_dropout, generator=generator, step=next(count))
+    def step(idx: torch.Tensor) -> None:
+        dp_step(private, data, idx, modality_dropout=train.modality_dropout, step=next(count))
 
     return _Variant(private.model, private.optimizer, private, step=step, close=private.close)
 
@@ -176,23 +179,22 @@ def _ghost(model, data, train: TrainSection, args: argparse.Namespace) -> _Varia
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from common.data import hide_modalities
-    from common.training import fresh_generator
-
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum)
     loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=args.batch_size)
+    randomness, count = RoundRandomness(), itertools.count()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="prv")
-        dp_model, dp_optimizer, criterion, dp_loader = engine.make_private(
+        dp_model, dp_optimizer, criterion, _ = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=torch.nn.CrossEntropyLoss(),
             noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm, poisson_sampling=True,
-            grad_sample_mode="ghost", noise_generator=fresh_generator())
-    private = PrivateTraining(dp_model, dp_optimizer, dp_loader, engine, dp_model._close)
+            grad_sample_mode="ghost", noise_generator=randomness.noise_generator())
+    private = PrivateTraining(dp_model, dp_optimizer, engine.accountant, dp_model._close,
+                              PoissonSampler(len(data), args.batch_size, randomness))
 
-    def step(idx: torch.Tensor, generator: torch.Generator) -> None:
+    def step(idx: torch.Tensor) -> None:
         inputs, mask, labels = _batch(data, idx)
-        mask = hide_modalities(mask, train.modality_dropout, generator)
+        mask = randomness.hide_modalities(next(count), idx, mask, train.modality_dropout, num_examples=len(data))
         loss = criterion(dp_model(inputs, mask), labels)
         loss.item()
         loss.backward()
@@ -209,15 +211,15 @@ def _fixed_batches(n: int, size: int, *, count: int) -> list[torch.Tensor]:
 
 def _poisson_batches(variant: _Variant) -> Iterator[torch.Tensor]:
     assert variant.private is not None
-    while True:
-        yield from variant.private.batches()
+    for step in itertools.count():
+        yield variant.private.batch(step)
 
 
 def _time_rotated(variants: dict[str, _Variant], batches: list[torch.Tensor], generator: torch.Generator, *,
                   repeats: int, poisson: bool) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per variant, ``repeats`` step times (wall clock, and this thread's CPU time); in repeat r the variants
     run in the order rotated by r. With ``poisson``, each DP variant's time includes drawing its batch from its
-    Poisson loader, and the non-private step gets a batch as large as the first DP variant's."""
+    Poisson sampler, and the non-private step gets a batch as large as the first DP variant's."""
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
@@ -236,7 +238,7 @@ def _time_rotated(variants: dict[str, _Variant], batches: list[torch.Tensor], ge
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
             start, start_cpu = time.perf_counter(), time.thread_time()
-            variants[name].step(batch[name], generator)
+            variants[name].step(batch[name])
             times[name].append(time.perf_counter() - start + drawn[name][0])
             cpu[name].append(time.thread_time() - start_cpu + drawn[name][1])
     return times, cpu
@@ -264,13 +266,11 @@ def _timed_samplers(spent: dict[str, float]) -> Iterator[None]:
         grad_samplers.SAMPLERS.update(original)
 
 
-def _profile(variants: dict[str, _Variant], data, batches: list[torch.Tensor], generator: torch.Generator, *,
-             repeats: int) -> None:
+def _profile(variants: dict[str, _Variant], data, batches: list[torch.Tensor], *, repeats: int) -> None:
     """Median CPU time of each phase of a step, per variant (the DP optimizer's pre_step taken apart)."""
-    from common.data import hide_modalities
     from common.grad_samplers import SAMPLERS
 
-    train = TrainSection()
+    train, randomness = TrainSection(), RoundRandomness()
     for name, v in variants.items():
         phases: dict[str, list[float]] = defaultdict(list)
         spent: dict[str, float] = defaultdict(float)
@@ -279,8 +279,9 @@ def _profile(variants: dict[str, _Variant], data, batches: list[torch.Tensor], g
             for r in range(repeats):
                 spent.clear()
                 t = [time.thread_time()]
-                inputs, mask, labels = _batch(data, batches[r % len(batches)])
-                mask = hide_modalities(mask, train.modality_dropout, generator)
+                idx = batches[r % len(batches)]
+                inputs, mask, labels = _batch(data, idx)
+                mask = randomness.hide_modalities(r, idx, mask, train.modality_dropout, num_examples=len(data))
                 t.append(time.thread_time())
                 loss = v.loss(v.model(inputs, mask), labels)
                 loss.item()

@@ -108,7 +108,6 @@ def main() -> None:
     global_state = MultimodalModel(schema, config).state_dict()
     models = [MultimodalModel(d.schema, config) for d in trains]
     histories = [PrivacyHistory() for _ in trains]
-    gen = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     for r in range(1, args.rounds + 1):
         updates = []
@@ -116,7 +115,7 @@ def main() -> None:
             model.load_partial({k: v for k, v in global_state.items() if k in model.state_dict()})
             train_round(model, data, history, target_epsilon=args.epsilon, delta=1e-5, max_grad_norm=1.0,
                         planned_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=64, lr=args.lr,
-                        momentum=0.9, modality_dropout=0.3, run_id="tuning", generator=gen)
+                        momentum=0.9, modality_dropout=0.3, run_id="tuning")
             updates.append(Contribution(model.state_dict(), float(len(data))))
         average, _ = weighted_average(updates)
         global_state.update(average)

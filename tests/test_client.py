@@ -117,7 +117,8 @@ def test_evaluate_reports_overall_and_per_subset_metrics(tmp_path):
 def test_a_deployed_site_refuses_a_run_asking_for_more_than_its_policy(tmp_path):
     data = synthetic.generate(60, seed=1)
     write_site(tmp_path / "site", data, ["train"] * 50 + ["test"] * 10, name="hospital-a")
-    node = {"data-dir": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "max-epsilon": 4.0}
+    node = {"data-dir": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "max-epsilon": 4.0,
+            "num-train-examples": 50}
     reply = handle_train(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 8.0}), node))
     assert reply.content[M.CLIENT][M.STATUS] == M.STATUS_POLICY_REFUSED
     assert "allows at most ε = 4" in reply.content[M.CLIENT][M.REASON]

@@ -101,4 +101,6 @@ def _format_summary(s: dict) -> str:
     splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
     presence = ", ".join(f"{k} {v}" for k, v in s["presence"].items())
     classes = ", ".join(f"{k} {v}" for k, v in s["classes"].items())
-    return f"{s['name']}: {s['samples']} samples ({splits})\n  presence: {presence}\n  classes: {classes}"
+    declare = (f"\n  deploy: declare num-train-examples={s['splits']['train']} in the SuperNode's node config"
+               if s["splits"].get("train") else "")
+    return f"{s['name']}: {s['samples']} samples ({splits})\n  presence: {presence}\n  classes: {classes}{declare}"

@@ -119,8 +119,7 @@ def _entry_fields(site: SiteContext, config: RunConfig, *, run_id: str, server_r
 
 def _run_epsilon(record: ClientRecord, run_id: str) -> float:
     """This run's own epsilon so far (0 when the client has not been charged in this run)."""
-    plan = record.history.plan
-    return record.history.run_epsilon() if plan is not None and plan.run_id == run_id else 0.0
+    return record.history.run_epsilon(run_id)
 
 
 def _sign(state: ClientState, fields: dict) -> Ledger:
@@ -217,7 +216,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
             if len(record.history.entries) <= spent_before:
                 raise
             epsilon = record.history.epsilon()
-            run_epsilon = _run_epsilon(record, run_id) if not math.isinf(run_budget) else math.inf
+            run_epsilon = _run_epsilon(record, run_id)
             ledger = _charge(state, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
                                                           status="discarded", result=None, epsilon=epsilon,
                                                           budget=budget, update_hash=None, record=record,

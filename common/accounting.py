@@ -40,6 +40,9 @@ ACCOUNTANTS = ("prv", "rdp")
 if not hasattr(_opacus_rdp._compute_rdp, "cache_info"):
     _opacus_rdp._compute_rdp = functools.lru_cache(maxsize=65536)(_opacus_rdp._compute_rdp)
 HISTORY_FORMAT = 1
+# RDP is converted to epsilon over integer orders only: Opacus and the audit's dp-accounting agree on them
+# exactly, while dp-accounting evaluates fractional orders only approximately (docs/ledger-format.md).
+RDP_ORDERS = tuple(float(a) for a in range(2, 257))
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
 
@@ -82,6 +85,8 @@ def compute_epsilon(history: list[Mechanism], *, delta: float, accountant: str =
         # RDP warns when the optimal order is at the end of its alpha grid (the value is still an upper
         # bound); PRV takes log(1 - q), which is -inf (and handled) when every record is in every batch.
         warnings.simplefilter("ignore", UserWarning)
+        if accountant == "rdp":
+            return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -199,7 +204,6 @@ class NoisePlan:
     target_epsilon: float  # the run's allowance (dp.epsilon)
     delta: float
     max_grad_norm: float
-    first_entry: int = 0  # index of the run's first mechanism in the history (0 in plans of older versions)
 
     def matches(self, **params: Any) -> bool:
         return all(getattr(self, k) == v for k, v in params.items())
@@ -213,10 +217,14 @@ class PrivacyHistory:
     delta: float | None = None  # fixed by the first round; every later round must use the same
     entries: list[Mechanism] = field(default_factory=list)
     plan: NoisePlan | None = None
+    runs: list[str] = field(default_factory=list)  # the run of each entry ("" for entries of older versions)
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
             raise PrivacyParameterError(f"accountant must be one of {list(ACCOUNTANTS)}, got '{self.accountant}'")
+        if len(self.runs) > len(self.entries):
+            raise PrivacyParameterError("a privacy history names more runs than it has entries")
+        self.runs = list(self.runs) + [""] * (len(self.entries) - len(self.runs))
 
     @property
     def non_private(self) -> bool:
@@ -227,10 +235,11 @@ class PrivacyHistory:
         """Lifetime epsilon: the whole history (plus ``extra`` mechanisms, not recorded); inf when non-private."""
         return self._epsilon(self.entries + (extra or []))
 
-    def run_epsilon(self, *, extra: list[Mechanism] | None = None) -> float:
-        """Epsilon of the current plan's run alone: its own mechanisms (plus ``extra``), composed over the run."""
-        first = self.plan.first_entry if self.plan is not None else len(self.entries)
-        return self._epsilon(self.entries[first:] + (extra or []))
+    def run_epsilon(self, run_id: str | None = None, *, extra: list[Mechanism] | None = None) -> float:
+        """Epsilon of one run alone (default: the plan's): its own mechanisms (plus ``extra``), composed."""
+        run_id = run_id if run_id is not None else (self.plan.run_id if self.plan is not None else None)
+        own = [m for m, r in zip(self.entries, self.runs) if run_id is not None and r == run_id]
+        return self._epsilon(own + (extra or []))
 
     def _epsilon(self, mechanisms: list[Mechanism]) -> float:
         if not merge_history(mechanisms):
@@ -273,12 +282,13 @@ class PrivacyHistory:
                 )
         return after, run_after
 
-    def record(self, mechanism: Mechanism) -> None:
-        """Append one round's mechanism; noise multiplier 0 records a round trained without DP."""
+    def record(self, mechanism: Mechanism, *, run_id: str = "") -> None:
+        """Append one round's mechanism (of run ``run_id``); noise multiplier 0 records a round trained without DP."""
         sigma, q, steps = mechanism
         if not (sigma >= 0 and 0 < q <= 1 and isinstance(steps, int) and steps >= 0):
             raise PrivacyParameterError(f"invalid mechanism {mechanism}")
         self.entries.append((float(sigma), float(q), int(steps)))
+        self.runs.append(str(run_id))
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -287,6 +297,7 @@ class PrivacyHistory:
             "accountant": self.accountant,
             "delta": self.delta,
             "history": [list(e) for e in self.entries],
+            "runs": list(self.runs),
             "plan": None if self.plan is None else self.plan.__dict__.copy(),
         }
 
@@ -309,7 +320,10 @@ class PrivacyHistory:
             delta = data.get("delta")
             if any(sigma > 0 and steps > 0 for sigma, _, steps in entries) and delta is None:
                 raise ValueError("private entries without delta")
-            return cls(accountant=data["accountant"], delta=delta, entries=entries, plan=plan)
+            runs = data.get("runs", [])
+            if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+                raise ValueError(f"runs must be a list of run ids, got {runs!r}")
+            return cls(accountant=data["accountant"], delta=delta, entries=entries, plan=plan, runs=runs)
         except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyParameterError(f"malformed privacy history: {exc}") from exc
 

@@ -159,7 +159,7 @@ def train_round(
 
     if math.isinf(target_epsilon):
         # Charged before the data is touched, like a private round: its data leaves without DP, for good.
-        history.record((0.0, sample_rate, steps))
+        history.record((0.0, sample_rate, steps), run_id=run_id)
         loss = _train_non_private(model, data, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
                                   modality_dropout=modality_dropout, generator=generator, snapshot=snapshot,
                                   proximal=_proximal(model, proximal_mu, proximal_reference, lr))
@@ -180,7 +180,7 @@ def train_round(
         sigma = calibrate_run(history=history.entries, sample_rate=sample_rate, steps=steps * planned_rounds,
                               run_budget=target_epsilon, lifetime_budget=max_epsilon, delta=delta,
                               accountant=history.accountant)
-        plan = NoisePlan(noise_multiplier=sigma, first_entry=len(history.entries), **plan_params)
+        plan = NoisePlan(noise_multiplier=sigma, **plan_params)
         log.info("calibrated noise multiplier %.4f for %d rounds x %d steps at q = %.4f", sigma, planned_rounds, steps, sample_rate)
     elif not plan.matches(**plan_params):
         raise PrivacyParameterError(
@@ -208,7 +208,7 @@ def train_round(
         model.load_state_dict(snapshot)
         raise
     finally:
-        history.record(mechanism)
+        history.record(mechanism, run_id=run_id)
     return RoundResult(True, epsilon_after, delta, plan.noise_multiplier, sample_rate, steps, max_grad_norm, n, loss,
                        time.perf_counter() - start, run_epsilon_after)
 

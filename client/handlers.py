@@ -209,7 +209,8 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                                                 budget=budget, update_hash=None, record=record,
                                                 run_epsilon=_run_epsilon(record, run_id), run_budget=run_budget))
             return _status_reply(message, site, M.STATUS_BUDGET_EXHAUSTED, str(exc),
-                                 {M.NUM_EXAMPLES: 0, M.EPSILON: exc.epsilon_now, M.BUDGET: run_budget}, ledger)
+                                 {M.NUM_EXAMPLES: 0, M.EPSILON: exc.epsilon_now, M.BUDGET: run_budget,
+                                  M.RUN_EPSILON: _run_epsilon(record, run_id), M.MAX_EPSILON: budget}, ledger)
         except BaseException as exc:
             # Failed after using the data (a non-finite loss, an error mid-round): the round's privacy cost stays
             # on record, in the history and the ledger, though its update is discarded.
@@ -225,12 +226,14 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 raise
             # A diverged round is the run's problem, not the site's: say so, and send the entry that charges it
             return _status_reply(message, site, M.STATUS_DISCARDED, str(exc),
-                                 {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: run_budget}, ledger)
+                                 {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: run_budget,
+                                  M.RUN_EPSILON: run_epsilon, M.MAX_EPSILON: budget}, ledger)
 
         # Persist privacy first, then the model, then the reply (see common/state.py).
         shared_set = set(shared)
         arrays = {k: v for k, v in model.state_dict().items() if k in shared_set}
         metrics = {M.NUM_EXAMPLES: result.num_examples, M.EPSILON: result.epsilon, M.BUDGET: run_budget,
+                   M.RUN_EPSILON: result.run_epsilon, M.MAX_EPSILON: budget,
                    M.SAMPLE_RATE: result.sample_rate, M.STEPS: result.steps}
         if result.private:
             metrics |= {M.DELTA: config.dp.delta, M.NOISE_MULTIPLIER: result.noise_multiplier}

@@ -55,10 +55,12 @@ STATUS_DISCARDED = "discarded"  # training failed (non-finite loss or weights): 
 STATUSES = (STATUS_OK, STATUS_BUDGET_EXHAUSTED, STATUS_POLICY_REFUSED, STATUS_ALREADY_TRAINED, STATUS_DISCARDED)
 
 # Metrics (train)
-NUM_EXAMPLES = "num-examples"  # size of the client's training (or test) set: released for weighting
-EPSILON = "epsilon"  # cumulative epsilon after this round (from public parameters only)
+NUM_EXAMPLES = "num-examples"  # train: the declared (public) training-set size, the aggregation weight; evaluate: test-set size
+EPSILON = "epsilon"  # lifetime epsilon after this round, the client's whole history (from public parameters only)
 DELTA = "delta"
-BUDGET = "budget"
+BUDGET = "budget"  # the run's allowance: dp.epsilon (simulation: the scenario's budget for the client)
+RUN_EPSILON = "run-epsilon"  # epsilon of this run's own mechanisms at the client, composed over the run
+MAX_EPSILON = "max-epsilon"  # the site's lifetime cap (inf: none); EPSILON is the lifetime figure it caps
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 STEPS = "steps"

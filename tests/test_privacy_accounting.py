@@ -306,3 +306,15 @@ def test_a_deployed_site_must_declare_its_training_set_size(tmp_path):
                                                                node | {"num-train-examples": 60}))
     assert reply.content[M.METRICS][M.NUM_EXAMPLES] == 60
     assert reply.content[M.METRICS][M.SAMPLE_RATE] == 60 / 60  # batch 60 / declared 60
+
+
+def test_the_server_reads_each_sites_spend_before_the_run_from_its_ledger():
+    from server.strategy import spend_before_run
+
+    mech = (1.1, 0.01, 250)
+    a = _row(1, mech, 1.2, run_id="a")
+    b = _row(1, mech, 1.9, run_id="b")
+    assert spend_before_run([], "a") == 0.0
+    assert spend_before_run([a], "a") == 0.0
+    assert spend_before_run([a, b], "b") == 1.2
+    assert spend_before_run([_row(1, (0.0, 0.01, 40), None, budget=math.inf, run_id="open"), a], "a") is None

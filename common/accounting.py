@@ -238,7 +238,8 @@ class PrivacyHistory:
     def run_epsilon(self, run_id: str | None = None, *, extra: list[Mechanism] | None = None) -> float:
         """Epsilon of one run alone (default: the plan's): its own mechanisms (plus ``extra``), composed."""
         run_id = run_id if run_id is not None else (self.plan.run_id if self.plan is not None else None)
-        own = [m for m, r in zip(self.entries, self.runs) if run_id is not None and r == run_id]
+        # An entry of an older version names no run (""): it counts towards every run, which can only over-count.
+        own = [m for m, r in zip(self.entries, self.runs) if run_id is not None and r in (run_id, "")]
         return self._epsilon(own + (extra or []))
 
     def _epsilon(self, mechanisms: list[Mechanism]) -> float:

@@ -187,6 +187,8 @@ def calibrate_run(
                             delta=delta, accountant=accountant)
     if math.isinf(lifetime_budget) or (not merge_history(history) and lifetime_budget >= run_budget):
         return sigma  # a fresh client under a cap no tighter than the run's: the run's budget decides alone
+    if compute_epsilon(history + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant) <= lifetime_budget:
+        return sigma  # the run's noise keeps the lifetime cap too: one evaluation instead of a calibration
     lifetime = calibrate_noise(history=history, sample_rate=sample_rate, steps=steps, target_epsilon=lifetime_budget,
                                delta=delta, accountant=accountant)
     return max(sigma, lifetime)

@@ -318,3 +318,11 @@ def test_the_server_reads_each_sites_spend_before_the_run_from_its_ledger():
     assert spend_before_run([a], "a") == 0.0
     assert spend_before_run([a, b], "b") == 1.2
     assert spend_before_run([_row(1, (0.0, 0.01, 40), None, budget=math.inf, run_id="open"), a], "a") is None
+
+
+def test_data_validate_prints_the_size_to_declare(tmp_path, capsys):
+    from common.cli import main
+
+    _deployed_site(tmp_path, n=50)
+    assert main(["data", "validate", str(tmp_path / "site")]) == 0
+    assert "declare num-train-examples=50" in capsys.readouterr().out

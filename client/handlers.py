@@ -22,7 +22,7 @@ from common.evaluation import evaluate
 from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
 from common.model import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel, check_global_parameters
 from common.state import ClientRecord, ClientState
-from common.training import RoundResult, train_round
+from common.training import RoundResult, sampling_plan, train_round
 
 log = logging.getLogger("fedfuse.client")
 
@@ -81,41 +81,54 @@ def _status_reply(message: Message, site: SiteContext, status: str, reason: str,
     return Message(content, reply_to=message)
 
 
-def _target_epsilon(site: SiteContext, config: RunConfig) -> tuple[float, str | None]:
-    """The budget this run may use at this site, or a refusal when the run asks for more than the site allows."""
+def _budgets(site: SiteContext, config: RunConfig) -> tuple[float, float, str | None]:
+    """(the run's allowance, the site's lifetime cap), or a refusal when the run asks for more than the site allows.
+
+    Simulation: both are the scenario's budget for this client. Deployment: the run's ``dp.epsilon`` (what this
+    run's own mechanisms may spend) and the site's ``max-epsilon`` (what its whole history may spend).
+    """
     if site.simulated:
-        return site.max_epsilon, None
+        return site.max_epsilon, site.max_epsilon, None
     if config.dp.epsilon > site.max_epsilon:
-        return math.nan, (
+        return math.nan, math.nan, (
             f"the run asks for a budget of ε = {config.dp.epsilon:g} but this site's policy allows at most "
             f"ε = {site.max_epsilon:g}; lower dp.epsilon in the run config"
         )
     if site.max_delta is not None and config.dp.delta > site.max_delta:
-        return math.nan, (
+        return math.nan, math.nan, (
             f"the run asks for δ = {config.dp.delta:g} but this site's policy allows at most δ = {site.max_delta:g}"
         )
-    return config.dp.epsilon, None
+    return config.dp.epsilon, site.max_epsilon, None
 
 
 def _entry_fields(site: SiteContext, config: RunConfig, *, run_id: str, server_round: int, status: str,
                   result: RoundResult | None, epsilon: float, budget: float, update_hash: str | None,
-                  record: ClientRecord) -> dict:
-    """The unsigned ledger entry of a round (its time fixed now, so a recovered entry is the same entry)."""
+                  record: ClientRecord, run_epsilon: float, run_budget: float) -> dict:
+    """The unsigned ledger entry of a round (its time fixed now, so a recovered entry is the same entry).
+
+    ``epsilon`` / ``budget``: lifetime epsilon and the site's cap; ``run_epsilon`` / ``run_budget``: this
+    run's own epsilon and its allowance."""
     history = record.history
-    if result is not None:
-        sigma, q, steps = result.noise_multiplier or 0.0, result.sample_rate, result.steps if result.private else 0
+    if result is not None:  # trained, privately or not: its real steps
+        sigma, q, steps = result.noise_multiplier or 0.0, result.sample_rate, result.steps
     elif status == "discarded":  # the round failed after using the data: its mechanism is the last in the history
         sigma, q, steps = history.entries[-1]
-    elif history.plan:  # refused: nothing trained
-        sigma, q, steps = history.plan.noise_multiplier, history.plan.sample_rate, 0
-    else:  # refused with no plan yet (a history rebuilt from the ledger): the last mechanism, with no steps
-        sigma, q, steps = (*history.entries[-1][:2], 0) if history.entries else (0.0, 0.0, 0)
+    else:  # refused: nothing trained; the noise planned for this run if any, the public sampling rate
+        q, _ = sampling_plan(site.declared_examples, config.train.batch_size, config.train.local_epochs)
+        planned = history.plan is not None and history.plan.run_id == run_id
+        sigma, steps = (history.plan.noise_multiplier if planned else 0.0), 0
     return entry_fields(
         run_id=run_id, client_id=site.client_id, round=server_round, status=status,
         noise_multiplier=sigma, sample_rate=q, steps=steps,
         max_grad_norm=config.dp.max_grad_norm, delta=config.dp.delta, accountant=history.accountant,
-        epsilon=epsilon, budget=budget, update_hash=update_hash, modalities=site.modalities,
+        epsilon=epsilon, budget=budget, run_epsilon=run_epsilon, run_budget=run_budget,
+        update_hash=update_hash, modalities=site.modalities,
     ) | {"time": utc_now()}
+
+
+def _run_epsilon(record: ClientRecord, run_id: str) -> float:
+    """This run's own epsilon so far (0 when the client has not been charged in this run)."""
+    return record.history.run_epsilon(run_id)
 
 
 def _sign(state: ClientState, fields: dict) -> Ledger:
@@ -160,7 +173,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
     request = message.content[M.CONFIG]
     server_round, run_id = int(request[M.SERVER_ROUND]), str(request[M.RUN_ID])
     planned_rounds = int(request[M.PLANNED_ROUNDS])
-    budget, refusal = _target_epsilon(site, config)
+    run_budget, budget, refusal = _budgets(site, config)
     if refusal:  # its ledger goes along (read only), so that an audit of the run holds a copy of every site's ledger
         ledger = Ledger(site.state_dir / LEDGER_FILE)
         return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0},
@@ -191,8 +204,8 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
         try:
             result = train_round(
                 model, site.train, record.history,
-                target_epsilon=budget, delta=config.dp.delta, max_grad_norm=config.dp.max_grad_norm,
-                planned_rounds=planned_rounds, local_epochs=config.train.local_epochs,
+                target_epsilon=run_budget, max_epsilon=budget, declared_examples=site.declared_examples,
+                delta=config.dp.delta, max_grad_norm=config.dp.max_grad_norm, planned_rounds=planned_rounds, local_epochs=config.train.local_epochs,
                 batch_size=config.train.batch_size, run_id=run_id, lr=config.train.lr,
                 momentum=config.train.momentum, modality_dropout=config.train.modality_dropout,
                 grad_sample_mode=config.train.grad_sample_mode,
@@ -204,30 +217,36 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
             # Nothing was trained or charged: the refusal goes straight into the ledger.
             ledger = _sign(state, _entry_fields(site, config, run_id=run_id, server_round=server_round,
                                                 status="refused-budget", result=None, epsilon=exc.epsilon_now,
-                                                budget=budget, update_hash=None, record=record))
+                                                budget=budget, update_hash=None, record=record,
+                                                run_epsilon=_run_epsilon(record, run_id), run_budget=run_budget))
             return _status_reply(message, site, M.STATUS_BUDGET_EXHAUSTED, str(exc),
-                                 {M.NUM_EXAMPLES: 0, M.EPSILON: exc.epsilon_now, M.BUDGET: budget}, ledger)
+                                 {M.NUM_EXAMPLES: 0, M.EPSILON: exc.epsilon_now, M.BUDGET: run_budget,
+                                  M.RUN_EPSILON: _run_epsilon(record, run_id), M.MAX_EPSILON: budget}, ledger)
         except BaseException as exc:
             # Failed after using the data (a non-finite loss, an error mid-round): the round's privacy cost stays
             # on record, in the history and the ledger, though its update is discarded.
             if len(record.history.entries) <= spent_before:
                 raise
             epsilon = record.history.epsilon()
+            run_epsilon = _run_epsilon(record, run_id)
             ledger = _charge(state, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
                                                           status="discarded", result=None, epsilon=epsilon,
-                                                          budget=budget, update_hash=None, record=record))
+                                                          budget=budget, update_hash=None, record=record,
+                                                          run_epsilon=run_epsilon, run_budget=run_budget))
             if not isinstance(exc, NonFiniteError):
                 raise
             # A diverged round is the run's problem, not the site's: say so, and send the entry that charges it.
             # Only non-finite *noised* parameters get here (a DP output); the reply says nothing else about it.
             log.warning("%s: %s", site.client_id, exc)
             return _status_reply(message, site, M.STATUS_DISCARDED, DISCARDED_REASON,
-                                 {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: budget}, ledger)
+                                 {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: run_budget,
+                                  M.RUN_EPSILON: run_epsilon, M.MAX_EPSILON: budget}, ledger)
 
         # Persist privacy first, then the model, then the reply (see common/state.py).
         shared_set = set(shared)
         arrays = {k: v for k, v in model.state_dict().items() if k in shared_set}
-        metrics = {M.NUM_EXAMPLES: result.num_examples, M.EPSILON: result.epsilon, M.BUDGET: budget,
+        metrics = {M.NUM_EXAMPLES: result.num_examples, M.EPSILON: result.epsilon, M.BUDGET: run_budget,
+                   M.RUN_EPSILON: result.run_epsilon, M.MAX_EPSILON: budget,
                    M.SAMPLE_RATE: result.sample_rate, M.STEPS: result.steps}
         if result.private:
             metrics |= {M.DELTA: config.dp.delta, M.NOISE_MULTIPLIER: result.noise_multiplier}
@@ -237,7 +256,8 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
         record.rounds.append([run_id, server_round])
         ledger = _charge(state, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
                                                       status="trained", result=result, epsilon=result.epsilon,
-                                                      budget=budget, update_hash=digest, record=record))
+                                                      budget=budget, update_hash=digest, record=record,
+                                                      run_epsilon=result.run_epsilon, run_budget=run_budget))
         state.save_model(model.state_dict())
         state.save_reply(arrays, run_id=run_id, server_round=server_round, metrics=metrics)
         state.log_round({"run_id": run_id, "round": server_round, "seconds": result.seconds, "steps": result.steps,
@@ -253,7 +273,7 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     """Evaluate the client's encoders + the global head on its held-out split, per modality subset."""
     config = parse_run_config(context.run_config)
     site = resolve_site(context.node_config, config, context.run_id)
-    _, refusal = _target_epsilon(site, config)
+    _, _, refusal = _budgets(site, config)
     if refusal:  # a site that refuses the run answers none of its messages with anything computed from its data
         return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0})
     state = ClientState(site.state_dir)

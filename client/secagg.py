@@ -71,10 +71,10 @@ def encode_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, to
 
 def _admit(site: SiteContext, *, max_weight: int) -> None:
     """Refuse, before training, a site whose weight would not fit SecAgg+'s range."""
-    if len(site.train) > max_weight:
+    if site.declared_examples > max_weight:
         raise ConfigError(
-            f"{site.client_id} has {len(site.train)} training examples, more than secagg.max-weight = {max_weight}; "
-            f"its weight would overflow SecAgg+'s range. Set secagg.max-weight >= {len(site.train)} "
+            f"{site.client_id} declares {site.declared_examples} training examples, more than secagg.max-weight = "
+            f"{max_weight}; its weight would overflow SecAgg+'s range. Set secagg.max-weight >= {site.declared_examples} "
             "(the sum's rounding error grows with it: README, Secure aggregation)"
         )
 

@@ -3,7 +3,12 @@
 - Simulation (node config has ``partition-id``): the scenario's partition for that index; the state
   folder is ``<run output>/clients/<client id>``; the budget is the scenario's.
 - Deployment (node config has ``data-dir``): the site folder named there, the state folder in
-  ``state-dir`` and the site's own policy ``max-epsilon`` / ``max-delta`` (see README, Deploy).
+  ``state-dir``, the site's own policy ``max-epsilon`` / ``max-delta`` and its public declared
+  training-set size ``num-train-examples`` (see README, Deploy).
+
+The declared size, not the count of records, sets the mechanism (q, steps, sigma) and the aggregation
+weight: in simulation the scenario's partition plan fixes it (public), in a deployment the site's IT
+declares it (``fedfuse data validate`` prints the count to declare).
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from common.config import RunConfig, run_out_dir
 from common.data import MultimodalData
 from common.errors import ConfigError
 
-NODE_KEYS = ("data-dir", "state-dir", "client-id", "max-epsilon", "max-delta")
+NODE_KEYS = ("data-dir", "state-dir", "client-id", "max-epsilon", "max-delta", "num-train-examples")
+# The declared training-set size may differ from the records' count by at most this factor either way: the
+# mechanism (q = batch / declared, steps) stays private whatever the count, but its expected batch drifts.
+DECLARED_SIZE_FACTOR = 2.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +41,7 @@ class SiteContext:
     max_epsilon: float  # the site's policy: the most privacy loss it accepts for its whole history
     max_delta: float | None  # the largest delta it accepts (None: whatever the run asks)
     simulated: bool
+    declared_examples: int  # public training-set size: sets q, steps, sigma and the aggregation weight
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -63,7 +72,8 @@ def _simulated(node_config: Mapping[str, Any], config: RunConfig, flower_run_id:
         )
     part = _cached_partition(config, index)
     state = run_out_dir(config, flower_run_id) / "clients" / part.client_id
-    return SiteContext(part.client_id, index, part.train, part.test, state, part.budget, None, True)
+    # The partition plan is public (the run config): its training-set size is the declared size.
+    return SiteContext(part.client_id, index, part.train, part.test, state, part.budget, None, True, len(part.train))
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,4 +107,29 @@ def _deployed(node_config: Mapping[str, Any]) -> SiteContext:
         raise ConfigError(f"site folder {site.path} has no 'train' samples")
     client_id = str(node_config.get("client-id") or site.name)
     state = Path(str(node_config["state-dir"])).expanduser()
-    return SiteContext(client_id, 0, train, site.part("test"), state, float(max_epsilon), max_delta, False)
+    declared = declared_examples(node_config, len(train))
+    return SiteContext(client_id, 0, train, site.part("test"), state, float(max_epsilon), max_delta, False, declared)
+
+
+def declared_examples(node_config: Mapping[str, Any], count: int) -> int:
+    """The site's public training-set size ``num-train-examples``, checked against the records' ``count``.
+
+    The check is local (the site's IT sees it at start); the error names no count, so nothing data-dependent
+    leaves the site through it beyond "declared size far off".
+    """
+    declared = node_config.get("num-train-examples")
+    if declared is None:
+        raise ConfigError(
+            "node config key 'num-train-examples' is required for a deployed site: the public training-set size "
+            "that sets the DP mechanism (sampling rate, steps, noise) and the aggregation weight. Run "
+            "`fedfuse data validate DATA_DIR` to see the count to declare (see README, Deploy)"
+        )
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
+        raise ConfigError(f"node config key 'num-train-examples' must be a positive integer, got {declared!r}")
+    if not declared / DECLARED_SIZE_FACTOR <= count <= declared * DECLARED_SIZE_FACTOR:
+        raise ConfigError(
+            f"node config key 'num-train-examples' = {declared} is far from the site folder's training split "
+            f"(more than {DECLARED_SIZE_FACTOR:g}x off either way); run `fedfuse data validate DATA_DIR` and "
+            "declare its count"
+        )
+    return declared

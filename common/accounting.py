@@ -4,6 +4,17 @@ A client's whole participation is a sequence of Poisson-subsampled Gaussian mech
 ``[(noise_multiplier, sample_rate, steps), ...]`` (one entry per round it trained). Epsilon is
 always computed over the *whole* history with Opacus's PRV (default) or RDP accountant; a new
 accountant per round would report one round's epsilon only (README, "The privacy guarantee").
+A round trained without DP is recorded with noise multiplier 0: from then on the client's epsilon
+is infinite, whatever it trains afterwards.
+
+Two budgets apply to every private round (README, "The privacy guarantee"):
+
+- the **run's allowance** ``dp.epsilon``: the epsilon of this run's own mechanisms alone, composed
+  over the run, stays within it;
+- the **site's lifetime cap** ``max-epsilon``: the epsilon of the client's whole history, every run
+  included, stays within it.
+
+The noise is calibrated so that the run's planned participation satisfies both.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as _opacus_rdp
 
-from common.errors import BudgetExhaustedError, PrivacyParameterError
+from common.errors import BudgetExhaustedError, NonPrivateHistoryError, PrivacyParameterError
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -29,6 +40,9 @@ ACCOUNTANTS = ("prv", "rdp")
 if not hasattr(_opacus_rdp._compute_rdp, "cache_info"):
     _opacus_rdp._compute_rdp = functools.lru_cache(maxsize=65536)(_opacus_rdp._compute_rdp)
 HISTORY_FORMAT = 1
+# RDP is converted to epsilon over integer orders only: Opacus and the audit's dp-accounting agree on them
+# exactly, while dp-accounting evaluates fractional orders only approximately (docs/ledger-format.md).
+RDP_ORDERS = tuple(float(a) for a in range(2, 257))
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
 
@@ -56,18 +70,23 @@ def merge_history(history: list[Mechanism]) -> list[Mechanism]:
 
 
 def compute_epsilon(history: list[Mechanism], *, delta: float, accountant: str = "prv") -> float:
-    """Epsilon of the composition of ``history`` at ``delta`` (0 for an empty history)."""
+    """Epsilon of the composition of ``history`` at ``delta`` (0 for an empty history, inf when an entry
+    has no noise)."""
     if accountant not in ACCOUNTANTS:
         raise PrivacyParameterError(f"accountant must be one of {list(ACCOUNTANTS)}, got '{accountant}'")
     merged = merge_history(history)
     if not merged:
         return 0.0
+    if any(sigma <= 0 for sigma, _, _ in merged):
+        return math.inf
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = list(merged)
-    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+    with warnings.catch_warnings(), np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         # RDP warns when the optimal order is at the end of its alpha grid (the value is still an upper
         # bound); PRV takes log(1 - q), which is -inf (and handled) when every record is in every batch.
         warnings.simplefilter("ignore", UserWarning)
+        if accountant == "rdp":
+            return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -91,25 +110,34 @@ def calibrate_noise(
     def eps(sigma: float) -> float:
         return compute_epsilon(history + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
-    # Bracket [lo, hi] with eps(lo) > target >= eps(hi). RDP is a looser bound than PRV, so its
-    # (fast) calibration gives PRV's upper end.
+    def exhausted(spent: float) -> BudgetExhaustedError:
+        return BudgetExhaustedError(
+            f"no noise level fits {steps} more steps into the budget ε = {target_epsilon:g}: "
+            f"ε = {spent:.4g} is already spent",
+            epsilon_now=spent,
+            epsilon_after=math.inf,
+            budget=target_epsilon,
+        )
+
+    # Everything is decided with the history's own accountant: a bound from another accountant (RDP is looser
+    # than PRV) would refuse a client that still has budget, and record that other accountant's epsilon.
+    spent = compute_epsilon(history, delta=delta, accountant=accountant)
+    if spent >= target_epsilon:
+        raise exhausted(spent)
+    # Bracket [lo, hi] with eps(lo) > target >= eps(hi). RDP is a looser bound than PRV, so its (fast)
+    # calibration usually gives PRV's upper end; when RDP finds no fit, PRV brackets on its own.
+    hi = 1.0
     if accountant == "prv":
-        hi = calibrate_noise(history=history, sample_rate=sample_rate, steps=steps, target_epsilon=target_epsilon,
-                             delta=delta, accountant="rdp", tolerance=tolerance)
-    else:
-        hi = 1.0
+        try:
+            hi = calibrate_noise(history=history, sample_rate=sample_rate, steps=steps,
+                                 target_epsilon=target_epsilon, delta=delta, accountant="rdp", tolerance=tolerance)
+        except BudgetExhaustedError:
+            hi = 1.0
     e_hi = eps(hi)
     while e_hi > target_epsilon:
         hi *= 2
         if hi > 1e4:
-            spent = compute_epsilon(history, delta=delta, accountant=accountant)
-            raise BudgetExhaustedError(
-                f"no noise level fits {steps} more steps into the budget ε = {target_epsilon:g}: "
-                f"ε = {spent:.4g} is already spent",
-                epsilon_now=spent,
-                epsilon_after=math.inf,
-                budget=target_epsilon,
-            )
+            raise exhausted(spent)
         e_hi = eps(hi)
     lo = 0.8 * hi
     e_lo = eps(lo)
@@ -139,6 +167,33 @@ def calibrate_noise(
     return hi
 
 
+def calibrate_run(
+    *,
+    history: list[Mechanism],
+    sample_rate: float,
+    steps: int,
+    run_budget: float,
+    lifetime_budget: float,
+    delta: float,
+    accountant: str = "prv",
+) -> float:
+    """Noise multiplier for a run of ``steps`` steps at ``sample_rate`` that keeps both budgets.
+
+    The run's own mechanisms alone must stay within ``run_budget`` (``dp.epsilon``), and ``history`` followed
+    by the run within ``lifetime_budget`` (the site's ``max-epsilon``; inf for no cap): the larger of the two
+    calibrated noise multipliers satisfies both. Raises BudgetExhaustedError when the lifetime cap is spent.
+    """
+    sigma = calibrate_noise(history=[], sample_rate=sample_rate, steps=steps, target_epsilon=run_budget,
+                            delta=delta, accountant=accountant)
+    if math.isinf(lifetime_budget) or (not merge_history(history) and lifetime_budget >= run_budget):
+        return sigma  # a fresh client under a cap no tighter than the run's: the run's budget decides alone
+    if compute_epsilon(history + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant) <= lifetime_budget:
+        return sigma  # the run's noise keeps the lifetime cap too: one evaluation instead of a calibration
+    lifetime = calibrate_noise(history=history, sample_rate=sample_rate, steps=steps, target_epsilon=lifetime_budget,
+                               delta=delta, accountant=accountant)
+    return max(sigma, lifetime)
+
+
 @dataclass(frozen=True)
 class NoisePlan:
     """The noise calibrated once for a client's planned participation in one run."""
@@ -148,7 +203,7 @@ class NoisePlan:
     sample_rate: float
     steps_per_round: int
     planned_rounds: int
-    target_epsilon: float
+    target_epsilon: float  # the run's allowance (dp.epsilon)
     delta: float
     max_grad_norm: float
 
@@ -164,38 +219,79 @@ class PrivacyHistory:
     delta: float | None = None  # fixed by the first round; every later round must use the same
     entries: list[Mechanism] = field(default_factory=list)
     plan: NoisePlan | None = None
+    runs: list[str] = field(default_factory=list)  # the run of each entry ("" for entries of older versions)
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
             raise PrivacyParameterError(f"accountant must be one of {list(ACCOUNTANTS)}, got '{self.accountant}'")
+        if len(self.runs) > len(self.entries):
+            raise PrivacyParameterError("a privacy history names more runs than it has entries")
+        self.runs = list(self.runs) + [""] * (len(self.entries) - len(self.runs))
+
+    @property
+    def non_private(self) -> bool:
+        """True once a round trained without noise: the client's epsilon is infinite for good."""
+        return any(sigma <= 0 and steps > 0 for sigma, _, steps in self.entries)
 
     def epsilon(self, *, extra: list[Mechanism] | None = None) -> float:
-        """Epsilon of the history (plus ``extra`` mechanisms, not recorded)."""
-        mechanisms = self.entries + (extra or [])
+        """Lifetime epsilon: the whole history (plus ``extra`` mechanisms, not recorded); inf when non-private."""
+        return self._epsilon(self.entries + (extra or []))
+
+    def run_epsilon(self, run_id: str | None = None, *, extra: list[Mechanism] | None = None) -> float:
+        """Epsilon of one run alone (default: the plan's): its own mechanisms (plus ``extra``), composed."""
+        run_id = run_id if run_id is not None else (self.plan.run_id if self.plan is not None else None)
+        # An entry of an older version names no run (""): it counts towards every run, which can only over-count.
+        own = [m for m, r in zip(self.entries, self.runs) if run_id is not None and r in (run_id, "")]
+        return self._epsilon(own + (extra or []))
+
+    def _epsilon(self, mechanisms: list[Mechanism]) -> float:
         if not merge_history(mechanisms):
             return 0.0
-        assert self.delta is not None, "a history with entries has a delta"
+        if any(sigma <= 0 for sigma, _, steps in mechanisms if steps > 0):
+            return math.inf
+        assert self.delta is not None, "a private history with entries has a delta"
         return compute_epsilon(mechanisms, delta=self.delta, accountant=self.accountant)
 
-    def check_budget(self, mechanism: Mechanism, *, budget: float) -> float:
-        """Fail closed: the epsilon after ``mechanism``, or BudgetExhaustedError if it exceeds ``budget``."""
-        after = self.epsilon(extra=[mechanism])
-        if after > budget:
-            now = self.epsilon()
-            raise BudgetExhaustedError(
-                f"training this round would spend (ε = {after:.4g}, δ = {self.delta:g}) in total, over the "
-                f"budget ε = {budget:g} (spent so far: ε = {now:.4g}); nothing was trained",
-                epsilon_now=now,
-                epsilon_after=after,
+    def refuse_if_non_private(self, *, budget: float) -> None:
+        """Fail closed: a private request on a history that trained without noise is refused (NonPrivateHistoryError)."""
+        if self.non_private:
+            raise NonPrivateHistoryError(
+                "this client already trained without differential privacy (a round with dp.epsilon = inf): its "
+                f"epsilon is infinite for good, so no private run can be honoured (asked for ε = {budget:g}); "
+                "nothing was trained. Use a new state folder (fresh encoders, new ledger) for private training",
                 budget=budget,
             )
-        return after
 
-    def record(self, mechanism: Mechanism) -> None:
+    def check_budget(self, mechanism: Mechanism, *, budget: float) -> float:
+        """Fail closed: the lifetime epsilon after ``mechanism``, or BudgetExhaustedError if it exceeds ``budget``."""
+        return self.check_budgets(mechanism, budget=budget, run_budget=math.inf)[0]
+
+    def check_budgets(self, mechanism: Mechanism, *, budget: float, run_budget: float) -> tuple[float, float]:
+        """Fail closed: (lifetime epsilon, run epsilon) after ``mechanism``, or BudgetExhaustedError if the
+        lifetime epsilon would exceed ``budget`` (the site's cap) or the run's own epsilon ``run_budget``."""
+        self.refuse_if_non_private(budget=run_budget if math.isfinite(run_budget) else budget)
+        after, run_after = self.epsilon(extra=[mechanism]), self.run_epsilon(extra=[mechanism])
+        for what, value, limit, now in (("in total", after, budget, self.epsilon),
+                                         ("in this run", run_after, run_budget, self.run_epsilon)):
+            if value > limit:
+                spent = now()
+                raise BudgetExhaustedError(
+                    f"training this round would spend (ε = {value:.4g}, δ = {self.delta:g}) {what}, over the budget "
+                    f"ε = {limit:g} ({'the lifetime cap' if what == 'in total' else 'the run allowance dp.epsilon'}; "
+                    f"spent so far {what}: ε = {spent:.4g}); nothing was trained",
+                    epsilon_now=self.epsilon(),
+                    epsilon_after=after,
+                    budget=budget,
+                )
+        return after, run_after
+
+    def record(self, mechanism: Mechanism, *, run_id: str = "") -> None:
+        """Append one round's mechanism (of run ``run_id``); noise multiplier 0 records a round trained without DP."""
         sigma, q, steps = mechanism
-        if not (sigma > 0 and 0 < q <= 1 and isinstance(steps, int) and steps >= 0):
+        if not (sigma >= 0 and 0 < q <= 1 and isinstance(steps, int) and steps >= 0):
             raise PrivacyParameterError(f"invalid mechanism {mechanism}")
         self.entries.append((float(sigma), float(q), int(steps)))
+        self.runs.append(str(run_id))
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -204,6 +300,7 @@ class PrivacyHistory:
             "accountant": self.accountant,
             "delta": self.delta,
             "history": [list(e) for e in self.entries],
+            "runs": list(self.runs),
             "plan": None if self.plan is None else self.plan.__dict__.copy(),
         }
 
@@ -219,14 +316,17 @@ class PrivacyHistory:
             entries = []
             for e in data["history"]:
                 sigma, q, steps = e
-                if not (float(sigma) > 0 and 0 < float(q) <= 1 and int(steps) == steps and steps >= 0):
+                if not (float(sigma) >= 0 and 0 < float(q) <= 1 and int(steps) == steps and steps >= 0):
                     raise ValueError(f"invalid entry {e}")
                 entries.append((float(sigma), float(q), int(steps)))
             plan = NoisePlan(**data["plan"]) if data.get("plan") else None
             delta = data.get("delta")
-            if entries and delta is None:
-                raise ValueError("entries without delta")
-            return cls(accountant=data["accountant"], delta=delta, entries=entries, plan=plan)
+            if any(sigma > 0 and steps > 0 for sigma, _, steps in entries) and delta is None:
+                raise ValueError("private entries without delta")
+            runs = data.get("runs", [])
+            if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+                raise ValueError(f"runs must be a list of run ids, got {runs!r}")
+            return cls(accountant=data["accountant"], delta=delta, entries=entries, plan=plan, runs=runs)
         except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyParameterError(f"malformed privacy history: {exc}") from exc
 

@@ -112,7 +112,10 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class DPSection:
-    epsilon: float = 8.0  # per-client budget for the run (inf = non-private); a site's policy may lower it
+    # The run's allowance per site: the epsilon of this run's own mechanisms, composed over the run. A deployed
+    # site's lifetime cap (node config max-epsilon) bounds its whole history as well; in simulation both are this
+    # value. inf = non-private (the site's epsilon is infinite from then on).
+    epsilon: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # per-sample clipping norm C
     accountant: str = "prv"  # prv | rdp

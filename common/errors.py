@@ -36,6 +36,16 @@ class BudgetExhaustedError(FedfuseError):
         self.budget = budget
 
 
+class NonPrivateHistoryError(BudgetExhaustedError):
+    """A private round was asked of a client that already trained without DP: its epsilon is infinite.
+
+    Raised before any training happens, like every BudgetExhaustedError.
+    """
+
+    def __init__(self, message: str, *, budget: float):
+        super().__init__(message, epsilon_now=float("inf"), epsilon_after=float("inf"), budget=budget)
+
+
 class NonFiniteError(FedfuseError, ArithmeticError):
     """A loss or an update became NaN or infinite."""
 

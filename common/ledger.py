@@ -29,7 +29,8 @@ from common.fileio import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the version new entries get
+READ_VERSIONS = (1, 2)  # versions this fedfuse verifies (a chain may mix them: v1 entries, then v2)
 STATUSES = ("trained", "refused-budget", "discarded")  # discarded: trained, failed, nothing sent
 ACCOUNTANTS = ("prv", "rdp")
 GENESIS_HASH = "0" * 64  # prev_hash of entry 0
@@ -195,13 +196,23 @@ def entry_fields(
     budget: float | None,
     update_hash: str | None,
     modalities: list[str] | tuple[str, ...] = (),
+    run_epsilon: float | None = None,
+    run_budget: float | None = None,
 ) -> dict[str, Any]:
-    """The fields of one entry, ready for :meth:`Ledger.append`.
+    """The fields of one entry (format version 2), ready for :meth:`Ledger.append`.
 
-    A budget of None or inf means non-private training: the entry gets ``"private": false`` and
-    null epsilon, budget, delta and accountant (JSON has no infinity).
+    ``epsilon`` / ``budget``: the client's lifetime epsilon after this entry and the site's lifetime cap
+    (``max-epsilon``); ``run_epsilon`` / ``run_budget``: the epsilon of this run's own mechanisms and the
+    run's allowance (``dp.epsilon``; default: ``budget``). A run budget of None or inf means non-private
+    training: ``"private": false`` and null epsilons, budgets, delta and accountant. An infinite epsilon
+    (the history holds non-private training), or no lifetime cap, is written as null (JSON has no infinity).
     """
-    private = budget is not None and math.isfinite(budget)
+    run_budget = budget if run_budget is None else run_budget
+    private = run_budget is not None and math.isfinite(run_budget)
+
+    def finite(x: float | None) -> float | None:
+        return float(x) if private and x is not None and math.isfinite(x) else None
+
     fields: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "run_id": run_id,
@@ -217,8 +228,10 @@ def entry_fields(
         },
         "delta": float(delta) if private and delta is not None else None,
         "accountant": accountant if private else None,
-        "epsilon": float(epsilon) if private and epsilon is not None else None,
-        "budget": float(budget) if private and budget is not None else None,
+        "epsilon": finite(epsilon),
+        "budget": finite(budget),
+        "run_epsilon": finite(run_epsilon),
+        "run_budget": finite(run_budget),
         "modalities": list(modalities),
         "update_hash": update_hash,
     }
@@ -256,7 +269,8 @@ def format_problems(entry: Any, *, signed: bool = True) -> list[str]:
             out.append(f"field '{key}' must be {what}, got {entry[key]!r}")
 
     g = entry.get
-    need("version", g("version") == FORMAT_VERSION, f"{FORMAT_VERSION} (this fedfuse reads format {FORMAT_VERSION})")
+    need("version", g("version") in READ_VERSIONS, f"one of {list(READ_VERSIONS)} (the formats this fedfuse reads)")
+    v2 = g("version") == 2
     need("run_id", isinstance(g("run_id"), str) and g("run_id") != "", "a non-empty string")
     need("client_id", isinstance(g("client_id"), str) and g("client_id") != "", "a non-empty string")
     need("round", _is_int(g("round")) and g("round") >= 0, "an integer >= 0")
@@ -272,8 +286,9 @@ def format_problems(entry: Any, *, signed: bool = True) -> list[str]:
     if isinstance(mech, dict):
         m = mech.get
         sigma = m("noise_multiplier")
-        if not (_is_num(sigma) and (sigma > 0 if private else sigma >= 0)):
-            out.append(f"mechanism.noise_multiplier must be a number {'> 0' if private else '>= 0'}, "
+        noised = private and g("status") != "refused-budget"  # a refusal ran nothing: its noise may be 0
+        if not (_is_num(sigma) and (sigma > 0 if noised else sigma >= 0)):
+            out.append(f"mechanism.noise_multiplier must be a number {'> 0' if noised else '>= 0'}, "
                        f"got {m('noise_multiplier')!r}")
         if not (_is_num(m("sample_rate")) and 0 < m("sample_rate") <= 1):
             out.append(f"mechanism.sample_rate must lie in (0, 1], got {m('sample_rate')!r}")
@@ -282,13 +297,21 @@ def format_problems(entry: Any, *, signed: bool = True) -> list[str]:
         mgn = m("max_grad_norm")
         if not ((_is_num(mgn) and mgn > 0) or (mgn is None and not private)):
             out.append(f"mechanism.max_grad_norm must be a number > 0{'' if private else ' or null'}, got {mgn!r}")
-    if private:
+    nullable = ("run_epsilon", "run_budget") if v2 else ()
+    if private and v2:  # epsilon null = infinite; budget null = no lifetime cap
+        need("delta", _is_num(g("delta")) and 0 < g("delta") < 1, "a number in (0, 1)")
+        need("accountant", g("accountant") in ACCOUNTANTS, f"one of {list(ACCOUNTANTS)}")
+        for key in ("epsilon", "run_epsilon"):
+            need(key, g(key) is None or (_is_num(g(key)) and g(key) >= 0), "a number >= 0 or null (infinite)")
+        need("budget", g("budget") is None or (_is_num(g("budget")) and g("budget") > 0), "a number > 0 or null (no cap)")
+        need("run_budget", _is_num(g("run_budget")) and g("run_budget") > 0, "a number > 0")
+    elif private:
         need("delta", _is_num(g("delta")) and 0 < g("delta") < 1, "a number in (0, 1)")
         need("accountant", g("accountant") in ACCOUNTANTS, f"one of {list(ACCOUNTANTS)}")
         need("epsilon", _is_num(g("epsilon")) and g("epsilon") >= 0, "a number >= 0")
         need("budget", _is_num(g("budget")) and g("budget") > 0, "a number > 0")
     elif "private" in entry:
-        for key in ("delta", "accountant", "epsilon", "budget"):
+        for key in ("delta", "accountant", "epsilon", "budget") + nullable:
             need(key, g(key) is None, "null in a non-private entry")
     if signed:
         need("index", _is_int(g("index")) and g("index") >= 0, "an integer >= 0")

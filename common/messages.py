@@ -71,10 +71,12 @@ FAILURE_DROPPED = "dropped-out"  # left a secure-aggregation round before sendin
 FAILURE_CATEGORIES = (FAILURE_SITE, FAILURE_NO_REPLY, FAILURE_APP_REFUSED, FAILURE_APP, FAILURE_DROPPED)
 
 # Metrics (train)
-NUM_EXAMPLES = "num-examples"  # size of the client's training (or test) set: released for weighting
-EPSILON = "epsilon"  # cumulative epsilon after this round (from public parameters only)
+NUM_EXAMPLES = "num-examples"  # train: the declared (public) training-set size, the aggregation weight; evaluate: test-set size
+EPSILON = "epsilon"  # lifetime epsilon after this round, the client's whole history (from public parameters only)
 DELTA = "delta"
-BUDGET = "budget"
+BUDGET = "budget"  # the run's allowance: dp.epsilon (simulation: the scenario's budget for the client)
+RUN_EPSILON = "run-epsilon"  # epsilon of this run's own mechanisms at the client, composed over the run
+MAX_EPSILON = "max-epsilon"  # the site's lifetime cap (inf: none); EPSILON is the lifetime figure it caps
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 STEPS = "steps"

@@ -2,14 +2,16 @@
 
 DP-SGD here means Poisson sampling (each record joins each step with probability q), per-sample
 gradient clipping to norm C over *all* of the client's parameters, and Gaussian noise of standard
-deviation sigma * C on their sum. Every random choice that touches records (sampling, modality
-dropout, noise) comes from secret per-round, per-record randomness (:mod:`common.randomness`); the
-batches come from fedfuse's own Poisson sampler, which takes exactly the accounted number of steps.
-A record whose loss or per-sample gradient is not finite contributes zero before clipping (so the
-sensitivity stays C): nothing about it leaves the mechanism, and whether a round is kept depends only
-on its noised parameters. The noise multiplier sigma is calibrated once per run, for the
-client's whole planned participation, against its remaining budget; before any data is touched
-the round is refused if it would take the client's epsilon over its budget (fail closed).
+deviation sigma * C on their sum. q, the number of steps and sigma come from public parameters only:
+the site's *declared* training-set size N (never the count of its records), the batch size and the
+budgets, so neighbouring datasets get the same mechanism. Every random choice that touches records
+(sampling, modality dropout, noise) comes from secret per-round, per-record randomness
+(:mod:`common.randomness`); the batches come from fedfuse's own Poisson sampler, which takes exactly the
+accounted number of steps. A record whose loss or per-sample gradient is not finite contributes zero
+before clipping (so the sensitivity stays C): nothing about it leaves the mechanism, and whether a round
+is kept depends only on its noised parameters. The noise multiplier sigma is calibrated once per run,
+for the client's whole planned participation, against both the run's allowance and the site's lifetime
+cap; before any data is touched the round is refused if it would exceed either (fail closed).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 
-from common.accounting import NoisePlan, PrivacyHistory, calibrate_noise, validate_privacy_parameters
+from common.accounting import NoisePlan, PrivacyHistory, calibrate_run, validate_privacy_parameters
 from common.config import GRAD_SAMPLE_MODES
 from common.data import MultimodalData
 from common.errors import DataError, NonFiniteError, PrivacyParameterError
@@ -45,20 +47,32 @@ class RoundResult:
     """What one round of local training did. ``train_loss`` is computed on private data without DP."""
 
     private: bool
-    epsilon: float  # cumulative, after this round (inf when non-private)
+    epsilon: float  # lifetime: the client's whole history, after this round (inf when non-private)
     delta: float | None
     noise_multiplier: float | None
     sample_rate: float
     steps: int
     max_grad_norm: float | None
-    num_examples: int  # size of the training set (not the number of Poisson-sampled records)
+    num_examples: int  # the declared (public) training-set size: the aggregation weight, never the count of records
     train_loss: float  # mean over the round's batches; private information, not DP
     seconds: float
+    run_epsilon: float = math.inf  # this run's own mechanisms alone, after this round (inf when non-private)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Number of DP-SGD steps in one epoch; the sampling rate is its inverse."""
+    """Number of DP-SGD steps in one epoch of ``num_examples`` (the declared size) records."""
     return math.ceil(num_examples / batch_size)
+
+
+def sampling_plan(declared_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """(q, steps) of one round: q = batch / N and ceil(N / batch) steps per epoch, N the declared size.
+
+    Public by construction: the same for every dataset the site could hold, so neighbours that differ by
+    one record (add/remove) run the same mechanism.
+    """
+    if not isinstance(declared_examples, int) or isinstance(declared_examples, bool) or declared_examples < 1:
+        raise PrivacyParameterError(f"the declared training-set size must be a positive integer, got {declared_examples!r}")
+    return min(1.0, batch_size / declared_examples), local_epochs * steps_per_epoch(declared_examples, batch_size)
 
 
 def check_compatible(model: MultimodalModel, data: MultimodalData) -> None:
@@ -98,6 +112,8 @@ def train_round(
     planned_rounds: int,
     local_epochs: int,
     batch_size: int,
+    max_epsilon: float | None = None,
+    declared_examples: int | None = None,
     run_id: str = "run",
     lr: float = 0.5,
     momentum: float = 0.5,
@@ -111,8 +127,15 @@ def train_round(
 ) -> RoundResult:
     """Train ``model`` (in place) on ``data`` for one round; update ``history`` with the round's mechanism.
 
-    ``target_epsilon = math.inf`` trains without DP and leaves the history untouched. On error the
-    model is restored to its state before the round. With ``proximal_mu > 0`` (FedProx) every step
+    ``target_epsilon`` is the run's allowance (``dp.epsilon``: this run's own mechanisms, composed over
+    the run) and ``max_epsilon`` the site's lifetime cap on the whole history (default: the same value).
+    ``declared_examples`` is the public training-set size N the mechanism is derived from (default: the
+    count of ``data``, for tests and tools whose size is public anyway).
+
+    ``target_epsilon = math.inf`` trains without DP; the round is recorded in the history with noise
+    multiplier 0 and its real steps, and the client's epsilon is infinite from then on. A private
+    request on such a history is refused (NonPrivateHistoryError). On error the model is restored to
+    its state before the round. With ``proximal_mu > 0`` (FedProx) every step
     also pulls the parameters named in ``proximal_reference`` towards it; that pull uses no data, so
     it is applied after the DP step and costs no privacy. ``non_private_key`` fixes the shuffling and modality
     dropout of a non-private round (reproducible runs; there is no privacy to keep); a DP round ignores it and
@@ -129,23 +152,30 @@ def train_round(
         raise ValueError(f"modality_dropout must lie in [0, 1), got {modality_dropout}")
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}, got '{grad_sample_mode}'")
+    max_epsilon = target_epsilon if max_epsilon is None else max_epsilon
+    if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0):
+        raise PrivacyParameterError(f"the site's lifetime cap max-epsilon must be > 0, got {max_epsilon!r}")
+    if math.isinf(target_epsilon) and not math.isinf(max_epsilon):
+        raise PrivacyParameterError(f"a non-private run (ε = inf) needs a site without a cap, not max-epsilon = {max_epsilon:g}")
     check_compatible(model, data)
-    n = len(data)
-    per_epoch = steps_per_epoch(n, batch_size)
-    sample_rate = 1.0 / per_epoch
-    steps = local_epochs * per_epoch
+    n = len(data) if declared_examples is None else declared_examples
+    sample_rate, steps = sampling_plan(n, batch_size, local_epochs)
     randomness = _randomness or _round_randomness(target_epsilon, non_private_key)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
     model.train()
 
     if math.isinf(target_epsilon):
+        # Charged before the data is touched, like a private round: its data leaves without DP, for good.
+        history.record((0.0, sample_rate, steps), run_id=run_id)
         loss = _train_non_private(model, data, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
                                   modality_dropout=modality_dropout, randomness=randomness, snapshot=snapshot,
                                   proximal=_proximal(model, proximal_mu, proximal_reference, lr))
         return RoundResult(False, math.inf, None, None, sample_rate, steps, None, n, loss, time.perf_counter() - start)
 
-    # Calibrate the noise once per run for the whole planned participation; check the budget.
+    # Refuse a private request on a history that is already non-private, before anything else.
+    history.refuse_if_non_private(budget=target_epsilon)
+    # Calibrate the noise once per run for the whole planned participation; check both budgets.
     if history.delta is not None and history.delta != delta:
         raise PrivacyParameterError(
             f"delta {delta:g} differs from the delta {history.delta:g} of this client's earlier rounds; "
@@ -155,8 +185,9 @@ def train_round(
                        target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm)
     plan = history.plan
     if plan is None or plan.run_id != run_id:
-        sigma = calibrate_noise(history=history.entries, sample_rate=sample_rate, steps=steps * planned_rounds,
-                                target_epsilon=target_epsilon, delta=delta, accountant=history.accountant)
+        sigma = calibrate_run(history=history.entries, sample_rate=sample_rate, steps=steps * planned_rounds,
+                              run_budget=target_epsilon, lifetime_budget=max_epsilon, delta=delta,
+                              accountant=history.accountant)
         plan = NoisePlan(noise_multiplier=sigma, **plan_params)
         log.info("calibrated noise multiplier %.4f for %d rounds x %d steps at q = %.4f", sigma, planned_rounds, steps, sample_rate)
     elif not plan.matches(**plan_params):
@@ -166,23 +197,28 @@ def train_round(
         )
     mechanism = (plan.noise_multiplier, sample_rate, steps)
     history.delta = delta  # unchanged, or fixed now for a client that has not trained yet
-    epsilon_after = history.check_budget(mechanism, budget=target_epsilon)
-    history.plan = plan
+    previous_plan, history.plan = history.plan, plan
+    try:
+        epsilon_after, run_epsilon_after = history.check_budgets(mechanism, budget=max_epsilon, run_budget=target_epsilon)
+    except BaseException:
+        history.plan = previous_plan
+        raise
 
     # From here on the data is used: the round is charged to the history even if it fails.
     try:
         loss = _train_dp(model, data, history, noise_multiplier=plan.noise_multiplier * _noise_scale,
-                         max_grad_norm=max_grad_norm, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
+                         sample_rate=sample_rate, max_grad_norm=max_grad_norm, local_epochs=local_epochs,
+                         batch_size=batch_size, lr=lr,
                          momentum=momentum, modality_dropout=modality_dropout, grad_sample_mode=grad_sample_mode,
-                         randomness=randomness, expected_steps=steps, sample_rate=sample_rate,
+                         randomness=randomness, expected_steps=steps, expected_batch_size=sample_rate * n,
                          proximal=_proximal(model, proximal_mu, proximal_reference, lr))
     except BaseException:
         model.load_state_dict(snapshot)
         raise
     finally:
-        history.record(mechanism)
+        history.record(mechanism, run_id=run_id)
     return RoundResult(True, epsilon_after, delta, plan.noise_multiplier, sample_rate, steps, max_grad_norm, n, loss,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, run_epsilon_after)
 
 
 def _round_randomness(target_epsilon: float, non_private_key: int | None) -> RoundRandomness:
@@ -226,22 +262,16 @@ class FiniteRowsDPOptimizer(DPOptimizer):
 
 @dataclass(frozen=True)
 class PoissonSampler:
-    """fedfuse's Poisson batch sampler: ``ceil(n / batch_size)`` steps per epoch, each record joining each step
-    independently with probability q = 1 / ceil(n / batch_size), drawn from the round's secret per-record
-    randomness. These are exactly the steps and the rate the accountant is charged (Opacus's uniform sampler
-    takes ``int(1 / q)`` steps per epoch: one too few for some n, e.g. 92 for n = 5900 at batch 64)."""
+    """fedfuse's Poisson batch sampler over ``num_examples`` records: ``steps_per_epoch`` steps an epoch, each
+    record joining each step independently with probability ``sample_rate``, drawn from the round's secret
+    per-record randomness. The rate and the step count are the public plan's (:func:`sampling_plan`), exactly
+    what the accountant is charged (Opacus's uniform sampler takes ``int(1 / q)`` steps per epoch: one too few
+    for some q, e.g. 92 for q = 1 / 93)."""
 
     num_examples: int
-    batch_size: int
+    sample_rate: float
+    steps_per_epoch: int
     randomness: RoundRandomness
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.num_examples, self.batch_size)
-
-    @property
-    def sample_rate(self) -> float:
-        return 1.0 / self.steps_per_epoch
 
     def steps(self, local_epochs: int) -> range:
         """The step numbers of ``local_epochs`` epochs."""
@@ -295,31 +325,43 @@ def private_training(
     momentum: float,
     grad_sample_mode: str,
     randomness: RoundRandomness | None = None,
+    sample_rate: float | None = None,
+    steps_per_epoch: int | None = None,
+    expected_batch_size: float | None = None,
 ) -> PrivateTraining:
-    """Wrap ``model`` for DP-SGD: Poisson sampling at rate 1 / ceil(N / batch_size), clipping to C, noise sigma * C.
+    """Wrap ``model`` for DP-SGD over ``num_examples`` records: Poisson sampling at ``sample_rate`` for
+    ``steps_per_epoch`` steps an epoch, clipping to C, noise sigma * C, the noised sum divided by
+    ``expected_batch_size`` (q times the declared size). Without them: 1 / ceil(n / batch_size), its
+    inverse and n q, from the count n (for benchmarks and tools, whose size is public).
 
     ``randomness`` defaults to a fresh secret key (tests pass a fixed one). Opacus provides the per-sample
     gradients (or fedfuse's flat ones), the clipping and noise (:class:`FiniteRowsDPOptimizer`) and the
     accountant; the batches are fedfuse's own (:meth:`PrivateTraining.batch`), because Opacus's uniform
     sampler takes ``int(1 / q)`` steps per epoch, one too few for some N (92 for 1 / q = 93).
     """
-    sampler = PoissonSampler(num_examples, batch_size, randomness if randomness is not None else RoundRandomness())
-    sample_rate = sampler.sample_rate
     # flat: the model's parameters become views of one flat parameter with exact per-sample gradients; Opacus
     # treats it as a model that computes its own (grad_sample_mode "no_op") and clips and noises it as usual.
     flat = FlatGradSample(model) if grad_sample_mode == "flat" else None
     module = flat if flat is not None else model
+    if sample_rate is None or steps_per_epoch is None or expected_batch_size is None:
+        steps_per_epoch = math.ceil(num_examples / batch_size)
+        sample_rate = 1.0 / steps_per_epoch
+        expected_batch_size = num_examples * sample_rate
     try:
         if flat is None:
             ModuleValidator.validate(module, strict=True)
         optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum)
+        sampler = PoissonSampler(num_examples, sample_rate, steps_per_epoch,
+                                 randomness if randomness is not None else RoundRandomness())
         dp_model = prepare_module(module, grad_sample_mode="no_op" if flat is not None else grad_sample_mode,
                                   batch_first=True, loss_reduction="mean")
         dp_model.forbid_grad_accumulation()  # one backward per step: a Poisson batch is one logical batch
+        # The noised sum is divided by the expected batch of the public plan (q * declared size), never by a
+        # function of the private record count (Opacus's make_private would use int(len(dataset) * q)).
         dp_optimizer = FiniteRowsDPOptimizer(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=int(num_examples * sample_rate),  # as Opacus's make_private computes it
-            loss_reduction="mean", generator=sampler.randomness.noise_generator(), secure_mode=False)
+            expected_batch_size=expected_batch_size, loss_reduction="mean",
+            generator=sampler.randomness.noise_generator(), secure_mode=False)
         counter = create_accountant(mechanism=accountant)
         dp_optimizer.attach_step_hook(counter.get_optimizer_hook_fn(sample_rate=sample_rate))
     except BaseException:
@@ -366,6 +408,7 @@ def _train_dp(
     history: PrivacyHistory,
     *,
     noise_multiplier: float,
+    sample_rate: float,
     max_grad_norm: float,
     local_epochs: int,
     batch_size: int,
@@ -375,12 +418,13 @@ def _train_dp(
     grad_sample_mode: str,
     randomness: RoundRandomness,
     expected_steps: int,
-    sample_rate: float,
+    expected_batch_size: float,
     proximal: "Callable[[], None]",
 ) -> float:
     private = private_training(model, len(data), accountant=history.accountant, noise_multiplier=noise_multiplier,
                                max_grad_norm=max_grad_norm, batch_size=batch_size, lr=lr, momentum=momentum,
-                               grad_sample_mode=grad_sample_mode, randomness=randomness)
+                               grad_sample_mode=grad_sample_mode, randomness=randomness, sample_rate=sample_rate,
+                               steps_per_epoch=expected_steps // local_epochs, expected_batch_size=expected_batch_size)
     steps = private.sampler.steps(local_epochs)
     if (len(steps), private.sample_rate) != (expected_steps, sample_rate):  # before any data is touched
         private.close()

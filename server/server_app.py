@@ -82,6 +82,9 @@ def main(grid: Grid, context: Context) -> None:
         folder.write_results(strategy.results(status="completed"))
         return
     rounds = total - state.round_offset
+    log.info("run %s: privacy: each site's own mechanisms in this run may spend at most ε = %g at δ = %g (dp.epsilon, "
+             "composed over the run); each site's lifetime cap (max-epsilon, its whole history) applies as well, and "
+             "each site's spend so far is logged at its first reply", run_id, config.dp.epsilon, config.dp.delta)
     polling = PollingGrid(grid)  # replies polled every 0.2 s (Flower: 3 s), a missing reply is recorded as a failure
     try:
         if config.secagg.enabled:  # the head through SecAgg+: the server learns only the sum of the updates

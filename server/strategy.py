@@ -178,10 +178,17 @@ class FedFuse(FedAvg):
     def _record_client(self, reply: Any) -> None:
         rec = self.state.clients.setdefault(reply.client_id, {"rounds_trained": 0})
         rec["modalities"] = list(reply.modalities)
-        for key, name in ((M.EPSILON, "epsilon"), (M.DELTA, "delta"), (M.BUDGET, "budget")):
+        for key, name in ((M.EPSILON, "epsilon"), (M.DELTA, "delta"), (M.BUDGET, "budget"),
+                          (M.RUN_EPSILON, "run_epsilon"), (M.MAX_EPSILON, "max_epsilon")):
             if key in reply.metrics:
                 rec[name] = float(reply.metrics[key])
         rec.setdefault("delta", self.config.dp.delta)
+        if "epsilon_before_run" not in rec and reply.ledger:
+            rec["epsilon_before_run"] = spend_before_run(reply.ledger, self.state.run_id)
+            cap = rec.get("max_epsilon")
+            log.info("%s: spent ε = %s before this run (lifetime cap max-epsilon = %s); this run may spend ε = %s "
+                     "of its own (dp.epsilon)", reply.client_id, _eps(rec["epsilon_before_run"]), _eps(cap),
+                     _eps(rec.get("budget")))
         if reply.status == M.STATUS_OK:
             rec["rounds_trained"] += 1
             rec["train_examples"] = reply.num_examples  # released for weighting; shown in the run report
@@ -313,3 +320,19 @@ class FedFuse(FedAvg):
             f"{ev['accuracy']:.3f}" if ev else "-", f"{ev['macro_f1']:.3f}" if ev else "-",
             f"{eps:.2f}" if eps is not None and eps != float("inf") else ("∞" if eps else "-"), rnd["seconds"],
         )
+
+
+def spend_before_run(ledger: list[dict[str, Any]], run_id: str) -> float | None:
+    """A client's lifetime epsilon before run ``run_id``, from its ledger (0 if new; None if infinite or unknown)."""
+    earlier = [e for e in ledger if isinstance(e, dict) and e.get("run_id") != run_id]
+    if not earlier:
+        return 0.0
+    if any(e.get("private") is False and (e.get("mechanism") or {}).get("steps", 0) > 0 for e in earlier):
+        return None  # trained without DP: infinite
+    value = earlier[-1].get("epsilon")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _eps(value: float | None) -> str:
+    return "∞" if value is None or value == float("inf") else f"{value:.2f}"
+

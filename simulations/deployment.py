@@ -83,9 +83,16 @@ class Site:
     proc: subprocess.Popen | None = None
     executor: subprocess.Popen | None = None  # `fedfuse site executor`, when started on its own (start_site_split)
 
+    def num_train_examples(self) -> int:
+        """The training-set size this site declares (as its IT would, from `fedfuse data validate`)."""
+        from common.sitedata import load_site
+
+        train = load_site(self.data_dir).part("train")
+        return len(train) if train is not None else 0
+
     def node_config(self) -> str:
         parts = [f'data-dir="{self.data_dir}"', f'state-dir="{self.state_dir}"', f'client-id="{self.name}"',
-                 f"max-epsilon={self.max_epsilon!r}"]
+                 f"max-epsilon={self.max_epsilon!r}", f"num-train-examples={self.num_train_examples()}"]
         if self.max_delta is not None:
             parts.append(f"max-delta={self.max_delta!r}")
         return " ".join(parts)

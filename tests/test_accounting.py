@@ -17,7 +17,9 @@ from common.errors import BudgetExhaustedError, PrivacyParameterError
 
 
 def test_reference_epsilon_rdp():
-    assert compute_epsilon([(1.1, 0.01, 1000)], delta=1e-5, accountant="rdp") == pytest.approx(1.7118, abs=1e-4)
+    # Integer orders 2-256 only (Opacus's fractional orders give 1.7118; the audit's dp-accounting evaluates
+    # those only approximately, so both sides use integer orders and agree exactly)
+    assert compute_epsilon([(1.1, 0.01, 1000)], delta=1e-5, accountant="rdp") == pytest.approx(1.7253, abs=1e-4)
 
 
 def test_reference_epsilon_prv():

@@ -238,7 +238,8 @@ def test_a_restarted_site_keeps_its_encoders_and_privacy_history(dep):
     ledger = _ledger(site.state_dir / "ledger.jsonl")
     new = [e for e in ledger if e["run_id"] == run.results["run_id"]]
     assert len(new) == 1 and new[0]["status"] == "trained"
-    assert eps_before < new[0]["epsilon"] <= 5.0  # continues from the earlier runs' spend
+    # continues from the earlier runs' spend: this run's own ε within dp.epsilon, the lifetime within max-epsilon
+    assert eps_before < new[0]["epsilon"] <= site.max_epsilon and new[0]["run_epsilon"] <= new[0]["run_budget"] == 5.0
     assert new[0]["prev_hash"] == ledger[-2]["entry_hash"]  # one chain across runs and restarts
     history = json.loads((site.state_dir / "privacy.json").read_text())
     assert len(history["rounds"]) == len(history["privacy"]["history"]) == len(ledger)  # every round, every run

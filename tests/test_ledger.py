@@ -107,8 +107,8 @@ def test_entry_format_hash_and_signature(tmp_path, key, three):
     # Assert: every field of the documented format, chained and signed
     assert set(first) == {
         "version", "run_id", "client_id", "round", "status", "private", "mechanism", "delta", "accountant",
-        "epsilon", "budget", "modalities", "time", "update_hash", "public_key", "prev_hash", "index",
-        "entry_hash", "signature",
+        "epsilon", "budget", "run_epsilon", "run_budget", "modalities", "time", "update_hash", "public_key",
+        "prev_hash", "index", "entry_hash", "signature",
     }
     assert first["mechanism"] == {"noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 100, "max_grad_norm": 1.0}
     assert first["prev_hash"] == GENESIS_HASH and first["index"] == 0 and first["time"].endswith("Z")

@@ -33,10 +33,10 @@ from common.model import MAX_GLOBAL_MAGNITUDE, ModelConfig, MultimodalModel, glo
 from common.randomness import RoundRandomness
 from common.sitedata import write_site
 from common import training
-from common.training import PoissonSampler, _proximal, dp_step, private_training, train_round
+from common.training import PoissonSampler, _proximal, dp_step, private_training, sampling_plan, train_round
 
 C = 1.0
-N, BATCH = 40, 16  # q = 1 / 3 for D (40 records) and for D + x (41)
+N, BATCH = 40, 16  # the declared size N: q = 16 / 40 for D (40 records) and for D + x (41)
 KEY = 20240917  # the test-only fixed key: held equal for D and D + x
 
 
@@ -82,13 +82,15 @@ def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([v.detach().reshape(-1).clone() for v in model.state_dict().values()])
 
 
-def clipped_sum(data: MultimodalData, option: Option, step: int) -> torch.Tensor:
+def clipped_sum(data: MultimodalData, option: Option, step: int, declared: int) -> torch.Tensor:
     """The sum of clipped per-sample gradients of step ``step`` (noise off), through training's own step.
 
     As in the training loop: the step's Poisson batch, dp_step (modality dropout, per-sample gradients,
     clipping, Opacus's DPOptimizer) and FedProx's pull; with lr 1 and no momentum, the parameters move by
-    minus the clipped sum over the expected batch size.
+    minus the clipped sum over the expected batch size. q, the steps and the expected batch size come from
+    the public ``declared`` training-set size, as in ``train_round``.
     """
+    q, per_epoch = sampling_plan(declared, BATCH, 1)
     with torch.random.fork_rng(devices=[]):  # the head's initial weights too (the server sends them)
         torch.manual_seed(option.init_seed)
         model = MultimodalModel(data.schema, ModelConfig(option.fusion, 16, 16), seed=option.init_seed)
@@ -96,7 +98,8 @@ def clipped_sum(data: MultimodalData, option: Option, step: int) -> torch.Tensor
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the global values (FedProx)
     private = private_training(model, len(data), accountant="prv", noise_multiplier=0.0, max_grad_norm=C,
                                batch_size=BATCH, lr=1.0, momentum=0.0, grad_sample_mode=option.mode,
-                               randomness=RoundRandomness(KEY))
+                               randomness=RoundRandomness(KEY), sample_rate=q, steps_per_epoch=per_epoch,
+                               expected_batch_size=q * declared)
     pull = _proximal(model, option.mu, reference, 1.0)
     try:
         with warnings.catch_warnings():
@@ -111,17 +114,16 @@ def clipped_sum(data: MultimodalData, option: Option, step: int) -> torch.Tensor
 def step_sampling(n: int, record: int) -> int:
     """The first step after the first at which ``record`` is in the Poisson batch under KEY."""
     randomness = RoundRandomness(KEY)
-    return next(t for t in range(1, 100) if record in randomness.poisson_batch(t, num_examples=n, sample_rate=1 / 3))
+    return next(t for t in range(1, 100) if record in randomness.poisson_batch(t, num_examples=n, sample_rate=sampling_plan(N, BATCH, 1)[0]))
 
 
 @pytest.mark.parametrize("option", list(OPTIONS.values()), ids=list(OPTIONS))
 def test_one_dp_step_on_neighbouring_datasets_moves_the_clipped_sum_by_at_most_c(option):
-    # Prepare: neighbouring datasets with the same q, and a (later) step at which x is sampled
+    # Prepare: neighbouring datasets with the same public plan (declared size), and a (later) step at which x is sampled
     small, large = neighbours(option)
-    assert steps_sampler_rate(len(small)) == steps_sampler_rate(len(large))
     step = step_sampling(len(large), N)
     # Execute
-    a, b = clipped_sum(small, option, step), clipped_sum(large, option, step)
+    a, b = clipped_sum(small, option, step, declared=N), clipped_sum(large, option, step, declared=N)
     # Assert: the other records did exactly the same (sampled, masked, clipped); x moved the sum by <= C
     assert a.norm() > 0.5 * C  # a real step with several clipped records
     distance = float((b - a).norm())
@@ -131,10 +133,6 @@ def test_one_dp_step_on_neighbouring_datasets_moves_the_clipped_sum_by_at_most_c
         assert torch.isfinite(b).all()
     else:
         assert distance > 1e-3 * C  # x really took part
-
-
-def steps_sampler_rate(n: int) -> float:
-    return PoissonSampler(n, BATCH, RoundRandomness(KEY)).sample_rate
 
 
 def test_randomness_is_drawn_per_record_so_adding_one_changes_no_other_records_choices():
@@ -165,14 +163,15 @@ def test_randomness_touching_records_is_secret_and_fresh_each_round():
 
 @pytest.mark.parametrize("batch_size", [1, 64, 93])
 def test_the_sampler_takes_exactly_the_accounted_steps_for_every_n(batch_size):
-    # The accountant is charged ceil(n / batch) steps per epoch at q = 1 / ceil(n / batch); Opacus's own
-    # sampler took int(1 / q) steps per epoch, one too few for 153 values of ceil(n / batch) <= 3000
+    # The accountant is charged ceil(N / batch) steps per epoch at q = batch / N (N the declared size); Opacus's
+    # own sampler took int(1 / q) steps per epoch, one too few for 153 values of ceil(n / batch) <= 3000
     # (batch 1: n = 93, 99, ...; batch 64: n = 5889-5952, ...)
     randomness = RoundRandomness(KEY)
     wrong = []
     for n in range(1, 6001):
-        sampler, per_epoch = PoissonSampler(n, batch_size, randomness), math.ceil(n / batch_size)
-        if (len(sampler.steps(3)), sampler.sample_rate) != (3 * per_epoch, 1 / per_epoch):
+        q, steps = sampling_plan(n, batch_size, 3)
+        sampler = PoissonSampler(n, q, steps // 3, randomness)
+        if (len(sampler.steps(3)), sampler.sample_rate, steps) != (steps, q, 3 * math.ceil(n / batch_size)):
             wrong.append(n)
     assert wrong == []
 
@@ -193,8 +192,8 @@ def test_a_round_at_n_5900_batch_64_executes_the_93_steps_it_is_charged(monkeypa
     # Assert: executed, accounted and reported steps agree, at the accounted rate
     sigma = history.entries[0][0]
     assert executed == list(range(93))
-    assert history.entries == [(sigma, 1 / 93, 93)]
-    assert (result.steps, result.sample_rate) == (93, 1 / 93)
+    assert history.entries == [(sigma, 64 / 5900, 93)]
+    assert (result.steps, result.sample_rate) == (93, 64 / 5900)
 
 
 # --- replies: nothing but DP outputs and README-listed metrics depends on the records --------------------
@@ -212,7 +211,7 @@ def site_context(tmp_path, name: str, data: MultimodalData, **run_overrides) -> 
     """A deployed site (its own folder, state and policy) holding ``data`` (50 train, 10 test records)."""
     write_site(tmp_path / name, data, ["train"] * 50 + ["test"] * 10, name="hospital")
     node = {"data-dir": str(tmp_path / name), "state-dir": str(tmp_path / f"{name}-state"), "max-epsilon": 4.0,
-            "client-id": "hospital"}
+            "client-id": "hospital", "num-train-examples": 50}
     flat = RunConfig().to_flat() | {"out-dir": str(tmp_path / "run"), "dp.epsilon": 3.0, "train.batch-size": 50,
                                     "train.local-epochs": 2, "train.modality-dropout": 0.5} | run_overrides
     return Context(run_id=5, node_id=11, node_config=node, state=RecordDict(), run_config=flat)

@@ -373,7 +373,8 @@ def refusing_site(tmp_path) -> dict:
 
     data = synthetic.generate(100, seed=5).restrict(("image",))
     folder = write_site(tmp_path / "site-x", data, ["train"] * 80 + ["test"] * 20, name="site-x")
-    return {"data-dir": str(folder), "state-dir": str(tmp_path / "state-x"), "client-id": "site-x", "max-epsilon": 1.0}
+    return {"data-dir": str(folder), "state-dir": str(tmp_path / "state-x"), "client-id": "site-x", "max-epsilon": 1.0,
+            "num-train-examples": 80}
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -87,6 +87,9 @@ def test_results_json_schema(simulated):
     assert isinstance(results["warnings"], list)
     for cid, client in results["privacy"]["clients"].items():
         assert {"epsilon", "delta", "budget", "rounds_trained", "modalities"} <= set(client), cid
+        # the run's allowance and the site's lifetime cap, with the run's own spend and the spend before it
+        assert {"run_epsilon", "max_epsilon", "epsilon_before_run"} <= set(client), cid
+        assert client["epsilon_before_run"] == 0.0 and client["run_epsilon"] == pytest.approx(client["epsilon"])
 
 
 def test_only_head_arrays_cross_the_wire(simulated):

@@ -73,7 +73,9 @@ def test_non_private_training_adds_no_noise_and_reports_infinity(synth_train):
     history = PrivacyHistory()
     result = train_round(model, data, history, **(DP | dict(target_epsilon=math.inf)))
     assert not result.private and math.isinf(result.epsilon) and result.noise_multiplier is None
-    assert history.entries == []
+    # recorded with its real steps and no noise: the client's epsilon is infinite from now on
+    assert history.entries == [(0.0, result.sample_rate, result.steps)] and result.steps > 0
+    assert math.isinf(history.epsilon()) and history.non_private
     # the signal encoder received no gradient and no noise
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before if k.startswith("encoders.signal."))
 

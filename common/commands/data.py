@@ -147,4 +147,6 @@ def _format_summary(s: dict) -> str:
                      + (f" ({hint})" if (hint := split_hint(list(s["splits"]))) else ""))
     elif hint := split_hint(list(s["splits"])):
         lines.append(f"  note: {hint}")
+    if s["splits"].get(TRAIN_SPLIT):
+        lines.append(f"  deploy: declare num-train-examples={s['splits'][TRAIN_SPLIT]} in the SuperNode's node config")
     return "\n".join(lines + [f"  presence: {presence}", f"  classes: {classes}"])

@@ -34,6 +34,7 @@ from common.errors import ConfigError
 from common.model import ModelConfig, MultimodalModel
 from common.randomness import RoundRandomness
 from common.training import (GRAD_SAMPLE_MODES, PoissonSampler, PrivateTraining, _batch, dp_step, non_private_step,
+                             sampling_plan,
                              private_training)
 
 EXTRA_MODES = ("ghost",)  # Opacus modes the training loop does not offer, measured for comparison only
@@ -190,7 +191,7 @@ def _ghost(model, data, train: TrainSection, args: argparse.Namespace) -> _Varia
             noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm, poisson_sampling=True,
             grad_sample_mode="ghost", noise_generator=randomness.noise_generator())
     private = PrivateTraining(dp_model, dp_optimizer, engine.accountant, dp_model._close,
-                              PoissonSampler(len(data), args.batch_size, randomness))
+                              PoissonSampler(len(data), *sampling_plan(len(data), args.batch_size, 1), randomness))
 
     def step(idx: torch.Tensor) -> None:
         inputs, mask, labels = _batch(data, idx)

@@ -123,16 +123,10 @@ def free_port() -> int:
 
 
 def write_sites(folder: Path, sites: Mapping[str, Sequence[str]], *, samples: int = 240, seed: int = 7) -> dict[str, Path]:
-    """Write one synthetic site folder per site, holding only its modalities (80 % train, 20 % test)."""
-    from common import synthetic
-    from common.sitedata import write_site
+    """Write one synthetic site folder per site, holding only its modalities (as ``fedfuse data synth``)."""
+    from common.synthetic_sites import write_synthetic_sites
 
-    paths = {}
-    for i, (name, modalities) in enumerate(sites.items()):
-        data = synthetic.generate(samples, seed=seed + i).restrict(tuple(modalities))
-        split = ["train" if j < int(samples * 0.8) else "test" for j in range(samples)]
-        paths[name] = write_site(folder / name, data, split, name=name)
-    return paths
+    return write_synthetic_sites(folder, {name: tuple(m) for name, m in sites.items()}, samples=samples, seed=seed)
 
 
 def _toml_value(value: Any) -> str:

@@ -47,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     s = sub.add_parser("synth", help="write site folders of the synthetic dataset (demos, trying a deployment)",
                        description="Write one site folder per site, each holding only the modalities named, with "
-                       "'train' (80 %%) and 'test' (20 %%) samples of the embedded synthetic dataset.")
+                       "'train' (80 %) and 'test' (20 %) samples of the embedded synthetic dataset.")
     s.add_argument("--out", type=Path, required=True, help="a new (or empty) folder to write the site folders into")
     s.add_argument("--sites", required=True, metavar="SPEC", help=SPEC_HELP)
     s.add_argument("--samples", type=int, default=240, help="samples per site (default 240)")

@@ -65,8 +65,25 @@ class FedFuse(FedAvg):
         self.federation = federation
         self.heldout = heldout  # server-side evaluation of the global model (encoders = "federated")
         self.node_clients: dict[int, str] = {}  # Flower node id -> client id (node ids change across runs)
+        self.node_names: dict[int, str] = {}  # Flower node id -> name at registration (PollingGrid.names, deployment)
         self._round: dict[str, Any] = {}
         self._started = time.perf_counter()
+
+    def site_name(self, node: int | None) -> str:
+        """A node as the run's log and results show it: its client id, else its registered name, else its node id."""
+        if node is None:
+            return "a client"
+        return self.node_clients.get(node) or self.node_names.get(node) or f"node {node}"
+
+    def _check_and_log_replies(self, replies: Iterable[Message], is_train: bool, validate: bool = True) -> tuple[list[Message], list[Message]]:
+        """Flower's split into valid and error replies, logged by site name (Flower's logs node ids)."""
+        replies = list(replies)
+        valid = [m for m in replies if not m.has_error()]
+        errors = [m for m in replies if m.has_error()]
+        if replies:
+            log.info("%s: %d result(s), %d failure(s)%s", "train" if is_train else "evaluate", len(valid), len(errors),
+                     "".join(f"; {self.site_name(m.metadata.src_node_id)}: {m.error.reason}" for m in errors))
+        return valid, errors
 
     def absolute(self, server_round: int) -> int:
         return self.state.round_offset + server_round
@@ -118,7 +135,7 @@ class FedFuse(FedAvg):
         # replies: (node id, parse, claimed client id); failures: (node id or None, reason)
         trained, refused, rejected, failed, updates = [], {}, {}, [], []
         for node, reason in failures:
-            who = self.node_clients.get(node, f"node {node}") if node is not None else "a client"
+            who = self.site_name(node)
             failed.append(who)
             log.warning("round %d: %s failed: %s", r, who, reason)
         for node, parse, claimed in replies:
@@ -127,7 +144,7 @@ class FedFuse(FedAvg):
                 self.node_clients[node] = reply.client_id
                 self._keep_ledger(reply.client_id, reply.ledger)
             except (ReplyRejected, LedgerError) as exc:
-                who = claimed or self.node_clients.get(node, f"node {node}")
+                who = claimed or self.site_name(node)
                 rejected[who] = str(exc)
                 log.warning("round %d: rejected the reply of %s (node %d): %s", r, who, node, exc)
                 continue
@@ -189,7 +206,7 @@ class FedFuse(FedAvg):
             try:
                 parsed.append(parse_evaluate_reply(msg))
             except ReplyRejected as exc:
-                log.warning("round %d: rejected an evaluation from node %d: %s", self.absolute(server_round), msg.metadata.src_node_id, exc)
+                log.warning("round %d: rejected an evaluation from %s: %s", self.absolute(server_round), self.site_name(msg.metadata.src_node_id), exc)
         summary = mean_metrics(parsed)
         self._round["evaluate"] = summary
         if summary is None:

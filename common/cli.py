@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("audit", "verify privacy ledgers and re-account every client's epsilon"),
     "certs": ("certs", "create the CA, SuperLink certificate and site keys for a deployment"),
     "site": ("site", "run a deployment site's SuperNode with the warm executor (fast rounds)"),
+    "sites": ("sites", "the SuperNodes registered at a SuperLink, by site name, and whether they are online"),
     "bench": ("bench", "benchmarks: dp-overhead, round-overhead, deploy-round, hapt, av-digits"),
 }
 

@@ -308,8 +308,12 @@ class Deployment:
 
     def start_unregistered(self, name: str, key: Path) -> subprocess.Popen:
         """Start a SuperNode whose key the SuperLink does not know (log: ``logs(name)``)."""
+        return self.start_other(name, key)
+
+    def start_other(self, name: str, key: Path, *, data_dir: Path | None = None) -> subprocess.Popen:
+        """Start a SuperNode that is not one of the sites, with ``key`` and ``data_dir`` (default: the first site's data)."""
         base = next(iter(self.sites.values()))
-        site = Site(name, base.modalities, base.data_dir, self.root / "state" / name, self.root / "homes" / name,
+        site = Site(name, base.modalities, data_dir or base.data_dir, self.root / "state" / name, self.root / "homes" / name,
                     self.log_path(name), free_port(), 8.0)
         command = self.site_command(site, key=key)
         proc = self._spawn(command, site.home, site.log_path)

@@ -127,14 +127,14 @@ def test_site_supernode_refuses_to_start_flower_and_prints_the_report(site, caps
 
 def _facts(**kw):
     return argparse.Namespace(**({"superlink": "link.example.org:9093", "root_certificates": "ca.crt",
-                                  "auth_supernode_private_key": "auth.key"} | kw))
+                                  "auth_supernode_private_key": "auth.key", "insecure": False} | kw))
 
 
 @pytest.mark.parametrize("detail, first", [
-    (["[code: 412] No SuperNode found with the given public key"], "key is not registered"),
+    (["[code: 2004] Failed to activate SuperNode."], "key is not registered"),  # what Flower 1.42 prints for it
     (["[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate"], "wrong CA"),
     (["[Errno 111] Connection refused"], "SuperLink is down or the address is wrong"),
-    ([], "key is not registered"),  # nothing to go by: every cause, in the usual order
+    (["All connection attempts failed"], "key is not registered"),  # nothing to go by: every cause, the usual order
 ])
 def test_a_connection_failure_names_every_likely_cause_the_indicated_one_first(detail, first):
     hint = connection_hint(_facts(), detail).splitlines()
@@ -142,3 +142,11 @@ def test_a_connection_failure_names_every_likely_cause_the_indicated_one_first(d
     assert first in hint[1] and len(hint) == 4
     text = "\n".join(hint)
     assert "flwr supernode register" in text and "--root-certificates (ca.crt)" in text and "link.example.org:9093" in text
+
+
+def test_without_tls_or_a_node_key_only_the_possible_causes_are_named():
+    insecure = connection_hint(_facts(insecure=True, root_certificates=None, auth_supernode_private_key=None), [])
+    assert insecure.splitlines()[0].endswith("Likely cause:") and "SuperLink is down" in insecure
+    assert "registered" not in insecure and "CA" not in insecure
+    no_key = connection_hint(_facts(auth_supernode_private_key=None), ["[Errno 111] Connection refused"]).splitlines()
+    assert len(no_key) == 3 and "SuperLink is down" in no_key[1] and "wrong CA" in no_key[2]

@@ -65,6 +65,7 @@ def _executor_options(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen site command."""
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; fedfuse's root handler would repeat it
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else one line per request: the executor polls 10 times a second
     if logging.getLogger("fedfuse").level == logging.NOTSET:  # this is the site's log: show what fedfuse does
         logging.getLogger("fedfuse").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     return int(args._run(args))
@@ -241,10 +242,15 @@ def connection_hint(facts: argparse.Namespace, detail: list[str]) -> str:
     address = facts.superlink
     key = facts.auth_supernode_private_key
     causes = {
-        "key": (("412", "no supernode found", "public key", "not registered", "unauthenticated", "401"),
+        # An unknown key gets "[code: 2004] Failed to activate SuperNode." (HTTP 412); so does a site restarted after
+        # a crash while the SuperLink still counts it online
+        "key": (("failed to activate", "code: 2004", "412", "no supernode found", "public key", "not registered"),
                 f"this site's key is not registered at the SuperLink: the operator registers its public key "
-                f"(`flwr supernode register <site>.pub <connection> --name <site>`; `fedfuse certs` wrote it to "
-                f"superlink/supernode-keys/)" + (f"; the site uses the private key {key}" if key else "")),
+                f"(`fedfuse sites register <site>.pub` or `flwr supernode register <site>.pub <connection> --name "
+                f"<site>`; `fedfuse certs` wrote it to superlink/supernode-keys/)"
+                + (f"; this site signs with {key}" if key else "")
+                + ". (After a crash the SuperLink also refuses the site until it has marked it offline, under a "
+                "minute: then start it again.)"),
         "ca": (("certificate", "ssl", "tls", "handshake"),
                f"wrong CA certificate: --root-certificates ({facts.root_certificates or 'not given'}) must be the "
                f"ca.crt that `fedfuse certs` wrote for this federation, and the SuperLink's certificate must name "
@@ -254,7 +260,12 @@ def connection_hint(facts: argparse.Namespace, detail: list[str]) -> str:
                  f"the SuperLink is down or the address is wrong: is flower-superlink running and reachable at "
                  f"{address} (--superlink HOST:PORT)?"),
     }
+    if facts.insecure:  # no TLS, no node authentication: neither a key nor a CA can be the cause
+        causes = {"down": causes["down"]}
+    elif not key:
+        del causes["key"]
     order = sorted(causes, key=lambda c: not any(w in text for w in causes[c][0]))  # the cause the message points to first
-    lines = [f"flower-supernode could not connect to the SuperLink at {address}. Likely causes:"]
+    lines = [f"flower-supernode could not connect to the SuperLink at {address}. "
+             + ("Likely causes:" if len(order) > 1 else "Likely cause:")]
     lines += [f"  - {causes[c][1]}" for c in order]
     return "\n".join(lines)

@@ -102,6 +102,27 @@ def test_polling_grid_attributes_the_superlinks_node_unavailable_error_to_the_no
     assert [(r.metadata.src_node_id, r.error.reason) for r in errors] == [(2, "Node Unavailable")]
 
 
+@pytest.mark.usefixtures("task_identity")
+def test_polling_grid_names_a_silent_node_as_registered(caplog):
+    from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+
+    grid = ScriptedGrid({1: 1, 2: None})
+    grid.get_nodes = lambda: [NodeInfo(node_id=1, name="berlin"), NodeInfo(node_id=2, name="paris")]
+    polling = PollingGrid(grid)
+    assert sorted(polling.get_node_ids()) == [1, 2] and polling.names == {1: "berlin", 2: "paris"}
+    with caplog.at_level("WARNING", logger="fedfuse.server"):
+        list(polling.send_and_receive(_messages([1, 2]), timeout=0.2))
+    assert "paris sent no train reply within 0.2 s (round-timeout)" in caplog.text and "node 2" not in caplog.text
+
+
+def test_the_run_log_names_sites_by_client_id_else_registered_name_else_node_id(tmp_path):
+    config = parse_run_config(RunConfig().to_flat() | {"out-dir": str(tmp_path)})
+    head = global_head_template(["image"], 6, ModelConfig(embed_dim=8, hidden_dim=8))
+    strategy = FedFuse(config, RunState("r", 2, 0, head), None, RunFolder(tmp_path), {})
+    strategy.node_names, strategy.node_clients = {1: "berlin", 2: "paris"}, {2: "paris-clinic"}
+    assert [strategy.site_name(n) for n in (1, 2, 3, None)] == ["berlin", "paris-clinic", "node 3", "a client"]
+
+
 def test_polling_grid_sends_nothing_for_no_messages():
     grid = ScriptedGrid({})
     assert list(PollingGrid(grid).send_and_receive([], timeout=1)) == [] and grid.pulls == 0

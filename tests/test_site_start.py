@@ -150,3 +150,18 @@ def test_without_tls_or_a_node_key_only_the_possible_causes_are_named():
     assert "registered" not in insecure and "CA" not in insecure
     no_key = connection_hint(_facts(auth_supernode_private_key=None), ["[Errno 111] Connection refused"]).splitlines()
     assert len(no_key) == 3 and "SuperLink is down" in no_key[1] and "wrong CA" in no_key[2]
+
+
+def test_fedfuse_sites_shows_each_registered_site_by_name_and_how_many_are_online():
+    from common.commands.sites import format_sites
+
+    table = format_sites([
+        {"name": "berlin", "node_id": 11, "status": "online", "since": "2026-11-30T13:40:02.123+00:00"},
+        {"name": "paris", "node_id": 12, "status": "registered", "since": "2026-11-30T13:30:00+00:00"},
+        {"name": None, "node_id": 13, "status": "offline", "since": None},
+    ]).splitlines()
+    assert table[0].split() == ["site", "node", "id", "status", "since"]
+    assert table[1].split() == ["berlin", "11", "online", "2026-11-30", "13:40:02"]
+    assert table[2].split()[:3] == ["paris", "12", "registered"] and "(never connected)" in table[2]
+    assert table[3].split() == ["(no", "name)", "13", "offline"]
+    assert table[4] == "1 of 3 site(s) online" and "register" in table[5]

@@ -87,9 +87,10 @@ def _check_state(path: Path, client_id: str | None, modalities: tuple[str, ...] 
     from common.state import PRIVACY_FILE, ClientState, StateError
 
     where = f"state-dir {path}"
-    if not path.exists():
-        if not path.parent.is_dir():
-            report.problems.append(f"{where}: its parent folder does not exist; create it (or fix the path)")
+    if not path.exists():  # created (with its parents) at the first task: the nearest existing folder must allow it
+        ancestor = next(p for p in path.parents if p.exists())
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            report.problems.append(f"{where}: does not exist and cannot be created in {ancestor} (not a writable folder)")
         else:
             report.facts.append(f"{where}: new (created at the first task)")
         return

@@ -43,6 +43,11 @@ def test_a_valid_site_with_a_new_or_trained_state_folder_may_start(site):
     assert any("site 'berlin', 20 samples (test 4, train 16), modalities image, signal" in f for f in report.facts)
     assert any("new (created at the first task)" in f for f in report.facts)
     assert not Path(site["state-dir"]).exists()  # checking creates nothing
+    assert check_start(site | {"state-dir": site["state-dir"] + "/a/b"}).problems == []  # created with its parents
+    Path(site["state-dir"]).write_text("a file")
+    assert any("cannot be created in" in p for p in check_start(site | {"state-dir": site["state-dir"] + "/a"}).problems)
+    assert any(p.endswith(": not a folder") for p in check_start(site).problems)
+    Path(site["state-dir"]).unlink()
 
     _trained_state(Path(site["state-dir"]))
     report = check_start(site)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -99,14 +100,14 @@ class FedFuse(FedAvg):
         """The round's training clients: a sample of those not excluded (this starts the round's record)."""
         self._started = time.perf_counter()
         excluded_nodes = {n for n, c in self.node_clients.items() if c in self.state.excluded}
-        connected = list(grid.get_node_ids())
+        # First wait (at most round-timeout) for min-clients sites: a run submitted before its sites connect trains in round 1
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0, wait=self.config.server.round_timeout)
         available = [n for n in connected if n not in excluded_nodes]
         want = max(int(len(available) * self.fraction_train), self.min_train_nodes)
         if not available:
             log.warning("round %d: every client is excluded (budgets exhausted); nothing to train", self.absolute(server_round))
             return []
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, len(connected), wait=self.config.server.round_timeout)
-        node_ids = [n for n in node_ids if n not in excluded_nodes][: min(want, len(available))]
+        node_ids = random.sample(available, min(want, len(available)))
         self._round = {"round": self.absolute(server_round), "train": {"sampled": len(node_ids)}}
         return node_ids
 

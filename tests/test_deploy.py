@@ -123,6 +123,16 @@ def test_the_run_log_names_sites_by_client_id_else_registered_name_else_node_id(
     assert [strategy.site_name(n) for n in (1, 2, 3, None)] == ["berlin", "paris-clinic", "node 3", "a client"]
 
 
+def test_the_first_round_waits_for_min_clients_sites_instead_of_skipping_training(tmp_path):
+    config = parse_run_config(RunConfig().to_flat() | {"out-dir": str(tmp_path), "min-clients": 2, "round-timeout": 30.0})
+    head = global_head_template(["image"], 6, ModelConfig(embed_dim=8, hidden_dim=8))
+    strategy = FedFuse(config, RunState("r", 2, 0, head), None, RunFolder(tmp_path), {})
+    grid = ScriptedGrid({})
+    arrivals = iter([[], [1], [1, 2, 3]])  # the sites connect while the run waits (checked once a second)
+    grid.get_node_ids = lambda: list(next(arrivals, [1, 2, 3]))
+    assert sorted(strategy.train_nodes(1, grid)) == [1, 2, 3]
+
+
 def test_polling_grid_sends_nothing_for_no_messages():
     grid = ScriptedGrid({})
     assert list(PollingGrid(grid).send_and_receive([], timeout=1)) == [] and grid.pulls == 0

@@ -170,3 +170,31 @@ def test_fedfuse_sites_shows_each_registered_site_by_name_and_how_many_are_onlin
     assert table[2].split()[:3] == ["paris", "12", "registered"] and "(never connected)" in table[2]
     assert table[3].split() == ["(no", "name)", "13", "offline"]
     assert table[4] == "1 of 3 site(s) online" and "register" in table[5]
+
+
+def test_the_warm_executor_stops_on_sigterm_even_while_it_asks_the_supernode_for_a_task(caplog):
+    # The SuperNode is an edge here: a Runtime API whose AcquireTask is slow (a SuperNode that is busy or gone)
+    import os
+    import signal
+    import threading
+    import time
+
+    from client.executor import WarmExecutor
+
+    class SlowRuntimeApi:
+        def AcquireTask(self, request):  # noqa: N802 (Flower's method name)
+            time.sleep(5)
+            raise ConnectionError("no SuperNode")
+
+        def close(self):
+            pass
+
+    executor = WarmExecutor("127.0.0.1:9", poll=0.05)
+    executor._client = SlowRuntimeApi()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))  # lands inside AcquireTask
+    started = time.monotonic()
+    timer.start()
+    with caplog.at_level("INFO", logger="fedfuse.executor"):
+        executor.serve(keep_going=lambda: time.monotonic() - started < 8)  # else until SIGTERM
+    timer.join()
+    assert time.monotonic() - started < 3.0 and "SIGTERM received, stopping" in caplog.text

@@ -45,7 +45,7 @@ class ExecutorError(FedfuseError):
     """The warm executor cannot run (wrong Flower version, unreachable Runtime API)."""
 
 
-class _Stop(Exception):
+class _Stop(BaseException):  # not an Exception: the loop's `except Exception` (and Flower's retries) must not swallow it
     """Raised by the SIGTERM / SIGINT handler to leave the task loop."""
 
 

@@ -87,10 +87,23 @@ def _cached_partition(config: RunConfig, index: int):  # noqa: ANN202
 def _deployed(node_config: Mapping[str, Any]) -> SiteContext:
     from common.sitedata import load_site
 
+    max_epsilon, max_delta = site_policy(node_config)
+    site = load_site(Path(str(node_config["data-dir"])).expanduser())
+    train = site.part("train")
+    if train is None:
+        raise ConfigError(f"site folder {site.path} has no 'train' samples")
+    client_id = str(node_config.get("client-id") or site.name)
+    state = Path(str(node_config["state-dir"])).expanduser()
+    declared = declared_examples(node_config, len(train))
+    return SiteContext(client_id, 0, train, site.part("test"), state, max_epsilon, max_delta, False, declared)
+
+
+def site_policy(node_config: Mapping[str, Any]) -> tuple[float, float | None]:
+    """A deployed site's node config checked: its policy ``(max-epsilon, max-delta)``; ConfigError naming a bad key."""
     unknown = sorted(set(node_config) - set(NODE_KEYS))
     if unknown:
         raise ConfigError(f"unknown node config key(s) {unknown}; known: {list(NODE_KEYS)}")
-    for key in ("state-dir", "max-epsilon"):
+    for key in ("data-dir", "state-dir", "max-epsilon"):
         if key not in node_config:
             raise ConfigError(f"node config key '{key}' is required for a deployed site (see README, Deploy)")
     max_epsilon = node_config["max-epsilon"]
@@ -101,14 +114,7 @@ def _deployed(node_config: Mapping[str, Any]) -> SiteContext:
     max_delta = node_config.get("max-delta")
     if max_delta is not None and not (isinstance(max_delta, float) and 0 < max_delta < 1):
         raise ConfigError(f"node config key 'max-delta' must lie in (0, 1), got {max_delta!r}")
-    site = load_site(Path(str(node_config["data-dir"])).expanduser())
-    train = site.part("train")
-    if train is None:
-        raise ConfigError(f"site folder {site.path} has no 'train' samples")
-    client_id = str(node_config.get("client-id") or site.name)
-    state = Path(str(node_config["state-dir"])).expanduser()
-    declared = declared_examples(node_config, len(train))
-    return SiteContext(client_id, 0, train, site.part("test"), state, float(max_epsilon), max_delta, False, declared)
+    return float(max_epsilon), max_delta
 
 
 def declared_examples(node_config: Mapping[str, Any], count: int) -> int:

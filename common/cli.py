@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("audit", "verify privacy ledgers and re-account every client's epsilon"),
     "certs": ("certs", "create the CA, SuperLink certificate and site keys for a deployment"),
     "site": ("site", "run a deployment site's SuperNode with the warm executor (fast rounds)"),
+    "sites": ("sites", "the SuperNodes registered at a SuperLink, by site name, and whether they are online"),
     "bench": ("bench", "benchmarks: dp-overhead, round-overhead, deploy-round, hapt, av-digits"),
     "report": ("report", "write a run's self-contained HTML report (scores, modality contributions, privacy)"),
 }

@@ -42,6 +42,7 @@ class PollingGrid(Grid):
 
     def __init__(self, grid: Grid, *, interval: float = POLL_INTERVAL):
         self._grid = grid
+        self.names: dict[int, str] = {}  # node id -> the name given at `flwr supernode register --name` (deployment)
         # Never poll slower than the wrapped grid would (the simulation grid polls every 0.1 s)
         self.interval = min(interval, float(getattr(grid, "pull_interval", interval)))
 
@@ -57,10 +58,18 @@ class PollingGrid(Grid):
         return self._grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        if not hasattr(self._grid, "get_nodes"):
+            return self._grid.get_node_ids()
+        return [node.node_id for node in self.get_nodes()]
 
     def get_nodes(self) -> Iterable[Any]:
-        return self._grid.get_nodes()
+        nodes = list(self._grid.get_nodes())
+        self.names.update({n.node_id: n.name for n in nodes if getattr(n, "name", "")})  # kept once a node is offline
+        return nodes
+
+    def describe(self, node: int) -> str:
+        """A node as the run's log shows it: its registered name, else its node id."""
+        return self.names.get(node) or f"node {node}"
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -91,7 +100,7 @@ class PollingGrid(Grid):
             time.sleep(self.interval)
         for mid in sorted(pending):  # make a silent absence explicit, as Flower does for a node it knows is offline
             msg = sent[mid]
-            log.warning("node %d sent no %s reply within %g s (round-timeout)", msg.metadata.dst_node_id,
+            log.warning("%s sent no %s reply within %g s (round-timeout)", self.describe(msg.metadata.dst_node_id),
                         msg.metadata.message_type, timeout)
             replies.append(Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason=NO_REPLY.format(timeout=timeout)),
                                    reply_to=msg))

@@ -86,6 +86,7 @@ def main(grid: Grid, context: Context) -> None:
              "composed over the run); each site's lifetime cap (max-epsilon, its whole history) applies as well, and "
              "each site's spend so far is logged at its first reply", run_id, config.dp.epsilon, config.dp.delta)
     polling = PollingGrid(grid)  # replies polled every 0.2 s (Flower: 3 s), a missing reply is recorded as a failure
+    strategy.node_names = polling.names  # the log names sites as registered, before their first reply
     try:
         if config.secagg.enabled:  # the head through SecAgg+: the server learns only the sum of the updates
             log.info("run %s: %d rounds with secure aggregation, output in %s", run_id, rounds, folder.path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -71,9 +72,31 @@ class FedFuse(FedAvg):
         self.federation = federation
         self.heldout = heldout  # server-side evaluation of the global model (encoders = "federated")
         self.node_clients: dict[int, str] = {}  # Flower node id -> client id (node ids change across runs)
+        self.node_names: dict[int, str] = {}  # Flower node id -> name at registration (PollingGrid.names, deployment)
         self._round: dict[str, Any] = {}
         self._started = time.perf_counter()
         self._warned = len(learning_warnings(state.rounds, state.total_rounds))  # warnings logged before a resume
+
+    def site_name(self, node: int | None, claimed: str | None = None) -> str:
+        """A node as the run's log and results show it: its client id (claimed now, or known from an earlier
+        reply), else its name at registration, else its node id."""
+        if claimed and node is not None:
+            self.node_clients.setdefault(node, claimed)
+        if claimed:
+            return claimed
+        if node is None:
+            return "a client"
+        return self.node_clients.get(node) or self.node_names.get(node) or f"node {node}"
+
+    def _check_and_log_replies(self, replies: Iterable[Message], is_train: bool, validate: bool = True) -> tuple[list[Message], list[Message]]:
+        """Flower's split into valid and error replies, logged by site name (Flower's logs node ids)."""
+        replies = list(replies)
+        valid = [m for m in replies if not m.has_error()]
+        errors = [m for m in replies if m.has_error()]
+        if replies:
+            log.info("%s: %d result(s), %d failure(s)%s", "train" if is_train else "evaluate", len(valid), len(errors),
+                     "".join(f"; {self.site_name(m.metadata.src_node_id)}: {m.error.reason}" for m in errors))
+        return valid, errors
 
     def absolute(self, server_round: int) -> int:
         return self.state.round_offset + server_round
@@ -89,14 +112,14 @@ class FedFuse(FedAvg):
         """The round's training clients: a sample of those not excluded (this starts the round's record)."""
         self._started = time.perf_counter()
         excluded_nodes = {n for n, c in self.node_clients.items() if c in self.state.excluded}
-        connected = list(grid.get_node_ids())
+        # First wait (at most round-timeout) for min-clients sites: a run submitted before its sites connect trains in round 1
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0, wait=self.config.server.round_timeout)
         available = [n for n in connected if n not in excluded_nodes]
         want = max(int(len(available) * self.fraction_train), self.min_train_nodes)
         if not available:
             log.warning("round %d: every client is excluded (budgets exhausted); nothing to train", self.absolute(server_round))
             return []
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, len(connected), wait=self.config.server.round_timeout)
-        node_ids = [n for n in node_ids if n not in excluded_nodes][: min(want, len(available))]
+        node_ids = random.sample(available, min(want, len(available)))
         self._round = {"round": self.absolute(server_round), "train": {"sampled": len(node_ids)}}
         return node_ids
 
@@ -125,7 +148,7 @@ class FedFuse(FedAvg):
         # replies: (node id, parse, claimed client id); failures: (node id or None, category, what Flower said)
         trained, refused, rejected, failed, updates = [], {}, {}, {}, []
         for node, category, reason in failures:
-            who = self.node_clients.get(node, f"node {node}") if node is not None else "a client"
+            who = self.site_name(node)
             failed[who] = category
             log.warning("round %d: %s failed (%s): %s", r, who, category, reason)
         for node, parse, claimed in replies:
@@ -139,7 +162,7 @@ class FedFuse(FedAvg):
                 self.node_clients[node] = reply.client_id
                 self._keep_ledger(reply.client_id, reply.ledger)
             except (ReplyRejected, LedgerError) as exc:
-                who = claimed or self.node_clients.get(node, f"node {node}")
+                who = claimed or self.site_name(node)
                 rejected[who] = str(exc)
                 log.warning("round %d: rejected the reply of %s (node %d): %s", r, who, node, exc)
                 continue
@@ -157,13 +180,6 @@ class FedFuse(FedAvg):
                                 "refused": refused, "rejected": rejected, "failed": dict(sorted(failed.items()))}
         self._round["train_seconds"] = round(time.perf_counter() - self._started, 3)
         return updates
-
-    def site_name(self, node: int, claimed: str | None) -> str:
-        """How results.json names a site: its client id (claimed now, or known from an earlier reply), else its node."""
-        if claimed:
-            self.node_clients.setdefault(node, claimed)
-            return claimed
-        return self.node_clients.get(node, f"node {node}")
 
     def _keep_ledger(self, client_id: str, entries: list[dict[str, Any]]) -> None:
         """Append the entries the federation's copy lacks; refuse a ledger that rewrites what it holds."""

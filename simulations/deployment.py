@@ -130,16 +130,10 @@ def free_port() -> int:
 
 
 def write_sites(folder: Path, sites: Mapping[str, Sequence[str]], *, samples: int = 240, seed: int = 7) -> dict[str, Path]:
-    """Write one synthetic site folder per site, holding only its modalities (80 % train, 20 % test)."""
-    from common import synthetic
-    from common.sitedata import write_site
+    """Write one synthetic site folder per site, holding only its modalities (as ``fedfuse data synth``)."""
+    from common.synthetic_sites import write_synthetic_sites
 
-    paths = {}
-    for i, (name, modalities) in enumerate(sites.items()):
-        data = synthetic.generate(samples, seed=seed + i).restrict(tuple(modalities))
-        split = ["train" if j < int(samples * 0.8) else "test" for j in range(samples)]
-        paths[name] = write_site(folder / name, data, split, name=name)
-    return paths
+    return write_synthetic_sites(folder, {name: tuple(m) for name, m in sites.items()}, samples=samples, seed=seed)
 
 
 def _toml_value(value: Any) -> str:
@@ -321,8 +315,12 @@ class Deployment:
 
     def start_unregistered(self, name: str, key: Path) -> subprocess.Popen:
         """Start a SuperNode whose key the SuperLink does not know (log: ``logs(name)``)."""
+        return self.start_other(name, key)
+
+    def start_other(self, name: str, key: Path, *, data_dir: Path | None = None) -> subprocess.Popen:
+        """Start a SuperNode that is not one of the sites, with ``key`` and ``data_dir`` (default: the first site's data)."""
         base = next(iter(self.sites.values()))
-        site = Site(name, base.modalities, base.data_dir, self.root / "state" / name, self.root / "homes" / name,
+        site = Site(name, base.modalities, data_dir or base.data_dir, self.root / "state" / name, self.root / "homes" / name,
                     self.log_path(name), free_port(), 8.0)
         command = self.site_command(site, key=key)
         proc = self._spawn(command, site.home, site.log_path)

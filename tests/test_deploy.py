@@ -24,7 +24,7 @@ from server.grid import NodesUnavailableError, PollingGrid, sample_nodes
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState
 
-from simulations.deployment import BIN, DEFAULT_SITES, deployment, leftover_processes
+from simulations.deployment import BIN, DEFAULT_SITES, deployment, leftover_processes, write_sites
 
 POLICY = {"site-1": 8.0, "site-2": 8.0, "site-3": 5.0}  # site-3 accepts at most epsilon = 5 over its whole history
 
@@ -100,6 +100,37 @@ def test_polling_grid_attributes_the_superlinks_node_unavailable_error_to_the_no
     replies = list(PollingGrid(grid).send_and_receive(_messages([1, 2]), timeout=5))
     errors = [r for r in replies if r.has_error()]
     assert [(r.metadata.src_node_id, r.error.reason) for r in errors] == [(2, "Node Unavailable")]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_polling_grid_names_a_silent_node_as_registered(caplog):
+    from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+
+    grid = ScriptedGrid({1: 1, 2: None})
+    grid.get_nodes = lambda: [NodeInfo(node_id=1, name="berlin"), NodeInfo(node_id=2, name="paris")]
+    polling = PollingGrid(grid)
+    assert sorted(polling.get_node_ids()) == [1, 2] and polling.names == {1: "berlin", 2: "paris"}
+    with caplog.at_level("WARNING", logger="fedfuse.server"):
+        list(polling.send_and_receive(_messages([1, 2]), timeout=0.2))
+    assert "paris sent no train reply within 0.2 s (round-timeout)" in caplog.text and "node 2" not in caplog.text
+
+
+def test_the_run_log_names_sites_by_client_id_else_registered_name_else_node_id(tmp_path):
+    config = parse_run_config(RunConfig().to_flat() | {"out-dir": str(tmp_path)})
+    head = global_head_template(["image"], 6, ModelConfig(embed_dim=8, hidden_dim=8))
+    strategy = FedFuse(config, RunState("r", 2, 0, head), None, RunFolder(tmp_path), {})
+    strategy.node_names, strategy.node_clients = {1: "berlin", 2: "paris"}, {2: "paris-clinic"}
+    assert [strategy.site_name(n) for n in (1, 2, 3, None)] == ["berlin", "paris-clinic", "node 3", "a client"]
+
+
+def test_the_first_round_waits_for_min_clients_sites_instead_of_skipping_training(tmp_path):
+    config = parse_run_config(RunConfig().to_flat() | {"out-dir": str(tmp_path), "min-clients": 2, "round-timeout": 30.0})
+    head = global_head_template(["image"], 6, ModelConfig(embed_dim=8, hidden_dim=8))
+    strategy = FedFuse(config, RunState("r", 2, 0, head), None, RunFolder(tmp_path), {})
+    grid = ScriptedGrid({})
+    arrivals = iter([[], [1], [1, 2, 3]])  # the sites connect while the run waits (checked once a second)
+    grid.get_node_ids = lambda: list(next(arrivals, [1, 2, 3]))
+    assert sorted(strategy.train_nodes(1, grid)) == [1, 2, 3]
 
 
 def test_polling_grid_sends_nothing_for_no_messages():
@@ -198,6 +229,43 @@ def test_a_supernode_with_an_unregistered_key_is_refused_and_gets_no_task(dep, t
     assert "Failed to activate SuperNode" in log and "Receiving:" not in log
     assert [n["status"] for n in dep.nodes()] == ["online"] * 3  # the three registered sites, nobody else
     assert not (dep.root / "state" / "rogue").exists()  # no ClientApp ever ran for it
+    # `fedfuse site supernode` turns Flower's generic connection failure into the likely causes, this one first
+    hint = log[log.index("could not connect to the SuperLink"):].splitlines()
+    assert hint[0].endswith(f"at {dep.address}. Likely causes:") and "key is not registered" in hint[1]
+    assert any("wrong CA certificate" in line for line in hint[2:4]) and any("SuperLink is down" in line for line in hint[2:4])
+
+
+def _fedfuse(dep, *args: str) -> subprocess.CompletedProcess:
+    """The fedfuse CLI as the operator runs it (the flwr connection of the deployment)."""
+    return subprocess.run([str(BIN / "fedfuse"), *args], env=dep.env(dep.root / "homes" / "cli"), capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_a_site_with_a_broken_data_folder_refuses_to_start_and_the_operator_sees_it_offline_by_name(dep, tmp_path):
+    # Prepare: a fourth site, registered by name with `fedfuse sites register`, whose data folder has a bad label
+    creds = make_credentials(tmp_path / "creds", server_names="127.0.0.1", sites=["oslo"]).site("oslo")
+    registered = _fedfuse(dep, "sites", "register", str(creds.auth_public_key))  # named after the file: oslo.pub
+    assert registered.returncode == 0 and registered.stdout.startswith("oslo: registered as SuperNode "), registered.stderr
+    data = Path(write_sites(tmp_path / "data", {"oslo": ("signal",)}, samples=20)["oslo"])
+    index = data / "index.csv"
+    rows = [line.split(",") for line in index.read_text().splitlines()]
+    rows[3][2] = "7"  # label out of range
+    index.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    # Execute
+    proc = dep.start_other("oslo", creds.auth_private_key, data_dir=data)
+    # Assert: it stops at once with the validation report, before Flower starts; the operator sees it never connected
+    assert proc.wait(timeout=120) == 2
+    log = dep.logs("oslo")
+    assert "this site is not ready to start (1 problem(s)); flower-supernode was not started" in log
+    assert f"data-dir {data}: index.csv, row 2, column 'label': label 7 is out of range [0, 6)" in log
+    assert "started flower-supernode" not in log and "SuperNode ID" not in log
+    listed = _fedfuse(dep, "sites", "--json")
+    assert listed.returncode == 0, listed.stderr
+    sites = {s["name"]: s["status"] for s in json.loads(listed.stdout)["sites"]}
+    assert sites == {"oslo": "registered", "site-1": "online", "site-2": "online", "site-3": "online"}
+    table = _fedfuse(dep, "sites").stdout
+    assert "oslo" in table and "registered (never connected)" in table and "3 of 4 site(s) online" in table
 
 
 @pytest.mark.slow
@@ -218,6 +286,7 @@ def test_a_killed_site_is_recorded_as_failed_and_the_run_finishes_with_the_other
     assert second["train"]["trained"] == ["site-1", "site-3"]
     assert second["train"]["failed"] == {"site-2": M.FAILURE_NO_REPLY}  # the dropout is explicit in results.json
     assert "site-2 failed (no-reply): no reply within 15 s (round-timeout)" in run.server_log
+    assert "site-2 sent no train reply within 15 s" in run.server_log  # the grid names it as registered, not by node id
     assert second["evaluate"]["num_examples"] > 0  # the others still evaluate the final head
 
 

@@ -1,9 +1,10 @@
-"""``fedfuse data``: validate site folders and import public datasets into them."""
+"""``fedfuse data``: validate site folders, import public datasets into them, write synthetic demo sites."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from common.sitedata import (
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the ``validate`` and ``import`` subcommands."""
+    """Add the ``validate``, ``import`` and ``synth`` subcommands."""
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("validate", help="check a site folder (or a folder of site folders); list every problem")
@@ -49,6 +50,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--seed", type=int, default=0, help="seed of the clip-to-image pairing (default 0)")
     a.add_argument("--overwrite", action="store_true", help="replace existing site folders")
 
+    from common.synthetic_sites import SPEC_HELP
+
+    s = sub.add_parser("synth", help="write site folders of the synthetic dataset (demos, trying a deployment)",
+                       description="Write one site folder per site, each holding only the modalities named, with "
+                       "'train' (80 %) and 'test' (20 %) samples of the embedded synthetic dataset.")
+    s.add_argument("--out", type=Path, required=True, help="a new (or empty) folder to write the site folders into")
+    s.add_argument("--sites", required=True, metavar="SPEC", help=SPEC_HELP)
+    s.add_argument("--samples", type=int, default=240, help="samples per site (default 240)")
+    s.add_argument("--seed", type=int, default=0, help="site k (from 0, in --sites order) uses seed SEED + k (default 0)")
+
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fedfuse data <action>``; returns the exit status."""
@@ -56,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return _validate(args.dir, as_json=args.json)
     if args.data_command == "inspect":
         return _inspect(args.dir, as_json=args.json)
+    if args.data_command == "synth":
+        return _synth(args)
     if args.dataset == "hapt":
         from common.importers.hapt import import_hapt
 
@@ -65,6 +78,22 @@ def run(args: argparse.Namespace) -> int:
 
         paths = import_av_digits(args.fsdd, args.mnist, args.out, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {len(paths)} site folder(s) under {args.out}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from common import synthetic
+    from common.synthetic_sites import parse_sites, write_synthetic_sites
+
+    sites = parse_sites(args.sites)
+    if not args.verbose:  # its per-site lines name the hidden folder the sites are built in; ours below name the result
+        logging.getLogger("common.sitedata").setLevel(logging.WARNING)
+    paths = write_synthetic_sites(args.out, sites, samples=args.samples, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path} ({'+'.join(sites[name])}, {args.samples} samples)")
+    used = [m for m in synthetic.schema().names if any(m in mods for mods in sites.values())]
+    print(f"wrote {len(paths)} site folder(s) under {args.out}; a run over them needs "
+          f"federation.modalities = \"{','.join(used)}\" and federation.labels = \"{','.join(synthetic.LABELS)}\"")
     return 0
 
 

@@ -3,7 +3,9 @@
 ``fedfuse site supernode -- <flower-supernode options>`` starts ``flower-supernode`` with
 ``--isolation process`` and a private SuperExec secret, runs the warm executor
 (``client/executor.py``) beside it in this process, sends both logs to this process's output and
-stops both together. ``fedfuse site executor --runtime-api-address ADDR`` is the executor alone,
+stops both together. Before starting anything it checks the node config, the data folder and the state folder
+(``client/preflight.py``) and refuses to start with the report; when flower-supernode cannot connect to the
+SuperLink it names the likely causes. ``fedfuse site executor --runtime-api-address ADDR`` is the executor alone,
 for a ``flower-supernode --isolation process`` started some other way. Either runs only apps whose code
 is the fedfuse checkout installed here (``common/provenance.py``).
 """
@@ -18,7 +20,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import IO
 
 from common.errors import ConfigError
 
@@ -62,6 +66,7 @@ def _executor_options(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen site command."""
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; fedfuse's root handler would repeat it
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else one line per request: the executor polls 10 times a second
     if logging.getLogger("fedfuse").level == logging.NOTSET:  # this is the site's log: show what fedfuse does
         logging.getLogger("fedfuse").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     return int(args._run(args))
@@ -90,6 +95,10 @@ def _supernode_facts(flower_args: list[str]) -> argparse.Namespace:
     p.add_argument("--isolation")
     p.add_argument("--superexec-auth-secret-file")
     p.add_argument("--ssl-ca-certfile")
+    p.add_argument("--superlink", default="127.0.0.1:8000")  # flower-supernode's default
+    p.add_argument("--root-certificates")
+    p.add_argument("--auth-supernode-private-key")
+    p.add_argument("--insecure", action="store_true")
     known, _ = p.parse_known_args(flower_args)
     if known.isolation not in (None, "process"):
         raise ConfigError(f"fedfuse site supernode runs flower-supernode with --isolation process; remove "
@@ -146,6 +155,7 @@ def _run_supernode(args: argparse.Namespace) -> int:
     check_flower_version()
     reviewed = ReviewedApp.installed()  # the app code this site accepts (refuses to start without a checkout)
     facts = _supernode_facts(flower_args)
+    _check_site_folders(flower_args)
     host = "127.0.0.1" if facts.host in ("0.0.0.0", "") else facts.host
     address = f"{host}:{facts.port}"
     secret_dir = None
@@ -162,7 +172,10 @@ def _run_supernode(args: argparse.Namespace) -> int:
         flower_args += ["--isolation", "process"]
 
     command = [_flower_supernode(), *flower_args]
-    proc = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    proc = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    watch = _OutputWatch(proc.stdout, sys.stderr)  # its log goes on to ours; a connection failure is spotted
     log.info("started flower-supernode (pid %d) with --isolation process; Runtime API %s", proc.pid, address)
     try:
         executor = WarmExecutor(address, auth_secret=secret_file.read_bytes(),
@@ -174,6 +187,88 @@ def _run_supernode(args: argparse.Namespace) -> int:
         _stop_supernode(proc)
         if secret_dir is not None:
             shutil.rmtree(secret_dir, ignore_errors=True)
+    watch.join()
     if proc.returncode:
         log.error("flower-supernode exited with status %d (its log is above)", proc.returncode)
+        if watch.connection_failed:
+            log.error("%s", connection_hint(facts, watch.after_failure))
     return 1 if proc.returncode else 0
+
+
+def _check_site_folders(flower_args: list[str]) -> None:
+    """Refuse to start (before Flower runs) when the node config, data folder or state folder is not usable."""
+    from client.preflight import check_start, node_config_from_args
+
+    report = check_start(node_config_from_args(flower_args))
+    if report.problems:
+        raise ConfigError(f"this site is not ready to start ({len(report.problems)} problem(s)); flower-supernode was "
+                          "not started:\n  " + "\n  ".join(report.problems))
+    for fact in report.facts:
+        log.info("checked %s", fact)
+
+
+# flower-supernode logs "Exit Code: 305" (ExitCode.SUPERNODE_CONNECTION_ERROR, flwr/supercore/exit/exit_code.py) and
+# exits with status 1 when it could not activate at the SuperLink (flwr/supernode/fleet_http_connection.py).
+CONNECTION_ERROR_MARK = "Exit Code: 305"
+
+
+class _OutputWatch:
+    """Copy a process's output line by line and remember what follows Flower's connection-failure exit code."""
+
+    def __init__(self, source: IO[bytes], sink: IO[str]):
+        self.connection_failed = False
+        self.after_failure: list[str] = []
+        self._source, self._sink = source, sink
+        self._thread = threading.Thread(target=self._copy, name="flower-supernode-output", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        for raw in iter(self._source.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            try:
+                self._sink.write(line)
+                self._sink.flush()
+            except (OSError, ValueError):
+                pass
+            if CONNECTION_ERROR_MARK in line:
+                self.connection_failed = True
+            elif self.connection_failed and len(self.after_failure) < 20:
+                self.after_failure.append(line.rstrip())
+
+    def join(self, timeout: float = 10.0) -> None:
+        self._thread.join(timeout)
+
+
+def connection_hint(facts: argparse.Namespace, detail: list[str]) -> str:
+    """What to check when flower-supernode could not connect to the SuperLink, the cause Flower's message points to first."""
+    text = "\n".join(detail).lower()
+    address = facts.superlink
+    key = facts.auth_supernode_private_key
+    causes = {
+        # An unknown key gets "[code: 2004] Failed to activate SuperNode." (HTTP 412); so does a site restarted after
+        # a crash while the SuperLink still counts it online
+        "key": (("failed to activate", "code: 2004", "412", "no supernode found", "public key", "not registered"),
+                f"this site's key is not registered at the SuperLink: the operator registers its public key "
+                f"(`fedfuse sites register <site>.pub` or `flwr supernode register <site>.pub <connection> --name "
+                f"<site>`; `fedfuse certs` wrote it to superlink/supernode-keys/)"
+                + (f"; this site signs with {key}" if key else "")
+                + ". (After a crash the SuperLink also refuses the site until it has marked it offline, under a "
+                "minute: then start it again.)"),
+        "ca": (("certificate", "ssl", "tls", "handshake"),
+               f"wrong CA certificate: --root-certificates ({facts.root_certificates or 'not given'}) must be the "
+               f"ca.crt that `fedfuse certs` wrote for this federation, and the SuperLink's certificate must name "
+               f"the host in --superlink"),
+        "down": (("connection refused", "connecterror", "connect error", "timed out", "timeout", "name or service",
+                  "nodename", "unreachable", "no route"),
+                 f"the SuperLink is down or the address is wrong: is flower-superlink running and reachable at "
+                 f"{address} (--superlink HOST:PORT)?"),
+    }
+    if facts.insecure:  # no TLS, no node authentication: neither a key nor a CA can be the cause
+        causes = {"down": causes["down"]}
+    elif not key:
+        del causes["key"]
+    order = sorted(causes, key=lambda c: not any(w in text for w in causes[c][0]))  # the cause the message points to first
+    lines = [f"flower-supernode could not connect to the SuperLink at {address}. "
+             + ("Likely causes:" if len(order) > 1 else "Likely cause:")]
+    lines += [f"  - {causes[c][1]}" for c in order]
+    return "\n".join(lines)

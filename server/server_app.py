@@ -22,13 +22,17 @@ app = ServerApp()
 
 
 def _show_progress() -> None:
-    """A deployed ServerApp has no log handler and its stderr is the run's log (`flwr log`): show fedfuse's lines there."""
+    """A deployed ServerApp's stderr is the run's log (`flwr log`) and nothing configures logging there: show
+    fedfuse's INFO lines. A library may have put a WARNING handler on the root logger at import (Opacus calls
+    ``logging.basicConfig``), so the test is whether INFO would reach any handler, not whether one exists."""
     fedfuse = logging.getLogger("fedfuse")
-    if not fedfuse.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        fedfuse.addHandler(handler)
-        fedfuse.setLevel(logging.INFO)
+    if fedfuse.handlers or logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        return  # configured already (the fedfuse CLI, a simulation, the site's own set-up)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    fedfuse.addHandler(handler)
+    fedfuse.setLevel(logging.INFO)
+    fedfuse.propagate = False  # the root's handler, if a library added one, would print warnings twice
 
 
 def _data_notes(config) -> dict:  # noqa: ANN001

@@ -302,3 +302,19 @@ def test_failures_are_recorded_by_site_name_with_a_category(tmp_path):
                                                   "node 7": M.FAILURE_APP_REFUSED, "paris": M.FAILURE_NO_REPLY}
     assert strategy._round["train"]["trained"] == ["good"] and strategy.state.excluded == set()
     assert "berlin" not in strategy.state.clients  # a failure is no privacy record
+
+
+def test_a_deployed_serverapp_shows_fedfuse_progress_even_after_a_library_configured_the_root_logger():
+    import subprocess
+    import sys
+
+    # Prepare: a fresh process as Flower's flwr-serverapp starts one (nothing configures logging); importing the
+    # ServerApp imports Opacus, whose logging.basicConfig puts a WARNING handler on the root logger
+    code = ("import logging, server.server_app as s; assert logging.getLogger().handlers; s._show_progress(); "
+            "logging.getLogger('fedfuse.server').info('round 1/1 | progress'); "
+            "logging.getLogger('fedfuse.server').warning('a warning')")
+    # Execute
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    # Assert: fedfuse's INFO line reaches stderr (the run's log), and a warning is printed once
+    assert "INFO fedfuse.server: round 1/1 | progress" in done.stderr
+    assert done.stderr.count("a warning") == 1

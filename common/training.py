@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -392,9 +392,16 @@ def dp_step(
     A record whose loss is not finite counts zero in the loss, and its per-sample gradient (NaN or inf from
     its own forward pass) is zeroed before clipping by :class:`FiniteRowsDPOptimizer`; the step goes on.
     """
+    if len(idx) == 0:
+        # An empty Poisson batch still takes a step: noise only, and it is accounted. No forward pass (functorch
+        # cannot run one on zero rows): every parameter gets zero per-sample gradients of zero rows.
+        for p in private.optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        private.optimizer.step()
+        private.optimizer.zero_grad(set_to_none=True)
+        return None
     inputs, mask, labels = _batch(data, idx)
     mask = private.randomness.hide_modalities(step, idx, mask, modality_dropout, num_examples=private.num_examples)
-    # An empty Poisson batch still takes a step: noise only, and it is accounted.
     loss, value = _batch_loss(private.model(inputs, mask), labels)
     loss.backward()
     private.optimizer.step()

@@ -336,3 +336,30 @@ def test_modality_dropout_of_a_dp_round_is_not_a_function_of_the_runs_public_par
     assert firsts[0].shape == firsts[1].shape == (50, 3)
     same = (firsts[0] == firsts[1]).all(dim=1).float().mean()
     assert same < 0.5, f"{same:.0%} of the records got the same modality dropout in both rounds"
+
+
+# --- an empty Poisson batch: a noised, accounted step, whatever the mode ----------------------------------
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_an_empty_poisson_batch_takes_a_noised_accounted_step_in_every_grad_sample_mode(mode):
+    # Prepare: a small model wrapped for DP-SGD with noise on; an empty batch (no record sampled)
+    data = synthetic.generate(8, seed=5)
+    model = MultimodalModel(data.schema, ModelConfig("attention", 16, 16), seed=1)
+    before = flat_parameters(model)
+    private = private_training(model, len(data), accountant="prv", noise_multiplier=1.0, max_grad_norm=C,
+                               batch_size=4, lr=0.1, momentum=0.0, grad_sample_mode=mode,
+                               randomness=RoundRandomness(KEY), sample_rate=0.5, steps_per_epoch=2,
+                               expected_batch_size=4.0)
+    # Execute
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss = dp_step(private, data, torch.zeros(0, dtype=torch.long), modality_dropout=0.5, step=0)
+    finally:
+        private.close()
+    # Assert: no error and no loss; the step was taken (noise moved every parameter) and accounted
+    after = flat_parameters(model)
+    assert loss is None
+    assert torch.isfinite(after).all()
+    assert (after != before).float().mean() > 0.9, "an empty batch must still add noise to the parameters"
+    assert private.steps_counted() == 1 and [q for _, q, _ in private.accountant.history] == [0.5]

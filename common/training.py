@@ -187,7 +187,7 @@ def train_round(
     if plan is None or plan.run_id != run_id:
         sigma = calibrate_run(history=history.entries, sample_rate=sample_rate, steps=steps * planned_rounds,
                               run_budget=target_epsilon, lifetime_budget=max_epsilon, delta=delta,
-                              accountant=history.accountant)
+                              accountant=history.accountant, run_history=history.run_entries(run_id))
         plan = NoisePlan(noise_multiplier=sigma, **plan_params)
         log.info("calibrated noise multiplier %.4f for %d rounds x %d steps at q = %.4f", sigma, planned_rounds, steps, sample_rate)
     elif not plan.matches(**plan_params):

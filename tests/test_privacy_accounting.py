@@ -257,6 +257,36 @@ def test_both_figures_are_in_the_ledger_and_the_audit_checks_both(tmp_path):
     assert any("run's allowance" in f.message for f in report.clients["site-a"].findings)
 
 
+def test_an_upgraded_client_with_old_spend_over_the_allowance_trains_within_its_lifetime_cap(synth_train):
+    # Prepare: a history written by an older fedfuse (entries name no run) that spent ε 15.1 > dp.epsilon = 4
+    history = PrivacyHistory(delta=DELTA, entries=[(1.0, 0.5, 20)])
+    spent = history.epsilon()
+    assert history.runs == [""] and spent > 4.0
+    data = synth_train.subset(range(200))
+    # Execute: a run with allowance 4 at a site capped at 20 over its lifetime
+    result = train_round(MultimodalModel(data.schema, CONFIG), data, history,
+                         **(DP | dict(target_epsilon=4.0, max_epsilon=20.0, run_id="new")))
+    # Assert: trained; the old spend counts towards the lifetime cap only, not towards this run's allowance
+    assert result.private and history.runs == ["", "new"]
+    assert result.run_epsilon == pytest.approx(history.run_epsilon("new")) and result.run_epsilon <= 4.0
+    assert spent < result.epsilon <= 20.0
+    assert history.run_epsilon("") == 0.0  # no run owns the older entries
+
+
+def test_the_audit_counts_format_1_entries_towards_the_lifetime_cap_only(tmp_path):
+    # A site upgraded during run "a": its format-1 entry of run "a" is in its lifetime ε, not in the run's own ε
+    old, new = (1.0, 0.5, 20), (1.1, 0.01, 250)
+    lifetime = compute_epsilon([old, new], delta=DELTA)
+    first = _row(1, old, compute_epsilon([old], delta=DELTA), budget=30.0, run_id="a") | {"version": 1}
+    for key in ("run_epsilon", "run_budget"):
+        first.pop(key)
+    own = compute_epsilon([new], delta=DELTA)
+    rows = [first, _row(2, new, lifetime, budget=30.0, run_budget=4.0, run_epsilon=own, run_id="a")]
+    report = audit_path(_signed(tmp_path, rows))
+    assert report.ok, report.clients["site-a"].findings
+    assert report.clients["site-a"].run_recomputed[1] == pytest.approx(own, rel=0.02)
+
+
 def _deployed_site(tmp_path, n=50):
     data = synthetic.generate(n + 10, seed=1)
     write_site(tmp_path / "site", data, ["train"] * n + ["test"] * 10, name="hospital-a")

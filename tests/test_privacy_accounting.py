@@ -320,15 +320,17 @@ def test_neighbouring_datasets_get_the_same_mechanism(synth_train):
     assert results[0].sample_rate == 50 / 200 and results[0].steps == 4 and results[0].num_examples == declared
 
 
-def test_a_deployed_site_must_declare_its_training_set_size(tmp_path):
+def test_a_deployed_site_must_declare_its_training_set_size(tmp_path, caplog):
     node = _deployed_site(tmp_path)
     flat = parse_run_config(run_config(tmp_path))
     with pytest.raises(ConfigError, match="num-train-examples.*required.*fedfuse data validate"):
         resolve_site(node, flat, 5)
-    with pytest.raises(ConfigError, match="far from"):
-        resolve_site(node | {"num-train-examples": 500}, flat, 5)
     with pytest.raises(ConfigError, match="positive integer"):
         resolve_site(node | {"num-train-examples": "50"}, flat, 5)
+    # far off the count (50 records): a warning at the site, no refusal (it would reach the server)
+    with caplog.at_level("WARNING", logger="client.site"):
+        far = resolve_site(node | {"num-train-examples": 500}, flat, 5)
+    assert far.declared_examples == 500 and "far from" in caplog.text
     site = resolve_site(node | {"num-train-examples": 60}, flat, 5)
     assert site.declared_examples == 60 and len(site.train) == 50
     # the reply's aggregation weight is the declared size, not the count
@@ -336,6 +338,14 @@ def test_a_deployed_site_must_declare_its_training_set_size(tmp_path):
                                                                node | {"num-train-examples": 60}))
     assert reply.content[M.METRICS][M.NUM_EXAMPLES] == 60
     assert reply.content[M.METRICS][M.SAMPLE_RATE] == 60 / 60  # batch 60 / declared 60
+
+
+def test_a_declared_size_far_from_the_count_does_not_change_the_reply_status(tmp_path):
+    # Whether the declared size is far from the records' count is a function of the count: the reply must not say
+    node = _deployed_site(tmp_path) | {"num-train-examples": 500}  # 50 records
+    reply = handle_train(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 4.0}), node))
+    assert reply.content[M.CLIENT][M.STATUS] == M.STATUS_OK
+    assert reply.content[M.METRICS][M.NUM_EXAMPLES] == 500
 
 
 def test_the_server_reads_each_sites_spend_before_the_run_from_its_ledger():

@@ -331,8 +331,8 @@ def private_training(
 ) -> PrivateTraining:
     """Wrap ``model`` for DP-SGD over ``num_examples`` records: Poisson sampling at ``sample_rate`` for
     ``steps_per_epoch`` steps an epoch, clipping to C, noise sigma * C, the noised sum divided by
-    ``expected_batch_size`` (q times the declared size). Without them: 1 / ceil(n / batch_size), its
-    inverse and n q, from the count n (for benchmarks and tools, whose size is public).
+    ``expected_batch_size`` (q times the declared size). Without them: :func:`sampling_plan` of the count n
+    (q = batch / n, ceil(n / batch) steps) and n q (for benchmarks and tools, whose size is public).
 
     ``randomness`` defaults to a fresh secret key (tests pass a fixed one). Opacus provides the per-sample
     gradients (or fedfuse's flat ones), the clipping and noise (:class:`FiniteRowsDPOptimizer`) and the
@@ -344,9 +344,8 @@ def private_training(
     flat = FlatGradSample(model) if grad_sample_mode == "flat" else None
     module = flat if flat is not None else model
     if sample_rate is None or steps_per_epoch is None or expected_batch_size is None:
-        steps_per_epoch = math.ceil(num_examples / batch_size)
-        sample_rate = 1.0 / steps_per_epoch
-        expected_batch_size = num_examples * sample_rate
+        sample_rate, steps_per_epoch = sampling_plan(num_examples, batch_size, 1)  # the count n is public here
+        expected_batch_size = sample_rate * num_examples
     try:
         if flat is None:
             ModuleValidator.validate(module, strict=True)

@@ -391,3 +391,15 @@ def test_an_empty_poisson_batch_takes_a_noised_accounted_step_in_every_grad_samp
     assert torch.isfinite(after).all()
     assert (after != before).float().mean() > 0.9, "an empty batch must still add noise to the parameters"
     assert private.steps_counted() == 1 and [q for _, q, _ in private.accountant.history] == [0.5]
+
+
+@pytest.mark.parametrize("n, batch_size", [(10, 4), (5900, 64), (3, 8)])
+def test_private_training_without_a_plan_uses_the_one_definition_of_q(n, batch_size):
+    # Without sample_rate (benchmarks, tools): q, steps and the expected batch are sampling_plan's on the count n
+    model = MultimodalModel(tabular(1).schema, ModelConfig("concat", 8, 8))
+    private = private_training(model, n, accountant="prv", noise_multiplier=1.0, max_grad_norm=C,
+                               batch_size=batch_size, lr=0.1, momentum=0.0, grad_sample_mode="flat")
+    private.close()
+    q, steps = sampling_plan(n, batch_size, 1)
+    assert (private.sample_rate, private.sampler.steps_per_epoch) == (q, steps)
+    assert private.optimizer.expected_batch_size == q * n

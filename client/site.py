@@ -14,6 +14,7 @@ declares it (``fedfuse data validate`` prints the count to declare).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from common.config import RunConfig, run_out_dir
 from common.data import MultimodalData
 from common.errors import ConfigError
 
+log = logging.getLogger(__name__)
 NODE_KEYS = ("data-dir", "state-dir", "client-id", "max-epsilon", "max-delta", "num-train-examples")
 # The declared training-set size may differ from the records' count by at most this factor either way: the
 # mechanism (q = batch / declared, steps) stays private whatever the count, but its expected batch drifts.
@@ -94,7 +96,10 @@ def _deployed(node_config: Mapping[str, Any]) -> SiteContext:
         raise ConfigError(f"site folder {site.path} has no 'train' samples")
     client_id = str(node_config.get("client-id") or site.name)
     state = Path(str(node_config["state-dir"])).expanduser()
-    declared = declared_examples(node_config, len(train))
+    declared = declared_size(node_config)
+    problem = declared_size_problem(declared, len(train))
+    if problem is not None:  # logged at the site only: a refusal here would reach the server, a function of the count
+        log.warning("%s (training goes on: the mechanism is private whatever the count)", problem)
     return SiteContext(client_id, 0, train, site.part("test"), state, max_epsilon, max_delta, False, declared)
 
 
@@ -118,11 +123,22 @@ def site_policy(node_config: Mapping[str, Any]) -> tuple[float, float | None]:
 
 
 def declared_examples(node_config: Mapping[str, Any], count: int) -> int:
-    """The site's public training-set size ``num-train-examples``, checked against the records' ``count``.
+    """The site's public training-set size ``num-train-examples``, checked against the records' ``count``:
+    ConfigError if it is missing, invalid or far off.
 
-    The check is local (the site's IT sees it at start); the error names no count, so nothing data-dependent
-    leaves the site through it beyond "declared size far off".
+    For local checks only (``fedfuse site supernode``'s start check, whose report stays at the site): a message
+    handler must not refuse on the count, since its error reaches the server (see :func:`declared_size_problem`).
     """
+    declared = declared_size(node_config)
+    problem = declared_size_problem(declared, count)
+    if problem is not None:
+        raise ConfigError(problem)
+    return declared
+
+
+def declared_size(node_config: Mapping[str, Any]) -> int:
+    """The site's declared training-set size ``num-train-examples``; ConfigError if it is missing or invalid
+    (a check of the node config alone, independent of the records)."""
     declared = node_config.get("num-train-examples")
     if declared is None:
         raise ConfigError(
@@ -132,10 +148,14 @@ def declared_examples(node_config: Mapping[str, Any], count: int) -> int:
         )
     if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
         raise ConfigError(f"node config key 'num-train-examples' must be a positive integer, got {declared!r}")
-    if not declared / DECLARED_SIZE_FACTOR <= count <= declared * DECLARED_SIZE_FACTOR:
-        raise ConfigError(
-            f"node config key 'num-train-examples' = {declared} is far from the site folder's training split "
-            f"(more than {DECLARED_SIZE_FACTOR:g}x off either way); run `fedfuse data validate DATA_DIR` and "
-            "declare its count"
-        )
     return declared
+
+
+def declared_size_problem(declared: int, count: int) -> str | None:
+    """What is wrong when the declared size is more than DECLARED_SIZE_FACTOR off the records' ``count`` (None if
+    not). A function of the count: for the site's eyes only (its start check, its log), never a reply."""
+    if declared / DECLARED_SIZE_FACTOR <= count <= declared * DECLARED_SIZE_FACTOR:
+        return None
+    return (f"node config key 'num-train-examples' = {declared} is far from the site folder's training split "
+            f"(more than {DECLARED_SIZE_FACTOR:g}x off either way); run `fedfuse data validate DATA_DIR` and "
+            "declare its count")

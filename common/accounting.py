@@ -176,15 +176,18 @@ def calibrate_run(
     lifetime_budget: float,
     delta: float,
     accountant: str = "prv",
+    run_history: list[Mechanism] | None = None,
 ) -> float:
     """Noise multiplier for a run of ``steps`` steps at ``sample_rate`` that keeps both budgets.
 
-    The run's own mechanisms alone must stay within ``run_budget`` (``dp.epsilon``), and ``history`` followed
-    by the run within ``lifetime_budget`` (the site's ``max-epsilon``; inf for no cap): the larger of the two
-    calibrated noise multipliers satisfies both. Raises BudgetExhaustedError when the lifetime cap is spent.
+    The run's own mechanisms (``run_history``, the run's earlier entries: none for a new run, followed by the
+    run) must stay within ``run_budget`` (``dp.epsilon``), and ``history`` (every entry, of every run and of
+    older versions) followed by the run within ``lifetime_budget`` (the site's ``max-epsilon``; inf for no
+    cap): the larger of the two calibrated noise multipliers satisfies both. Raises BudgetExhaustedError when
+    a budget is spent.
     """
-    sigma = calibrate_noise(history=[], sample_rate=sample_rate, steps=steps, target_epsilon=run_budget,
-                            delta=delta, accountant=accountant)
+    sigma = calibrate_noise(history=list(run_history or []), sample_rate=sample_rate, steps=steps,
+                            target_epsilon=run_budget, delta=delta, accountant=accountant)
     if math.isinf(lifetime_budget) or (not merge_history(history) and lifetime_budget >= run_budget):
         return sigma  # a fresh client under a cap no tighter than the run's: the run's budget decides alone
     if compute_epsilon(history + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant) <= lifetime_budget:
@@ -220,6 +223,8 @@ class PrivacyHistory:
     entries: list[Mechanism] = field(default_factory=list)
     plan: NoisePlan | None = None
     runs: list[str] = field(default_factory=list)  # the run of each entry ("" for entries of older versions)
+    # An entry of an older version ("") names no run: it counts towards the lifetime cap only (it was spent in a
+    # run that is over), never towards a run's allowance, in calibration, the budget check and the run's epsilon.
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -240,9 +245,11 @@ class PrivacyHistory:
     def run_epsilon(self, run_id: str | None = None, *, extra: list[Mechanism] | None = None) -> float:
         """Epsilon of one run alone (default: the plan's): its own mechanisms (plus ``extra``), composed."""
         run_id = run_id if run_id is not None else (self.plan.run_id if self.plan is not None else None)
-        # An entry of an older version names no run (""): it counts towards every run, which can only over-count.
-        own = [m for m, r in zip(self.entries, self.runs) if run_id is not None and r in (run_id, "")]
-        return self._epsilon(own + (extra or []))
+        return self._epsilon(self.run_entries(run_id) + (extra or []))
+
+    def run_entries(self, run_id: str | None) -> list[Mechanism]:
+        """The entries of run ``run_id``; entries of older versions (run "") belong to no run."""
+        return [m for m, r in zip(self.entries, self.runs) if run_id and r == run_id]
 
     def _epsilon(self, mechanisms: list[Mechanism]) -> float:
         if not merge_history(mechanisms):
@@ -262,13 +269,11 @@ class PrivacyHistory:
                 budget=budget,
             )
 
-    def check_budget(self, mechanism: Mechanism, *, budget: float) -> float:
-        """Fail closed: the lifetime epsilon after ``mechanism``, or BudgetExhaustedError if it exceeds ``budget``."""
-        return self.check_budgets(mechanism, budget=budget, run_budget=math.inf)[0]
-
     def check_budgets(self, mechanism: Mechanism, *, budget: float, run_budget: float) -> tuple[float, float]:
         """Fail closed: (lifetime epsilon, run epsilon) after ``mechanism``, or BudgetExhaustedError if the
-        lifetime epsilon would exceed ``budget`` (the site's cap) or the run's own epsilon ``run_budget``."""
+        lifetime epsilon would exceed ``budget`` (the site's cap) or the run's own epsilon ``run_budget``. The error
+        carries the lifetime epsilon now (what the ledger records) and the exceeded budget with the epsilon it
+        would reach."""
         self.refuse_if_non_private(budget=run_budget if math.isfinite(run_budget) else budget)
         after, run_after = self.epsilon(extra=[mechanism]), self.run_epsilon(extra=[mechanism])
         for what, value, limit, now in (("in total", after, budget, self.epsilon),
@@ -280,8 +285,8 @@ class PrivacyHistory:
                     f"ε = {limit:g} ({'the lifetime cap' if what == 'in total' else 'the run allowance dp.epsilon'}; "
                     f"spent so far {what}: ε = {spent:.4g}); nothing was trained",
                     epsilon_now=self.epsilon(),
-                    epsilon_after=after,
-                    budget=budget,
+                    epsilon_after=value,
+                    budget=limit,
                 )
         return after, run_after
 

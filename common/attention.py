@@ -10,7 +10,6 @@ class c is the sum over the count. Other fusion heads have no attention: nothing
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
 

@@ -399,7 +399,8 @@ def _account(report: ClientReport, tolerance: float) -> None:
             # No noise (a non-private round): no finite epsilon from here on, in the history and in its run.
             sigma = 0.0 if e.get("private") is False else mech["noise_multiplier"]
             history.append((sigma, mech["sample_rate"], steps))
-            runs.setdefault(e.get("run_id"), []).append((sigma, mech["sample_rate"], steps))
+            if e.get("version", 1) >= 2:  # a format-1 entry (an older version) counts towards the lifetime cap only
+                runs.setdefault(e.get("run_id"), []).append((sigma, mech["sample_rate"], steps))
         # A refused round trains nothing and sends nothing.
         refused = e.get("status") == "refused-budget"
         if accountable and refused and (steps != 0 or e.get("update_hash") is not None):

@@ -67,7 +67,7 @@ from common.data import MultimodalData
 from common.errors import PrivacyParameterError
 from common.model import ModelConfig, MultimodalModel
 from common.schema import DatasetSchema, ModalitySpec
-from common.training import train_round
+from common.training import RoundResult, train_round
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,15 @@ def step_gradients(trace: list[torch.Tensor], *, lr: float, momentum: float) -> 
     return grads.numpy()
 
 
+def canary_units(trace: list[torch.Tensor], result: RoundResult, *, lr: float, momentum: float,
+                 max_grad_norm: float) -> np.ndarray:
+    """Each step's noisy gradient on each canary coordinate (T, m), in units of C / expected batch, signed so that
+    an included canary adds +1 when sampled (its clipped gradient is -C e_i). The expected batch is the one the
+    round's optimizer divided the noised sum by: q times the declared size, the float training uses."""
+    expected_batch = result.sample_rate * result.num_examples
+    return -step_gradients(trace, lr=lr, momentum=momentum) * expected_batch / max_grad_norm
+
+
 def measured_noise(x: np.ndarray) -> float:
     """Robust standard deviation (1.4826 x median absolute deviation) of all values of x."""
     values = x.ravel()
@@ -225,11 +234,7 @@ def run_empirical_audit(config: EmpiricalAuditConfig = EmpiricalAuditConfig()) -
     trace = model.trace + [model.canary.weight.detach()[0].clone()]
     if result.steps != config.steps or len(trace) != config.steps + 1:
         raise RuntimeError(f"expected {config.steps} steps, train_round took {result.steps} ({len(trace) - 1} forwards)")
-    # Each step's noisy gradient on each canary coordinate, in units of C / expected batch, sign so that
-    # an included canary adds +1 when sampled (its clipped gradient is -C e_i).
-    expected_batch = int(len(data) * result.sample_rate)  # as Opacus computes it
-    grads = step_gradients(trace, lr=train.lr, momentum=train.momentum)  # (T, m)
-    x = -grads * expected_batch / config.max_grad_norm
+    x = canary_units(trace, result, lr=train.lr, momentum=train.momentum, max_grad_norm=config.max_grad_norm)
     sigma, measured = float(result.noise_multiplier), measured_noise(x)
     scores = transcript_scores(x, sigma=max(measured, MIN_SCORE_NOISE), sample_rate=result.sample_rate)
     audit = audit_scores(scores, included, delta=config.delta, beta=config.beta)
@@ -253,7 +258,7 @@ def run_empirical_audit(config: EmpiricalAuditConfig = EmpiricalAuditConfig()) -
         "measured_noise_multiplier": measured,
         "sample_rate": result.sample_rate,
         "steps": result.steps,
-        "expected_batch_size": expected_batch,
+        "expected_batch_size": result.sample_rate * result.num_examples,  # the optimizer's divisor (float)
         "max_grad_norm": config.max_grad_norm,
         "accountant": config.accountant,
         "seed": config.seed,
@@ -275,7 +280,7 @@ def format_empirical_report(report: dict[str, Any]) -> str:
         f"  canaries        {report['num_canaries']} ({report['num_included']} included, each with probability 1/2), "
         f"beside {report['real_samples']} real samples",
         f"  DP-SGD          {report['steps']} steps, Poisson q = {report['sample_rate']:g} (expected batch "
-        f"{report['expected_batch_size']}), C = {report['max_grad_norm']:g}, σ = {report['noise_multiplier']:.4f} "
+        f"{report['expected_batch_size']:.6g}), C = {report['max_grad_norm']:g}, σ = {report['noise_multiplier']:.4f} "
         f"({report['accountant']} calibration for ε = {report['target_epsilon']:g}); the iterates show "
         f"σ ≈ {report['measured_noise_multiplier']:.4f}",
         f"  claimed         (ε = {report['claimed_epsilon']:.3f}, δ = {report['delta']:g})",

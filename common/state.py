@@ -198,7 +198,8 @@ class ClientState:
                 "delta": private[-1]["delta"] if private else None,
                 "history": [[e["mechanism"]["noise_multiplier"], e["mechanism"]["sample_rate"], e["mechanism"]["steps"]]
                             for e in entries if e["mechanism"]["steps"] > 0],
-                "runs": [e["run_id"] for e in entries if e["mechanism"]["steps"] > 0],
+                # a format-1 entry (an older version) names no run: it counts towards the lifetime cap only
+                "runs": [e["run_id"] if e.get("version", 1) >= 2 else "" for e in entries if e["mechanism"]["steps"] > 0],
                 "plan": None,  # the next round calibrates again, against what the history has spent
             },
             "rounds": [[e["run_id"], e["round"]] for e in entries if e["status"] == "trained"],

@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +187,7 @@ def train_round(
     if plan is None or plan.run_id != run_id:
         sigma = calibrate_run(history=history.entries, sample_rate=sample_rate, steps=steps * planned_rounds,
                               run_budget=target_epsilon, lifetime_budget=max_epsilon, delta=delta,
-                              accountant=history.accountant)
+                              accountant=history.accountant, run_history=history.run_entries(run_id))
         plan = NoisePlan(noise_multiplier=sigma, **plan_params)
         log.info("calibrated noise multiplier %.4f for %d rounds x %d steps at q = %.4f", sigma, planned_rounds, steps, sample_rate)
     elif not plan.matches(**plan_params):
@@ -331,8 +331,8 @@ def private_training(
 ) -> PrivateTraining:
     """Wrap ``model`` for DP-SGD over ``num_examples`` records: Poisson sampling at ``sample_rate`` for
     ``steps_per_epoch`` steps an epoch, clipping to C, noise sigma * C, the noised sum divided by
-    ``expected_batch_size`` (q times the declared size). Without them: 1 / ceil(n / batch_size), its
-    inverse and n q, from the count n (for benchmarks and tools, whose size is public).
+    ``expected_batch_size`` (q times the declared size). Without them: :func:`sampling_plan` of the count n
+    (q = batch / n, ceil(n / batch) steps) and n q (for benchmarks and tools, whose size is public).
 
     ``randomness`` defaults to a fresh secret key (tests pass a fixed one). Opacus provides the per-sample
     gradients (or fedfuse's flat ones), the clipping and noise (:class:`FiniteRowsDPOptimizer`) and the
@@ -344,9 +344,8 @@ def private_training(
     flat = FlatGradSample(model) if grad_sample_mode == "flat" else None
     module = flat if flat is not None else model
     if sample_rate is None or steps_per_epoch is None or expected_batch_size is None:
-        steps_per_epoch = math.ceil(num_examples / batch_size)
-        sample_rate = 1.0 / steps_per_epoch
-        expected_batch_size = num_examples * sample_rate
+        sample_rate, steps_per_epoch = sampling_plan(num_examples, batch_size, 1)  # the count n is public here
+        expected_batch_size = sample_rate * num_examples
     try:
         if flat is None:
             ModuleValidator.validate(module, strict=True)
@@ -392,9 +391,16 @@ def dp_step(
     A record whose loss is not finite counts zero in the loss, and its per-sample gradient (NaN or inf from
     its own forward pass) is zeroed before clipping by :class:`FiniteRowsDPOptimizer`; the step goes on.
     """
+    if len(idx) == 0:
+        # An empty Poisson batch still takes a step: noise only, and it is accounted. No forward pass (functorch
+        # cannot run one on zero rows): every parameter gets zero per-sample gradients of zero rows.
+        for p in private.optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        private.optimizer.step()
+        private.optimizer.zero_grad(set_to_none=True)
+        return None
     inputs, mask, labels = _batch(data, idx)
     mask = private.randomness.hide_modalities(step, idx, mask, modality_dropout, num_examples=private.num_examples)
-    # An empty Poisson batch still takes a step: noise only, and it is accounted.
     loss, value = _batch_loss(private.model(inputs, mask), labels)
     loss.backward()
     private.optimizer.step()

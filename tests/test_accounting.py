@@ -70,14 +70,32 @@ def test_calibration_refuses_when_the_budget_is_spent():
 def test_budget_check_refuses_the_round_that_would_overshoot():
     history = PrivacyHistory(delta=1e-5)
     round_ = (1.0, 0.1, 50)
-    after_one = history.check_budget(round_, budget=50.0)
+    after_one, _ = history.check_budgets(round_, budget=50.0, run_budget=math.inf)
     history.record(round_)
     budget = after_one + 0.5 * (history.epsilon(extra=[round_]) - after_one)  # between 1 and 2 rounds
     with pytest.raises(BudgetExhaustedError) as err:
-        history.check_budget(round_, budget=budget)
+        history.check_budgets(round_, budget=budget, run_budget=math.inf)
     assert err.value.epsilon_now == pytest.approx(after_one)
-    assert err.value.epsilon_after > budget
+    assert err.value.epsilon_after > budget and err.value.budget == budget
     assert history.entries == [round_]  # a refused round records nothing
+
+
+def test_a_round_over_the_run_allowance_is_refused_naming_the_allowance():
+    # Prepare: one round of run "a" on record; a lifetime cap with room, a run allowance between 1 and 2 rounds
+    history = PrivacyHistory(delta=1e-5)
+    round_ = (1.0, 0.1, 50)
+    history.record(round_, run_id="a")
+    one, two = history.epsilon(), history.epsilon(extra=[round_])
+    allowance = one + 0.5 * (two - one)
+    history.plan = NoisePlan(run_id="a", noise_multiplier=1.0, sample_rate=0.1, steps_per_round=50, planned_rounds=2,
+                             target_epsilon=allowance, delta=1e-5, max_grad_norm=1.0)
+    # Execute
+    with pytest.raises(BudgetExhaustedError, match="run allowance") as err:
+        history.check_budgets(round_, budget=50.0, run_budget=allowance)
+    # Assert: the error carries the run's allowance and the run ε it would reach, not the lifetime cap
+    assert err.value.budget == allowance
+    assert err.value.epsilon_after == pytest.approx(two) and err.value.epsilon_now == pytest.approx(one)
+    assert history.entries == [round_]
 
 
 @pytest.mark.parametrize(

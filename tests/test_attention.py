@@ -7,7 +7,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.handlers import handle_evaluate
 from common import messages as M
-from common import synthetic
 from common.attention import attention_metrics, attention_sums, pool
 from common.config import RunConfig
 from common.data import hide_modalities

@@ -19,12 +19,13 @@ from common.empirical_audit import (
     CanaryModel,
     EmpiricalAuditConfig,
     build_audit_data,
+    canary_units,
     format_empirical_report,
     step_gradients,
 )
 from common.errors import PrivacyParameterError
 from common.model import ModelConfig
-from common.training import train_round
+from common.training import RoundResult, train_round
 
 CONFIG = ModelConfig(embed_dim=8, hidden_dim=8)
 
@@ -111,6 +112,19 @@ def test_step_gradients_undo_sgd_momentum():
     trace.append(w.detach().clone())
     # Execute / Assert
     assert np.allclose(step_gradients(trace, lr=0.5, momentum=0.5), grads.numpy(), atol=1e-6)
+
+
+def test_canary_units_divide_by_the_expected_batch_training_uses():
+    # q = 15 / 22 of 22 records: the optimizer divides the noised sum by q * 22 (a float just below 15), which
+    # int() would truncate to 14; the units must undo exactly what training did
+    q, n, lr, C = 15 / 22, 22, 0.5, 2.0
+    result = RoundResult(True, 1.0, 1e-5, 1.0, q, 3, C, n, 0.0, 0.0)
+    units = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # (T, m): canary i sampled at step t
+    trace = [torch.zeros(2)]
+    for u in units:  # SGD without momentum on the gradient -C u / (q N)
+        trace.append(trace[-1] - lr * (-C * u / (q * n)))
+    x = canary_units(trace, result, lr=lr, momentum=0.0, max_grad_norm=C)
+    np.testing.assert_allclose(x, units.double().numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [dict(sample_rate=0.03), dict(steps=210), dict(epsilon=float("inf")),

@@ -257,6 +257,36 @@ def test_both_figures_are_in_the_ledger_and_the_audit_checks_both(tmp_path):
     assert any("run's allowance" in f.message for f in report.clients["site-a"].findings)
 
 
+def test_an_upgraded_client_with_old_spend_over_the_allowance_trains_within_its_lifetime_cap(synth_train):
+    # Prepare: a history written by an older fedfuse (entries name no run) that spent ε 15.1 > dp.epsilon = 4
+    history = PrivacyHistory(delta=DELTA, entries=[(1.0, 0.5, 20)])
+    spent = history.epsilon()
+    assert history.runs == [""] and spent > 4.0
+    data = synth_train.subset(range(200))
+    # Execute: a run with allowance 4 at a site capped at 20 over its lifetime
+    result = train_round(MultimodalModel(data.schema, CONFIG), data, history,
+                         **(DP | dict(target_epsilon=4.0, max_epsilon=20.0, run_id="new")))
+    # Assert: trained; the old spend counts towards the lifetime cap only, not towards this run's allowance
+    assert result.private and history.runs == ["", "new"]
+    assert result.run_epsilon == pytest.approx(history.run_epsilon("new")) and result.run_epsilon <= 4.0
+    assert spent < result.epsilon <= 20.0
+    assert history.run_epsilon("") == 0.0  # no run owns the older entries
+
+
+def test_the_audit_counts_format_1_entries_towards_the_lifetime_cap_only(tmp_path):
+    # A site upgraded during run "a": its format-1 entry of run "a" is in its lifetime ε, not in the run's own ε
+    old, new = (1.0, 0.5, 20), (1.1, 0.01, 250)
+    lifetime = compute_epsilon([old, new], delta=DELTA)
+    first = _row(1, old, compute_epsilon([old], delta=DELTA), budget=30.0, run_id="a") | {"version": 1}
+    for key in ("run_epsilon", "run_budget"):
+        first.pop(key)
+    own = compute_epsilon([new], delta=DELTA)
+    rows = [first, _row(2, new, lifetime, budget=30.0, run_budget=4.0, run_epsilon=own, run_id="a")]
+    report = audit_path(_signed(tmp_path, rows))
+    assert report.ok, report.clients["site-a"].findings
+    assert report.clients["site-a"].run_recomputed[1] == pytest.approx(own, rel=0.02)
+
+
 def _deployed_site(tmp_path, n=50):
     data = synthetic.generate(n + 10, seed=1)
     write_site(tmp_path / "site", data, ["train"] * n + ["test"] * 10, name="hospital-a")
@@ -290,15 +320,17 @@ def test_neighbouring_datasets_get_the_same_mechanism(synth_train):
     assert results[0].sample_rate == 50 / 200 and results[0].steps == 4 and results[0].num_examples == declared
 
 
-def test_a_deployed_site_must_declare_its_training_set_size(tmp_path):
+def test_a_deployed_site_must_declare_its_training_set_size(tmp_path, caplog):
     node = _deployed_site(tmp_path)
     flat = parse_run_config(run_config(tmp_path))
     with pytest.raises(ConfigError, match="num-train-examples.*required.*fedfuse data validate"):
         resolve_site(node, flat, 5)
-    with pytest.raises(ConfigError, match="far from"):
-        resolve_site(node | {"num-train-examples": 500}, flat, 5)
     with pytest.raises(ConfigError, match="positive integer"):
         resolve_site(node | {"num-train-examples": "50"}, flat, 5)
+    # far off the count (50 records): a warning at the site, no refusal (it would reach the server)
+    with caplog.at_level("WARNING", logger="client.site"):
+        far = resolve_site(node | {"num-train-examples": 500}, flat, 5)
+    assert far.declared_examples == 500 and "far from" in caplog.text
     site = resolve_site(node | {"num-train-examples": 60}, flat, 5)
     assert site.declared_examples == 60 and len(site.train) == 50
     # the reply's aggregation weight is the declared size, not the count
@@ -306,6 +338,14 @@ def test_a_deployed_site_must_declare_its_training_set_size(tmp_path):
                                                                node | {"num-train-examples": 60}))
     assert reply.content[M.METRICS][M.NUM_EXAMPLES] == 60
     assert reply.content[M.METRICS][M.SAMPLE_RATE] == 60 / 60  # batch 60 / declared 60
+
+
+def test_a_declared_size_far_from_the_count_does_not_change_the_reply_status(tmp_path):
+    # Whether the declared size is far from the records' count is a function of the count: the reply must not say
+    node = _deployed_site(tmp_path) | {"num-train-examples": 500}  # 50 records
+    reply = handle_train(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 4.0}), node))
+    assert reply.content[M.CLIENT][M.STATUS] == M.STATUS_OK
+    assert reply.content[M.METRICS][M.NUM_EXAMPLES] == 500
 
 
 def test_the_server_reads_each_sites_spend_before_the_run_from_its_ledger():

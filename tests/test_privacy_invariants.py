@@ -33,7 +33,7 @@ from common.model import MAX_GLOBAL_MAGNITUDE, ModelConfig, MultimodalModel, glo
 from common.randomness import RoundRandomness
 from common.sitedata import write_site
 from common import training
-from common.training import PoissonSampler, _proximal, dp_step, private_training, sampling_plan, train_round
+from common.training import _proximal, dp_step, private_training, sampling_plan, train_round
 
 C = 1.0
 N, BATCH = 40, 16  # the declared size N: q = 16 / 40 for D (40 records) and for D + x (41)
@@ -161,19 +161,47 @@ def test_randomness_touching_records_is_secret_and_fresh_each_round():
 
 # --- steps executed == steps accounted ------------------------------------------------------------------
 
-@pytest.mark.parametrize("batch_size", [1, 64, 93])
-def test_the_sampler_takes_exactly_the_accounted_steps_for_every_n(batch_size):
-    # The accountant is charged ceil(N / batch) steps per epoch at q = batch / N (N the declared size); Opacus's
-    # own sampler took int(1 / q) steps per epoch, one too few for 153 values of ceil(n / batch) <= 3000
-    # (batch 1: n = 93, 99, ...; batch 64: n = 5889-5952, ...)
-    randomness = RoundRandomness(KEY)
-    wrong = []
-    for n in range(1, 6001):
-        q, steps = sampling_plan(n, batch_size, 3)
-        sampler = PoissonSampler(n, q, steps // 3, randomness)
-        if (len(sampler.steps(3)), sampler.sample_rate, steps) != (steps, q, 3 * math.ceil(n / batch_size)):
-            wrong.append(n)
-    assert wrong == []
+def tabular(n: int) -> MultimodalData:
+    """``n`` records of a tiny tabular schema."""
+    schema = synthetic.schema().restrict(["tabular"])
+    g = torch.Generator().manual_seed(n)
+    return MultimodalData(schema, {"tabular": torch.randn(n, 8, generator=g)}, torch.ones(n, 1, dtype=torch.bool),
+                          torch.randint(0, 6, (n,), generator=g))
+
+
+# (batch size, n): around the sizes where Opacus's own sampler took int(1 / q) steps an epoch, one too few
+# (batch 1: n = 93, 99; batch 64: n = 5889-5952), and the edges of a batch
+STEP_CASES = [(1, n) for n in (1, 2, 92, 93, 99)] + [(64, n) for n in (1, 63, 64, 65, 5888, 5889, 5900, 5952, 5953)] \
+    + [(93, n) for n in (92, 93, 94, 5000)] + [(7, n) for n in (13, 14, 15, 700)]
+
+
+@pytest.mark.parametrize("batch_size, n", STEP_CASES, ids=[f"batch{b}-n{n}" for b, n in STEP_CASES])
+def test_the_training_loop_draws_exactly_the_accounted_batches_for_every_n(monkeypatch, batch_size, n):
+    # Prepare: the real DP loop (_train_dp, as train_round calls it) on n records; each drawn batch is counted,
+    # then stepped as an empty batch (a noised, accounted step without a forward pass: cheap for every n)
+    epochs = 2
+    q, steps = sampling_plan(n, batch_size, epochs)
+    drawn, wrapped = [], []
+    real_step, real_private = training.dp_step, training.private_training
+
+    def counting_step(private, data, idx, *, modality_dropout, step):
+        drawn.append(step)
+        assert idx.dtype == torch.long and (idx.numel() == 0 or 0 <= int(idx.min()) <= int(idx.max()) < n)
+        return real_step(private, data, idx[:0], modality_dropout=modality_dropout, step=step)
+
+    monkeypatch.setattr(training, "dp_step", counting_step)
+    monkeypatch.setattr(training, "private_training", lambda *a, **k: wrapped.append(real_private(*a, **k)) or wrapped[-1])
+    data = tabular(n)
+    model = MultimodalModel(data.schema, ModelConfig("concat", 8, 8))
+    # Execute
+    training._train_dp(model, data, PrivacyHistory(), noise_multiplier=1.0, sample_rate=q, max_grad_norm=C,
+                       local_epochs=epochs, batch_size=batch_size, lr=0.1, momentum=0.0, modality_dropout=0.0,
+                       grad_sample_mode="flat", randomness=RoundRandomness(KEY), expected_steps=steps,
+                       expected_batch_size=q * n, proximal=lambda: None)
+    # Assert: ceil(N / batch) batches an epoch at q = batch / N were drawn, stepped and accounted
+    assert (q, steps) == (min(1.0, batch_size / n), epochs * math.ceil(n / batch_size))
+    assert drawn == list(range(steps))
+    assert wrapped[0].steps_counted() == steps and {r for _, r, _ in wrapped[0].accountant.history} == {q}
 
 
 def test_a_round_at_n_5900_batch_64_executes_the_93_steps_it_is_charged(monkeypatch):
@@ -336,3 +364,42 @@ def test_modality_dropout_of_a_dp_round_is_not_a_function_of_the_runs_public_par
     assert firsts[0].shape == firsts[1].shape == (50, 3)
     same = (firsts[0] == firsts[1]).all(dim=1).float().mean()
     assert same < 0.5, f"{same:.0%} of the records got the same modality dropout in both rounds"
+
+
+# --- an empty Poisson batch: a noised, accounted step, whatever the mode ----------------------------------
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_an_empty_poisson_batch_takes_a_noised_accounted_step_in_every_grad_sample_mode(mode):
+    # Prepare: a small model wrapped for DP-SGD with noise on; an empty batch (no record sampled)
+    data = synthetic.generate(8, seed=5)
+    model = MultimodalModel(data.schema, ModelConfig("attention", 16, 16), seed=1)
+    before = flat_parameters(model)
+    private = private_training(model, len(data), accountant="prv", noise_multiplier=1.0, max_grad_norm=C,
+                               batch_size=4, lr=0.1, momentum=0.0, grad_sample_mode=mode,
+                               randomness=RoundRandomness(KEY), sample_rate=0.5, steps_per_epoch=2,
+                               expected_batch_size=4.0)
+    # Execute
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss = dp_step(private, data, torch.zeros(0, dtype=torch.long), modality_dropout=0.5, step=0)
+    finally:
+        private.close()
+    # Assert: no error and no loss; the step was taken (noise moved every parameter) and accounted
+    after = flat_parameters(model)
+    assert loss is None
+    assert torch.isfinite(after).all()
+    assert (after != before).float().mean() > 0.9, "an empty batch must still add noise to the parameters"
+    assert private.steps_counted() == 1 and [q for _, q, _ in private.accountant.history] == [0.5]
+
+
+@pytest.mark.parametrize("n, batch_size", [(10, 4), (5900, 64), (3, 8)])
+def test_private_training_without_a_plan_uses_the_one_definition_of_q(n, batch_size):
+    # Without sample_rate (benchmarks, tools): q, steps and the expected batch are sampling_plan's on the count n
+    model = MultimodalModel(tabular(1).schema, ModelConfig("concat", 8, 8))
+    private = private_training(model, n, accountant="prv", noise_multiplier=1.0, max_grad_norm=C,
+                               batch_size=batch_size, lr=0.1, momentum=0.0, grad_sample_mode="flat")
+    private.close()
+    q, steps = sampling_plan(n, batch_size, 1)
+    assert (private.sample_rate, private.sampler.steps_per_epoch) == (q, steps)
+    assert private.optimizer.expected_batch_size == q * n

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from client.preflight import check_start, node_config_from_args
+from client.site import resolve_site
 from common.accounting import PrivacyHistory
 from common.cli import main
 from common.commands.site import connection_hint
+from common.config import RunConfig
 from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, entry_fields
 from common.state import PRIVACY_FILE, ClientRecord, ClientState
 from common.synthetic_sites import write_synthetic_sites
@@ -59,6 +61,8 @@ def test_a_site_without_a_plausible_declared_training_set_size_may_not_start(sit
     undeclared = {k: v for k, v in site.items() if k != "num-train-examples"}
     assert any("'num-train-examples' is required" in p for p in check_start(undeclared).problems)
     assert any("far from the site folder's training split" in p for p in check_start(site | {"num-train-examples": 100}).problems)
+    # the refusal is the start check's alone (local); a message handler only warns at the site
+    assert resolve_site(site | {"num-train-examples": 100}, RunConfig(), 1).declared_examples == 100
 
 
 def test_a_broken_data_folder_is_reported_with_every_problem(site):

@@ -75,6 +75,7 @@ def test_a_missing_privacy_record_is_rebuilt_from_the_ledger(tmp_path):
     _ledger_of_one_round(tmp_path)
     record = ClientState(tmp_path).load_record(client_id="client-00", modalities=("image",), accountant="prv")
     assert record.history.entries == [(1.1, 0.1, 10)] and record.history.delta == 1e-5 and record.trained("run", 1)
+    assert record.history.runs == ["run"]  # a format-2 entry names its run (format 1: "", lifetime cap only)
     assert (tmp_path / "privacy.json").exists()
     with pytest.raises(StateError, match="belongs to client 'client-00'"):  # the ledger's client, not the caller's
         (tmp_path / "privacy.json").unlink()

@@ -216,6 +216,8 @@ def class_scores(by_modalities: Mapping[str, Any], num_classes: int) -> dict[str
     or a ``confusion`` matrix (rows true class, columns predicted). Empty lists when results.json has
     neither. A class with no held-out example in a subset has no score there.
     """
+    from common.evaluation import class_f1  # torch: imported only when class scores are asked for
+
     out: dict[str, list[dict[frozenset, float]]] = {m: [{} for _ in range(num_classes)] for m in METRICS}
     found = False
     for subset, figures in by_modalities.items():
@@ -224,10 +226,10 @@ def class_scores(by_modalities: Mapping[str, Any], num_classes: int) -> dict[str
             continue
         found = True
         coalition = frozenset(subset.split("+"))
-        for c, (support, predicted, correct) in enumerate(zip(*counts)):
+        for c, (support, correct, f1) in enumerate(zip(counts[0], counts[2], class_f1(*counts))):
             if support:
                 out["accuracy"][c][coalition] = correct / support
-                out["macro_f1"][c][coalition] = 2 * correct / (support + predicted)
+                out["macro_f1"][c][coalition] = f1
     return out if found else {m: [] for m in METRICS}
 
 
@@ -238,8 +240,9 @@ def _class_counts(figures: Mapping[str, Any], k: int) -> tuple[list[int], list[i
         return list(per_class["support"]), list(per_class["predicted"]), list(per_class["correct"])
     matrix = figures.get("confusion")
     if isinstance(matrix, list) and len(matrix) == k and all(isinstance(row, list) and len(row) == k for row in matrix):
-        return ([sum(row) for row in matrix], [sum(row[c] for row in matrix) for c in range(k)],
-                [matrix[c][c] for c in range(k)])
+        from common.evaluation import counts_from_confusion
+
+        return counts_from_confusion(matrix)
     return None
 
 

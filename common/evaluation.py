@@ -45,10 +45,22 @@ def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: in
     return flat.reshape(num_classes, num_classes).tolist()
 
 
+def counts_from_confusion(matrix: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """(support, predicted, correct) per class of a confusion matrix (rows: true class, columns: predicted)."""
+    k = len(matrix)
+    return [sum(row) for row in matrix], [sum(row[c] for row in matrix) for c in range(k)], [matrix[c][c] for c in range(k)]
+
+
+def class_f1(support: list[int], predicted: list[int], correct: list[int]) -> list[float | None]:
+    """Each class's F1 from its counts, 2tp / (2tp + fp + fn) = 2·correct / (support + predicted); None where
+    the class is neither true nor predicted anywhere (undefined)."""
+    return [2 * c / (s + p) if s + p > 0 else None for s, p, c in zip(support, predicted, correct)]
+
+
 def scores_from_counts(support: list[int], predicted: list[int], correct: list[int]) -> dict[str, float | int]:
     """Accuracy and macro-F1 from per-class counts (the same values :func:`macro_f1` gives on the predictions)."""
     n = sum(support)
-    f1s = [2 * c / (s + p) for s, p, c in zip(support, predicted, correct) if s + p > 0]  # 2tp / (2tp + fp + fn)
+    f1s = [f for f in class_f1(support, predicted, correct) if f is not None]
     return {"accuracy": sum(correct) / n if n else 0.0, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0, "num_examples": n}
 
 

@@ -1,9 +1,11 @@
 """Planning a private run from public parameters only: the noise each site will get, and whether it drowns the signal.
 
 Inputs are what a run config and each site's training-set size say (n, budget ε, δ, batch size, rounds,
-local epochs, clipping norm C, the model's parameter counts); no record is read. The noise multiplier σ is
-the project's own calibration (:func:`common.accounting.calibrate_noise`, as a site calibrates it before
-its first round), with the sampling rate and steps the training loop uses (:func:`common.training.steps_per_epoch`).
+local epochs, clipping norm C, the model's parameter counts); no record is read. The sampling rate and the
+steps are the training loop's own (:func:`common.training.sampling_plan`: q = batch / n and ⌈n / batch⌉ steps
+per local epoch, n the site's declared size), and the noise multiplier σ is the site's own calibration
+(:func:`common.accounting.calibrate_run`, as ``train_round`` calls it before a fresh site's first round of a
+run, with the run's allowance and the lifetime cap both equal to the site's budget, as in a simulation).
 
 Noise-to-signal ratio (NSR), with B = q·n the expected batch, T = local steps per round, d the number of
 parameters concerned. Each DP-SGD step adds Gaussian noise of norm about σ·C·√d to a sum of B clipped
@@ -23,10 +25,10 @@ import functools
 import math
 from dataclasses import dataclass
 
-from common.accounting import calibrate_noise
+from common.accounting import calibrate_run
 from common.config import RunConfig
 from common.errors import BudgetExhaustedError
-from common.training import steps_per_epoch
+from common.training import sampling_plan
 
 # A site's per-round NSR above this is flagged. Set between measured runs (README, Data): HAPT's 21 training
 # subjects (228-331 windows each), simulations/scenarios/hapt.toml (batch 64, 12 rounds, 2 epochs): the worst
@@ -82,13 +84,13 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=4096)
-def noise_multiplier(*, n: int, batch_size: int, steps: int, epsilon: float, delta: float, accountant: str) -> float:
-    """σ a fresh site with n training examples calibrates for ``steps`` steps in total (inf: none fits)."""
+def noise_multiplier(*, sample_rate: float, steps: int, epsilon: float, delta: float, accountant: str) -> float:
+    """σ a fresh site calibrates for ``steps`` steps in total at ``sample_rate`` (inf: none fits)."""
     if math.isinf(epsilon):
         return 0.0
     try:
-        return calibrate_noise(history=[], sample_rate=1.0 / steps_per_epoch(n, batch_size), steps=steps,
-                               target_epsilon=epsilon, delta=delta, accountant=accountant)
+        return calibrate_run(history=[], sample_rate=sample_rate, steps=steps, run_budget=epsilon,
+                             lifetime_budget=epsilon, delta=delta, accountant=accountant)
     except BudgetExhaustedError:
         return math.inf
 
@@ -96,10 +98,9 @@ def noise_multiplier(*, n: int, batch_size: int, steps: int, epsilon: float, del
 def plan_site(site: str, n: int, params: int, setting: Setting, *, epsilon: float, delta: float,
               accountant: str = "prv") -> SitePlan:
     """σ and the noise-to-signal ratios of one site under ``setting`` (see the module docstring)."""
-    per_epoch = steps_per_epoch(n, setting.batch_size)
-    q, steps = 1.0 / per_epoch, setting.local_epochs * per_epoch
-    sigma = noise_multiplier(n=n, batch_size=setting.batch_size, steps=steps * setting.rounds, epsilon=epsilon,
-                             delta=delta, accountant=accountant)
+    q, steps = sampling_plan(n, setting.batch_size, setting.local_epochs)
+    sigma = noise_multiplier(sample_rate=q, steps=steps * setting.rounds, epsilon=epsilon, delta=delta,
+                             accountant=accountant)
     b = q * n
     nsr_step = sigma * math.sqrt(params) / b
     return SitePlan(site, n, params, q, b, steps, None if math.isinf(epsilon) else sigma, nsr_step,

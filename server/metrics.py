@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from common import messages as M
-from common.evaluation import scores_from_counts
+from common.evaluation import class_f1, counts_from_confusion, scores_from_counts
 from server.replies import EvaluateReply, mean_metrics
 
 
@@ -34,9 +34,7 @@ def pooled_metrics(replies: list[EvaluateReply], labels: list[str] | tuple[str, 
     if not counted:
         return None
     confusion = [[sum(r.confusion[i][j] for r in counted) for j in range(k)] for i in range(k)]  # type: ignore[index]
-    support = [sum(row) for row in confusion]
-    predicted = [sum(confusion[i][j] for i in range(k)) for j in range(k)]
-    correct = [confusion[i][i] for i in range(k)]
+    support, predicted, correct = counts_from_confusion(confusion)
     n = sum(support)
     losses = [(r.overall[M.LOSS], r.num_examples) for r in counted if M.LOSS in r.overall]
     out: dict[str, Any] = scores_from_counts(support, predicted, correct)
@@ -64,4 +62,4 @@ def _per_class(support: list[int], predicted: list[int], correct: list[int]) -> 
     return {"support": support, "predicted": predicted, "correct": correct,
             "precision": [ratio(c, p) for c, p in zip(correct, predicted)],
             "recall": [ratio(c, s) for c, s in zip(correct, support)],
-            "f1": [ratio(2 * c, s + p) for c, s, p in zip(correct, support, predicted)]}
+            "f1": class_f1(support, predicted, correct)}

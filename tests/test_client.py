@@ -40,6 +40,14 @@ def context(flat, node_config=None):
                    state=RecordDict(), run_config=flat)
 
 
+def deployed_site(tmp_path, folder="site", **node):
+    """A deployed site "hospital-a" (50 train, 10 test samples) in ``tmp_path / folder``: (its folder, its node
+    config with the policy max-epsilon = 4 unless ``node`` says otherwise)."""
+    site = write_site(tmp_path / folder, synthetic.generate(60, seed=1), ["train"] * 50 + ["test"] * 10, name="hospital-a")
+    config = {"data-dir": str(site), "state-dir": str(tmp_path / "state"), "max-epsilon": 4.0, "num-train-examples": 50}
+    return site, config | node
+
+
 def test_train_reply_carries_the_head_only(tmp_path):
     flat = run_config(tmp_path)
     reply = handle_train(train_message(global_head()), context(flat))
@@ -116,10 +124,7 @@ def test_evaluate_reports_overall_and_per_subset_metrics(tmp_path):
 
 
 def test_a_deployed_site_refuses_a_run_asking_for_more_than_its_policy(tmp_path):
-    data = synthetic.generate(60, seed=1)
-    write_site(tmp_path / "site", data, ["train"] * 50 + ["test"] * 10, name="hospital-a")
-    node = {"data-dir": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "max-epsilon": 4.0,
-            "num-train-examples": 50}
+    _, node = deployed_site(tmp_path)
     reply = handle_train(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 8.0}), node))
     assert reply.content[M.CLIENT][M.STATUS] == M.STATUS_POLICY_REFUSED
     assert "allows at most ε = 4" in reply.content[M.CLIENT][M.REASON]
@@ -202,10 +207,7 @@ def test_parameters_travel_as_one_packed_array_and_a_bad_packing_is_refused():
 
 
 def test_a_site_that_refused_the_run_evaluates_nothing(tmp_path):
-    data = synthetic.generate(60, seed=1)
-    write_site(tmp_path / "site", data, ["train"] * 50 + ["test"] * 10, name="hospital-a")
-    node = {"data-dir": str(tmp_path / "site"), "state-dir": str(tmp_path / "state"), "max-epsilon": 4.0,
-            "num-train-examples": 50}
+    _, node = deployed_site(tmp_path)
     refused = handle_evaluate(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 8.0}), node))
     assert dict(refused.content[M.METRICS]) == {M.NUM_EXAMPLES: 0}  # nothing computed from its data
     assert refused.content[M.CLIENT][M.STATUS] == M.STATUS_POLICY_REFUSED
@@ -218,14 +220,11 @@ def test_a_failing_site_tells_the_server_only_a_category(tmp_path, handler, capl
     from client.client_app import evaluate, train
 
     # Prepare: a site folder with a row that does not match its schema (the details name the file and the row)
-    data = synthetic.generate(60, seed=1)
-    site = write_site(tmp_path / "secret-ward-7", data, ["train"] * 50 + ["test"] * 10, name="hospital-a")
+    site, node = deployed_site(tmp_path, "secret-ward-7", **{"max-epsilon": 8.0, "client-id": "hospital-a"})
     index = site / "index.csv"
     lines = index.read_text().splitlines()
     lines[3] = lines[3].replace(",train,", ",train,label-of-patient-1234,", 1)  # a row no schema allows
     index.write_text("\n".join(lines) + "\n")
-    node = {"data-dir": str(site), "state-dir": str(tmp_path / "state"), "max-epsilon": 8.0, "client-id": "hospital-a",
-            "num-train-examples": 50}
     # Execute
     reply = (train if handler == "train" else evaluate)(train_message(global_head()), context(run_config(tmp_path), node))
     # Assert: the reply names the site and says it failed; the details are in the site's log only

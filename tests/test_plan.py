@@ -6,24 +6,43 @@ import math
 import pytest
 
 from common import synthetic
-from common.accounting import calibrate_noise
+from common.accounting import PrivacyHistory, calibrate_run
 from common.cli import main
 from common.commands.simulate import build_config
 from common.config import parse_run_config
+from common.model import ModelConfig, MultimodalModel
 from common.plan import DROWNING, Setting, candidates, drowning_warning, plan, plan_site, suggest
 from common.sitedata import write_site
+from common.training import train_round
 
 
 def test_a_site_plan_is_the_projects_calibration_and_the_stated_formulas():
-    # Execute: 100 examples, batch 32 -> 4 steps per epoch (q = 1/4), 2 epochs, 5 rounds
+    # Execute: 100 examples, batch 32 -> q = 32/100 and ceil(100/32) = 4 steps per epoch, 2 epochs, 5 rounds
     site = plan_site("s", 100, 10_000, Setting(32, 5, 2), epsilon=4.0, delta=1e-5, accountant="rdp")
     # Assert
-    sigma = calibrate_noise(history=[], sample_rate=0.25, steps=40, target_epsilon=4.0, delta=1e-5, accountant="rdp")
-    assert (site.sample_rate, site.expected_batch, site.steps_per_round) == (0.25, 25.0, 8)
+    sigma = calibrate_run(history=[], sample_rate=0.32, steps=40, run_budget=4.0, lifetime_budget=4.0, delta=1e-5,
+                          accountant="rdp")
+    assert (site.sample_rate, site.expected_batch, site.steps_per_round) == (0.32, 32.0, 8)
     assert site.noise_multiplier == pytest.approx(sigma)
-    assert site.nsr_step == pytest.approx(sigma * 100 / 25)  # σ·√d / B
-    assert site.nsr_round == pytest.approx(sigma * 100 / 25 / math.sqrt(8))  # σ·√d / (B·√T)
+    assert site.nsr_step == pytest.approx(sigma * 100 / 32)  # σ·√d / B
+    assert site.nsr_round == pytest.approx(sigma * 100 / 32 / math.sqrt(8))  # σ·√d / (B·√T)
     assert plan_site("s", 100, 10_000, Setting(32, 5, 2), epsilon=math.inf, delta=1e-5).noise_multiplier is None
+
+
+@pytest.mark.parametrize("n, batch, epochs", [(81, 64, 1), (250, 32, 2)])
+def test_the_plan_gives_the_sigma_and_q_a_site_calibrates_in_its_first_round(synth_train, n, batch, epochs):
+    # Prepare: a fresh site declaring n examples, a run of 30 rounds at ε = 8 (allowance = lifetime cap, as simulated)
+    data = synth_train.subset(range(n))
+    model = MultimodalModel(data.schema, ModelConfig(embed_dim=8, hidden_dim=8))
+    # Execute: the planner, and the real first round of the same run
+    site = plan_site("s", n, 1, Setting(batch, 30, epochs), epsilon=8.0, delta=1e-5, accountant="prv")
+    result = train_round(model, data, PrivacyHistory(accountant="prv"), target_epsilon=8.0, max_epsilon=8.0,
+                         delta=1e-5, max_grad_norm=1.0, planned_rounds=30, local_epochs=epochs, batch_size=batch,
+                         declared_examples=n)
+    # Assert: the same q (batch / N, not 1 / steps per epoch), steps and σ
+    assert (site.sample_rate, site.steps_per_round, site.noise_multiplier) == (
+        result.sample_rate, result.steps, result.noise_multiplier)
+    assert site.sample_rate == batch / n
 
 
 def test_the_aggregated_head_and_tiny_sites():

@@ -86,6 +86,9 @@ def _cached_partition(config: RunConfig, index: int):  # noqa: ANN202
     return client_partition(config, index)
 
 
+_WARNED: set[tuple[str, int]] = set()  # (site folder, declared size) already warned about in this process
+
+
 def _deployed(node_config: Mapping[str, Any]) -> SiteContext:
     from common.sitedata import load_site
 
@@ -98,7 +101,9 @@ def _deployed(node_config: Mapping[str, Any]) -> SiteContext:
     state = Path(str(node_config["state-dir"])).expanduser()
     declared = declared_size(node_config)
     problem = declared_size_problem(declared, len(train))
-    if problem is not None:  # logged at the site only: a refusal here would reach the server, a function of the count
+    if problem is not None and (str(site.path), declared) not in _WARNED:
+        # logged at the site only, once per process: a refusal here would reach the server, a function of the count
+        _WARNED.add((str(site.path), declared))
         log.warning("%s (training goes on: the mechanism is private whatever the count)", problem)
     return SiteContext(client_id, 0, train, site.part("test"), state, max_epsilon, max_delta, False, declared)
 

@@ -34,9 +34,9 @@ from common.provenance import ReviewedApp, UntrustedAppError
 log = logging.getLogger("fedfuse.executor")
 
 FLOWER_SERIES = "1.42."  # the Flower release whose internals this module uses
-APP_PACKAGES = ("client", "common", "server", "simulations")  # fedfuse's top-level packages (pyproject.toml)
+APP_PACKAGES = ("client", "common", "fedfuse", "server", "simulations")  # fedfuse's top-level packages (pyproject.toml)
 # torch, Opacus, Flower and what a round imports lazily (torch._dynamo, from the optimiser: 2.5 s per task otherwise)
-DEFAULT_PRELOAD = ("client.client_app", "common.sitedata", "torch._dynamo")
+DEFAULT_PRELOAD = ("client.client_app", "common.data.site_folders", "torch._dynamo")
 POLL_INTERVAL = 0.1  # seconds between task requests (flower-superexec: 1 s)
 STOP_GRACE = 10.0  # seconds running ClientApps get to finish after SIGTERM
 

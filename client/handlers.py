@@ -15,14 +15,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from client.site import SiteContext, resolve_site
 from common import messages as M
 from common.messages import update_digest
-from common.attention import attention_metrics
+from common.insight.attention import attention_metrics
 from common.config import RunConfig, parse_run_config
 from common.errors import BudgetExhaustedError, NonFiniteError
-from common.evaluation import evaluate
-from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
-from common.model import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel, check_global_parameters
-from common.state import ClientRecord, ClientState
-from common.training import RoundResult, sampling_plan, train_round
+from common.model.evaluation import evaluate
+from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
+from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel, check_global_parameters
+from client.state import ClientRecord, ClientState
+from common.privacy.training import RoundResult, sampling_plan, train_round
 
 log = logging.getLogger("fedfuse.client")
 
@@ -242,7 +242,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                                  {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: run_budget,
                                   M.RUN_EPSILON: run_epsilon, M.MAX_EPSILON: budget}, ledger)
 
-        # Persist privacy first, then the model, then the reply (see common/state.py).
+        # Persist privacy first, then the model, then the reply (see client/state.py).
         shared_set = set(shared)
         arrays = {k: v for k, v in model.state_dict().items() if k in shared_set}
         metrics = {M.NUM_EXAMPLES: result.num_examples, M.EPSILON: result.epsilon, M.BUDGET: run_budget,

@@ -65,7 +65,7 @@ def check_start(node_config: Mapping[str, Any]) -> StartReport:
 
 
 def _check_data(path: Path, node_config: Mapping[str, Any], report: StartReport) -> tuple[str | None, tuple[str, ...] | None]:
-    from common.sitedata import check_site, summarize_site
+    from common.data.site_folders import check_site, summarize_site
 
     site, problems = check_site(path)
     if site is None:
@@ -90,8 +90,8 @@ def _check_data(path: Path, node_config: Mapping[str, Any], report: StartReport)
 
 
 def _check_state(path: Path, client_id: str | None, modalities: tuple[str, ...] | None, report: StartReport) -> None:
-    from common.ledger import KEY_FILE, LEDGER_FILE, LedgerError, LedgerKey, read_ledger, verify_chain
-    from common.state import PRIVACY_FILE, ClientState, StateError
+    from common.privacy.ledger import KEY_FILE, LEDGER_FILE, LedgerError, LedgerKey, read_ledger, verify_chain
+    from client.state import PRIVACY_FILE, ClientState, StateError
 
     where = f"state-dir {path}"
     if not path.exists():  # created (with its parents) at the first task: the nearest existing folder must allow it

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.config import RunConfig, run_out_dir
-from common.data import MultimodalData
+from common.data.samples import MultimodalData
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig, flower_run_i
 
 
 def _simulated(node_config: Mapping[str, Any], config: RunConfig, flower_run_id: int) -> SiteContext:
-    from common.partition import num_clients
+    from common.data.partition import num_clients
 
     index, total = int(node_config["partition-id"]), int(node_config.get("num-partitions", 0))
     expected = num_clients(config)
@@ -81,7 +81,7 @@ def _simulated(node_config: Mapping[str, Any], config: RunConfig, flower_run_id:
 @functools.lru_cache(maxsize=64)
 def _cached_partition(config: RunConfig, index: int):  # noqa: ANN202
     """A simulated client's partition, built once per process (Ray actors serve many messages)."""
-    from common.partition import client_partition
+    from common.data.partition import client_partition
 
     return client_partition(config, index)
 
@@ -90,7 +90,7 @@ _WARNED: set[tuple[str, int]] = set()  # (site folder, declared size) already wa
 
 
 def _deployed(node_config: Mapping[str, Any]) -> SiteContext:
-    from common.sitedata import load_site
+    from common.data.site_folders import load_site
 
     max_epsilon, max_delta = site_policy(node_config)
     site = load_site(Path(str(node_config["data-dir"])).expanduser())

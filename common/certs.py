@@ -48,7 +48,7 @@ class SiteCredentials:
     folder: Path  # sites/<name>/: copy to the site
     ca_cert: Path  # sites/<name>/ca.crt: --root-certificates of flower-supernode
     auth_private_key: Path  # sites/<name>/auth.key: EC P-384, OpenSSH format, mode 0600
-    ledger_key: Path  # sites/<name>/ledger_key.pem: Ed25519, PKCS8 PEM, mode 0600 (common.ledger.KEY_FILE)
+    ledger_key: Path  # sites/<name>/ledger_key.pem: Ed25519, PKCS8 PEM, mode 0600 (common.privacy.ledger.KEY_FILE)
     auth_public_key: Path  # superlink/supernode-keys/<name>.pub: `flwr supernode register`
     ledger_public_key: Path  # superlink/ledger-keys/<name>.pem: verifies the site's ledger
 

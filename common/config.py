@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.errors import ConfigError
-from common.fusion import FUSIONS
+from common.model.fusion import FUSIONS
 
 # Per-sample gradient engines. flat: exact per-sample gradients of all parameters in one buffer
-# (common/grad_samplers.py), clipped and noised by Opacus's own DPOptimizer, fastest here (`fedfuse bench
+# (common/privacy/grad_samplers.py), clipped and noised by Opacus's own DPOptimizer, fastest here (`fedfuse bench
 # dp-overhead`); hooks, functorch: Opacus's engines (its expanded-weights mode cannot take this model's dict of inputs).
 GRAD_SAMPLE_MODES = ("flat", "hooks", "functorch")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -93,7 +93,7 @@ class TrainSection:
     lr: float = 0.5  # client learning rate (SGD)
     momentum: float = 0.5
     modality_dropout: float = 0.3  # hide each present modality with this probability while training
-    grad_sample_mode: str = "flat"  # per-sample gradients: flat (common/grad_samplers.py, fastest) | Opacus's hooks | functorch
+    grad_sample_mode: str = "flat"  # per-sample gradients: flat (common/privacy/grad_samplers.py, fastest) | Opacus's hooks | functorch
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:

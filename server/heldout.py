@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.evaluation import evaluate
-from common.model import ENCODER_PREFIX, ModelConfig, MultimodalModel
-from common.partition import heldout_sites
+from common.model.evaluation import evaluate
+from common.model.multimodal import ENCODER_PREFIX, ModelConfig, MultimodalModel
+from common.data.partition import heldout_sites
 from server.metrics import summarize_evaluation
 from server.replies import EvaluateReply
 
@@ -26,7 +26,7 @@ class HeldoutEvaluator:
     """Scores a global state on the test samples of the held-out sites, overall and per modality subset."""
 
     def __init__(self, config: RunConfig):
-        from common.sitedata import federation_schema, load_site
+        from common.data.site_folders import federation_schema, load_site
 
         sites = [load_site(p) for p in heldout_sites(config.data.server_test)]
         self.schema = federation_schema(sites)
@@ -58,7 +58,7 @@ class HeldoutEvaluator:
 
 def _widen(data: Any, model: MultimodalModel) -> Any:
     """Give a site's data every modality of the model (absent ones zero-filled and masked)."""
-    from common.data import MultimodalData
+    from common.data.samples import MultimodalData
 
     if data.schema.names == model.schema.names:
         return data

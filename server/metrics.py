@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from common import messages as M
-from common.evaluation import class_f1, counts_from_confusion, scores_from_counts
+from common.model.evaluation import class_f1, counts_from_confusion, scores_from_counts
 from server.replies import EvaluateReply, mean_metrics
 
 

@@ -11,10 +11,10 @@ from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from common import messages as M
-from common.attention import parse_key as attention_key
+from common.insight.attention import parse_key as attention_key
 from common.messages import update_digest
-from common.ledger import LedgerError, decode_entry
-from common.model import ENCODER_PREFIX, HEAD_PREFIX
+from common.privacy.ledger import LedgerError, decode_entry
+from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX
 from common.provenance import UNTRUSTED_APP_MARK
 
 
@@ -47,7 +47,7 @@ class EvaluateReply:
     by_modalities: dict[str, dict[str, float]] = field(default_factory=dict)  # subset -> metric -> value
     confusion: list[list[int]] | None = None  # true class x predicted class (None: not sent)
     class_counts: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # subset -> support/predicted/correct
-    attention: dict[str, float] = field(default_factory=dict)  # "attention.*" sums and counts (common/attention.py)
+    attention: dict[str, float] = field(default_factory=dict)  # "attention.*" sums and counts (common/insight/attention.py)
     status: str = M.STATUS_OK  # not ok: the client refused (or failed) this evaluation and reported nothing
 
 

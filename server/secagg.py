@@ -40,8 +40,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
 from common import messages as M
-from common.fusion import block_of
-from common.model import HEAD_PREFIX
+from common.model.fusion import block_of
+from common.model.multimodal import HEAD_PREFIX
 from server.replies import ReplyRejected, TrainReply, parse_identity, parse_metrics
 from server.strategy import FedFuse
 

@@ -7,9 +7,9 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config, run_out_dir
-from common.model import ModelConfig, global_head_template
-from common.partition import federation_space, idle_sites, real_data_changes
-from common.plan import drowning_warning
+from common.model.multimodal import ModelConfig, global_head_template
+from common.data.partition import federation_space, idle_sites, real_data_changes
+from common.privacy.plan import drowning_warning
 from server.grid import NodesUnavailableError, PollingGrid
 from server.heldout import HeldoutEvaluator
 from server.optimizer import build_optimizer

@@ -27,11 +27,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import messages as M
-from common.attention import pool as pool_attention
+from common.insight.attention import pool as pool_attention
 from common.config import RunConfig
-from common.evaluation import headline
-from common.contributions import modality_contributions
-from common.ledger import Ledger, LedgerError
+from common.model.evaluation import headline
+from common.insight.contributions import modality_contributions
+from common.privacy.ledger import Ledger, LedgerError
 from server.aggregation import Contribution, weighted_average
 from server.grid import sample_nodes
 from server.optimizer import ServerOptimizer
@@ -254,7 +254,7 @@ class FedFuse(FedAvg):
                 parsed.append(reply)
         summary = summarize_evaluation(parsed, labels)
         if summary is not None and (attention := pool_attention(e.attention for e in parsed if e.num_examples > 0)):
-            summary["attention"] = attention  # attention fusion: mean weight per modality and class (common/attention.py)
+            summary["attention"] = attention  # attention fusion: mean weight per modality and class (common/insight/attention.py)
         self._round["evaluate"] = summary
         self._round["evaluate_replies"] = {k: (sorted(v) if isinstance(v, list) else dict(sorted(v.items())))
                                            for k, v in outcome.items()}

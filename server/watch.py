@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.evaluation import headline
+from common.model.evaluation import headline
 
 CHANCE_AFTER = 3  # rounds before "not learning" is worth a warning
 CHANCE_MARGIN = 0.02  # accuracy within this of the majority-class share counts as chance

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import synthetic
+from common.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]  # the app: `flwr run ROOT` builds the FAB from it
 BIN = Path(sys.executable).parent
@@ -88,7 +88,7 @@ class Site:
         import csv
 
         from common.errors import DataError
-        from common.sitedata import load_site
+        from common.data.site_folders import load_site
 
         try:
             train = load_site(self.data_dir).part("train")
@@ -138,7 +138,7 @@ def free_port() -> int:
 
 def write_sites(folder: Path, sites: Mapping[str, Sequence[str]], *, samples: int = 240, seed: int = 7) -> dict[str, Path]:
     """Write one synthetic site folder per site, holding only its modalities (as ``fedfuse data synth``)."""
-    from common.synthetic_sites import write_synthetic_sites
+    from common.data.synthetic_sites import write_synthetic_sites
 
     return write_synthetic_sites(folder, {name: tuple(m) for name, m in sites.items()}, samples=samples, seed=seed)
 

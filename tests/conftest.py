@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from common import synthetic
+from common.data import synthetic
 
 torch.set_num_threads(1)
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

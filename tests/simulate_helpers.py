@@ -61,7 +61,7 @@ def simulate(args: list[str], out: Path, *, until: Callable[[], bool] | None = N
     log = out.parent / f"simulate-{time.monotonic_ns()}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "simulate", *args, "--quiet"],
+        proc = subprocess.Popen([sys.executable, "-m", "fedfuse.cli", "simulate", *args, "--quiet"],
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + timeout
     try:

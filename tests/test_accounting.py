@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from common.accounting import (
+from common.privacy.accounting import (
     NoisePlan,
     PrivacyHistory,
     calibrate_noise,

@@ -7,10 +7,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.handlers import handle_evaluate
 from common import messages as M
-from common.attention import attention_metrics, attention_sums, pool
+from common.insight.attention import attention_metrics, attention_sums, pool
 from common.config import RunConfig
-from common.data import hide_modalities
-from common.model import ModelConfig, MultimodalModel, global_head_template
+from common.data.samples import hide_modalities
+from common.model.multimodal import ModelConfig, MultimodalModel, global_head_template
 from server.replies import ReplyRejected, parse_evaluate_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -8,7 +8,7 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.audit import (
+from common.privacy.audit import (
     RDP_ORDERS,
     DEFAULT_TOLERANCE,
     EXIT_CODES,
@@ -17,8 +17,8 @@ from common.audit import (
     epsilon_from_history,
     format_report,
 )
-from common.cli import build_parser, main
-from common.ledger import (
+from fedfuse.cli import build_parser, main
+from common.privacy.ledger import (
     ACCOUNTING,
     CORRUPT,
     OVER_BUDGET,
@@ -353,7 +353,7 @@ def test_an_unexpected_error_is_reported_not_raised(tmp_path, monkeypatch, prv_r
     def boom(*args, **kwargs):
         raise ValueError("accountant failed")
 
-    monkeypatch.setattr("common.audit.epsilon_from_history", boom)
+    monkeypatch.setattr("common.privacy.audit.epsilon_from_history", boom)
     # Execute
     report = audit_path(tmp_path)
     # Assert

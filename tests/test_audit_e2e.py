@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from common.audit import DEFAULT_TOLERANCE, EXIT_CODES, allowance
-from common.cli import main
-from common.commands.simulate import build_config
-from common.ledger import CHAIN_FIELDS, KEY_FILE, LEDGER_FILE, OVER_BUDGET, TAMPERING, Ledger, LedgerKey, encode_entry
+from common.privacy.audit import DEFAULT_TOLERANCE, EXIT_CODES, allowance
+from fedfuse.cli import main
+from simulations.scenario import build_config
+from common.privacy.ledger import CHAIN_FIELDS, KEY_FILE, LEDGER_FILE, OVER_BUDGET, TAMPERING, Ledger, LedgerKey, encode_entry
 from simulations import runner
 from simulate_helpers import leftovers, simulate
 

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import synthetic
-from common.cli import build_parser
+from common.data import synthetic
+from fedfuse.cli import build_parser
 from common.errors import ConfigError
-from common.grad_samplers import SAMPLERS, FlatGradSample
-from common.model import ModelConfig, MultimodalModel
-from common.schema import DatasetSchema, ModalitySpec
-from common.training import dp_step, private_training
+from common.privacy.grad_samplers import SAMPLERS, FlatGradSample
+from common.model.multimodal import ModelConfig, MultimodalModel
+from common.data.schema import DatasetSchema, ModalitySpec
+from common.privacy.training import dp_step, private_training
 
 
 def per_sample_loop(model, inputs, mask, labels):
@@ -224,7 +224,7 @@ def test_the_benchmark_refuses_an_unknown_mode(capsys):
 
 
 def test_the_per_sample_buffer_on_huge_pages_lives_as_long_as_its_views():
-    from common.grad_samplers import _empty_on_huge_pages
+    from common.privacy.grad_samplers import _empty_on_huge_pages
 
     view = _empty_on_huge_pages(64, 40000)[2:5]
     view.fill_(1.5)
@@ -256,7 +256,7 @@ def test_poisson_batches_are_drawn_per_record_at_the_accounted_rate():
     (nn.Conv1d(2, 3, 5, stride=3, padding=2, dilation=2), (4, 2, 30)),
 ], ids=["conv2d", "conv1d"])
 def test_conv_patches_are_unfolds_patches(conv, shape):
-    from common.grad_samplers import _conv_patches
+    from common.privacy.grad_samplers import _conv_patches
 
     x = torch.randn(*shape)
     if isinstance(conv, nn.Conv1d):

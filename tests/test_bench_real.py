@@ -26,9 +26,9 @@ def _needs(*parts: str) -> None:
 
 def _simulate(scenario: str, overrides: list[str], out: Path) -> dict:
     """One in-process Flower simulation of a scenario file; its results.json."""
-    from common.commands.simulate import build_config
+    from simulations.scenario import build_config
     from common.config import parse_run_config
-    from common.partition import num_clients
+    from common.data.partition import num_clients
     from simulations import runner
 
     flat = build_config(SCENARIOS / scenario, overrides + ["num-server-rounds=2", "min-clients=2"])
@@ -100,8 +100,8 @@ def test_av_digits_mixed_groups_follow_site_order(tmp_path):
 def test_hapt_two_rounds_on_real_data(tmp_path):
     """Six training subjects + three test subjects of HAPT, federated encoders, ε = 8, p = 0.3, two rounds."""
     _needs("hapt/RawData/labels.txt")
-    from common.importers.hapt import import_hapt
-    from common.sitedata import load_site
+    from common.data.importers.hapt import import_hapt
+    from common.data.site_folders import load_site
 
     # Prepare: import, then a federation of 6 training subjects and 3 test-only subjects (keeps it under 2 min)
     sites = tmp_path / "hapt"
@@ -131,7 +131,7 @@ def test_hapt_two_rounds_on_real_data(tmp_path):
 def test_av_digits_two_rounds_on_real_data(tmp_path):
     """All six speakers of AV-Digits, mixed modalities (2 image, 2 audio, 2 both), ε = 8, two rounds."""
     _needs("fsdd/recordings", "mnist/t10k-images-idx3-ubyte.gz")
-    from common.importers.av_digits import import_av_digits
+    from common.data.importers.av_digits import import_av_digits
 
     # Prepare
     sites = tmp_path / "av"

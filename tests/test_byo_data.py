@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from common.cli import main
-from common.sitedata import load_site
+from fedfuse.cli import main
+from common.data.site_folders import load_site
 from tests.test_bench_real import DATA, _needs
 
 
@@ -16,7 +16,7 @@ from tests.test_bench_real import DATA, _needs
 def test_the_readme_command_runs_on_real_site_folders_and_leaves_them_as_they_are(tmp_path, capsys):
     """Three HAPT training subjects and one test-only subject, nothing set but the dataset and two rounds."""
     _needs("hapt/RawData/labels.txt")
-    from common.importers.hapt import import_hapt
+    from common.data.importers.hapt import import_hapt
 
     # Prepare
     sites = tmp_path / "hapt"

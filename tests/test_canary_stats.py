@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.canary_stats import audit_scores, epsilon_lower_bound, p_value
+from common.privacy.canary_stats import audit_scores, epsilon_lower_bound, p_value
 from common.errors import PrivacyParameterError
 
 # Values computed with jax_privacy/auditing.py (google-deepmind/jax_privacy, commit 03a095e9):

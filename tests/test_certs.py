@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from common.certs import Credentials, CredentialsError, make_credentials, parse_server_names, parse_sites
-from common.cli import main
+from fedfuse.cli import main
 from common.errors import ConfigError
 
 

@@ -9,12 +9,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.handlers import handle_evaluate, handle_train
 from common import messages as M
-from common import synthetic
+from common.data import synthetic
 from common.config import RunConfig
-from common.audit import audit_path
-from common.ledger import Ledger, verify_chain
-from common.model import ModelConfig, global_head_template
-from common.sitedata import write_site
+from common.privacy.audit import audit_path
+from common.privacy.ledger import Ledger, verify_chain
+from common.model.multimodal import ModelConfig, global_head_template
+from common.data.site_folders import write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

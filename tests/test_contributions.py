@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from common.contributions import (COLLAPSE_SHARE, Attribution, IncompleteGame, attribute, coalition_scores,
+from common.insight.contributions import (COLLAPSE_SHARE, Attribution, IncompleteGame, attribute, coalition_scores,
                                   modality_contributions)
 
 F = frozenset
@@ -168,11 +168,11 @@ def test_attribution_json_is_plain():
 
 def test_on_the_synthetic_dataset_each_class_is_credited_to_the_modality_that_generates_it():
     """A model trained (without DP, in process) on the synthetic data, whose modalities each tell two classes apart."""
-    from common import synthetic
-    from common.attention import attention_metrics, pool
-    from common.data import hide_modalities, modality_subsets, subset_key
-    from common.evaluation import evaluate, predict
-    from common.model import ModelConfig, MultimodalModel
+    from common.data import synthetic
+    from common.insight.attention import attention_metrics, pool
+    from common.data.samples import hide_modalities, modality_subsets, subset_key
+    from common.model.evaluation import evaluate, predict
+    from common.model.multimodal import ModelConfig, MultimodalModel
 
     train, test = synthetic.generate(1200, seed=21), synthetic.generate(600, seed=22)
     names, labels = list(train.schema.names), list(synthetic.LABELS)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from common.data import MultimodalData, modality_subsets, subset_key
+from common.data.samples import MultimodalData, modality_subsets, subset_key
 from common.errors import DataError
-from common.schema import DatasetSchema, ModalitySpec
+from common.data.schema import DatasetSchema, ModalitySpec
 
 SCHEMA = DatasetSchema((ModalitySpec("img", "image", (1, 4, 4)), ModalitySpec("tab", "tabular", (3,))), ("a", "b"))
 

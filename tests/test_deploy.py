@@ -18,8 +18,8 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from common import messages as M
 from common.certs import make_credentials
 from common.config import RunConfig, parse_run_config
-from common.ledger import load_public_key_hex
-from common.model import ModelConfig, global_head_template
+from common.privacy.ledger import load_public_key_hex
+from common.model.multimodal import ModelConfig, global_head_template
 from server.grid import NodesUnavailableError, PollingGrid, sample_nodes
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import empirical_audit, synthetic
-from common.audit import EXIT_EMPIRICAL
-from common.cli import build_parser, main
-from common.empirical_audit import (
+from common.privacy import empirical_audit
+from common.data import synthetic
+from common.privacy.audit import EXIT_EMPIRICAL
+from fedfuse.cli import build_parser, main
+from common.privacy.empirical_audit import (
     CANARY_CLASS,
     CANARY_GRAD_SCALE,
     CanaryModel,
@@ -24,8 +25,8 @@ from common.empirical_audit import (
     step_gradients,
 )
 from common.errors import PrivacyParameterError
-from common.model import ModelConfig
-from common.training import RoundResult, train_round
+from common.model.multimodal import ModelConfig
+from common.privacy.training import RoundResult, train_round
 
 CONFIG = ModelConfig(embed_dim=8, hidden_dim=8)
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from common.fusion import FUSIONS, block_of, build_head
-from common.model import ModelConfig, MultimodalModel, global_head_template
-from common.schema import DatasetSchema, ModalitySpec
+from common.model.fusion import FUSIONS, block_of, build_head
+from common.model.multimodal import ModelConfig, MultimodalModel, global_head_template
+from common.data.schema import DatasetSchema, ModalitySpec
 
 SCHEMA = DatasetSchema(
     (

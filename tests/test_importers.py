@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import main
+from fedfuse.cli import main
 from common.errors import ConfigError, DataError
-from common.importers import av_digits, hapt
-from common.importers.av_digits import import_av_digits, log_mel, mel_filterbank
-from common.importers.hapt import import_hapt
-from common.sitedata import federation_schema, load_federation, load_site, validate_site
+from common.data.importers import av_digits, hapt
+from common.data.importers.av_digits import import_av_digits, log_mel, mel_filterbank
+from common.data.importers.hapt import import_hapt
+from common.data.site_folders import federation_schema, load_federation, load_site, validate_site
 
 ACTIVITIES = ("WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING", "STANDING", "LAYING",
               "STAND_TO_SIT", "SIT_TO_STAND", "SIT_TO_LIE", "LIE_TO_SIT", "STAND_TO_LIE", "LIE_TO_STAND")

@@ -9,8 +9,8 @@ import stat
 
 import pytest
 
-from common import ledger as ledger_mod
-from common.ledger import (
+from common.privacy import ledger as ledger_mod
+from common.privacy.ledger import (
     ACCOUNTING,
     CORRUPT,
     GENESIS_HASH,

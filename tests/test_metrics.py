@@ -8,9 +8,9 @@ from flwr.app import MetricRecord, Message, RecordDict
 
 from client.handlers import handle_evaluate
 from common import messages as M
-from common.evaluation import OWN_MODALITIES, evaluate, macro_f1, scores_from_counts, shown_subsets
-from common.model import ModelConfig, MultimodalModel
-from common.partition import client_partition
+from common.model.evaluation import OWN_MODALITIES, evaluate, macro_f1, scores_from_counts, shown_subsets
+from common.model.multimodal import ModelConfig, MultimodalModel
+from common.data.partition import client_partition
 from common.config import parse_run_config
 from server.metrics import summarize_evaluation
 from server.replies import EvaluateReply, ReplyRejected, parse_evaluate_reply
@@ -24,7 +24,7 @@ LABELS = ["a", "b"]
 def counted(client, y_true, y_pred, k=2):
     """An evaluate reply of ``client`` as the server parses it, from its labels and predictions."""
     y, p = torch.tensor(y_true), torch.tensor(y_pred)
-    from common.evaluation import class_counts, confusion_matrix
+    from common.model.evaluation import class_counts, confusion_matrix
 
     acc, f1 = float((y == p).float().mean()), macro_f1(y, p, k)
     return EvaluateReply(0, client, len(y), {"accuracy": acc, "macro-f1": f1, "loss": 1.0},
@@ -51,7 +51,7 @@ def test_counts_give_the_macro_f1_of_the_predictions_for_random_cases():
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
         y, p = torch.randint(0, 5, (40,), generator=gen), torch.randint(0, 5, (40,), generator=gen)
-        from common.evaluation import class_counts
+        from common.model.evaluation import class_counts
 
         c = class_counts(y, p, 5)
         assert scores_from_counts(c["support"], c["predicted"], c["correct"])["macro_f1"] == pytest.approx(macro_f1(y, p, 5))
@@ -117,7 +117,7 @@ def test_tables_show_singles_the_full_set_and_the_best_subsets_only():
 def test_the_final_table_names_each_figure_for_what_it_is():
     from rich.console import Console
 
-    from common.commands.simulate import final_table
+    from fedfuse.commands.simulate import final_table
 
     out = summarize_evaluation([counted("a", [0] * 10, [0] * 5 + [1] * 5), counted("b", [1] * 10, [1] * 10)], LABELS)
     console = Console(width=200, record=True)
@@ -154,7 +154,7 @@ def test_a_collapse_is_warned_about_and_final_figures_below_the_best_are_flagged
 def test_the_accuracy_plot_draws_the_shown_subsets_with_the_legend_outside(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from common.plots import plot_accuracy
+    from common.insight.plots import plot_accuracy
 
     # Prepare: two rounds of pooled figures for 127 subsets of seven modalities
     names = [f"m{i}" for i in range(7)]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from common import synthetic
+from common.data import synthetic
 from common.config import RunConfig, parse_run_config
 from common.errors import ConfigError
-from common.partition import client_partition, federation_space, idle_sites, num_clients, real_data_changes
-from common.sitedata import write_site
+from common.data.partition import client_partition, federation_space, idle_sites, num_clients, real_data_changes
+from common.data.site_folders import write_site
 
 
 def config(**flat):

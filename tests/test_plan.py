@@ -5,15 +5,15 @@ import math
 
 import pytest
 
-from common import synthetic
-from common.accounting import PrivacyHistory, calibrate_run
-from common.cli import main
-from common.commands.simulate import build_config
+from common.data import synthetic
+from common.privacy.accounting import PrivacyHistory, calibrate_run
+from fedfuse.cli import main
+from simulations.scenario import build_config
 from common.config import parse_run_config
-from common.model import ModelConfig, MultimodalModel
-from common.plan import DROWNING, Setting, candidates, drowning_warning, plan, plan_site, suggest
-from common.sitedata import write_site
-from common.training import train_round
+from common.model.multimodal import ModelConfig, MultimodalModel
+from common.privacy.plan import DROWNING, Setting, candidates, drowning_warning, plan, plan_site, suggest
+from common.data.site_folders import write_site
+from common.privacy.training import train_round
 
 
 def test_a_site_plan_is_the_projects_calibration_and_the_stated_formulas():

@@ -11,9 +11,9 @@ import torch
 from client.handlers import handle_train
 from client.site import resolve_site
 from common import messages as M
-from common import synthetic
-from common.accounting import PrivacyHistory, calibrate_noise, compute_epsilon
-from common.audit import (
+from common.data import synthetic
+from common.privacy.accounting import PrivacyHistory, calibrate_noise, compute_epsilon
+from common.privacy.audit import (
     EXIT_CODES,
     UNDER_REPORT_SLACK,
     audit_path,
@@ -21,10 +21,10 @@ from common.audit import (
 )
 from common.config import parse_run_config
 from common.errors import BudgetExhaustedError, ConfigError, NonPrivateHistoryError
-from common.ledger import ACCOUNTING, OVER_BUDGET, Ledger, LedgerKey, entry_fields, read_ledger
-from common.model import ModelConfig, MultimodalModel
-from common.sitedata import write_site
-from common.training import train_round
+from common.privacy.ledger import ACCOUNTING, OVER_BUDGET, Ledger, LedgerKey, entry_fields, read_ledger
+from common.model.multimodal import ModelConfig, MultimodalModel
+from common.data.site_folders import write_site
+from common.privacy.training import train_round
 from tests.test_client import context, global_head, run_config, train_message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -361,7 +361,7 @@ def test_the_server_reads_each_sites_spend_before_the_run_from_its_ledger():
 
 
 def test_data_validate_prints_the_size_to_declare(tmp_path, capsys):
-    from common.cli import main
+    from fedfuse.cli import main
 
     _deployed_site(tmp_path, n=50)
     assert main(["data", "validate", str(tmp_path / "site")]) == 0

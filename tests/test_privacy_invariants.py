@@ -22,18 +22,18 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.handlers import handle_train
 from common import messages as M
-from common import synthetic
-from common.accounting import PrivacyHistory
+from common.data import synthetic
+from common.privacy.accounting import PrivacyHistory
 from common.config import GRAD_SAMPLE_MODES, RunConfig
-from common.data import MultimodalData, hide_modalities
+from common.data.samples import MultimodalData, hide_modalities
 from common.errors import GlobalParametersError
-from common.fusion import FUSIONS
-from common.ledger import decode_entry
-from common.model import MAX_GLOBAL_MAGNITUDE, ModelConfig, MultimodalModel, global_head_template
-from common.randomness import RoundRandomness
-from common.sitedata import write_site
-from common import training
-from common.training import _proximal, dp_step, private_training, sampling_plan, train_round
+from common.model.fusion import FUSIONS
+from common.privacy.ledger import decode_entry
+from common.model.multimodal import MAX_GLOBAL_MAGNITUDE, ModelConfig, MultimodalModel, global_head_template
+from common.privacy.randomness import RoundRandomness
+from common.data.site_folders import write_site
+from common.privacy import training
+from common.privacy.training import _proximal, dp_step, private_training, sampling_plan, train_round
 
 C = 1.0
 N, BATCH = 40, 16  # the declared size N: q = 16 / 40 for D (40 records) and for D + x (41)

@@ -11,11 +11,11 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from client.handlers import handle_evaluate, handle_train
-from common.cli import main
+from fedfuse.cli import main
 from common.config import RunConfig, parse_run_config
-from common.model import ModelConfig, global_head_template
-from common.partition import federation_space, num_clients
-from common.report import render, write_report
+from common.model.multimodal import ModelConfig, global_head_template
+from common.data.partition import federation_space, num_clients
+from common.insight.report import render, write_report
 from server.optimizer import ServerOptimizer
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState
@@ -208,8 +208,8 @@ def test_pooled_per_class_counts_show_confusion_and_per_class_contributions(fail
 
 
 def test_the_end_of_run_table_and_the_plot_show_the_contributions(failed_client_run, tmp_path, capsys):
-    from common.commands.report import print_contributions
-    from common.plots import plot_results
+    from fedfuse.commands.report import print_contributions
+    from common.insight.plots import plot_results
 
     results = json.loads((failed_client_run / "results.json").read_text())
     print_contributions(results)
@@ -222,7 +222,7 @@ def test_benchmark_tables_link_each_runs_report():
     import time
 
     from simulations.bench._common import REPORT_FILE, hardware, header
-    from common.report import REPORT_FILE as REPORT
+    from common.insight.report import REPORT_FILE as REPORT
 
     assert REPORT_FILE == REPORT
     text = header("t", time.perf_counter(), hardware(), {"eps8-s0": {}, "eps8-s1": {}})

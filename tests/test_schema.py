@@ -3,7 +3,7 @@
 import pytest
 
 from common.errors import SchemaError
-from common.schema import DatasetSchema, ModalitySpec
+from common.data.schema import DatasetSchema, ModalitySpec
 
 
 def test_round_trip_through_dict():

@@ -27,12 +27,12 @@ from flwr.serverapp import Grid
 from client.handlers import handle_train
 from client.secagg import encode_update, handle_secure_train
 from common import messages as M
-from common.cli import main
+from fedfuse.cli import main
 from common.config import RunConfig, parse_run_config
 from common.errors import ConfigError, NonFiniteError
-from common.ledger import Ledger, verify_chain
-from common.model import ModelConfig, global_head_template
-from common.partition import federation_space
+from common.privacy.ledger import Ledger, verify_chain
+from common.model.multimodal import ModelConfig, global_head_template
+from common.data.partition import federation_space
 from server.aggregation import Contribution, weighted_average
 from server.optimizer import build_optimizer
 from server.replies import ReplyRejected
@@ -368,8 +368,8 @@ def test_one_secure_round_gives_the_plain_round_head(tmp_path):
 
 def refusing_site(tmp_path) -> dict:
     """A deployed site whose policy (max-epsilon 1) refuses the run's non-private request."""
-    from common import synthetic
-    from common.sitedata import write_site
+    from common.data import synthetic
+    from common.data.site_folders import write_site
 
     data = synthetic.generate(100, seed=5).restrict(("image",))
     folder = write_site(tmp_path / "site-x", data, ["train"] * 80 + ["test"] * 20, name="site-x")

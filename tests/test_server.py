@@ -9,8 +9,8 @@ from flwr.common.constant import ErrorCode
 
 from common import messages as M
 from common.config import RunConfig, parse_run_config
-from common.ledger import Ledger, LedgerKey, encode_entry, entry_fields
-from common.model import ModelConfig, global_head_template
+from common.privacy.ledger import Ledger, LedgerKey, encode_entry, entry_fields
+from common.model.multimodal import ModelConfig, global_head_template
 from server.aggregation import Contribution, weighted_average
 from server.optimizer import FedAdam, ServerOptimizer
 from server.replies import EvaluateReply, mean_metrics
@@ -222,9 +222,9 @@ def test_a_run_started_before_a_config_key_existed_resumes_while_the_key_holds_i
 
 
 def test_heldout_sites_are_scored_per_site_and_pooled(tmp_path):
-    from common import synthetic
-    from common.model import MultimodalModel
-    from common.sitedata import write_site
+    from common.data import synthetic
+    from common.model.multimodal import MultimodalModel
+    from common.data.site_folders import write_site
     from server.heldout import HeldoutEvaluator
 
     data = synthetic.generate(30, seed=5)
@@ -243,8 +243,8 @@ def test_heldout_sites_are_scored_per_site_and_pooled(tmp_path):
 
 
 def test_the_run_log_names_idle_sites_and_knobs_that_alter_real_data(tmp_path, caplog):
-    from common import synthetic
-    from common.sitedata import write_site
+    from common.data import synthetic
+    from common.data.site_folders import write_site
     from server.server_app import _data_notes
 
     data = synthetic.generate(30, seed=5)

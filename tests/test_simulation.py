@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from common.accounting import PrivacyHistory
+from common.privacy.accounting import PrivacyHistory
 from common import messages as M
-from common.cli import main
-from common.ledger import Ledger, verify_chain
+from fedfuse.cli import main
+from common.privacy.ledger import Ledger, verify_chain
 from simulate_helpers import checkpoint_reached, simulate
 
 pytestmark = pytest.mark.slow

@@ -11,13 +11,13 @@ import pytest
 
 from client.preflight import check_start, node_config_from_args
 from client.site import resolve_site
-from common.accounting import PrivacyHistory
-from common.cli import main
-from common.commands.site import connection_hint
+from common.privacy.accounting import PrivacyHistory
+from fedfuse.cli import main
+from fedfuse.commands.site import connection_hint
 from common.config import RunConfig
-from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, entry_fields
-from common.state import PRIVACY_FILE, ClientRecord, ClientState
-from common.synthetic_sites import write_synthetic_sites
+from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, entry_fields
+from client.state import PRIVACY_FILE, ClientRecord, ClientState
+from common.data.synthetic_sites import write_synthetic_sites
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_without_tls_or_a_node_key_only_the_possible_causes_are_named():
 
 
 def test_fedfuse_sites_shows_each_registered_site_by_name_and_how_many_are_online():
-    from common.commands.sites import format_sites
+    from fedfuse.commands.sites import format_sites
 
     table = format_sites([
         {"name": "berlin", "node_id": 11, "status": "online", "since": "2026-11-30T13:40:02.123+00:00"},

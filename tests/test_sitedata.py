@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from common import sitedata
-from common.cli import main
-from common.data import MultimodalData
+from common.data import site_folders as sitedata
+from fedfuse.cli import main
+from common.data.samples import MultimodalData
 from common.errors import DataError, SchemaError
-from common.schema import DatasetSchema, ModalitySpec
-from common.sitedata import (
+from common.data.schema import DatasetSchema, ModalitySpec
+from common.data.site_folders import (
     Problem,
     federation_schema,
     load_federation,

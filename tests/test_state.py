@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.accounting import PrivacyHistory
-from common.state import ClientRecord, ClientState, StateError
+from common.privacy.accounting import PrivacyHistory
+from client.state import ClientRecord, ClientState, StateError
 
 
 def test_record_round_trip(tmp_path):
@@ -61,7 +61,7 @@ def test_a_reply_is_only_returned_for_its_own_run_and_round(tmp_path):
 
 
 def _ledger_of_one_round(folder, *, client_id="client-00", key=None):
-    from common.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, entry_fields
+    from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, entry_fields
 
     key = key or LedgerKey.load_or_create(folder / KEY_FILE)
     fields = entry_fields(run_id="run", client_id=client_id, round=1, status="trained", noise_multiplier=1.1,
@@ -83,7 +83,7 @@ def test_a_missing_privacy_record_is_rebuilt_from_the_ledger(tmp_path):
 
 
 def test_a_missing_privacy_record_with_an_untrustworthy_ledger_stops_training(tmp_path):
-    from common.ledger import KEY_FILE, LedgerKey
+    from common.privacy.ledger import KEY_FILE, LedgerKey
 
     path = _ledger_of_one_round(tmp_path)
     path.write_text(path.read_text().replace('"steps":10', '"steps":1'))  # spend edited down

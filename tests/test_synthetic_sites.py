@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
+from fedfuse.cli import main
 from common.errors import DataError
-from common.sitedata import load_site, validate_site
-from common.synthetic_sites import parse_sites, write_synthetic_sites
+from common.data.site_folders import load_site, validate_site
+from common.data.synthetic_sites import parse_sites, write_synthetic_sites
 
 SPEC = "berlin=image+signal,paris=signal,rome=tabular+image"
 
@@ -75,9 +75,9 @@ def test_an_empty_folder_is_filled_and_too_few_samples_are_refused(tmp_path: Pat
 
 
 def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import common.sitedata
+    import common.data.site_folders
 
-    real = common.sitedata.write_site
+    real = common.data.site_folders.write_site
     calls = []
 
     def fail_second(*args, **kwargs):
@@ -86,7 +86,7 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
             raise OSError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common.sitedata, "write_site", fail_second)
+    monkeypatch.setattr(common.data.site_folders, "write_site", fail_second)
     with pytest.raises(OSError, match="disk full"):
         write_synthetic_sites(tmp_path / "sites", {"a": ("image",), "b": ("signal",)}, samples=10)
     assert list(tmp_path.iterdir()) == []

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from common import synthetic
-from common.accounting import PrivacyHistory, compute_epsilon
-from common.data import MultimodalData
+from common.data import synthetic
+from common.privacy.accounting import PrivacyHistory, compute_epsilon
+from common.data.samples import MultimodalData
 from common.errors import BudgetExhaustedError, DataError, NonFiniteError, PrivacyParameterError
-from common.model import ModelConfig, MultimodalModel
-from common.data import hide_modalities
-from common.randomness import RoundRandomness
-from common.training import FiniteRowsDPOptimizer, train_round
+from common.model.multimodal import ModelConfig, MultimodalModel
+from common.data.samples import hide_modalities
+from common.privacy.randomness import RoundRandomness
+from common.privacy.training import FiniteRowsDPOptimizer, train_round
 
 CONFIG = ModelConfig(embed_dim=16, hidden_dim=16)
 DP = dict(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=2, local_epochs=1, batch_size=50)
@@ -186,7 +186,7 @@ def test_fusion_beats_every_single_modality_on_the_synthetic_data():
     # Execute: non-private, with modality dropout so that single modalities are learned too
     train_round(model, train, PrivacyHistory(), **(DP | dict(target_epsilon=math.inf, local_epochs=15, batch_size=32)),
                 lr=0.1, momentum=0.9, modality_dropout=0.5)
-    from common.evaluation import evaluate
+    from common.model.evaluation import evaluate
     report = evaluate(model, test)
     # Assert: about 1/2 for one modality, 5/6 for two, ~1 for all three
     singles = [report["by_modalities"][m]["accuracy"] for m in ("image", "signal", "tabular")]

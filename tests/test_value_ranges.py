@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from common import synthetic
-from common.cli import main
+from common.data import synthetic
+from fedfuse.cli import main
 from common.errors import SchemaError
-from common.model import ModelConfig, MultimodalModel
-from common.schema import DatasetSchema, ModalitySpec
-from common.sitedata import federation_schema, load_site, validate_site, write_site
-from common.value_ranges import modality_ranges, range_notes
+from common.model.multimodal import ModelConfig, MultimodalModel
+from common.data.schema import DatasetSchema, ModalitySpec
+from common.data.site_folders import federation_schema, load_site, validate_site, write_site
+from common.data.value_ranges import modality_ranges, range_notes
 
 
 def with_scaling(data, name, offset, scale):

@@ -70,10 +70,10 @@ def eps_tag(epsilon: float) -> str:
 def run_cells(cells: Sequence[Cell], *, scenario: Path, common: list[str], rounds: int | None, runs_dir: Path,
               progress: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run each cell as one in-process Flower simulation (reusing a completed run folder); name -> results.json."""
-    from common.commands.simulate import build_config
+    from simulations.scenario import build_config
     from common.config import parse_run_config
     from common.fileio import atomic_write_json
-    from common.partition import num_clients
+    from common.data.partition import num_clients
     from server.run_folder import RUN_FILE, config_differences
     from simulations import runner
 
@@ -116,12 +116,12 @@ def run_cells(cells: Sequence[Cell], *, scenario: Path, common: list[str], round
     return out
 
 
-REPORT_FILE = "report.html"  # common.report.REPORT_FILE, named here so that light benchmarks skip matplotlib
+REPORT_FILE = "report.html"  # common.insight.report.REPORT_FILE, named here so that light benchmarks skip matplotlib
 
 
 def _write_report(folder: Path) -> None:
     """The run's HTML report beside its results (a failure is logged, never fatal to the benchmark)."""
-    from common.report import write_report
+    from common.insight.report import write_report
 
     try:
         write_report(folder)
@@ -268,7 +268,7 @@ def run_benchmark(args: Any, *, name: str, label: str, title: str, importer: Cal
                   report: Callable[[dict[str, dict[str, Any]], list[Cell], Path, Path], tuple[str, dict[str, Any]]]) -> int:
     """A real-data benchmark from start to end: import the data into ``<out>/cache/<name>`` (once), run its
     cells (reusing finished runs), then ``report(runs, cells, cache, runs_dir) -> (body, payload fields)``."""
-    from common.commands.simulate import setup_logging
+    from common.logs import setup_logging
 
     started = time.perf_counter()
     setup_logging(quiet=True)  # the bench prints its own progress

@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def source_folders(data: Path) -> tuple[Path, Path]:
     """FSDD and MNIST folders under the shared data root (``data/fsdd``, ``data/mnist``)."""
-    from common.importers.av_digits import MNIST_IMAGES
+    from common.data.importers.av_digits import MNIST_IMAGES
 
     fsdd, mnist = data / "fsdd", data / "mnist"
     if not (fsdd / "recordings").is_dir() or not (mnist / MNIST_IMAGES).exists():
@@ -46,8 +46,8 @@ def source_folders(data: Path) -> tuple[Path, Path]:
 
 def imported(data: Path, cache: Path) -> Path:
     """The six speaker sites of AV-Digits (pairing seed 0) in ``cache``, imported once."""
-    from common.importers.av_digits import import_av_digits
-    from common.sitedata import site_folders
+    from common.data.importers.av_digits import import_av_digits
+    from common.data.site_folders import site_folders
 
     if cache.is_dir() and len(site_folders(cache)) == 6:
         return cache
@@ -58,7 +58,7 @@ def imported(data: Path, cache: Path) -> Path:
 
 def assignment(cache: Path, groups: str) -> dict[str, str]:
     """Which site holds which modalities: client i (sites sorted by name) gets group i mod len(groups)."""
-    from common.sitedata import site_folders
+    from common.data.site_folders import site_folders
 
     names = [p.name for p in site_folders(cache)]
     g = [x.strip() for x in groups.split(";") if x.strip()]

@@ -1,6 +1,6 @@
 """``fedfuse bench dp-overhead``: time of one DP-SGD step / one non-private step (default model, batch 64).
 
-Both steps are the real training loop's (:func:`common.training.dp_step`, :func:`common.training.non_private_step`):
+Both steps are the real training loop's (:func:`common.privacy.training.dp_step`, :func:`common.privacy.training.non_private_step`):
 gather the batch, modality dropout (secret, per record), forward, loss (non-finite rows counting zero), backward,
 optimizer step; for DP also
 per-sample gradients, clipping to C over all parameters, noise sigma * C on every parameter and the
@@ -28,12 +28,12 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from common import synthetic
+from common.data import synthetic
 from common.config import TrainSection
 from common.errors import ConfigError
-from common.model import ModelConfig, MultimodalModel
-from common.randomness import RoundRandomness
-from common.training import (GRAD_SAMPLE_MODES, PoissonSampler, PrivateTraining, _batch, dp_step, non_private_step,
+from common.model.multimodal import ModelConfig, MultimodalModel
+from common.privacy.randomness import RoundRandomness
+from common.privacy.training import (GRAD_SAMPLE_MODES, PoissonSampler, PrivateTraining, _batch, dp_step, non_private_step,
                              sampling_plan,
                              private_training)
 
@@ -248,7 +248,7 @@ def _time_rotated(variants: dict[str, _Variant], batches: list[torch.Tensor], ge
 @contextlib.contextmanager
 def _timed_samplers(spent: dict[str, float]) -> Iterator[None]:
     """Add each flat per-sample gradient sampler call's CPU time to ``spent[layer type]`` (profiling only)."""
-    from common import grad_samplers
+    from common.privacy import grad_samplers
 
     original = dict(grad_samplers.SAMPLERS)
 
@@ -269,7 +269,7 @@ def _timed_samplers(spent: dict[str, float]) -> Iterator[None]:
 
 def _profile(variants: dict[str, _Variant], data, batches: list[torch.Tensor], *, repeats: int) -> None:
     """Median CPU time of each phase of a step, per variant (the DP optimizer's pre_step taken apart)."""
-    from common.grad_samplers import SAMPLERS
+    from common.privacy.grad_samplers import SAMPLERS
 
     train, randomness = TrainSection(), RoundRandomness()
     for name, v in variants.items():

@@ -47,8 +47,8 @@ def source_folder(data: Path) -> Path:
 
 def imported(data: Path, cache: Path) -> Path:
     """The site folders of HAPT (6 classes, 20 % of each training subject held out) in ``cache``, imported once."""
-    from common.importers.hapt import import_hapt
-    from common.sitedata import site_folders
+    from common.data.importers.hapt import import_hapt
+    from common.data.site_folders import site_folders
 
     if cache.is_dir() and len(site_folders(cache)) == 30:
         return cache
@@ -79,10 +79,10 @@ def pooled_test_f1(run_dir: Path, cache: Path, config: dict[str, Any]) -> float:
     """Macro-F1 of the final global model over the pooled windows of all test subjects (FedMultimodal's measure)."""
     import torch
 
-    from common.evaluation import macro_f1, predict
-    from common.model import ENCODER_PREFIX, ModelConfig, MultimodalModel
-    from common.partition import heldout_sites
-    from common.sitedata import federation_schema, load_site
+    from common.model.evaluation import macro_f1, predict
+    from common.model.multimodal import ENCODER_PREFIX, ModelConfig, MultimodalModel
+    from common.data.partition import heldout_sites
+    from common.data.site_folders import federation_schema, load_site
     from server.run_folder import RunFolder
 
     state = RunFolder(run_dir).load_checkpoint().global_state

@@ -31,8 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from common.commands.simulate import build_config
-    from common.state import ClientState
+    from simulations.scenario import build_config
+    from client.state import ClientState
     from simulations import runner
 
     with tempfile.TemporaryDirectory(prefix="fedfuse-bench-") as tmp:

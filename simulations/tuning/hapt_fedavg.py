@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from common.accounting import PrivacyHistory
-from common.data import MultimodalData
-from common.evaluation import macro_f1, predict
-from common.model import ModelConfig, MultimodalModel
-from common.partition import heldout_sites
-from common.sitedata import federation_schema, load_site, site_folders
-from common.training import train_round
+from common.privacy.accounting import PrivacyHistory
+from common.data.samples import MultimodalData
+from common.model.evaluation import macro_f1, predict
+from common.model.multimodal import ModelConfig, MultimodalModel
+from common.data.partition import heldout_sites
+from common.data.site_folders import federation_schema, load_site, site_folders
+from common.privacy.training import train_round
 from server.aggregation import Contribution, weighted_average
 
 STANDARDISE = ("none", "window", "pooled", "site", "dp:SIGMA:BOUND")

@@ -1,0 +1,1 @@
+"""Insight into a run: modality contributions, attention weights, plots and the HTML run report."""

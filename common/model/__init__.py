@@ -1,0 +1,1 @@
+"""The model: per-modality encoders, the fusion head, the multimodal model and its evaluation."""

@@ -1,0 +1,1 @@
+"""The ``fedfuse`` command line: the top layer, over ``simulations``, ``server``, ``client`` and ``common``."""

@@ -1,0 +1,144 @@
+"""``fedfuse simulate``: run a scenario in Flower's simulation engine and report the results."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.config import parse_run_config
+from common.errors import ConfigError, FedfuseError
+from common.logs import setup_logging
+from simulations.scenario import build_config
+
+log = logging.getLogger("fedfuse.simulate")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", type=Path, help="scenario TOML file (run-config keys; see simulations/scenarios/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one run-config key, e.g. --set dp.epsilon=4 (repeatable)")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/<date-time>)")
+    parser.add_argument("--resume", type=Path, metavar="DIR",
+                        help="continue an interrupted run from its last completed round, with its stored configuration")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0,
+                        help="CPU cores reserved per simulated client (default 1: one client per core)")
+    parser.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.data.partition import client_partition, federation_space, num_clients
+    from server.run_folder import RESULTS_FILE, RUN_FILE, RunFolder
+    from simulations import runner
+
+    if args.resume is not None:
+        if args.scenario or args.overrides or args.out:
+            raise ConfigError("--resume continues a run with its stored configuration: drop --scenario, --set and --out")
+        out = args.resume.resolve()
+        flat = RunFolder(out).stored_config()
+        flat = parse_run_config(flat).to_flat()
+    else:
+        flat = build_config(args.scenario, args.overrides)
+        out = (args.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+        if (out / RUN_FILE).exists():
+            raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+    flat["out-dir"] = str(out)
+    config = parse_run_config(flat)
+    clients = num_clients(config)
+    # Pre-flight: build every client's partition here, so that bad data or a bad scenario is reported
+    # once, clearly, before Ray starts (inside a ClientApp it would only fail round after round).
+    federation_space(config)
+    for index in range(clients):
+        client_partition(config, index)
+    setup_logging(args.quiet)
+    log.info("simulating %d clients for %d rounds; output in %s", clients, config.server.num_server_rounds, out)
+    try:
+        seconds = runner.run(flat, num_clients=clients, out_dir=out, cpus_per_client=args.cpus_per_client)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: fedfuse simulate --resume {out}", file=sys.stderr)
+        return 130
+    results_path = out / RESULTS_FILE
+    if not results_path.exists():
+        raise FedfuseError(f"the simulation wrote no {RESULTS_FILE}; see the log above")
+    results = json.loads(results_path.read_text())
+    from common.insight.plots import plot_results
+
+    plot_results(results, out)
+    print_summary(results, seconds)
+    from fedfuse.commands.report import print_contributions, write_report
+
+    print_contributions(results)
+    try:
+        print(f"report: {write_report(out)}")
+    except Exception as exc:  # noqa: BLE001  (the run's results are written; a report failure must not hide them)
+        print(f"could not write the run report ({type(exc).__name__}: {exc}); retry with: fedfuse report {out}",
+              file=sys.stderr)
+    if results.get("status") != "completed":
+        print(f"the run did not complete; continue with: fedfuse simulate --resume {out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_summary(results: dict[str, Any], seconds: float) -> None:
+    """The final accuracy per modality subset and each client's privacy spend."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.privacy.accounting import format_spend
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    final = results.get("final")
+    if final:
+        console.print(final_table(final, results["rounds"][-1]["round"]))
+    clients = results["privacy"]["clients"]
+    table = Table(title="Privacy spend per client")
+    for column in ("client", "modalities", "rounds", "spend", "budget", "status"):
+        table.add_column(column)
+    for cid, c in sorted(clients.items()):
+        eps = c.get("epsilon")
+        budget = c.get("budget")
+        table.add_row(cid, "+".join(c.get("modalities", [])), str(c.get("rounds_trained", 0)),
+                      format_spend(math.inf if eps is None else eps, c.get("delta")),
+                      "∞" if budget is None else f"{budget:g}", c.get("status", ""))
+    console.print(table)
+    for warning in results.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] round {warning['round']}: {warning['message']}")
+    console.print(f"{len(results['rounds'])} rounds in {seconds:.0f} s. Results, plots, checkpoints: "
+                  f"{Path(results['config']['out-dir'])}")
+
+
+def final_table(final: dict[str, Any], last_round: int) -> Any:
+    """Held-out scores of the last evaluated round: pooled over every client's test split, and the clients' mean.
+
+    Rows: each sample with its own modalities, then the subsets worth showing (all of them are in results.json).
+    """
+    from rich.table import Table
+
+    from common.model.evaluation import OWN_MODALITIES, shown_subsets
+
+    pooled, mean = final.get("pooled"), final["client_mean"]
+    head = pooled or mean
+    title = f"Final held-out scores, round {last_round}" + ("" if pooled else " (mean of the clients' own scores)")
+    table = Table(title=title, caption="pooled: every client's test examples together; client mean: each client's own "
+                  "macro-F1, weighted by its test examples" if pooled else None)
+    columns = ["modalities at test time", "accuracy", "macro-F1"] + (["macro-F1 (client mean)"] if pooled else []) + ["examples"]
+    for column in columns:
+        table.add_column(column, justify="left" if column.startswith("mod") else "right")
+
+    def row(label: str, p: dict[str, Any], m: dict[str, Any] | None) -> None:
+        extra = [f"{m['macro_f1']:.3f}" if m else "-"] if pooled else []
+        table.add_row(label, f"{p['accuracy']:.3f}", f"{p['macro_f1']:.3f}", *extra, str(p["num_examples"]))
+
+    row(OWN_MODALITIES, head, mean)
+    subsets = shown_subsets(head["by_modalities"])
+    for subset in subsets:
+        row(subset, head["by_modalities"][subset], mean["by_modalities"].get(subset))
+    hidden = len(head["by_modalities"]) - len(subsets)
+    if hidden > 0:
+        table.add_row(f"({hidden} more subsets in results.json)", "", "", *([""] if pooled else []), "")
+    return table

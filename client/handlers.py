@@ -22,7 +22,7 @@ from common.model.evaluation import evaluate
 from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
 from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel, check_global_parameters
 from client.state import ClientRecord, ClientState
-from common.privacy.training import RoundResult, sampling_plan, train_round
+from common.privacy.training import DPRequest, RoundResult, local_training, sampling_plan, train_round
 
 log = logging.getLogger("fedfuse.client")
 
@@ -204,11 +204,9 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
         try:
             result = train_round(
                 model, site.train, record.history,
-                target_epsilon=run_budget, max_epsilon=budget, declared_examples=site.declared_examples,
-                delta=config.dp.delta, max_grad_norm=config.dp.max_grad_norm, planned_rounds=planned_rounds, local_epochs=config.train.local_epochs,
-                batch_size=config.train.batch_size, run_id=run_id, lr=config.train.lr,
-                momentum=config.train.momentum, modality_dropout=config.train.modality_dropout,
-                grad_sample_mode=config.train.grad_sample_mode,
+                dp=DPRequest(run_budget, config.dp.delta, config.dp.max_grad_norm, planned_rounds=planned_rounds,
+                             max_epsilon=budget),
+                training=local_training(config.train), declared_examples=site.declared_examples, run_id=run_id,
                 non_private_key=_non_private_key(config.server.seed, site.client_id, server_round),
                 proximal_mu=config.server.proximal_mu if config.server.strategy == "fedprox" else 0.0,
                 proximal_reference=reference,

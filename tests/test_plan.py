@@ -13,7 +13,7 @@ from common.config import parse_run_config
 from common.model.multimodal import ModelConfig, MultimodalModel
 from common.privacy.plan import DROWNING, Setting, candidates, drowning_warning, plan, plan_site, suggest
 from common.data.site_folders import write_site
-from common.privacy.training import train_round
+from common.privacy.training import DPRequest, LocalTraining, train_round
 
 
 def test_a_site_plan_is_the_projects_calibration_and_the_stated_formulas():
@@ -36,9 +36,9 @@ def test_the_plan_gives_the_sigma_and_q_a_site_calibrates_in_its_first_round(syn
     model = MultimodalModel(data.schema, ModelConfig(embed_dim=8, hidden_dim=8))
     # Execute: the planner, and the real first round of the same run
     site = plan_site("s", n, 1, Setting(batch, 30, epochs), epsilon=8.0, delta=1e-5, accountant="prv")
-    result = train_round(model, data, PrivacyHistory(accountant="prv"), target_epsilon=8.0, max_epsilon=8.0,
-                         delta=1e-5, max_grad_norm=1.0, planned_rounds=30, local_epochs=epochs, batch_size=batch,
-                         declared_examples=n)
+    result = train_round(model, data, PrivacyHistory(accountant="prv"),
+                         dp=DPRequest(8.0, 1e-5, 1.0, planned_rounds=30, max_epsilon=8.0),
+                         training=LocalTraining(local_epochs=epochs, batch_size=batch), declared_examples=n)
     # Assert: the same q (batch / N, not 1 / steps per epoch), steps and σ
     assert (site.sample_rate, site.steps_per_round, site.noise_multiplier) == (
         result.sample_rate, result.steps, result.noise_multiplier)

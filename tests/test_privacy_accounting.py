@@ -25,6 +25,7 @@ from common.privacy.ledger import ACCOUNTING, OVER_BUDGET, Ledger, LedgerKey, en
 from common.model.multimodal import ModelConfig, MultimodalModel
 from common.data.site_folders import write_site
 from common.privacy.training import train_round
+from tests.round_helpers import settings
 from tests.test_client import context, global_head, run_config, train_message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -46,13 +47,13 @@ def test_a_non_private_history_refuses_a_later_private_run(synth_train):
     data = synth_train.subset(range(200))
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
     for r in range(2):
-        result = train_round(model, data, history, **(DP | dict(target_epsilon=math.inf, run_id="open")))
+        result = train_round(model, data, history, **settings(**DP | dict(target_epsilon=math.inf, run_id="open")))
         assert not result.private and result.steps == 4
     assert history.entries == [(0.0, 0.25, 4)] * 2 and math.isinf(history.epsilon())
     before, entries = state(model), list(history.entries)
     # Execute / Assert: a private run on the same state is refused before any data is touched
     with pytest.raises(NonPrivateHistoryError, match="already trained without differential privacy") as err:
-        train_round(model, data, history, **(DP | dict(run_id="private")))
+        train_round(model, data, history, **settings(**DP | dict(run_id="private")))
     assert math.isinf(err.value.epsilon_now) and err.value.budget == 4.0
     assert isinstance(err.value, BudgetExhaustedError)  # the handler records it as a refusal
     assert history.entries == entries and all(torch.equal(model.state_dict()[k], before[k]) for k in before)
@@ -211,11 +212,11 @@ def test_calibration_does_not_refuse_on_rdp_while_prv_budget_remains():
 def test_a_run_spends_its_own_allowance_within_the_lifetime_cap(synth_train):
     data = synth_train.subset(range(200))
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
-    first = train_round(model, data, history, **(DP | dict(target_epsilon=2.6, max_epsilon=8.0, run_id="a",
+    first = train_round(model, data, history, **settings(**DP | dict(target_epsilon=2.6, max_epsilon=8.0, run_id="a",
                                                           planned_rounds=1)))
     assert first.run_epsilon == pytest.approx(first.epsilon) and first.epsilon <= 2.6
     # Execute: a second run asking for ε = 5 at a site capped at 8 over its lifetime
-    second = train_round(model, data, history, **(DP | dict(target_epsilon=5.0, max_epsilon=8.0, run_id="b",
+    second = train_round(model, data, history, **settings(**DP | dict(target_epsilon=5.0, max_epsilon=8.0, run_id="b",
                                                            planned_rounds=1)))
     # Assert: this run's own ε reaches (nearly) 5, the lifetime ε exceeds 5 and stays within 8
     assert 0.99 * 5.0 <= second.run_epsilon <= 5.0
@@ -224,8 +225,8 @@ def test_a_run_spends_its_own_allowance_within_the_lifetime_cap(synth_train):
     assert second.run_epsilon == pytest.approx(history.run_epsilon("b"))
     # a tight lifetime cap wins: more noise, lifetime ε within the cap, run ε below its allowance
     model2, history2 = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
-    train_round(model2, data, history2, **(DP | dict(target_epsilon=2.6, max_epsilon=5.2, run_id="a", planned_rounds=1)))
-    capped = train_round(model2, data, history2, **(DP | dict(target_epsilon=5.0, max_epsilon=5.2, run_id="b",
+    train_round(model2, data, history2, **settings(**DP | dict(target_epsilon=2.6, max_epsilon=5.2, run_id="a", planned_rounds=1)))
+    capped = train_round(model2, data, history2, **settings(**DP | dict(target_epsilon=5.0, max_epsilon=5.2, run_id="b",
                                                              planned_rounds=1)))
     assert 0.99 * 5.2 <= capped.epsilon <= 5.2 and capped.run_epsilon < 0.99 * 5.0
     assert capped.noise_multiplier > second.noise_multiplier
@@ -234,8 +235,8 @@ def test_a_run_spends_its_own_allowance_within_the_lifetime_cap(synth_train):
 def test_a_fresh_simulated_client_is_calibrated_as_before(synth_train):
     # In simulation both budgets are the scenario's: a fresh state gets exactly today's noise
     data = synth_train.subset(range(200))
-    a = train_round(MultimodalModel(data.schema, CONFIG), data, PrivacyHistory(), **DP)
-    b = train_round(MultimodalModel(data.schema, CONFIG), data, PrivacyHistory(), **(DP | dict(max_epsilon=4.0)))
+    a = train_round(MultimodalModel(data.schema, CONFIG), data, PrivacyHistory(), **settings(**DP))
+    b = train_round(MultimodalModel(data.schema, CONFIG), data, PrivacyHistory(), **settings(**DP | dict(max_epsilon=4.0)))
     assert a.noise_multiplier == b.noise_multiplier and a.run_epsilon == pytest.approx(a.epsilon)
 
 
@@ -265,7 +266,7 @@ def test_an_upgraded_client_with_old_spend_over_the_allowance_trains_within_its_
     data = synth_train.subset(range(200))
     # Execute: a run with allowance 4 at a site capped at 20 over its lifetime
     result = train_round(MultimodalModel(data.schema, CONFIG), data, history,
-                         **(DP | dict(target_epsilon=4.0, max_epsilon=20.0, run_id="new")))
+                         **settings(**DP | dict(target_epsilon=4.0, max_epsilon=20.0, run_id="new")))
     # Assert: trained; the old spend counts towards the lifetime cap only, not towards this run's allowance
     assert result.private and history.runs == ["", "new"]
     assert result.run_epsilon == pytest.approx(history.run_epsilon("new")) and result.run_epsilon <= 4.0
@@ -315,7 +316,7 @@ def test_neighbouring_datasets_get_the_same_mechanism(synth_train):
     for n in (199, 200, 201):  # D - x, D, D + x
         data = synth_train.subset(range(n))
         model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
-        results.append(train_round(model, data, history, **(DP | dict(declared_examples=declared))))
+        results.append(train_round(model, data, history, **settings(**DP | dict(declared_examples=declared))))
     assert len({(r.sample_rate, r.steps, r.noise_multiplier, r.num_examples) for r in results}) == 1
     assert results[0].sample_rate == 50 / 200 and results[0].steps == 4 and results[0].num_examples == declared
 

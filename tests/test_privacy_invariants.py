@@ -33,7 +33,7 @@ from common.model.multimodal import MAX_GLOBAL_MAGNITUDE, ModelConfig, Multimoda
 from common.privacy.randomness import RoundRandomness
 from common.data.site_folders import write_site
 from common.privacy import training
-from common.privacy.training import _proximal, dp_step, private_training, sampling_plan, train_round
+from common.privacy.training import DPRequest, LocalTraining, _proximal, dp_step, private_training, sampling_plan, train_round
 
 C = 1.0
 N, BATCH = 40, 16  # the declared size N: q = 16 / 40 for D (40 records) and for D + x (41)
@@ -215,8 +215,8 @@ def test_a_round_at_n_5900_batch_64_executes_the_93_steps_it_is_charged(monkeypa
     real_step = training.dp_step
     monkeypatch.setattr(training, "dp_step", lambda *a, **k: executed.append(k["step"]) or real_step(*a, **k))
     # Execute
-    result = train_round(model, data, history, target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=1,
-                         local_epochs=1, batch_size=64)
+    result = train_round(model, data, history, dp=DPRequest(8.0, 1e-5, 1.0, planned_rounds=1),
+                         training=LocalTraining(local_epochs=1, batch_size=64))
     # Assert: executed, accounted and reported steps agree, at the accounted rate
     sigma = history.entries[0][0]
     assert executed == list(range(93))

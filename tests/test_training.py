@@ -13,6 +13,7 @@ from common.model.multimodal import ModelConfig, MultimodalModel
 from common.data.samples import hide_modalities
 from common.privacy.randomness import RoundRandomness
 from common.privacy.training import FiniteRowsDPOptimizer, train_round
+from tests.round_helpers import settings
 
 CONFIG = ModelConfig(embed_dim=16, hidden_dim=16)
 DP = dict(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=2, local_epochs=1, batch_size=50)
@@ -38,7 +39,7 @@ def test_per_sample_gradients_are_clipped_to_max_grad_norm(synth_train, monkeypa
     monkeypatch.setattr(FiniteRowsDPOptimizer, "clip_and_accumulate", spy)
     model = MultimodalModel(synth_train.schema, CONFIG)
     # Execute
-    train_round(model, synth_train.subset(range(200)), PrivacyHistory(), **(DP | dict(max_grad_norm=0.01)))
+    train_round(model, synth_train.subset(range(200)), PrivacyHistory(), **settings(**DP | dict(max_grad_norm=0.01)))
     # Assert
     assert len(norms) == 4 and max(norms) <= 0.01 * (1 + 1e-4)
 
@@ -52,8 +53,8 @@ def test_noise_is_added_even_to_an_encoder_no_sample_in_the_batch_uses(synth_tra
     model = MultimodalModel(data.schema, CONFIG)
     before = state(model)
     # Execute: one DP-SGD step with plain SGD (lr = 1, no momentum)
-    result = train_round(model, data, PrivacyHistory(), target_epsilon=2.0, delta=1e-5, max_grad_norm=1.0,
-                         planned_rounds=1, local_epochs=1, batch_size=100, lr=1.0, momentum=0.0)
+    result = train_round(model, data, PrivacyHistory(), **settings(target_epsilon=2.0, delta=1e-5, max_grad_norm=1.0,
+                         planned_rounds=1, local_epochs=1, batch_size=100, lr=1.0, momentum=0.0))
     # Assert: its gradient is exactly zero, so its update is pure noise of std sigma * C / expected batch
     assert result.steps == 1 and result.sample_rate == 1.0
     update = torch.cat([(model.state_dict()[k] - before[k]).flatten() for k in before if k.startswith("encoders.signal.")])
@@ -71,7 +72,7 @@ def test_non_private_training_adds_no_noise_and_reports_infinity(synth_train):
     model = MultimodalModel(data.schema, CONFIG)
     before = state(model)
     history = PrivacyHistory()
-    result = train_round(model, data, history, **(DP | dict(target_epsilon=math.inf)))
+    result = train_round(model, data, history, **settings(**DP | dict(target_epsilon=math.inf)))
     assert not result.private and math.isinf(result.epsilon) and result.noise_multiplier is None
     # recorded with its real steps and no noise: the client's epsilon is infinite from now on
     assert history.entries == [(0.0, result.sample_rate, result.steps)] and result.steps > 0
@@ -83,7 +84,7 @@ def test_non_private_training_adds_no_noise_and_reports_infinity(synth_train):
 def test_history_spans_rounds_and_matches_one_accountant(synth_train):
     data = synth_train.subset(range(200))
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
-    results = [train_round(model, data, history, **(DP | dict(planned_rounds=3))) for _ in range(3)]
+    results = [train_round(model, data, history, **settings(**DP | dict(planned_rounds=3))) for _ in range(3)]
     sigma, q, steps = history.entries[0]
     assert history.entries == [(sigma, q, steps)] * 3
     assert results[-1].epsilon == pytest.approx(compute_epsilon([(sigma, q, 3 * steps)], delta=1e-5))
@@ -97,10 +98,10 @@ def test_round_beyond_the_plan_is_refused_before_training(synth_train):
     data = synth_train.subset(range(200))
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
     for _ in range(2):
-        train_round(model, data, history, **DP)
+        train_round(model, data, history, **settings(**DP))
     before, entries = state(model), list(history.entries)
     with pytest.raises(BudgetExhaustedError, match="over the budget"):
-        train_round(model, data, history, **DP)
+        train_round(model, data, history, **settings(**DP))
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     assert history.entries == entries
 
@@ -108,18 +109,18 @@ def test_round_beyond_the_plan_is_refused_before_training(synth_train):
 def test_changing_privacy_parameters_mid_run_is_refused(synth_train):
     data = synth_train.subset(range(200))
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
-    train_round(model, data, history, **DP)
+    train_round(model, data, history, **settings(**DP))
     with pytest.raises(PrivacyParameterError, match="changed during run"):
-        train_round(model, data, history, **(DP | dict(batch_size=20)))
+        train_round(model, data, history, **settings(**DP | dict(batch_size=20)))
     with pytest.raises(PrivacyParameterError, match="one client's history must use one delta"):
-        train_round(model, data, history, **(DP | dict(delta=1e-6)))
+        train_round(model, data, history, **settings(**DP | dict(delta=1e-6)))
 
 
 def test_a_new_run_is_calibrated_against_the_remaining_budget(synth_train):
     data = synth_train.subset(range(200))
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
-    first = train_round(model, data, history, **(DP | dict(run_id="a")))
-    second = train_round(model, data, history, **(DP | dict(run_id="b")))
+    first = train_round(model, data, history, **settings(**DP | dict(run_id="a")))
+    second = train_round(model, data, history, **settings(**DP | dict(run_id="b")))
     assert second.noise_multiplier > first.noise_multiplier
     assert second.epsilon <= 4.0
 
@@ -131,14 +132,14 @@ def test_invalid_parameters_train_nothing(synth_train, bad):
     model = MultimodalModel(data.schema, CONFIG)
     before = state(model)
     with pytest.raises(PrivacyParameterError):
-        train_round(model, data, PrivacyHistory(), **(DP | bad))
+        train_round(model, data, PrivacyHistory(), **settings(**DP | bad))
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
 def test_data_that_does_not_match_the_clients_schema_is_rejected(synth_train):
     model = MultimodalModel(synth_train.schema.restrict(["image", "tabular"]), CONFIG)
     with pytest.raises(DataError, match="do not match the client's schema"):
-        train_round(model, synth_train.subset(range(50)), PrivacyHistory(), **DP)
+        train_round(model, synth_train.subset(range(50)), PrivacyHistory(), **settings(**DP))
 
 
 def test_records_whose_loss_overflows_take_no_part_and_the_round_is_kept(synth_train):
@@ -148,7 +149,7 @@ def test_records_whose_loss_overflows_take_no_part_and_the_round_is_kept(synth_t
     data = MultimodalData(data.schema, huge, data.mask, data.labels)
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
     # Execute: handled inside the mechanism (zero per-sample gradients before clipping), no abort
-    result = train_round(model, data, history, **DP)
+    result = train_round(model, data, history, **settings(**DP))
     # Assert: the round is kept (its noised parameters are finite) and accounted like any other
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert result.private and len(history.entries) == 1 and result.steps == history.entries[0][2]
@@ -161,7 +162,7 @@ def test_a_round_whose_noised_parameters_diverge_is_discarded_but_charged(synth_
     before = state(model)
     # Execute
     with pytest.raises(NonFiniteError, match="discarded"):
-        train_round(model, data, history, **(DP | dict(max_grad_norm=1e3)), lr=1e38)
+        train_round(model, data, history, **settings(**DP | dict(max_grad_norm=1e3, lr=1e38)))
     # Assert: model untouched; the data was used, so the round is accounted (fail closed)
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     assert len(history.entries) == 1
@@ -184,8 +185,8 @@ def test_fusion_beats_every_single_modality_on_the_synthetic_data():
     train, test = synthetic.generate(1200, seed=1), synthetic.generate(600, seed=2)
     model = MultimodalModel(train.schema, ModelConfig())
     # Execute: non-private, with modality dropout so that single modalities are learned too
-    train_round(model, train, PrivacyHistory(), **(DP | dict(target_epsilon=math.inf, local_epochs=15, batch_size=32)),
-                lr=0.1, momentum=0.9, modality_dropout=0.5)
+    train_round(model, train, PrivacyHistory(), **settings(**DP | dict(target_epsilon=math.inf, local_epochs=15, batch_size=32,
+                lr=0.1, momentum=0.9, modality_dropout=0.5)))
     from common.model.evaluation import evaluate
     report = evaluate(model, test)
     # Assert: about 1/2 for one modality, 5/6 for two, ~1 for all three
@@ -204,7 +205,7 @@ def test_noise_and_sampling_are_fresh_even_when_the_global_rng_repeats(synth_tra
         model = MultimodalModel(data.schema, CONFIG)
         before = state(model)
         torch.manual_seed(1234)
-        train_round(model, data, PrivacyHistory(), **DP)
+        train_round(model, data, PrivacyHistory(), **settings(**DP))
         updates.append(torch.cat([(model.state_dict()[k] - before[k]).flatten() for k in before]))
     # Assert: DP noise (and Poisson batches) must never repeat across rounds or restarts
     assert not torch.allclose(updates[0], updates[1])

@@ -67,7 +67,7 @@ from common.data.samples import MultimodalData
 from common.errors import PrivacyParameterError
 from common.model.multimodal import ModelConfig, MultimodalModel
 from common.data.schema import DatasetSchema, ModalitySpec
-from common.privacy.training import RoundResult, train_round
+from common.privacy.training import DPRequest, LocalTraining, RoundResult, train_round
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +226,11 @@ def run_empirical_audit(config: EmpiricalAuditConfig = EmpiricalAuditConfig()) -
     history = PrivacyHistory(accountant=config.accountant)
     result = train_round(
         model, data, history,  # type: ignore[arg-type]  (a MultimodalModel plus the canary block)
-        target_epsilon=config.epsilon, delta=config.delta, max_grad_norm=config.max_grad_norm, planned_rounds=1,
-        local_epochs=config.steps // config.steps_per_epoch, batch_size=batch_size, run_id="empirical-audit",
-        lr=train.lr, momentum=train.momentum, modality_dropout=train.modality_dropout,
-        grad_sample_mode=train.grad_sample_mode,
+        dp=DPRequest(config.epsilon, config.delta, config.max_grad_norm, planned_rounds=1),
+        training=LocalTraining(local_epochs=config.steps // config.steps_per_epoch, batch_size=batch_size, lr=train.lr,
+                               momentum=train.momentum, modality_dropout=train.modality_dropout,
+                               grad_sample_mode=train.grad_sample_mode),
+        run_id="empirical-audit",
     )
     trace = model.trace + [model.canary.weight.detach()[0].clone()]
     if result.steps != config.steps or len(trace) != config.steps + 1:

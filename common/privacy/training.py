@@ -32,7 +32,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 
 from common.privacy.accounting import NoisePlan, PrivacyHistory, calibrate_run, validate_privacy_parameters
-from common.config import GRAD_SAMPLE_MODES
+from common.config import GRAD_SAMPLE_MODES, TrainSection
 from common.data.samples import MultimodalData
 from common.errors import DataError, NonFiniteError, PrivacyParameterError
 from common.privacy.grad_samplers import FlatGradSample
@@ -101,24 +101,74 @@ def _batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return loss, value
 
 
+@dataclass(frozen=True)
+class DPRequest:
+    """The privacy a client's round must keep: public parameters, the same for every dataset the site could hold."""
+
+    epsilon: float  # the run's allowance (dp.epsilon): this run's own mechanisms, composed over the run; inf = non-private
+    delta: float
+    max_grad_norm: float  # per-sample clipping norm C
+    planned_rounds: int  # the rounds this client plans to train in this run: the noise is calibrated for all of them
+    max_epsilon: float | None = None  # the site's lifetime cap on its whole history (None: the same as epsilon)
+
+    def __post_init__(self) -> None:
+        validate_privacy_parameters(target_epsilon=self.epsilon, delta=self.delta, max_grad_norm=self.max_grad_norm)
+        if not isinstance(self.planned_rounds, int) or isinstance(self.planned_rounds, bool) or self.planned_rounds < 1:
+            raise PrivacyParameterError(f"planned_rounds must be a positive integer, got {self.planned_rounds!r}")
+        cap = self.cap
+        if not (isinstance(cap, (int, float)) and cap > 0):
+            raise PrivacyParameterError(f"the site's lifetime cap max-epsilon must be > 0, got {cap!r}")
+        if math.isinf(self.epsilon) and not math.isinf(cap):
+            raise PrivacyParameterError(f"a non-private run (ε = inf) needs a site without a cap, not max-epsilon = {cap:g}")
+
+    @property
+    def cap(self) -> float:
+        """The site's lifetime cap (``max_epsilon``, default the run's allowance)."""
+        return self.epsilon if self.max_epsilon is None else self.max_epsilon
+
+    @property
+    def private(self) -> bool:
+        return not math.isinf(self.epsilon)
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a client trains locally in one round (the optimiser settings); none of it is computed from records."""
+
+    local_epochs: int  # passes of the public plan: ceil(N / batch) steps each
+    batch_size: int  # the expected Poisson batch is q N = batch_size (N the declared size)
+    lr: float = 0.5  # client learning rate (SGD)
+    momentum: float = 0.5
+    modality_dropout: float = 0.0  # hide each present modality with this probability (secret, per record)
+    grad_sample_mode: str = "flat"  # per-sample gradients: flat | hooks | functorch
+
+    def __post_init__(self) -> None:
+        for name in ("local_epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PrivacyParameterError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.modality_dropout < 1:
+            raise ValueError(f"modality_dropout must lie in [0, 1), got {self.modality_dropout}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}, got '{self.grad_sample_mode}'")
+
+
+def local_training(train: TrainSection) -> LocalTraining:
+    """The run config's ``[train]`` section as a round's :class:`LocalTraining`."""
+    return LocalTraining(local_epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
+                         momentum=train.momentum, modality_dropout=train.modality_dropout,
+                         grad_sample_mode=train.grad_sample_mode)
+
+
 def train_round(
     model: MultimodalModel,
     data: MultimodalData,
     history: PrivacyHistory,
     *,
-    target_epsilon: float,
-    delta: float,
-    max_grad_norm: float,
-    planned_rounds: int,
-    local_epochs: int,
-    batch_size: int,
-    max_epsilon: float | None = None,
+    dp: DPRequest,
+    training: LocalTraining,
     declared_examples: int | None = None,
     run_id: str = "run",
-    lr: float = 0.5,
-    momentum: float = 0.5,
-    modality_dropout: float = 0.0,
-    grad_sample_mode: str = "flat",
     proximal_mu: float = 0.0,
     proximal_reference: dict[str, torch.Tensor] | None = None,
     non_private_key: int | None = None,
@@ -127,12 +177,12 @@ def train_round(
 ) -> RoundResult:
     """Train ``model`` (in place) on ``data`` for one round; update ``history`` with the round's mechanism.
 
-    ``target_epsilon`` is the run's allowance (``dp.epsilon``: this run's own mechanisms, composed over
-    the run) and ``max_epsilon`` the site's lifetime cap on the whole history (default: the same value).
+    ``dp.epsilon`` is the run's allowance (``dp.epsilon``: this run's own mechanisms, composed over
+    the run) and ``dp.max_epsilon`` the site's lifetime cap on the whole history (default: the same value).
     ``declared_examples`` is the public training-set size N the mechanism is derived from (default: the
     count of ``data``, for tests and tools whose size is public anyway).
 
-    ``target_epsilon = math.inf`` trains without DP; the round is recorded in the history with noise
+    ``dp.epsilon = math.inf`` trains without DP; the round is recorded in the history with noise
     multiplier 0 and its real steps, and the client's epsilon is infinite from then on. A private
     request on such a history is refused (NonPrivateHistoryError). On error the model is restored to
     its state before the round. With ``proximal_mu > 0`` (FedProx) every step
@@ -143,20 +193,13 @@ def train_round(
     privacy audit's negative test only, ``_randomness`` (a fixed key for sampling, modality dropout and
     noise) for tests that need bit-identical rounds only: neither is reachable from any configuration.
     """
-    # Check everything before touching the data.
-    validate_privacy_parameters(target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm)
-    for name, value in (("planned_rounds", planned_rounds), ("local_epochs", local_epochs), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise PrivacyParameterError(f"{name} must be a positive integer, got {value!r}")
-    if not 0 <= modality_dropout < 1:
-        raise ValueError(f"modality_dropout must lie in [0, 1), got {modality_dropout}")
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}, got '{grad_sample_mode}'")
-    max_epsilon = target_epsilon if max_epsilon is None else max_epsilon
-    if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0):
-        raise PrivacyParameterError(f"the site's lifetime cap max-epsilon must be > 0, got {max_epsilon!r}")
-    if math.isinf(target_epsilon) and not math.isinf(max_epsilon):
-        raise PrivacyParameterError(f"a non-private run (ε = inf) needs a site without a cap, not max-epsilon = {max_epsilon:g}")
+    # Everything else was checked when dp and training were built; the data last, before touching it.
+    if not isinstance(dp, DPRequest) or not isinstance(training, LocalTraining):
+        raise TypeError(f"train_round needs a DPRequest and a LocalTraining, got {type(dp).__name__} and {type(training).__name__}")
+    target_epsilon, delta, max_grad_norm, planned_rounds = dp.epsilon, dp.delta, dp.max_grad_norm, dp.planned_rounds
+    max_epsilon = dp.cap
+    local_epochs, batch_size, lr, momentum = training.local_epochs, training.batch_size, training.lr, training.momentum
+    modality_dropout, grad_sample_mode = training.modality_dropout, training.grad_sample_mode
     check_compatible(model, data)
     n = len(data) if declared_examples is None else declared_examples
     sample_rate, steps = sampling_plan(n, batch_size, local_epochs)

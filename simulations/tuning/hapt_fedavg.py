@@ -32,7 +32,7 @@ from common.model.evaluation import macro_f1, predict
 from common.model.multimodal import ModelConfig, MultimodalModel
 from common.data.partition import heldout_sites
 from common.data.site_folders import federation_schema, load_site, site_folders
-from common.privacy.training import train_round
+from common.privacy.training import DPRequest, LocalTraining, train_round
 from server.aggregation import Contribution, weighted_average
 
 STANDARDISE = ("none", "window", "pooled", "site", "dp:SIGMA:BOUND")
@@ -113,9 +113,9 @@ def main() -> None:
         updates = []
         for data, model, history in zip(trains, models, histories):
             model.load_partial({k: v for k, v in global_state.items() if k in model.state_dict()})
-            train_round(model, data, history, target_epsilon=args.epsilon, delta=1e-5, max_grad_norm=1.0,
-                        planned_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=64, lr=args.lr,
-                        momentum=0.9, modality_dropout=0.3, run_id="tuning")
+            train_round(model, data, history, dp=DPRequest(args.epsilon, 1e-5, 1.0, planned_rounds=args.rounds),
+                        training=LocalTraining(local_epochs=args.local_epochs, batch_size=64, lr=args.lr, momentum=0.9,
+                                               modality_dropout=0.3), run_id="tuning")
             updates.append(Contribution(model.state_dict(), float(len(data))))
         average, _ = weighted_average(updates)
         global_state.update(average)

@@ -42,7 +42,7 @@ def _model(site: SiteContext, config: RunConfig, state: ClientState) -> Multimod
     """The client's model, restored from its state folder (fresh, seeded weights on first use)."""
     # Federated encoders must start from one initialisation per modality; local ones may differ per site.
     seed = config.server.seed if config.server.encoders == "federated" else config.server.seed * 1000 + site.index + 1
-    model = MultimodalModel(site.train.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim),
+    model = MultimodalModel(site.train.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim, config.model.transforms),
                             seed=seed)
     stored = state.load_model()
     if stored is not None:

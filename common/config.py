@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from common.errors import ConfigError
 from common.model.fusion import FUSIONS
+from common.model.transforms import parse_transforms
 
 # Per-sample gradient engines. flat: exact per-sample gradients of all parameters in one buffer
 # (common/privacy/grad_samplers.py), clipped and noised by Opacus's own DPOptimizer, fastest here (`fedfuse bench
@@ -78,10 +79,12 @@ class ModelSection:
     fusion: str = "attention"  # attention | concat | late
     embed_dim: int = 32  # shared embedding size
     hidden_dim: int = 32  # head width
+    transforms: str = ""  # per-record input transforms per modality, e.g. "acc=gravity+magnitude;gyro=magnitude"
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             _fail("model.fusion", f"must be one of {list(FUSIONS)}, got '{self.fusion}'")
+        parse_transforms(self.transforms)  # ConfigError naming the transform or the malformed chain
         if self.embed_dim < 1 or self.hidden_dim < 1:
             _fail("model.embed-dim" if self.embed_dim < 1 else "model.hidden-dim", "must be >= 1")
 

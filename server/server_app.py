@@ -10,6 +10,7 @@ from common.config import parse_run_config, run_out_dir
 from common.model.multimodal import ModelConfig, global_head_template
 from common.data.partition import federation_space, idle_sites, real_data_changes
 from common.privacy.plan import drowning_warning
+from common.model.transforms import check_modalities, parse_transforms
 from server.grid import NodesUnavailableError, PollingGrid
 from server.heldout import HeldoutEvaluator
 from server.optimizer import build_optimizer
@@ -62,6 +63,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = RunFolder(run_out_dir(config, context.run_id))
     run_id = folder.open_run(config.to_flat())
     modalities, labels = federation_space(config)
+    check_modalities(parse_transforms(config.model.transforms), modalities)
     optimizer = build_optimizer(config.server.strategy, config.server.server_lr)
     total = config.server.num_server_rounds
 
@@ -70,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.server.seed)
-            head = global_head_template(modalities, len(labels), ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim))
+            head = global_head_template(modalities, len(labels), ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim, config.model.transforms))
         state = RunState(run_id, total, 0, head)
     else:
         rec = checkpoint.record

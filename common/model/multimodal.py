@@ -12,6 +12,7 @@ from common.model.encoders import build_encoder
 from common.errors import GlobalParametersError
 from common.model.fusion import FUSIONS, build_head
 from common.data.schema import DatasetSchema
+from common.model.transforms import RecordTransform, parse_transforms
 
 HEAD_PREFIX = "head."
 ENCODER_PREFIX = "encoders."
@@ -24,12 +25,14 @@ class ModelConfig:
     fusion: str = "attention"  # attention | concat | late
     embed_dim: int = 32  # shared embedding size every encoder maps to
     hidden_dim: int = 32  # width of the head's hidden layers
+    transforms: str = ""  # per-record input transforms per modality, e.g. "acc=gravity+magnitude" (common/model/transforms.py)
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {list(FUSIONS)}, got '{self.fusion}'")
         if self.embed_dim < 1 or self.hidden_dim < 1:
             raise ValueError("embed_dim and hidden_dim must be positive")
+        parse_transforms(self.transforms)  # a clear error now for an unknown name or a malformed chain
 
 
 class MultimodalModel(nn.Module):
@@ -44,9 +47,13 @@ class MultimodalModel(nn.Module):
         super().__init__()
         self.schema = schema
         self.config = config
+        # Per-record input transforms (no parameters): the encoder of a transformed modality sees their output.
+        chains = parse_transforms(config.transforms)
+        self.transforms = {m.name: RecordTransform(m, chains[m.name]) for m in schema.modalities if m.name in chains}
+        encoder_specs = [self.transforms[m.name].output if m.name in self.transforms else m for m in schema.modalities]
         # With a seed, each encoder's initial weights depend only on (seed, modality), so clients holding
         # different subsets still start a modality's encoder identically (needed to average encoders).
-        self.encoders = nn.ModuleDict({m.name: _seeded(build_encoder, seed, m.name, m, config.embed_dim) for m in schema.modalities})
+        self.encoders = nn.ModuleDict({m.name: _seeded(build_encoder, seed, m.name, m, config.embed_dim) for m in encoder_specs})
         self.head = build_head(
             config.fusion,
             schema.names,
@@ -68,6 +75,8 @@ class MultimodalModel(nn.Module):
                 x = (x - spec.scaling[0]) / spec.scaling[1]
             present = mask[:, i].view(-1, *([1] * (x.dim() - 1)))
             x = torch.where(present, x, torch.zeros((), dtype=x.dtype))  # zero-fill absent
+            if name in self.transforms:  # fixed functions of each record alone, the same everywhere
+                x = self.transforms[name](x)  # (B, *shape) -> (B, *transformed shape)
             embeddings.append(self.encoders[name](x))  # (B, D)
         return torch.stack(embeddings, dim=1)  # (B, M, D)
 

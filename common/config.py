@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from common.errors import ConfigError
 from common.model.fusion import FUSIONS
 from common.model.transforms import parse_transforms
+from common.privacy.augmentation import parse_augmentations
 
 # Per-sample gradient engines. flat: exact per-sample gradients of all parameters in one buffer
 # (common/privacy/grad_samplers.py), clipped and noised by Opacus's own DPOptimizer, fastest here (`fedfuse bench
@@ -97,6 +98,8 @@ class TrainSection:
     momentum: float = 0.5
     modality_dropout: float = 0.3  # hide each present modality with this probability while training
     grad_sample_mode: str = "flat"  # per-sample gradients: flat (common/privacy/grad_samplers.py, fastest) | Opacus's hooks | functorch
+    augmentations: str = ""  # per-record augmentation groups, e.g. "acc+gyro=rotate(15)" (common/privacy/augmentation.py)
+    multiplicity: int = 1  # augmented copies per record, averaged inside its gradient before clipping
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -111,6 +114,9 @@ class TrainSection:
             _fail("train.modality-dropout", "must lie in [0, 1)")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             _fail("train.grad-sample-mode", f"must be one of {list(GRAD_SAMPLE_MODES)}")
+        if self.multiplicity < 1:
+            _fail("train.multiplicity", "must be >= 1")
+        parse_augmentations(self.augmentations, self.multiplicity)  # ConfigError saying what to write
 
 
 @dataclass(frozen=True)

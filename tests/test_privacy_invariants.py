@@ -1,7 +1,8 @@
 """Privacy invariants of a client's training: the properties the accounting rests on, through the real code.
 
 - Sensitivity: one DP step on neighbouring datasets D and D + x, with the round's secret per-record
-  randomness held fixed, moves the clipped-gradient sum by at most C, for every training option.
+  randomness held fixed, moves the clipped-gradient sum by at most C, for every training option
+  (augmentation with multiplicity K > 1 in every grad-sample mode included).
 - Steps executed equal steps accounted, for every training-set size and batch size.
 - Nothing about the private records leaves in a reply except the DP outputs and the metrics the README
   lists: a record that makes the loss overflow, or other records of the same number, change nothing else.
@@ -24,6 +25,7 @@ from client.handlers import handle_train
 from common import messages as M
 from common.data import synthetic
 from common.privacy.accounting import PrivacyHistory
+from common.privacy.augmentation import Augmentation, parse_augmentations
 from common.config import GRAD_SAMPLE_MODES, RunConfig
 from common.data.samples import MultimodalData, hide_modalities
 from common.errors import GlobalParametersError
@@ -31,6 +33,7 @@ from common.model.fusion import FUSIONS
 from common.privacy.ledger import decode_entry
 from common.model.multimodal import MAX_GLOBAL_MAGNITUDE, ModelConfig, MultimodalModel, global_head_template
 from common.privacy.randomness import RoundRandomness
+from common.data.schema import DatasetSchema, ModalitySpec
 from common.data.site_folders import write_site
 from common.privacy import training
 from common.privacy.training import DPRequest, LocalTraining, _proximal, dp_step, private_training, sampling_plan, train_round
@@ -51,6 +54,7 @@ class Option:
     mu: float = 0.0  # FedProx
     init_seed: int = 1001  # local encoders: seeded per site (the handler's seed * 1000 + index + 1)
     x: str = "ordinary"  # the added record: "ordinary" or "huge" (its loss overflows)
+    multiplicity: int = 1  # > 1: K rotated copies of each record (a 3-axis signal), averaged before clipping
 
 
 BASE = Option()
@@ -64,12 +68,25 @@ OPTIONS = {
     "federated-encoders": replace(BASE, init_seed=0),  # one initialisation per modality (the handler's seed)
     "huge-record": replace(BASE, x="huge"),
     "huge-record-hooks": replace(BASE, x="huge", mode="hooks"),
+    **{f"augmentation-multiplicity-{m}": replace(BASE, mode=m, multiplicity=4) for m in GRAD_SAMPLE_MODES},
+    "augmentation-multiplicity-huge-record": replace(BASE, x="huge", multiplicity=4),
 }
+
+
+def augmentation(option: Option) -> Augmentation | None:
+    """Rotations of the (3-axis) signal, K = ``option.multiplicity`` copies per record."""
+    return parse_augmentations("signal=rotate(180)", option.multiplicity) if option.multiplicity > 1 else None
 
 
 def neighbours(option: Option) -> tuple[MultimodalData, MultimodalData]:
     """D (N records) and D + x (x appended)."""
     pool = synthetic.generate(N + 1, seed=3)
+    if option.multiplicity > 1:  # a 3-axis signal to rotate: the synthetic one's 2 channels and half their difference
+        signal = pool.inputs["signal"]
+        signal = torch.cat([signal, (signal[:, :1] - signal[:, 1:2]) / 2], dim=1)
+        schema = DatasetSchema(tuple(ModalitySpec("signal", "signal", tuple(signal.shape[1:])) if m.name == "signal" else m
+                                     for m in pool.schema.modalities), pool.schema.labels)
+        pool = MultimodalData(schema, dict(pool.inputs) | {"signal": signal}, pool.mask, pool.labels)
     mask = hide_modalities(pool.mask, 0.5, torch.Generator().manual_seed(4)) if option.missing else pool.mask
     inputs = dict(pool.inputs)
     if option.x == "huge":  # finite, but the forward pass of x overflows
@@ -104,7 +121,8 @@ def clipped_sum(data: MultimodalData, option: Option, step: int, declared: int) 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            dp_step(private, data, private.batch(step), modality_dropout=option.dropout, step=step)
+            dp_step(private, data, private.batch(step), modality_dropout=option.dropout, step=step,
+                    augmentation=augmentation(option))
         pull()
     finally:
         private.close()
@@ -184,10 +202,10 @@ def test_the_training_loop_draws_exactly_the_accounted_batches_for_every_n(monke
     drawn, wrapped = [], []
     real_step, real_private = training.dp_step, training.private_training
 
-    def counting_step(private, data, idx, *, modality_dropout, step):
+    def counting_step(private, data, idx, *, modality_dropout, step, **rest):
         drawn.append(step)
         assert idx.dtype == torch.long and (idx.numel() == 0 or 0 <= int(idx.min()) <= int(idx.max()) < n)
-        return real_step(private, data, idx[:0], modality_dropout=modality_dropout, step=step)
+        return real_step(private, data, idx[:0], modality_dropout=modality_dropout, step=step, **rest)
 
     monkeypatch.setattr(training, "dp_step", counting_step)
     monkeypatch.setattr(training, "private_training", lambda *a, **k: wrapped.append(real_private(*a, **k)) or wrapped[-1])

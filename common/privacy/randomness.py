@@ -1,4 +1,4 @@
-"""Secret, per-record randomness of one training round: Poisson sampling, modality dropout and noise.
+"""Secret, per-record randomness of one training round: Poisson sampling, modality dropout, augmentation, noise.
 
 Every random choice that touches a client's records comes from one secret key per round, drawn from
 the operating system (``secrets``), never from a seed the server knows or from torch's global RNG.
@@ -29,6 +29,7 @@ class _Purpose(IntEnum):
     MODALITY_DROPOUT = 2
     NOISE = 3
     SHUFFLE = 4  # non-private rounds only
+    AUGMENTATION = 5
 
 
 class RoundRandomness:
@@ -57,6 +58,17 @@ class RoundRandomness:
         draws = self._stream(_Purpose.MODALITY_DROPOUT, step).random((num_examples, 2 * m))
         rows = torch.from_numpy(draws[idx.numpy()]).to(torch.float32) if len(idx) else torch.empty(0, 2 * m)
         return hide_modalities_per_record(mask, p, rows)
+
+    def augmentation_draws(self, step: int, idx: torch.Tensor, *, copies: int, width: int,
+                           num_examples: int) -> torch.Tensor:
+        """Uniforms (len(idx), copies, width) for the augmented copies of the records ``idx`` at step ``step``.
+
+        Drawn for every record of the dataset, row i = record i's, so a record's copies never depend on the batch.
+        """
+        draws = self._stream(_Purpose.AUGMENTATION, step).random((num_examples, copies, width))
+        if not len(idx):
+            return torch.empty(0, copies, width)
+        return torch.from_numpy(draws[idx.numpy()])
 
     def permutation(self, epoch: int, num_examples: int) -> torch.Tensor:
         """A shuffle of the records for one epoch of non-private training."""

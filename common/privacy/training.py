@@ -32,6 +32,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 
 from common.privacy.accounting import NoisePlan, PrivacyHistory, calibrate_run, validate_privacy_parameters
+from common.privacy.augmentation import Augmentation, parse_augmentations
 from common.config import GRAD_SAMPLE_MODES, TrainSection
 from common.data.samples import MultimodalData
 from common.errors import DataError, NonFiniteError, PrivacyParameterError
@@ -141,6 +142,7 @@ class LocalTraining:
     momentum: float = 0.5
     modality_dropout: float = 0.0  # hide each present modality with this probability (secret, per record)
     grad_sample_mode: str = "flat"  # per-sample gradients: flat | hooks | functorch
+    augmentation: Augmentation = Augmentation()  # K augmented copies per record, averaged before clipping
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size"):
@@ -157,7 +159,8 @@ def local_training(train: TrainSection) -> LocalTraining:
     """The run config's ``[train]`` section as a round's :class:`LocalTraining`."""
     return LocalTraining(local_epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
                          momentum=train.momentum, modality_dropout=train.modality_dropout,
-                         grad_sample_mode=train.grad_sample_mode)
+                         grad_sample_mode=train.grad_sample_mode,
+                         augmentation=parse_augmentations(train.augmentations, train.multiplicity))
 
 
 def train_round(
@@ -200,7 +203,9 @@ def train_round(
     max_epsilon = dp.cap
     local_epochs, batch_size, lr, momentum = training.local_epochs, training.batch_size, training.lr, training.momentum
     modality_dropout, grad_sample_mode = training.modality_dropout, training.grad_sample_mode
+    augmentation = training.augmentation
     check_compatible(model, data)
+    augmentation.check(model.schema)
     n = len(data) if declared_examples is None else declared_examples
     sample_rate, steps = sampling_plan(n, batch_size, local_epochs)
     randomness = _randomness or _round_randomness(target_epsilon, non_private_key)
@@ -212,7 +217,8 @@ def train_round(
         # Charged before the data is touched, like a private round: its data leaves without DP, for good.
         history.record((0.0, sample_rate, steps), run_id=run_id)
         loss = _train_non_private(model, data, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                                  modality_dropout=modality_dropout, randomness=randomness, snapshot=snapshot,
+                                  modality_dropout=modality_dropout, augmentation=augmentation, randomness=randomness,
+                                  snapshot=snapshot,
                                   proximal=_proximal(model, proximal_mu, proximal_reference, lr))
         return RoundResult(False, math.inf, None, None, sample_rate, steps, None, n, loss, time.perf_counter() - start)
 
@@ -253,7 +259,7 @@ def train_round(
                          sample_rate=sample_rate, max_grad_norm=max_grad_norm, local_epochs=local_epochs,
                          batch_size=batch_size, lr=lr,
                          momentum=momentum, modality_dropout=modality_dropout, grad_sample_mode=grad_sample_mode,
-                         randomness=randomness, expected_steps=steps, expected_batch_size=sample_rate * n,
+                         augmentation=augmentation, randomness=randomness, expected_steps=steps, expected_batch_size=sample_rate * n,
                          proximal=_proximal(model, proximal_mu, proximal_reference, lr))
     except BaseException:
         model.load_state_dict(snapshot)
@@ -428,11 +434,14 @@ def dp_step(
     *,
     modality_dropout: float,
     step: int,
+    augmentation: Augmentation | None = None,
 ) -> float | None:
     """One DP-SGD step on the Poisson batch ``idx``; its (non-DP) mean loss over its finite rows, None if none.
 
     A record whose loss is not finite counts zero in the loss, and its per-sample gradient (NaN or inf from
     its own forward pass) is zeroed before clipping by :class:`FiniteRowsDPOptimizer`; the step goes on.
+    With ``augmentation``, each record runs as K augmented copies (its own secret draws) whose per-sample
+    gradients are averaged into the record's one gradient before clipping: its contribution stays <= C.
     """
     if len(idx) == 0:
         # An empty Poisson batch still takes a step: noise only, and it is accounted. No forward pass (functorch
@@ -444,11 +453,44 @@ def dp_step(
         return None
     inputs, mask, labels = _batch(data, idx)
     mask = private.randomness.hide_modalities(step, idx, mask, modality_dropout, num_examples=private.num_examples)
+    inputs, mask, labels, copies = _augment(augmentation, private.randomness, step, idx, inputs, mask, labels,
+                                            num_examples=private.num_examples)
     loss, value = _batch_loss(private.model(inputs, mask), labels)
     loss.backward()
+    if copies > 1:
+        _average_copies(private.optimizer.params, copies)
     private.optimizer.step()
     private.optimizer.zero_grad(set_to_none=True)
     return value
+
+
+def _augment(
+    augmentation: Augmentation | None,
+    randomness: RoundRandomness,
+    step: int,
+    idx: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_examples: int,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    """The batch as K augmented copies per record, record-major (B -> B * K rows), and K (1: unchanged)."""
+    if augmentation is None or not augmentation.active:
+        return inputs, mask, labels, 1
+    k = augmentation.multiplicity
+    draws = randomness.augmentation_draws(step, idx, copies=k, width=augmentation.width, num_examples=num_examples)
+    return augmentation.apply(inputs, draws), mask.repeat_interleave(k, dim=0), labels.repeat_interleave(k), k
+
+
+def _average_copies(params: list[torch.nn.Parameter], copies: int) -> None:
+    """Each record's per-sample gradient := the mean over its K copies' rows (record-major), before clipping."""
+    for p in params:
+        rows = p.grad_sample
+        if not isinstance(rows, torch.Tensor):  # Opacus keeps a list only when gradients accumulate over batches
+            raise RuntimeError("augmentation multiplicity needs one per-sample gradient tensor per step; got "
+                               f"{type(rows).__name__} (accumulated batches are not supported)")
+        p.grad_sample = rows.reshape(rows.shape[0] // copies, copies, *rows.shape[1:]).mean(dim=1)  # (B*K, ...) -> (B, ...)
 
 
 def _train_dp(
@@ -469,6 +511,7 @@ def _train_dp(
     expected_steps: int,
     expected_batch_size: float,
     proximal: "Callable[[], None]",
+    augmentation: Augmentation | None = None,
 ) -> float:
     private = private_training(model, len(data), accountant=history.accountant, noise_multiplier=noise_multiplier,
                                max_grad_norm=max_grad_norm, batch_size=batch_size, lr=lr, momentum=momentum,
@@ -485,7 +528,8 @@ def _train_dp(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for step in steps:
-                loss = dp_step(private, data, private.batch(step), modality_dropout=modality_dropout, step=step)
+                loss = dp_step(private, data, private.batch(step), modality_dropout=modality_dropout, step=step,
+                               augmentation=augmentation)
                 if loss is not None:
                     total, batches = total + loss, batches + 1
                 proximal()
@@ -508,13 +552,16 @@ def non_private_step(
     modality_dropout: float,
     randomness: RoundRandomness,
     step: int,
+    augmentation: Augmentation | None = None,
 ) -> float | None:
     """One plain SGD step on the batch ``idx``; its mean loss over the finite rows (None if none).
 
-    Rows whose loss is not finite take no part; a step whose gradient is still not finite is skipped.
+    Rows whose loss is not finite take no part; a step whose gradient is still not finite is skipped. With
+    ``augmentation`` the loss is the mean over K augmented copies per record.
     """
     inputs, mask, labels = _batch(data, idx)
     mask = randomness.hide_modalities(step, idx, mask, modality_dropout, num_examples=len(data))
+    inputs, mask, labels, _ = _augment(augmentation, randomness, step, idx, inputs, mask, labels, num_examples=len(data))
     loss, value = _batch_loss(model(inputs, mask), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -535,6 +582,7 @@ def _train_non_private(
     randomness: RoundRandomness,
     snapshot: dict[str, torch.Tensor],
     proximal: "Callable[[], None]",
+    augmentation: Augmentation | None = None,
 ) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
@@ -548,7 +596,8 @@ def _train_non_private(
                 epoch, start = epoch + 1, 0
                 order = randomness.permutation(epoch, n)
             loss = non_private_step(model, optimizer, data, order[start : start + batch_size],
-                                    modality_dropout=modality_dropout, randomness=randomness, step=step)
+                                    modality_dropout=modality_dropout, randomness=randomness, step=step,
+                                    augmentation=augmentation)
             start += batch_size
             if loss is not None:
                 total, batches = total + loss, batches + 1

@@ -26,7 +26,7 @@ from common.privacy.augmentation import parse_augmentations
 # (common/privacy/grad_samplers.py), clipped and noised by Opacus's own DPOptimizer, fastest here (`fedfuse bench
 # dp-overhead`); hooks, functorch: Opacus's engines (its expanded-weights mode cannot take this model's dict of inputs).
 GRAD_SAMPLE_MODES = ("flat", "hooks", "functorch")
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 ENCODER_MODES = ("local", "federated")
 ASSIGNMENTS = ("auto", "all", "groups", "dropout")
 AUTO = "auto"  # data.assignment / data.missing-rate: synthetic data gets the simulated federation, site folders stay as they are
@@ -40,12 +40,12 @@ def _fail(key: str, message: str) -> None:
 @dataclass(frozen=True)
 class ServerConfig:
     num_server_rounds: int = 10  # rounds of federated training
-    strategy: str = "fedavg"  # server optimiser: fedavg | fedprox | fedadam
+    strategy: str = "fedavg"  # server optimiser: fedavg | fedprox | fedadam | fedyogi
     fraction_train: float = 1.0  # fraction of available clients sampled to train each round
     fraction_evaluate: float = 1.0  # fraction sampled to evaluate each round
     min_clients: int = 2  # never start a round with fewer available clients
     encoders: str = "local"  # local: encoders never leave a site | federated: averaged per modality
-    server_lr: float = 0.05  # FedAdam's server learning rate (eta)
+    server_lr: float = 0.05  # FedAdam's / FedYogi's server learning rate (eta)
     proximal_mu: float = 0.01  # FedProx's proximal weight (clients pull towards the global head)
     round_timeout: float = 600.0  # seconds the server waits for replies in a message phase, and for min-clients sites
     evaluate_every: int = 1  # clients evaluate every k-th round (and always in the last): fewer message phases

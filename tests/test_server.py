@@ -12,7 +12,7 @@ from common.config import RunConfig, parse_run_config
 from common.privacy.ledger import Ledger, LedgerKey, encode_entry, entry_fields
 from common.model.multimodal import ModelConfig, global_head_template
 from server.aggregation import Contribution, weighted_average
-from server.optimizer import FedAdam, ServerOptimizer
+from server.optimizer import FedAdam, FedYogi, ServerOptimizer, build_optimizer
 from server.replies import EvaluateReply, mean_metrics
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState
@@ -174,6 +174,21 @@ def test_fedadam_moves_by_the_server_learning_rate():
     again = FedAdam(lr=0.1)
     again.load_state(opt.state())
     assert set(again.m) == {"w"}
+
+
+def test_fedyogi_second_moment_moves_additively():
+    # Prepare: no first-moment averaging and no tau, so the step is lr * delta / sqrt(v)
+    opt, d = FedYogi(lr=0.1, beta1=0.0, beta2=0.5, tau=0.0), torch.tensor([2.0, -1.0])
+    # Execute / Assert: v grows by (1 - beta2) d^2 while below d^2 (Adam: [3, 0.75] after two steps) ...
+    first = opt.step({"w": torch.zeros(2)}, {"w": d})
+    assert torch.allclose(opt.v["w"], torch.tensor([2.0, 0.5]))
+    assert torch.allclose(first["w"], 0.1 * d / torch.tensor([2.0, 0.5]).sqrt())
+    second = opt.step(first, {"w": first["w"] + d})
+    assert torch.allclose(opt.v["w"], torch.tensor([4.0, 1.0]))
+    # ... and shrinks by (1 - beta2) d^2 only after a small update (Adam would halve it)
+    opt.step(second, {"w": second["w"] + 0.1 * d})
+    assert torch.allclose(opt.v["w"], torch.tensor([4.0 - 0.02, 1.0 - 0.005]))
+    assert isinstance(build_optimizer("fedyogi", 0.1), FedYogi) and parse_run_config({"strategy": "fedyogi"})
 
 
 def test_evaluation_means_are_weighted_per_subset():

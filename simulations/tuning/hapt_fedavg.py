@@ -2,7 +2,12 @@
 
 Same data, model, DP-SGD round (`train_round`) and aggregation as `fedfuse bench hapt` with
 ``encoders = "federated"`` and p = 0, without Flower: every client trains every round, and the global
-model's macro-F1 on the pooled windows of the test subjects is printed every few rounds.
+model's pooled macro-F1 is printed every few rounds: on the training subjects' own held-out windows (every
+5th window of each training subject, ``--score validation``, the default: what to tune on) or on the
+windows of the 9 test subjects (``--score test``: for reporting a configuration already chosen, never
+for choosing one). The accuracy levers are options: ``--transforms`` (``model.transforms``),
+``--augmentations`` and ``--multiplicity`` (``train.augmentations``, ``train.multiplicity``),
+``--server-opt`` and ``--server-lr`` (``strategy``, ``server-lr``).
 ``--standardise`` compares input standardisations (docs/benchmarks.md, "Input standardisation"):
 
   none    the raw signals (what the product trains on)
@@ -33,7 +38,9 @@ from common.model.multimodal import ModelConfig, MultimodalModel
 from common.data.partition import heldout_sites
 from common.data.site_folders import federation_schema, load_site, site_folders
 from common.privacy.training import DPRequest, LocalTraining, train_round
+from common.privacy.augmentation import parse_augmentations
 from server.aggregation import Contribution, weighted_average
+from server.optimizer import build_optimizer
 
 STANDARDISE = ("none", "window", "pooled", "site", "dp:SIGMA:BOUND")
 
@@ -87,6 +94,13 @@ def main() -> None:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="initial weights and DP-SGD sampling")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--score", choices=("validation", "test"), default="validation",
+                   help="validation: the training subjects' held-out windows (tune on this); test: the 9 test subjects")
+    p.add_argument("--transforms", default="", help="model.transforms, e.g. acc=gravity+magnitude;gyro=magnitude")
+    p.add_argument("--augmentations", default="", help="train.augmentations, e.g. acc+gyro=rotate(15)")
+    p.add_argument("--multiplicity", type=int, default=1, help="train.multiplicity")
+    p.add_argument("--server-opt", choices=("fedavg", "fedadam", "fedyogi"), default="fedavg")
+    p.add_argument("--server-lr", type=float, default=0.05)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -101,9 +115,12 @@ def main() -> None:
             xs = torch.cat([s.part("train").inputs[m].float() for s in train_sites])
             pooled[m] = (xs.mean(dim=(0, 2), keepdim=True), xs.std(dim=(0, 2), keepdim=True))
     trains = [standardise(s.part("train"), args.standardise, schema.names, pooled) for s in train_sites]
-    tests = [standardise(s.part("test"), args.standardise, schema.names, pooled) for s in sites if s.path in held_out]
+    scored = [s for s in sites if (s.path in held_out) == (args.score == "test") and s.part("test") is not None]
+    tests = [standardise(s.part("test"), args.standardise, schema.names, pooled) for s in scored]
 
-    config = ModelConfig("concat", 64, 64)  # simulations/scenarios/hapt.toml
+    config = ModelConfig("concat", 64, 64, args.transforms)  # simulations/scenarios/hapt.toml
+    augmentation = parse_augmentations(args.augmentations, args.multiplicity)
+    server = build_optimizer(args.server_opt, args.server_lr)
     torch.manual_seed(args.seed)
     global_state = MultimodalModel(schema, config).state_dict()
     models = [MultimodalModel(d.schema, config) for d in trains]
@@ -115,16 +132,16 @@ def main() -> None:
             model.load_partial({k: v for k, v in global_state.items() if k in model.state_dict()})
             train_round(model, data, history, dp=DPRequest(args.epsilon, 1e-5, 1.0, planned_rounds=args.rounds),
                         training=LocalTraining(local_epochs=args.local_epochs, batch_size=64, lr=args.lr, momentum=0.9,
-                                               modality_dropout=0.3), run_id="tuning")
+                                               modality_dropout=0.3, augmentation=augmentation), run_id="tuning")
             updates.append(Contribution(model.state_dict(), float(len(data))))
         average, _ = weighted_average(updates)
-        global_state.update(average)
+        global_state = server.step(global_state, average)
         if r % 3 == 0 or r == args.rounds:
             model = MultimodalModel(schema, config)
             model.load_state_dict(global_state)
             truth = torch.cat([d.labels for d in tests])
             pred = torch.cat([predict(model, d) for d in tests])
-            print(f"round {r:3d}  test-subject macro-F1 {macro_f1(truth, pred, schema.num_classes):.3f}  "
+            print(f"round {r:3d}  {args.score} macro-F1 {macro_f1(truth, pred, schema.num_classes):.3f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
 
 

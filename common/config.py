@@ -30,6 +30,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 ENCODER_MODES = ("local", "federated")
 ASSIGNMENTS = ("auto", "all", "groups", "dropout")
 AUTO = "auto"  # data.assignment / data.missing-rate: synthetic data gets the simulated federation, site folders stay as they are
+# participation = 0 with fraction-train < 1: plan a quarter more rounds than a client's expected share, so that
+# sampling among the clients still under their plan rarely runs short of clients in the last rounds
+PARTICIPATION_SLACK = 1.25
 SYNTHETIC_MISSING_RATE = 0.1  # data.missing-rate = "auto" on the synthetic dataset
 
 
@@ -42,6 +45,7 @@ class ServerConfig:
     num_server_rounds: int = 10  # rounds of federated training
     strategy: str = "fedavg"  # server optimiser: fedavg | fedprox | fedadam | fedyogi
     fraction_train: float = 1.0  # fraction of available clients sampled to train each round
+    participation: int = 0  # rounds each client plans to train in (noise calibrated for them); 0 = auto (planned_rounds)
     fraction_evaluate: float = 1.0  # fraction sampled to evaluate each round
     min_clients: int = 2  # never start a round with fewer available clients
     encoders: str = "local"  # local: encoders never leave a site | federated: averaged per modality
@@ -59,6 +63,9 @@ class ServerConfig:
             _fail("strategy", f"must be one of {list(STRATEGIES)}, got '{self.strategy}'")
         if not 0 < self.fraction_train <= 1:
             _fail("fraction-train", "must lie in (0, 1]")
+        if not 0 <= self.participation <= self.num_server_rounds:
+            _fail("participation", f"must lie in [0, num-server-rounds = {self.num_server_rounds}] (0 = auto), "
+                  f"got {self.participation}")
         if not 0 <= self.fraction_evaluate <= 1:
             _fail("fraction-evaluate", "must lie in [0, 1]")
         if self.min_clients < 1:
@@ -73,6 +80,19 @@ class ServerConfig:
             _fail("round-timeout", "must be > 0")
         if self.evaluate_every < 1:
             _fail("evaluate-every", "must be >= 1 (1 = every round; the last round always evaluates)")
+
+
+    def planned_rounds(self, total: int | None = None) -> int:
+        """The rounds each client plans to train in, of ``total`` (default num-server-rounds): ``participation``,
+        or (auto) every round with fraction-train = 1, else ceil(PARTICIPATION_SLACK x rounds x fraction-train).
+        Public: the server announces it in every train message, a client calibrates its noise for it, and no
+        client is sampled beyond it."""
+        total = self.num_server_rounds if total is None else total
+        if self.participation:
+            return min(self.participation, total)
+        if self.fraction_train >= 1:
+            return total
+        return min(total, math.ceil(PARTICIPATION_SLACK * total * self.fraction_train))
 
 
 @dataclass(frozen=True)

@@ -111,13 +111,19 @@ class FedFuse(FedAvg):
     def train_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """The round's training clients: a sample of those not excluded (this starts the round's record)."""
         self._started = time.perf_counter()
+        # Excluded clients, and those that trained their planned rounds (the noise was calibrated for no more)
+        plan = self.config.server.planned_rounds(self.state.total_rounds)
+        done = {c for c, rec in self.state.clients.items() if rec.get("rounds_trained", 0) >= plan}
         excluded_nodes = {n for n, c in self.node_clients.items() if c in self.state.excluded}
+        finished_nodes = {n for n, c in self.node_clients.items() if c in done}
         # First wait (at most round-timeout) for min-clients sites: a run submitted before its sites connect trains in round 1
         _, connected = sample_nodes(grid, self.min_available_nodes, 0, wait=self.config.server.round_timeout)
-        available = [n for n in connected if n not in excluded_nodes]
-        want = max(int(len(available) * self.fraction_train), self.min_train_nodes)
+        active = [n for n in connected if n not in excluded_nodes]
+        want = max(int(len(active) * self.fraction_train), self.min_train_nodes)
+        available = [n for n in active if n not in finished_nodes]
         if not available:
-            log.warning("round %d: every client is excluded (budgets exhausted); nothing to train", self.absolute(server_round))
+            log.warning("round %d: every client is excluded (budgets exhausted) or has trained its planned %d round(s); "
+                        "nothing to train", self.absolute(server_round), plan)
             return []
         node_ids = random.sample(available, min(want, len(available)))
         self._round = {"round": self.absolute(server_round), "train": {"sampled": len(node_ids)}}
@@ -126,7 +132,7 @@ class FedFuse(FedAvg):
     def train_request(self, server_round: int) -> ConfigRecord:
         """What a train message asks for, besides the global blocks."""
         return ConfigRecord({M.SERVER_ROUND: self.absolute(server_round), M.RUN_ID: self.state.run_id,
-                             M.PLANNED_ROUNDS: self.state.total_rounds})
+                             M.PLANNED_ROUNDS: self.config.server.planned_rounds(self.state.total_rounds)})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, keep the ledgers, average each block over the clients that sent it."""

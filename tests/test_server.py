@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from common import messages as M
+from common.errors import ConfigError
 from common.config import RunConfig, parse_run_config
 from common.privacy.ledger import Ledger, LedgerKey, encode_entry, entry_fields
 from common.model.multimodal import ModelConfig, global_head_template
@@ -189,6 +190,24 @@ def test_fedyogi_second_moment_moves_additively():
     opt.step(second, {"w": second["w"] + 0.1 * d})
     assert torch.allclose(opt.v["w"], torch.tensor([4.0 - 0.02, 1.0 - 0.005]))
     assert isinstance(build_optimizer("fedyogi", 0.1), FedYogi) and parse_run_config({"strategy": "fedyogi"})
+
+
+def test_a_sampled_federation_plans_each_clients_share_and_samples_no_client_beyond_it(tmp_path):
+    # Prepare: 20 rounds, a fifth of 10 clients a round: each client's expected share is 4 rounds
+    strategy = make_strategy(tmp_path, **{"num-server-rounds": 20, "fraction-train": 0.2, "min-clients": 1})
+    strategy.state.total_rounds = 20
+    strategy.node_clients = {n: f"c{n}" for n in range(1, 11)}
+    strategy.state.clients = {f"c{n}": {"rounds_trained": 5 if n <= 8 else 2} for n in range(1, 11)}
+    # Execute
+    planned = strategy.train_request(1)[M.PLANNED_ROUNDS]
+    sampled = {n for _ in range(20) for n in strategy.train_nodes(1, FakeGrid(range(1, 11)))}
+    # Assert: announced plan ceil(1.25 x 20 x 0.2) = 5; clients that trained 5 rounds are never sampled again
+    assert planned == 5 and sampled == {9, 10}
+    # an explicit plan, and every round when every client trains every round
+    assert make_strategy(tmp_path, participation=4, **{"fraction-train": 0.2}).train_request(1)[M.PLANNED_ROUNDS] == 4
+    assert make_strategy(tmp_path).train_request(1)[M.PLANNED_ROUNDS] == 5  # the run's 5 rounds
+    with pytest.raises(ConfigError, match="participation"):
+        parse_run_config({"participation": 11})
 
 
 def test_evaluation_means_are_weighted_per_subset():

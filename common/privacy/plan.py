@@ -166,7 +166,7 @@ def drowning_warning(config: RunConfig) -> str | None:
     if math.isinf(config.dp.epsilon) and not config.dp.group_budgets:
         return None
     sites, budgets, head = federation_sizes(config)
-    base = Setting(config.train.batch_size, config.server.num_server_rounds, config.train.local_epochs)
+    base = Setting(config.train.batch_size, config.server.planned_rounds(), config.train.local_epochs)
     p = plan(sites, head, base, epsilon=budgets, delta=config.dp.delta, accountant=RANKING_ACCOUNTANT)
     if not p.drowned:
         return None

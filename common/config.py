@@ -28,6 +28,7 @@ from common.privacy.augmentation import parse_augmentations
 GRAD_SAMPLE_MODES = ("flat", "hooks", "functorch")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 ENCODER_MODES = ("local", "federated")
+LR_SCHEDULES = ("constant", "cosine")
 ASSIGNMENTS = ("auto", "all", "groups", "dropout")
 AUTO = "auto"  # data.assignment / data.missing-rate: synthetic data gets the simulated federation, site folders stay as they are
 # participation = 0 with fraction-train < 1: plan a quarter more rounds than a client's expected share, so that
@@ -115,6 +116,7 @@ class TrainSection:
     local_epochs: int = 1  # passes over the local data per round
     batch_size: int = 64  # expected Poisson batch size is at most this
     lr: float = 0.5  # client learning rate (SGD)
+    lr_schedule: str = "constant"  # constant | cosine: lr decays over the run's rounds to a tenth (public: the round number)
     momentum: float = 0.5
     modality_dropout: float = 0.3  # hide each present modality with this probability while training
     grad_sample_mode: str = "flat"  # per-sample gradients: flat (common/privacy/grad_samplers.py, fastest) | Opacus's hooks | functorch
@@ -126,6 +128,8 @@ class TrainSection:
             _fail("train.local-epochs", "must be >= 1")
         if self.batch_size < 1:
             _fail("train.batch-size", "must be >= 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            _fail("train.lr-schedule", f"must be one of {list(LR_SCHEDULES)}, got '{self.lr_schedule}'")
         if self.lr <= 0:
             _fail("train.lr", "must be > 0")
         if not 0 <= self.momentum < 1:

@@ -8,11 +8,12 @@ import torch
 from common.data import synthetic
 from common.privacy.accounting import PrivacyHistory, compute_epsilon
 from common.data.samples import MultimodalData
-from common.errors import BudgetExhaustedError, DataError, NonFiniteError, PrivacyParameterError
+from common.errors import BudgetExhaustedError, ConfigError, DataError, NonFiniteError, PrivacyParameterError
 from common.model.multimodal import ModelConfig, MultimodalModel
 from common.data.samples import hide_modalities
 from common.privacy.randomness import RoundRandomness
-from common.privacy.training import FiniteRowsDPOptimizer, train_round
+from common.config import parse_run_config
+from common.privacy.training import FiniteRowsDPOptimizer, local_training, scheduled_lr, train_round
 from tests.round_helpers import settings
 
 CONFIG = ModelConfig(embed_dim=16, hidden_dim=16)
@@ -209,3 +210,13 @@ def test_noise_and_sampling_are_fresh_even_when_the_global_rng_repeats(synth_tra
         updates.append(torch.cat([(model.state_dict()[k] - before[k]).flatten() for k in before]))
     # Assert: DP noise (and Poisson batches) must never repeat across rounds or restarts
     assert not torch.allclose(updates[0], updates[1])
+
+
+def test_the_cosine_schedule_is_a_public_function_of_the_round():
+    # lr in round 1, lr / 10 in the last, the mean of the two half-way; constant keeps lr
+    assert [scheduled_lr(0.4, "cosine", r, 5) for r in (1, 3, 5)] == pytest.approx([0.4, 0.22, 0.04])
+    assert scheduled_lr(0.4, "constant", 5, 5) == 0.4
+    config = parse_run_config({"train.lr-schedule": "cosine", "train.lr": 0.4, "num-server-rounds": 5})
+    assert local_training(config.train, server_round=5, total_rounds=5).lr == pytest.approx(0.04)
+    with pytest.raises(ConfigError, match="train.lr-schedule"):
+        parse_run_config({"train.lr-schedule": "step"})

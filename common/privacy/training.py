@@ -33,7 +33,7 @@ from opacus.validators import ModuleValidator
 
 from common.privacy.accounting import NoisePlan, PrivacyHistory, calibrate_run, validate_privacy_parameters
 from common.privacy.augmentation import Augmentation, parse_augmentations
-from common.config import GRAD_SAMPLE_MODES, TrainSection
+from common.config import GRAD_SAMPLE_MODES, LR_SCHEDULES, TrainSection
 from common.data.samples import MultimodalData
 from common.errors import DataError, NonFiniteError, PrivacyParameterError
 from common.privacy.grad_samplers import FlatGradSample
@@ -41,6 +41,7 @@ from common.model.multimodal import MultimodalModel
 from common.privacy.randomness import RoundRandomness
 
 log = logging.getLogger(__name__)
+LR_FLOOR = 0.1  # the cosine schedule ends at this fraction of train.lr
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,21 @@ class LocalTraining:
             raise ValueError(f"grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}, got '{self.grad_sample_mode}'")
 
 
-def local_training(train: TrainSection) -> LocalTraining:
-    """The run config's ``[train]`` section as a round's :class:`LocalTraining`."""
-    return LocalTraining(local_epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
+def scheduled_lr(lr: float, schedule: str, server_round: int, total_rounds: int) -> float:
+    """The client learning rate of round ``server_round`` (1-based) of ``total_rounds``: ``constant``, or ``cosine``
+    from ``lr`` in round 1 down to LR_FLOOR x ``lr`` in the last. Public: a function of the round number only."""
+    if schedule == "constant" or total_rounds <= 1:
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"lr schedule must be one of {list(LR_SCHEDULES)}, got '{schedule}'")
+    progress = min(max(server_round - 1, 0) / (total_rounds - 1), 1.0)
+    return lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def local_training(train: TrainSection, *, server_round: int = 1, total_rounds: int = 1) -> LocalTraining:
+    """The run config's ``[train]`` section as round ``server_round``'s :class:`LocalTraining` (the schedule's lr)."""
+    lr = scheduled_lr(train.lr, train.lr_schedule, server_round, total_rounds)
+    return LocalTraining(local_epochs=train.local_epochs, batch_size=train.batch_size, lr=lr,
                          momentum=train.momentum, modality_dropout=train.modality_dropout,
                          grad_sample_mode=train.grad_sample_mode,
                          augmentation=parse_augmentations(train.augmentations, train.multiplicity))

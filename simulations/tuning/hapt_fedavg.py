@@ -37,7 +37,7 @@ from common.model.evaluation import macro_f1, predict
 from common.model.multimodal import ModelConfig, MultimodalModel
 from common.data.partition import heldout_sites
 from common.data.site_folders import federation_schema, load_site, site_folders
-from common.privacy.training import DPRequest, LocalTraining, train_round
+from common.privacy.training import DPRequest, LocalTraining, scheduled_lr, train_round
 from common.privacy.augmentation import parse_augmentations
 from server.aggregation import Contribution, weighted_average
 from server.optimizer import build_optimizer
@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--multiplicity", type=int, default=1, help="train.multiplicity")
     p.add_argument("--server-opt", choices=("fedavg", "fedadam", "fedyogi"), default="fedavg")
     p.add_argument("--server-lr", type=float, default=0.05)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant", help="train.lr-schedule")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -131,7 +132,8 @@ def main() -> None:
         for data, model, history in zip(trains, models, histories):
             model.load_partial({k: v for k, v in global_state.items() if k in model.state_dict()})
             train_round(model, data, history, dp=DPRequest(args.epsilon, 1e-5, 1.0, planned_rounds=args.rounds),
-                        training=LocalTraining(local_epochs=args.local_epochs, batch_size=64, lr=args.lr, momentum=0.9,
+                        training=LocalTraining(local_epochs=args.local_epochs, batch_size=64, momentum=0.9,
+                                               lr=scheduled_lr(args.lr, args.lr_schedule, r, args.rounds),
                                                modality_dropout=0.3, augmentation=augmentation), run_id="tuning")
             updates.append(Contribution(model.state_dict(), float(len(data))))
         average, _ = weighted_average(updates)

@@ -75,13 +75,14 @@ class EveryLayer(nn.Module):
         self.conv1 = nn.Conv1d(3, 4, 3, stride=2, padding=1)
         self.embed = nn.Embedding(11, 4, padding_idx=0)
         self.norm = nn.LayerNorm(4)
+        self.groups = nn.GroupNorm(3, 3)  # on (B, 3, 4, 6): per sample and channel
         self.tokens = nn.Linear(4, 4)  # on (B, L, 4)
         self.twice = nn.Linear(4, 4, bias=False)
         self.unused = nn.Linear(4, 4)
         self.out = nn.Linear(4, 3)
 
     def forward(self, inputs, mask):
-        h = torch.tanh(self.conv2(inputs["img"]))  # (B, 3, 4, 6)
+        h = torch.tanh(self.groups(self.conv2(inputs["img"])))  # (B, 3, 4, 6)
         h = torch.tanh(self.conv1(h.mean(dim=2))).mean(dim=2)  # (B, 4)
         t = self.tokens(self.norm(self.embed(inputs["txt"]))).mean(dim=1)  # (B, 4)
         h = self.twice(torch.tanh(self.twice(h + t)))

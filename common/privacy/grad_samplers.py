@@ -10,9 +10,9 @@ same mechanism as per-parameter clipping, in one norm, one contraction and one n
 How the per-sample gradients are computed: each layer's forward is wrapped to keep its input
 and to put a hook on its output, which receives dL/d(output) in the backward pass; the layer's
 per-sample gradient is written from the two (Linear: outer products, or a batched product over
-positions; Conv: input patches gathered by a precomputed index, batched product; LayerNorm:
-normalised input; Embedding: scatter of rows). The model's parameters do not require grad while
-wrapped, so autograd computes only what flows between layers, never the (discarded) summed
+positions; Conv: input patches gathered by a precomputed index, batched product; LayerNorm and
+GroupNorm: normalised input, each sample's own statistics; Embedding: scatter of rows). The model's
+parameters do not require grad while wrapped, so autograd computes only what flows between layers, never the (discarded) summed
 weight gradients. A layer that took no part in the loss gets an exact zero per-sample gradient
 (and noise, as every coordinate does). Only the layer types in :data:`SAMPLERS` are accepted;
 anything else, or a tied weight, is refused at wrap time (use Opacus's ``hooks`` mode then).
@@ -96,6 +96,15 @@ def _layer_norm(m: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor, out_w: torch.
         torch.sum(g.reshape(b, -1, *shape), dim=1, out=out_b)
 
 
+def _group_norm(m: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, out_w: torch.Tensor, out_b: torch.Tensor | None) -> None:
+    # x, g: (B, C, *spatial); weight and bias: (C,), one scale and shift per channel over its positions
+    b, c = x.shape[:2]
+    x_hat = F.group_norm(x, m.num_groups, None, None, m.eps)  # per sample and group: no batch statistics
+    torch.sum((g * x_hat).reshape(b, c, -1), dim=2, out=out_w)
+    if out_b is not None:
+        torch.sum(g.reshape(b, c, -1), dim=2, out=out_b)
+
+
 def _embedding(m: nn.Embedding, x: torch.Tensor, g: torch.Tensor, out_w: torch.Tensor, out_b: torch.Tensor | None) -> None:
     b, d = x.shape[0], m.embedding_dim
     out_w.zero_()
@@ -110,6 +119,7 @@ SAMPLERS: dict[type[nn.Module], Sampler] = {
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
     nn.LayerNorm: _layer_norm,
+    nn.GroupNorm: _group_norm,
     nn.Embedding: _embedding,
 }
 

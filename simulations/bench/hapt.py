@@ -90,7 +90,8 @@ def pooled_test_f1(run_dir: Path, cache: Path, config: dict[str, Any]) -> float:
     schema = federation_schema(sites)
     trained = [m for m in schema.names if any(k.startswith(f"{ENCODER_PREFIX}{m}.") for k in state)]
     model = MultimodalModel(schema.restrict(trained),
-                            ModelConfig(config["model.fusion"], config["model.embed-dim"], config["model.hidden-dim"]))
+                            ModelConfig(config["model.fusion"], config["model.embed-dim"], config["model.hidden-dim"],
+                                        config.get("model.transforms", "")))
     model.load_partial({k: v for k, v in state.items() if k in model.state_dict()})
     truth, pred = [], []
     for site in sites:

@@ -189,3 +189,23 @@ def test_av_digits_rows_add_the_clients_holding_both_modalities(tmp_path):
     assert "| mixed, site-a | 80.0 ± 7.1 |" in text
     assert "### Per class (digit), mixed federation, recall (pooled)" in text
     assert "site-b" not in text
+
+
+def test_the_summary_links_each_runs_report(tmp_path, capsys):
+    # Prepare
+    from simulations.bench import _common as C
+
+    runs = {"mixed-s0": {"bench_seconds": 10.0, "privacy": {"clients": {}}},
+            "mixed-s1": {"bench_seconds": 12.0, "privacy": {"clients": {}}}}
+
+    # Execute
+    status = C.finish(tmp_path, "av-digits", "AV-Digits", started=0.0, runs=runs, body="## Tables",
+                      payload={"runs": {n: {"epsilon_ok": True} for n in runs}})
+
+    # Assert: the JSON and the markdown name each run's report.html, relative to the output folder
+    assert status == 0
+    summary = json.loads((tmp_path / "av-digits-results.json").read_text())
+    assert summary["reports"] == {"mixed-s0": "runs/mixed-s0/report.html", "mixed-s1": "runs/mixed-s1/report.html"}
+    markdown = (tmp_path / "av-digits-results.md").read_text()
+    assert "[mixed-s0](runs/mixed-s0/report.html), [mixed-s1](runs/mixed-s1/report.html)" in markdown
+    assert "## Tables" in capsys.readouterr().out

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common.contributions import modality_contributions
-from common.evaluation import scores_from_counts
+from common.insight.contributions import modality_contributions
+from common.model.evaluation import scores_from_counts
 from simulations.bench import _contributions as K
 from simulations.bench import av_digits, hapt
 

@@ -1,5 +1,5 @@
 """Modality contributions across a benchmark's runs: each setting's Shapley values, interactions and
-per-class values (``common/contributions.py``), as mean ± sample std over its seeds; tables and a plot.
+per-class values (``common/insight/contributions.py``), as mean ± sample std over its seeds; tables and a plot.
 
 Each run's figures are read from its results.json (``<source>.modality_contributions``, where
 ``source`` is ``final``: the clients' held-out data, or ``final_server_evaluate``: the server's test
@@ -22,7 +22,7 @@ CLASS_METRIC_NAMES = {"accuracy": "recall", "macro_f1": "F1"}
 
 def run_contributions(results: Mapping[str, Any], source: str = "final") -> dict[str, Any] | None:
     """``results[source].modality_contributions`` (computed from that entry when absent); None without the entry."""
-    from common.contributions import modality_contributions
+    from common.insight.contributions import modality_contributions
 
     if source not in ROUND_KEYS:
         raise ValueError(f"source must be one of {', '.join(ROUND_KEYS)}, got '{source}'")
@@ -82,7 +82,7 @@ def aggregate(runs: Mapping[str, Mapping[str, Any]], source: str = "final") -> d
     "clients": {client: {metric: game}}, "attention": {modality: {label: stat}}, "warnings": {...}}``
     with each game as :func:`aggregate_game` returns it.
     """
-    from common.contributions import METRICS
+    from common.insight.contributions import METRICS
 
     found = [(name, r, mc) for name, r in runs.items() if (mc := run_contributions(r, source)) is not None]
     if not found:
@@ -206,7 +206,7 @@ def plot(rows: Sequence[tuple[str, Mapping[str, Any]]], path: Path, *, per_class
     a second panel with that setting's per-class values (recall). None when no setting has an attribution."""
     from matplotlib.figure import Figure
 
-    from common.plots import COLORS
+    from common.insight.plots import COLORS
 
     games = [(label, (agg.get("overall") or {}).get(metric) or {}) for label, agg in rows]
     games = [(label, g) for label, g in games if g.get("runs")]

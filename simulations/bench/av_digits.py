@@ -9,6 +9,8 @@ Cells, each run once per seed, all with the scenario's budget and training sched
 
 Figures come from results' ``final.pooled.by_modalities``: each client scores the model on its own test takes
 (0-4), with only the named modalities visible, over the test samples that have them; the counts are pooled.
+Each federation's modality contributions are aggregated over its seeds from the same figures, with a row per
+mixed-federation client that holds both modalities (``_contributions.py``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ Cells, each run once per seed (``data.assignment = "dropout"``: each client drop
 - federated encoders, every p of ``--drop-probs`` > 0, at the budget ``--dropout-epsilon``;
 - local encoders, p = 0, every budget of ``--local-epsilons``: personalised macro-F1 on each client's held-out
   windows (results' ``final.client_mean.macro_f1``).
+
+Each setting's modality contributions (what acc and gyro add, their interaction, per class) are aggregated over
+its seeds from the runs' results.json: on the test subjects for federated encoders, on the clients' held-out
+windows for local ones (``_contributions.py``).
 """
 
 from __future__ import annotations

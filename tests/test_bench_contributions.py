@@ -209,3 +209,14 @@ def test_the_summary_links_each_runs_report(tmp_path, capsys):
     markdown = (tmp_path / "av-digits-results.md").read_text()
     assert "[mixed-s0](runs/mixed-s0/report.html), [mixed-s1](runs/mixed-s1/report.html)" in markdown
     assert "## Tables" in capsys.readouterr().out
+
+
+def test_leans_on_names_ties_and_classes_no_modality_helps():
+    def game(acc, gyro, full):
+        return {"shapley": {"acc": {"mean": acc}, "gyro": {"mean": gyro}},
+                "share": {"acc": {"mean": acc / (full - 0.25)}, "gyro": {"mean": gyro / (full - 0.25)}}}
+
+    assert K.leans_on(game(0.30, 0.10, 0.65)) == "acc (75 %)"
+    assert K.leans_on(game(0.20, 0.20, 0.65)) == "acc = gyro"
+    assert K.leans_on(game(-0.083, -0.083, 0.0)) == "none"  # the class is never recognised: nothing to lean on
+    assert K.leans_on({}) == "-"

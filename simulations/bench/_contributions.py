@@ -182,13 +182,17 @@ def class_table(agg: Mapping[str, Any], metric: str = "accuracy") -> str:
 
 
 def leans_on(game: Mapping[str, Any]) -> str:
-    """The modality with the largest mean Shapley value and its mean share of the gain over chance (``gyro (71 %)``)."""
+    """The modality with the largest mean Shapley value and its mean share of the gain over chance (``gyro (71 %)``);
+    ``acc = gyro`` on a tie, ``none`` when no modality adds anything (the class is not recognised)."""
     shapley = {m: s["mean"] for m, s in (game.get("shapley") or {}).items() if s.get("mean") is not None}
-    if not shapley:
-        return "-"
-    top = max(shapley, key=lambda m: shapley[m])
-    share = ((game.get("share") or {}).get(top) or {}).get("mean")
-    return top if share is None or math.isnan(share) else f"{top} ({100 * share:.0f} %)"
+    if not shapley or max(shapley.values()) <= 1e-9:
+        return "none" if shapley else "-"
+    best = max(shapley.values())
+    top = [m for m, v in shapley.items() if best - v < 1e-9]
+    if len(top) > 1:
+        return " = ".join(top)
+    share = ((game.get("share") or {}).get(top[0]) or {}).get("mean")
+    return top[0] if share is None or math.isnan(share) else f"{top[0]} ({100 * share:.0f} %)"
 
 
 def warnings_text(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:

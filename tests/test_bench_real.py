@@ -125,6 +125,13 @@ def test_hapt_two_rounds_on_real_data(tmp_path):
     assert server["pooled"]["accuracy"] > 1 / 6
     assert results["final"]["pooled"]["accuracy"] > 1 / 6
     _assert_budgets_kept(results)
+    # The benchmark's contributions come from the test subjects: both modalities, every class, efficiency kept
+    settings = {"fed-p0.3-eps8": {"encoders": "federated", "p": 0.3, "budget": 8.0, "runs": ["run"]}}
+    found = hapt.contributions({"run": results}, settings)["fed-p0.3-eps8"]
+    game = found["overall"]["accuracy"]
+    assert found["source"] == "final_server_evaluate" and game["modalities"] == ["acc", "gyro"]
+    assert sum(s["mean"] for s in game["shapley"].values()) == pytest.approx(server["pooled"]["accuracy"] - 1 / 6)
+    assert sorted(found["per_class"]["accuracy"]) == sorted(results["federation"]["labels"])
 
 
 @pytest.mark.slow
@@ -150,3 +157,7 @@ def test_av_digits_two_rounds_on_real_data(tmp_path):
     assert modalities == {"speaker-george": "image", "speaker-jackson": "image", "speaker-lucas": "audio",
                           "speaker-nicolas": "audio", "speaker-theo": "audio+image", "speaker-yweweler": "audio+image"}
     _assert_budgets_kept(results)
+    # The benchmark's per-client contribution rows: the two speakers holding both modalities
+    found = av_digits.contributions({"mixed-s0": results}, {"mixed": {"runs": ["mixed-s0"]}})["mixed"]
+    assert [label for label, _ in av_digits.multimodal_clients(found)] == ["mixed, speaker-theo", "mixed, speaker-yweweler"]
+    assert found["overall"]["accuracy"]["modalities"] == ["audio", "image"]

@@ -223,7 +223,8 @@ def finish(out: Path, name: str, title: str, *, started: float, runs: dict[str, 
     """Write ``<out>/<name>-results.{json,md}``, print the tables; exit status 1 if any client overspent."""
     hw = hardware()
     payload = {"benchmark": name, "command": command_line(), "hardware": hw,
-               "wall_seconds": round(time.perf_counter() - started, 1), **payload}
+               "wall_seconds": round(time.perf_counter() - started, 1),
+               "reports": {run: f"runs/{run}/{REPORT_FILE}" for run in runs}, **payload}  # relative to <out>
     json_path, md_path = write_outputs(out, f"{name}-results", payload, header(title, started, hw, runs) + body)
     print(body)
     print(f"\nwall time {(time.perf_counter() - started) / 60:.1f} min; results: {json_path}, {md_path}")

@@ -8,6 +8,10 @@ Cells, each run once per seed (``data.assignment = "dropout"``: each client drop
 - federated encoders, every p of ``--drop-probs`` > 0, at the budget ``--dropout-epsilon``;
 - local encoders, p = 0, every budget of ``--local-epsilons``: personalised macro-F1 on each client's held-out
   windows (results' ``final.client_mean.macro_f1``).
+
+Each setting's modality contributions (what acc and gyro add, their interaction, per class) are aggregated over
+its seeds from the runs' results.json: on the test subjects for federated encoders, on the clients' held-out
+windows for local ones (``_contributions.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 from common.errors import ConfigError
 from simulations.bench import _common as C
+from simulations.bench import _contributions as K
 
 SOURCE_FILES = ("activity_labels.txt", "RawData/labels.txt", "Train/subject_id_train.txt")
 TARGETS = {"non_private_f1": 0.88, "eps8_gap": 0.05, "dropout_gap": 0.03}
@@ -201,11 +206,58 @@ def _gap(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None else f"{100 * a:.1f} vs {100 * b:.1f} ({100 * (a - b):+.1f} points)"
 
 
+def setting_label(setting: dict[str, Any]) -> str:
+    """``federated, p = 0.3, ε = 8``."""
+    return f"{setting['encoders']}, p = {setting['p']:g}, ε = {C.fmt_eps(float(setting['budget']))}"
+
+
+def contributions(runs: dict[str, dict[str, Any]], settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each setting's modality contributions over its seeds: on the test subjects (the server's evaluation) when
+    its runs have one (federated encoders), else on the clients' own held-out windows (local encoders)."""
+    source = {key: "final_server_evaluate" if all(runs[n].get("final_server_evaluate") for n in s["runs"]) else "final"
+              for key, s in settings.items()}
+    return K.by_setting(runs, {key: s["runs"] for key, s in settings.items()}, source)
+
+
+def contribution_tables(found: dict[str, dict[str, Any]], settings: dict[str, dict[str, Any]], args: argparse.Namespace,
+                        figure: str | None) -> str:
+    """Markdown: contributions per setting (accuracy, macro-F1), per class for the p = 0 federated settings, warnings."""
+    if not found:
+        return "## Modality contributions\n\nNo run has held-out figures by modality subset: nothing to attribute."
+    where = {"final_server_evaluate": "test subjects", "final": "clients' held-out windows"}
+    rows = [(f"{setting_label(settings[key])} ({where[agg['source']]})", agg) for key, agg in found.items()]
+    parts = ["## Modality contributions",
+             "Shapley value of each modality and the interaction of the pair, in points of the held-out score over "
+             f"chance (1/6 = {100 / 6:.1f}); the Shapley values add up to the score with both modalities minus chance. "
+             "Positive interaction: the pair is worth more together than apart. Mean ± std over seeds.",
+             "### Accuracy", K.overall_table(rows, "accuracy"), "### Macro-F1", K.overall_table(rows, "macro_f1")]
+    if figure:
+        parts.append(f"![modality contributions]({figure})")
+    for key in dict.fromkeys(["fed-p0-epsinf", f"fed-p0-eps{C.eps_tag(args.dropout_epsilon)}"]):
+        if key in found and found[key].get("per_class"):
+            parts += [f"### Per class: {setting_label(settings[key])} ({where[found[key]['source']]}), recall",
+                      K.class_table(found[key], "accuracy")]
+    parts += ["### Unimodal-collapse warnings", K.warnings_text(rows)]
+    return "\n\n".join(parts)
+
+
+def per_class_setting(found: dict[str, Any], args: argparse.Namespace) -> str | None:
+    """The setting whose per-class values the plot shows: the p = 0 federated run at the dropout budget, else any."""
+    key = f"fed-p0-eps{C.eps_tag(args.dropout_epsilon)}"
+    return key if key in found else next((k for k, v in found.items() if v.get("per_class")), None)
+
+
 def run(args: argparse.Namespace) -> int:
     def report(runs: dict[str, dict[str, Any]], todo: list[C.Cell], cache: Path, runs_dir: Path) -> tuple[str, dict[str, Any]]:
         summary = summarize(runs, todo, cache, runs_dir)
         body, verdicts = tables(summary, args)
-        return body, {"targets": verdicts, **summary}
+        found = contributions(runs, summary["settings"])
+        st = summary["settings"]
+        key = per_class_setting(found, args)
+        figure = K.plot([(setting_label(st[k]), v) for k, v in found.items()], runs_dir.parent / "hapt-contributions.png",
+                        per_class=(setting_label(st[key]), found[key]) if key else None, title="HAPT")
+        body += "\n\n" + contribution_tables(found, st, args, figure.name if figure else None)
+        return body, {"targets": verdicts, "contributions": found, **summary}
 
     return C.run_benchmark(args, name="hapt", label="HAPT", title="HAPT: federated multimodal activity recognition",
                            importer=imported, cells=lambda cache: cells(args, cache), report=report)

@@ -186,3 +186,16 @@ def test_a_site_trains_an_allowed_custom_encoder_and_refuses_a_batch_norm_one(tm
     ident = reply.content[M.CLIENT]
     assert ident[M.STATUS] == M.STATUS_POLICY_REFUSED and "use torch.nn.GroupNorm" in ident[M.REASON]
     assert reply.content[M.METRICS][M.NUM_EXAMPLES] == 0 and M.EPSILON not in reply.content[M.METRICS]
+
+
+def test_an_lstm_encoder_saves_each_parameter_once_and_loads_back(tmp_path):
+    from common.fileio import atomic_save_tensors, load_tensors
+
+    schema = DatasetSchema((SIGNAL,), ("a", "b"))
+    config = ModelConfig(encoders=(("acc", "lstm"),))
+    model, other = MultimodalModel(schema, config, seed=0), MultimodalModel(schema, config, seed=1)
+    state = model.state_dict()
+    assert len(state) == len(list(model.parameters()))  # nn.LSTM's names only, not also the cells' aliases
+    atomic_save_tensors(tmp_path / "model.safetensors", state)  # safetensors refuses tensors that share memory
+    other.load_state_dict(load_tensors(tmp_path / "model.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))

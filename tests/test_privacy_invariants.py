@@ -51,6 +51,7 @@ class Option:
     mu: float = 0.0  # FedProx
     init_seed: int = 1001  # local encoders: seeded per site (the handler's seed * 1000 + index + 1)
     x: str = "ordinary"  # the added record: "ordinary" or "huge" (its loss overflows)
+    encoders: tuple[tuple[str, str], ...] = ()  # model.encoder: built-in or custom encoders per modality
 
 
 BASE = Option()
@@ -64,6 +65,9 @@ OPTIONS = {
     "federated-encoders": replace(BASE, init_seed=0),  # one initialisation per modality (the handler's seed)
     "huge-record": replace(BASE, x="huge"),
     "huge-record-hooks": replace(BASE, x="huge", mode="hooks"),
+    "lstm-encoder-hooks": replace(BASE, mode="hooks", encoders=(("signal", "lstm"),)),
+    "custom-encoder-flat": replace(BASE, encoders=(("image", "encoder_factories:small_linear"),)),
+    "custom-groupnorm-encoder-hooks": replace(BASE, mode="hooks", encoders=(("signal", "encoder_factories:small_signal"),)),
 }
 
 
@@ -93,7 +97,7 @@ def clipped_sum(data: MultimodalData, option: Option, step: int, declared: int) 
     q, per_epoch = sampling_plan(declared, BATCH, 1)
     with torch.random.fork_rng(devices=[]):  # the head's initial weights too (the server sends them)
         torch.manual_seed(option.init_seed)
-        model = MultimodalModel(data.schema, ModelConfig(option.fusion, 16, 16), seed=option.init_seed)
+        model = MultimodalModel(data.schema, ModelConfig(option.fusion, 16, 16, option.encoders), seed=option.init_seed)
     before = flat_parameters(model)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the global values (FedProx)
     private = private_training(model, len(data), accountant="prv", noise_multiplier=0.0, max_grad_norm=C,

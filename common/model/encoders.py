@@ -108,11 +108,27 @@ class LSTMSignalEncoder(nn.Module):
         self.pool = nn.AdaptiveAvgPool1d(min(length, max_steps))
         self.lstm = DPLSTM(channels, hidden, batch_first=True)
         self.proj = nn.Linear(2 * hidden, embed_dim)
+        # DPLSTM's parameters have two names each (nn.LSTM's and its cells'); Opacus drops the cells' names from
+        # a state_dict only when the DPLSTM is the top module. Keep nn.LSTM's names alone here too, so that saved
+        # states, shared encoders and warm-start files hold each parameter once.
+        self._register_state_dict_hook(_drop_lstm_aliases)
+        self._register_load_state_dict_pre_hook(_add_lstm_aliases, with_module=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T)
         h, _ = self.lstm(self.pool(x).transpose(1, 2))  # (B, T', C) -> (B, T', H)
         return self.proj(torch.cat([h[:, -1], h.mean(dim=1)], dim=1))  # (B, 2H) -> (B, D)
+
+
+def _drop_lstm_aliases(module: LSTMSignalEncoder, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for old in module.lstm.old_to_new:
+        state_dict.pop(f"{prefix}lstm.{old}", None)
+
+
+def _add_lstm_aliases(module: LSTMSignalEncoder, state_dict: dict, prefix: str, *args) -> None:  # noqa: ANN002
+    for old, new in module.lstm.old_to_new.items():
+        if f"{prefix}lstm.{new}" in state_dict:
+            state_dict.setdefault(f"{prefix}lstm.{old}", state_dict[f"{prefix}lstm.{new}"])
 
 
 class _TransformerBlock(nn.Module):

@@ -54,9 +54,10 @@ def read_encoder_weights(path: str | Path, encoder: nn.Module, modality: str) ->
     hint = ("pretrain it for this modality's encoder (the same model.encoder choice, kind, shape and "
             "model.embed-dim)")
     if missing or unexpected:
+        differences = [f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"
+                       for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise EncoderError(f"{where}: its keys do not match the encoder of modality '{modality}' "
-                           f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                           f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); {hint}")
+                           f"({', '.join(differences)}); {hint}")
     for key, value in weights.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise EncoderError(f"{where}: '{key}' has shape {tuple(value.shape)}, the encoder of modality "

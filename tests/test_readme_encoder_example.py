@@ -72,8 +72,8 @@ def test_a_simulation_trains_with_the_example_encoder_end_to_end(tmp_path, impor
     importable(example_module(tmp_path / "ok"))
     out = tmp_path / "run"
     status = main(["simulate", "--quiet", "--out", str(out), "--set", f'model.encoder.image="{FACTORY}"',
-                   "--set", 'train.grad-sample-mode="hooks"', "--set", "num-server-rounds=2",
-                   "--set", "data.num-clients=2", "--set", "data.samples-per-client=200",
+                   "--set", 'train.grad-sample-mode="hooks"', "--set", "num-server-rounds=1",
+                   "--set", "data.num-clients=2", "--set", "data.samples-per-client=120",
                    "--set", 'data.groups="image+signal;image"'])
     results = json.loads((out / "results.json").read_text())
     assert status == 0 and results["status"] == "completed"

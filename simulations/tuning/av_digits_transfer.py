@@ -70,11 +70,13 @@ def main() -> None:
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", choices=("warm", "fresh"), help="run one of the two settings (e.g. both in parallel)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     for init in (args.init, None):
-        run(args.sites, init=init, rounds=args.rounds, epsilon=args.epsilon, seed=args.seed)
+        if args.only in (None, "warm" if init else "fresh"):
+            run(args.sites, init=init, rounds=args.rounds, epsilon=args.epsilon, seed=args.seed)
     print(f"{time.perf_counter() - start:.0f} s")
 
 

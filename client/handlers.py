@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,7 +18,9 @@ from common import messages as M
 from common.messages import update_digest
 from common.insight.attention import attention_metrics
 from common.config import RunConfig, parse_run_config
-from common.errors import BudgetExhaustedError, NonFiniteError
+from common.model.warm_start import warm_start
+from common.model.validation import check_model_encoders, site_refusal
+from common.errors import BudgetExhaustedError, EncoderError, NonFiniteError
 from common.model.evaluation import evaluate
 from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
 from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel, check_global_parameters
@@ -39,15 +42,36 @@ DISCARDED_REASON = ("the round's noised update was not finite (try a lower train
 
 
 def _model(site: SiteContext, config: RunConfig, state: ClientState) -> MultimodalModel:
-    """The client's model, restored from its state folder (fresh, seeded weights on first use)."""
+    """The client's model, restored from its state folder (fresh, seeded weights on first use, warm-started
+    from ``model.init.<modality>`` files). The run's encoders are checked first, on synthetic inputs
+    (EncoderError says why one is refused)."""
+    check_model_encoders(site.train.schema.modalities, config.model.encoders, config.model.embed_dim,
+                         config.train.grad_sample_mode)
     # Federated encoders must start from one initialisation per modality; local ones may differ per site.
     seed = config.server.seed if config.server.encoders == "federated" else config.server.seed * 1000 + site.index + 1
-    model = MultimodalModel(site.train.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim, config.model.transforms),
-                            seed=seed)
+    model = MultimodalModel(site.train.schema, ModelConfig.from_section(config.model), seed=seed)
     stored = state.load_model()
     if stored is not None:
         model.load_state_dict(stored)
+    else:
+        warm_start(model.encoders, config.model.inits)  # public weights: no privacy cost
     return model
+
+
+def _encoder_refusal(message: Message, context: Context, config: RunConfig) -> Message | None:
+    """A deployed site's refusal of encoder factories its node config does not allow: decided from the run and
+    node configs alone, before the site's data is loaded or any of the factory's code is imported."""
+    if "partition-id" in context.node_config:  # simulation: the researcher's own sites
+        return None
+    reason = site_refusal(config.model.encoders, context.node_config)
+    if reason is None:
+        return None
+    node = context.node_config
+    client_id = str(node.get("client-id") or Path(str(node.get("data-dir", ""))).name)
+    log.warning("%s: %s", client_id, reason)
+    record = {M.CLIENT_ID: client_id, M.MODALITIES: [], M.STATUS: M.STATUS_POLICY_REFUSED, M.REASON: reason}
+    content = RecordDict({M.METRICS: MetricRecord({M.NUM_EXAMPLES: 0}), M.CLIENT: ConfigRecord(record)})
+    return Message(content, reply_to=message)
 
 
 def _shared_keys(model: MultimodalModel, config: RunConfig) -> list[str]:
@@ -167,6 +191,9 @@ def _settle(state: ClientState, record: ClientRecord, client_id: str) -> None:
 def handle_train(message: Message, context: Context, *, admit: Callable[[SiteContext], None] | None = None) -> Message:
     """Merge the global head, train encoders + head with DP-SGD, reply with the shared blocks only."""
     config = parse_run_config(context.run_config)
+    refused = _encoder_refusal(message, context, config)
+    if refused is not None:
+        return refused
     site = resolve_site(context.node_config, config, context.run_id)
     if admit is not None:  # a caller's own limits (secure aggregation): raising refuses the round before training
         admit(site)
@@ -197,7 +224,11 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                                   M.CLIENT: _identity(site, M.STATUS_OK, ledger=Ledger(state.folder / LEDGER_FILE))})
             return Message(content, reply_to=message)
 
-        model = _model(site, config, state)
+        try:
+            model = _model(site, config, state)
+        except EncoderError as exc:  # refused on synthetic inputs, before any data is touched: nothing is charged
+            return _status_reply(message, site, M.STATUS_POLICY_REFUSED, str(exc), {M.NUM_EXAMPLES: 0},
+                                 Ledger(state.folder / LEDGER_FILE))
         shared = _shared_keys(model, config)
         reference = _merge_global(model, message, shared)
         spent_before = len(record.history.entries)
@@ -271,12 +302,18 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
 def handle_evaluate(message: Message, context: Context) -> Message:
     """Evaluate the client's encoders + the global head on its held-out split, per modality subset."""
     config = parse_run_config(context.run_config)
+    refused = _encoder_refusal(message, context, config)
+    if refused is not None:
+        return refused
     site = resolve_site(context.node_config, config, context.run_id)
     _, _, refusal = _budgets(site, config)
     if refusal:  # a site that refuses the run answers none of its messages with anything computed from its data
         return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0})
     state = ClientState(site.state_dir)
-    model = _model(site, config, state)
+    try:
+        model = _model(site, config, state)
+    except EncoderError as exc:
+        return _status_reply(message, site, M.STATUS_POLICY_REFUSED, str(exc), {M.NUM_EXAMPLES: 0})
     _merge_global(model, message, _shared_keys(model, config))
     metrics: dict = {M.NUM_EXAMPLES: 0}
     if site.test is not None and config.release.eval_metrics:

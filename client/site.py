@@ -25,7 +25,7 @@ from common.data.samples import MultimodalData
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
-NODE_KEYS = ("data-dir", "state-dir", "client-id", "max-epsilon", "max-delta", "num-train-examples")
+NODE_KEYS = ("data-dir", "state-dir", "client-id", "max-epsilon", "max-delta", "num-train-examples", "allowed-encoders")
 # The declared training-set size may differ from the records' count by at most this factor either way: the
 # mechanism (q = batch / declared, steps) stays private whatever the count, but its expected batch drifts.
 DECLARED_SIZE_FACTOR = 2.0

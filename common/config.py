@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -96,12 +97,42 @@ class ServerConfig:
         return min(total, math.ceil(PARTICIPATION_SLACK * total * self.fraction_train))
 
 
+# Keys with a value per modality. Flower's run config accepts only the keys pyproject.toml declares, so each is
+# ONE string of "modality=value" pairs (model.encoder = "acc=lstm, img=mypkg.encoders:small_cnn"); fedfuse's own
+# scenarios and --set also take one key per modality (model.encoder.acc = "lstm"), merged into that string.
+PER_MODALITY = ("model.encoder", "model.init")
+_MODALITY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # as in common/data/schema.py
+
+
+def _per_modality(key: str, value: str) -> dict[str, str]:
+    """``"a=x, b=y"`` as ``{"a": "x", "b": "y"}``; ConfigError naming ``key`` when malformed."""
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in value.split(",")):
+        if not item:
+            continue
+        name, sep, choice = (part.strip() for part in item.partition("="))
+        if not sep or not _MODALITY.match(name) or not choice:
+            _fail(key, f"expected \"modality=value\" pairs separated by commas, got {item!r}")
+        if name in out:
+            _fail(key, f"modality '{name}' is named twice")
+        out[name] = choice
+    return out
+
+
+def _join(pairs: Mapping[str, str]) -> str:
+    return ",".join(f"{name}={choice}" for name, choice in sorted(pairs.items()))
+
+
 @dataclass(frozen=True)
 class ModelSection:
     fusion: str = "attention"  # attention | concat | late
     embed_dim: int = 32  # shared embedding size
     hidden_dim: int = 32  # head width
     transforms: str = ""  # per-record input transforms per modality, e.g. "acc=gravity+magnitude;gyro=magnitude"
+    # per modality "acc=lstm, img=pkg.module:factory": a built-in encoder or an encoder factory (common/model/encoders.py)
+    encoder: str = ""
+    # per modality "img=FILE": a safetensors file of encoder weights that fresh encoders start from (fedfuse pretrain)
+    init: str = ""
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -109,6 +140,22 @@ class ModelSection:
         parse_transforms(self.transforms)  # ConfigError naming the transform or the malformed chain
         if self.embed_dim < 1 or self.hidden_dim < 1:
             _fail("model.embed-dim" if self.embed_dim < 1 else "model.hidden-dim", "must be >= 1")
+        from common.model.encoders import check_choice
+
+        for modality, choice in self.encoders.items():
+            check_choice(modality, choice)
+        object.__setattr__(self, "encoder", _join(self.encoders))  # one canonical spelling
+        object.__setattr__(self, "init", _join(self.inits))
+
+    @property
+    def encoders(self) -> dict[str, str]:
+        """Modality -> the encoder the run config names (modalities not named get their kind's default)."""
+        return _per_modality("model.encoder", self.encoder)
+
+    @property
+    def inits(self) -> dict[str, str]:
+        """Modality -> the safetensors file its fresh encoder starts from."""
+        return _per_modality("model.init", self.init)
 
 
 @dataclass(frozen=True)
@@ -338,6 +385,7 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
     sections = _sections()
     values: dict[str, dict[str, Any]] = {name: {} for name in sections}
     known = known_keys()
+    flat = _merge_per_modality(flat)
     for key, value in flat.items():
         section, _, name = key.rpartition(".")
         cls = sections.get(section)
@@ -362,6 +410,26 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
         values[section][attr] = _coerce(key, value, kind)
     built = {("server" if s == "" else s): cls(**values[s]) for s, cls in sections.items()}
     return RunConfig(**built)
+
+
+def _merge_per_modality(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.encoder.<modality> = "x"`` keys (a TOML table) merged into the ``model.encoder`` string."""
+    out = dict(flat)
+    for key in PER_MODALITY:
+        single = {k: v for k, v in flat.items() if k.startswith(key + ".")}
+        if not single:
+            continue
+        merged = _per_modality(key, _coerce(key, out.get(key, ""), str))
+        for k, value in single.items():
+            del out[k]
+            name = k[len(key) + 1:]
+            if not _MODALITY.match(name):
+                _fail(k, f"'{name}' is not a modality name (lower-case letters, digits, '_')")
+            if name in merged:
+                _fail(k, f"modality '{name}' is also named in '{key}'")
+            merged[name] = _coerce(k, value, str).strip()
+        out[key] = _join(merged)
+    return out
 
 
 def run_out_dir(config: RunConfig, flower_run_id: int) -> Path:

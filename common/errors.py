@@ -11,6 +11,11 @@ class ConfigError(FedfuseError, ValueError):
     """A configuration key is unknown, missing or has a bad value."""
 
 
+class EncoderError(ConfigError):
+    """An encoder named in the run config cannot be used: unknown, not allowed at this site, or refused by
+    its checks (common/model/validation.py). The text depends on the encoder and the schema only."""
+
+
 class SchemaError(FedfuseError, ValueError):
     """A dataset schema is malformed or disagrees with the data."""
 

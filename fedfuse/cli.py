@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "site": ("site", "run a deployment site's SuperNode with the warm executor (fast rounds)"),
     "sites": ("sites", "the SuperNodes registered at a SuperLink, by site name, and whether they are online"),
     "bench": ("bench", "benchmarks: dp-overhead, round-overhead, deploy-round, hapt, av-digits"),
+    "pretrain": ("pretrain", "train one modality's encoder on PUBLIC data (no DP) to warm-start runs (model.init)"),
     "report": ("report", "write a run's self-contained HTML report (scores, modality contributions, privacy)"),
 }
 

@@ -72,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.server.seed)
-            head = global_head_template(modalities, len(labels), ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim, config.model.transforms))
+            head = global_head_template(modalities, len(labels), ModelConfig.from_section(config.model))
         state = RunState(run_id, total, 0, head)
     else:
         rec = checkpoint.record

@@ -326,3 +326,25 @@ def test_av_digits_real_data(tmp_path: Path) -> None:
     assert all(s.data.labels.bincount().tolist() == [50] * 10 for s in sites)
     images = torch.cat([s.data.inputs["image"].flatten(1) for s in sites])
     assert len(torch.unique(images, dim=0)) == 3000  # no image used twice
+
+
+def test_mnist_unpaired_holds_exactly_the_images_av_digits_does_not_use(tmp_path: Path) -> None:
+    # Prepare: the AV-Digits sites of pairing seed 3 (image i is filled with i)
+    from common.data.importers.av_digits import import_unpaired_mnist
+
+    fsdd, mnist = fake_av(tmp_path)
+    paired = [load_site(p) for p in import_av_digits(fsdd, mnist, tmp_path / "av", seed=3)]
+    # Execute
+    path = import_unpaired_mnist(fsdd, mnist, tmp_path / "public", seed=3, test_every=4)
+    # Assert: one valid image-only site; its images and AV-Digits' are disjoint and together all of MNIST
+    site = load_site(path)
+    assert validate_site(path) == [] and site.schema.names == ("image",) and site.schema.labels == tuple("0123456789")
+
+    def indices(s):
+        return set((s.data.inputs["image"][:, 0, 0, 0] * 255).round().to(torch.int64).tolist())
+
+    used, rest = set().union(*(indices(s) for s in paired)), indices(site)
+    total = len(av_digits.read_mnist(mnist)[1])
+    assert not used & rest and used | rest == set(range(total))
+    assert torch.equal((site.data.inputs["image"][:, 0, 0, 0] * 255).round().to(torch.int64) % 10, site.data.labels)
+    assert Counter(site.split)["test"] == (len(rest) + 3) // 4

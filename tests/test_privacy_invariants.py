@@ -55,6 +55,7 @@ class Option:
     init_seed: int = 1001  # local encoders: seeded per site (the handler's seed * 1000 + index + 1)
     x: str = "ordinary"  # the added record: "ordinary" or "huge" (its loss overflows)
     multiplicity: int = 1  # > 1: K rotated copies of each record (a 3-axis signal), averaged before clipping
+    encoders: tuple[tuple[str, str], ...] = ()  # model.encoder: built-in or custom encoders per modality
 
 
 BASE = Option()
@@ -70,6 +71,9 @@ OPTIONS = {
     "huge-record-hooks": replace(BASE, x="huge", mode="hooks"),
     **{f"augmentation-multiplicity-{m}": replace(BASE, mode=m, multiplicity=4) for m in GRAD_SAMPLE_MODES},
     "augmentation-multiplicity-huge-record": replace(BASE, x="huge", multiplicity=4),
+    "lstm-encoder-hooks": replace(BASE, mode="hooks", encoders=(("signal", "lstm"),)),
+    "custom-encoder-flat": replace(BASE, encoders=(("image", "encoder_factories:small_linear"),)),
+    "custom-groupnorm-encoder-hooks": replace(BASE, mode="hooks", encoders=(("signal", "encoder_factories:small_signal"),)),
 }
 
 
@@ -110,7 +114,7 @@ def clipped_sum(data: MultimodalData, option: Option, step: int, declared: int) 
     q, per_epoch = sampling_plan(declared, BATCH, 1)
     with torch.random.fork_rng(devices=[]):  # the head's initial weights too (the server sends them)
         torch.manual_seed(option.init_seed)
-        model = MultimodalModel(data.schema, ModelConfig(option.fusion, 16, 16), seed=option.init_seed)
+        model = MultimodalModel(data.schema, ModelConfig(option.fusion, 16, 16, option.encoders), seed=option.init_seed)
     before = flat_parameters(model)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the global values (FedProx)
     private = private_training(model, len(data), accountant="prv", noise_multiplier=0.0, max_grad_norm=C,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.model.encoders import build_encoder
+from common.model.encoders import DEFAULT, build_encoder
 from common.errors import GlobalParametersError
 from common.model.fusion import FUSIONS, build_head
 from common.data.schema import DatasetSchema
@@ -26,6 +26,7 @@ class ModelConfig:
     embed_dim: int = 32  # shared embedding size every encoder maps to
     hidden_dim: int = 32  # width of the head's hidden layers
     transforms: str = ""  # per-record input transforms per modality, e.g. "acc=gravity+magnitude" (common/model/transforms.py)
+    encoders: tuple[tuple[str, str], ...] = ()  # (modality, encoder choice): model.encoder.<modality>; others: the default
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -33,6 +34,15 @@ class ModelConfig:
         if self.embed_dim < 1 or self.hidden_dim < 1:
             raise ValueError("embed_dim and hidden_dim must be positive")
         parse_transforms(self.transforms)  # a clear error now for an unknown name or a malformed chain
+
+    @classmethod
+    def from_section(cls, section) -> "ModelConfig":  # noqa: ANN001  (common.config.ModelSection)
+        """The architecture a run config's ``model`` section describes."""
+        return cls(section.fusion, section.embed_dim, section.hidden_dim, section.transforms, tuple(sorted(section.encoders.items())))
+
+    def encoder_for(self, modality: str) -> str:
+        """The encoder choice for ``modality`` (``"default"``: its kind's)."""
+        return dict(self.encoders).get(modality, DEFAULT)
 
 
 class MultimodalModel(nn.Module):
@@ -53,7 +63,8 @@ class MultimodalModel(nn.Module):
         encoder_specs = [self.transforms[m.name].output if m.name in self.transforms else m for m in schema.modalities]
         # With a seed, each encoder's initial weights depend only on (seed, modality), so clients holding
         # different subsets still start a modality's encoder identically (needed to average encoders).
-        self.encoders = nn.ModuleDict({m.name: _seeded(build_encoder, seed, m.name, m, config.embed_dim) for m in encoder_specs})
+        self.encoders = nn.ModuleDict({m.name: _seeded(build_encoder, seed, m.name, m, config.embed_dim, config.encoder_for(m.name))
+                                       for m in encoder_specs})
         self.head = build_head(
             config.fusion,
             schema.names,

@@ -150,7 +150,7 @@ def federation_sizes(config: RunConfig) -> tuple[dict[str, tuple[int, int]], dic
     from common.model.multimodal import ModelConfig, MultimodalModel, global_head_template
     from common.data.partition import client_partition, federation_space, num_clients
 
-    model_config = ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim, config.model.transforms)
+    model_config = ModelConfig.from_section(config.model)
     sites, budgets = {}, {}
     for index in range(num_clients(config)):
         part = client_partition(config, index)

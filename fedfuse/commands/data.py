@@ -49,6 +49,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--out", type=Path, required=True, help="folder to write the site folders into")
     a.add_argument("--seed", type=int, default=0, help="seed of the clip-to-image pairing (default 0)")
     a.add_argument("--overwrite", action="store_true", help="replace existing site folders")
+    u = which.add_parser("mnist-unpaired", help="the MNIST images AV-Digits does not use, as one public site folder "
+                         "(to pretrain an image encoder: fedfuse pretrain)")
+    u.add_argument("--fsdd", type=Path, required=True, help="the FSDD folder (with recordings/)")
+    u.add_argument("--mnist", type=Path, required=True, help="folder with the MNIST t10k IDX .gz files")
+    u.add_argument("--out", type=Path, required=True, help="folder to write the site folder 'mnist-unpaired' into")
+    u.add_argument("--seed", type=int, default=0, help="the AV-Digits pairing seed whose images to leave out (default 0)")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing site folder")
 
     from common.data.synthetic_sites import SPEC_HELP
 
@@ -73,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         from common.data.importers.hapt import import_hapt
 
         paths = import_hapt(args.source, args.out, classes=args.classes, holdout=args.holdout, overwrite=args.overwrite)
+    elif args.dataset == "mnist-unpaired":
+        from common.data.importers.av_digits import import_unpaired_mnist
+
+        paths = [import_unpaired_mnist(args.fsdd, args.mnist, args.out, seed=args.seed, overwrite=args.overwrite)]
     else:
         from common.data.importers.av_digits import import_av_digits
 

@@ -53,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
     # Pre-flight: build every client's partition here, so that bad data or a bad scenario is reported
     # once, clearly, before Ray starts (inside a ClientApp it would only fail round after round).
     federation_space(config)
+    specs = {}
     for index in range(clients):
-        client_partition(config, index)
+        specs.update({m.name: m for m in client_partition(config, index).train.schema.modalities})
+    # The run's encoders and warm-start files, checked once on synthetic inputs before any client starts.
+    from common.model.validation import check_run_encoders
+
+    check_run_encoders(tuple(specs.values()), config.model.encoders, config.model.inits, config.model.embed_dim,
+                       config.train.grad_sample_mode)
     setup_logging(args.quiet)
     log.info("simulating %d clients for %d rounds; output in %s", clients, config.server.num_server_rounds, out)
     try:

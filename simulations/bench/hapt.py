@@ -87,6 +87,7 @@ def pooled_test_f1(run_dir: Path, cache: Path, config: dict[str, Any]) -> float:
     from common.model.evaluation import macro_f1, predict
     from common.model.multimodal import ENCODER_PREFIX, ModelConfig, MultimodalModel
     from common.data.partition import heldout_sites
+    from common.config import parse_run_config
     from common.data.site_folders import federation_schema, load_site
     from server.run_folder import RunFolder
 
@@ -94,9 +95,7 @@ def pooled_test_f1(run_dir: Path, cache: Path, config: dict[str, Any]) -> float:
     sites = [load_site(p) for p in heldout_sites(cache)]
     schema = federation_schema(sites)
     trained = [m for m in schema.names if any(k.startswith(f"{ENCODER_PREFIX}{m}.") for k in state)]
-    model = MultimodalModel(schema.restrict(trained),
-                            ModelConfig(config["model.fusion"], config["model.embed-dim"], config["model.hidden-dim"],
-                                        config.get("model.transforms", "")))
+    model = MultimodalModel(schema.restrict(trained), ModelConfig.from_section(parse_run_config(config).model))
     model.load_partial({k: v for k, v in state.items() if k in model.state_dict()})
     truth, pred = [], []
     for site in sites:

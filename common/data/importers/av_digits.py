@@ -210,3 +210,39 @@ def import_av_digits(
         written.append(write_site(out / name, data, split, name=name, overwrite=overwrite, sample_ids=ids))
     log.info("AV-Digits: wrote %d site(s) under %s", len(written), out)
     return written
+
+
+PUBLIC_SITE = "mnist-unpaired"
+
+
+def import_unpaired_mnist(
+    fsdd: str | os.PathLike,
+    mnist: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    test_every: int = 10,
+    overwrite: bool = False,
+) -> Path:
+    """Write the MNIST images that AV-Digits (pairing ``seed``) does NOT use as one public site folder
+    ``<out>/mnist-unpaired`` (modality ``image`` as in AV-Digits, labels "0".."9"; every ``test_every``-th
+    image "test", the rest "train"): data to pretrain an image encoder on (``fedfuse pretrain``) without
+    touching any image the AV-Digits sites hold."""
+    fsdd, mnist, out = Path(fsdd), Path(mnist), Path(out)
+    clips = find_clips(fsdd)
+    images, mnist_labels = read_mnist(mnist)
+    used = set(pair_images([c[0] for c in clips], mnist_labels, seed=seed).tolist())
+    rest = np.array([i for i in range(len(mnist_labels)) if i not in used], dtype=np.int64)
+    image_spec = next(m for m in schema().modalities if m.name == "image")
+    site_schema = DatasetSchema((image_spec,), LABELS)
+    data = MultimodalData(
+        site_schema,
+        {"image": torch.from_numpy(images[rest].astype(np.float32) / 255.0)[:, None]},  # (N, 1, 28, 28)
+        torch.ones((len(rest), 1), dtype=torch.bool),
+        torch.from_numpy(mnist_labels[rest].astype(np.int64)),
+    )
+    split = ["test" if k % test_every == 0 else "train" for k in range(len(rest))]
+    path = write_site(out / PUBLIC_SITE, data, split, name=PUBLIC_SITE, overwrite=overwrite,
+                      sample_ids=[f"t10k-{i}" for i in rest.tolist()])
+    log.info("MNIST images unused by AV-Digits: %d written to %s", len(rest), path)
+    return path

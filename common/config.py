@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.errors import ConfigError
-from common.model.fusion import FUSIONS
 
 # Per-sample gradient engines. flat: exact per-sample gradients of all parameters in one buffer
 # (common/privacy/grad_samplers.py), clipped and noised by Opacus's own DPOptimizer, fastest here (`fedfuse bench
@@ -80,6 +79,8 @@ class ModelSection:
     hidden_dim: int = 32  # head width
 
     def __post_init__(self) -> None:
+        from common.model.fusion import FUSIONS  # here, not at import: it imports torch (`fedfuse --help` stays fast)
+
         if self.fusion not in FUSIONS:
             _fail("model.fusion", f"must be one of {list(FUSIONS)}, got '{self.fusion}'")
         if self.embed_dim < 1 or self.hidden_dim < 1:
@@ -346,6 +347,18 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Nest Flower's ``a.b`` keys into TOML tables (the inverse of :func:`flatten`)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *tables, name = key.split(".")
+        node = out
+        for table in tables:
+            node = node.setdefault(table, {})
+        node[name] = value
     return out
 
 

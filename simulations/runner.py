@@ -4,6 +4,9 @@ This does what Flower's own ``flwr-simulation`` process does once a run is submi
 ServerApp and ClientApp by name from the app folder, fuse the run config with pyproject.toml's
 defaults, run the Ray-backed simulation runtime), without a detached SuperLink that outlives the
 run. ``flwr run .`` runs the very same apps through a SuperLink.
+
+The app folder is written for each run from :mod:`common.config`'s defaults (:func:`write_app_dir`),
+so an installed wheel simulates without a source checkout.
 """
 
 from __future__ import annotations
@@ -21,9 +24,27 @@ from typing import Any, Iterator
 
 log = logging.getLogger("fedfuse.simulate")
 
-APP_DIR = Path(__file__).resolve().parents[1]  # holds pyproject.toml with [tool.flwr.app]
 SERVER_APP = "server.server_app:app"
 CLIENT_APP = "client.client_app:app"
+APP_PUBLISHER = "fedfuse"
+
+
+def write_app_dir(folder: Path) -> Path:
+    """Write a Flower app folder into ``folder``: a pyproject.toml naming the apps, with the run config's defaults.
+
+    It is what ``[tool.flwr.app]`` in the checkout's pyproject.toml says, built from :class:`common.config.RunConfig`
+    (a test keeps the two equal); the apps themselves are imported from the installed packages.
+    """
+    import tomli_w
+
+    from common.config import RunConfig, unflatten
+
+    app = {"publisher": APP_PUBLISHER, "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+           "config": unflatten(RunConfig().to_flat())}
+    doc = {"project": {"name": "fedfuse", "version": "0.0.0"}, "tool": {"flwr": {"app": app}}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    return folder
 
 
 def offline_environment(out_dir: Path) -> dict[str, str]:
@@ -95,7 +116,8 @@ def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_pe
     run_ = replace(Run.create_empty(flwr_run_id), override_config=dict(flat_config),
                    primary_task_id=generate_rand_int_from_bytes(TASK_ID_NUM_BYTES), federation_id=NOOP_FEDERATION_ID)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, flwr_run_id, SUPERLINK_NODE_ID
-    fused = get_fused_config_from_dir(APP_DIR, run_.override_config)
+    app_dir = write_app_dir(Path(tempfile.mkdtemp(prefix="fedfuse-app-")))
+    fused = get_fused_config_from_dir(app_dir, run_.override_config)
     context = Context(run_id=flwr_run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
     backend = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
@@ -108,10 +130,11 @@ def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_pe
             _run_simulation(
                 num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP, backend_name="ray",
-                backend_config=backend, app_dir=str(APP_DIR), run=run_, server_app_context=context,
+                backend_config=backend, app_dir=str(app_dir), run=run_, server_app_context=context,
                 verbose_logging=verbose, is_app=True,
             )
         finally:
             if ray.is_initialized():
                 ray.shutdown()
+            shutil.rmtree(app_dir, ignore_errors=True)
     return time.perf_counter() - start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import sys
 
@@ -35,7 +36,10 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, ob
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             module = importlib.import_module(f"fedfuse.commands.{module_name}")
-            module.configure(command)
+            if "argv" in inspect.signature(module.configure).parameters:  # a command with sub-commands of its own
+                module.configure(command, argv=argv[argv.index(name) + 1:])
+            else:
+                module.configure(command)
             modules[name] = module
     return parser, modules
 

@@ -27,10 +27,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
-
 from common.privacy.ledger import (
     ACCOUNTING,
     CORRUPT,
@@ -76,6 +72,11 @@ def allowance(recomputed: float, tolerance: float) -> float:
 @lru_cache(maxsize=4096)
 def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str, fine: bool = False,
              legacy: bool = False) -> float:
+    # Imported here, not at module level: dp_accounting takes seconds to import (`fedfuse audit --help` stays fast).
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     events = []
     for sigma, q, steps in history:
         step = dp_accounting.GaussianDpEvent(sigma)
@@ -591,13 +592,11 @@ def report_json(report: AuditReport) -> str:
 
 def plot_report(report: AuditReport, path: str | Path) -> None:
     """PNG of recorded (solid) and recomputed (dashed) epsilon per ledger entry, budget dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     for n, (cid, c) in enumerate(report.clients.items()):
         color = f"C{n % 10}"
         xs = [i + 1 for i, e in enumerate(c.entries) if e.get("private") is True]
@@ -618,4 +617,3 @@ def plot_report(report: AuditReport, path: str | Path) -> None:
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)

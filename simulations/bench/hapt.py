@@ -121,7 +121,7 @@ def summarize(runs: dict[str, dict[str, Any]], cells_: list[C.Cell], cache: Path
         key = name.rsplit("-s", 1)[0]
         s = settings.setdefault(key, {"encoders": row["encoders"], "p": row["p"], "budget": row["budget"], "runs": []})
         s["runs"].append(name)
-    for key, s in settings.items():
+    for s in settings.values():
         rows = [per_run[n] for n in s["runs"]]
         for metric in ("test_macro_f1", "test_macro_f1_per_subject", "test_accuracy", "client_macro_f1", "max_epsilon"):
             vals = [r[metric] for r in rows if r.get(metric) is not None]

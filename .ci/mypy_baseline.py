@@ -47,8 +47,9 @@ def main() -> int:
     counts = Counter(ERROR.match(line)["file"] for line in errors)  # type: ignore[index]
     if args.update:
         lines = [f"{n} {file}" for file, n in sorted(counts.items())]
-        BASELINE.write_text("# mypy errors per file; may only shrink (python .ci/mypy_baseline.py --update)\n"
-                            + "\n".join(lines) + "\n")
+        BASELINE.write_text(
+            "# mypy errors per file; may only shrink (python .ci/mypy_baseline.py --update)\n" + "\n".join(lines) + "\n"
+        )
         print(f"baseline: {sum(counts.values())} errors in {len(counts)} files")
         return 0
     baseline = read_baseline()

@@ -7,6 +7,7 @@ import importlib
 import inspect
 import logging
 import sys
+from typing import Any
 
 from common.errors import FedfuseError
 
@@ -25,13 +26,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, object]]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     """The parser; only the command named in ``argv`` is imported and configured (commands pull in torch)."""
     parser = argparse.ArgumentParser(prog="fedfuse", description="fedfuse: federated, privacy-preserving multi-modal training")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    modules: dict[str, object] = {}
+    modules: dict[str, Any] = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:

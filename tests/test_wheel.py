@@ -21,8 +21,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                              ".hypothesis", "tests")
+SKIP = shutil.ignore_patterns(
+    ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "tests"
+)
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -37,8 +38,21 @@ def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=SKIP)
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w",
-                 str(tmp / "dist"), str(src)], timeout=300)
+    built = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        timeout=300,
+    )
     assert "Warning" not in built.stderr, built.stderr  # setuptools' licence deprecations and the like
     (path,) = (tmp / "dist").glob("fedfuse-*.whl")
     return path
@@ -66,17 +80,33 @@ def test_the_installed_wheel_simulates_outside_the_checkout(wheel, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env |= {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    where = run([str(python), "-c", "import common, simulations; print(common.__file__, simulations.__file__)"],
-                cwd=elsewhere, env=env).stdout.split()
+    env |= {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    where = run(
+        [str(python), "-c", "import common, simulations; print(common.__file__, simulations.__file__)"], cwd=elsewhere, env=env
+    ).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where), where
     out = elsewhere / "run"
     # Execute: a tiny simulation through the installed console script
     done = subprocess.run(
-        [str(venv / "bin" / "fedfuse"), "simulate", "--out", str(out), "--set", "num-server-rounds=1",
-         "--set", "data.num-clients=2", "--set", "data.samples-per-client=200", "--set", 'data.groups="image+signal;tabular"'],
-        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(venv / "bin" / "fedfuse"),
+            "simulate",
+            "--out",
+            str(out),
+            "--set",
+            "num-server-rounds=1",
+            "--set",
+            "data.num-clients=2",
+            "--set",
+            "data.samples-per-client=200",
+            "--set",
+            'data.groups="image+signal;tabular"',
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     # Assert: it completed and wrote its results, plots and report
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -225,7 +225,7 @@ def run_empirical_audit(config: EmpiricalAuditConfig = EmpiricalAuditConfig()) -
     batch_size = len(data) // config.steps_per_epoch
     history = PrivacyHistory(accountant=config.accountant)
     result = train_round(
-        model, data, history,  # type: ignore[arg-type]  (a MultimodalModel plus the canary block)
+        model, data, history,  # type: ignore[arg-type]  # a MultimodalModel plus the canary block
         target_epsilon=config.epsilon, delta=config.delta, max_grad_norm=config.max_grad_norm, planned_rounds=1,
         local_epochs=config.steps // config.steps_per_epoch, batch_size=batch_size, run_id="empirical-audit",
         lr=train.lr, momentum=train.momentum, modality_dropout=train.modality_dropout,

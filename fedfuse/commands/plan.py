@@ -26,7 +26,7 @@ def make_plans(config: RunConfig) -> dict[str, Any]:
 
     sites, budgets, head = federation_sizes(config)
     base = Setting(config.train.batch_size, config.server.num_server_rounds, config.train.local_epochs)
-    kwargs = dict(epsilon=budgets, delta=config.dp.delta)
+    kwargs: dict[str, Any] = dict(epsilon=budgets, delta=config.dp.delta)
     ranked = [plan(sites, head, s, accountant=RANKING_ACCOUNTANT, **kwargs) for s in candidates(base, max(n for n, _ in sites.values()))]
     suggested = suggest(ranked, base).setting
     chosen = {base: plan(sites, head, base, accountant=config.dp.accountant, **kwargs)}

@@ -20,7 +20,7 @@ from common.config import RunConfig, parse_run_config
 from common.errors import BudgetExhaustedError, NonFiniteError
 from common.model.evaluation import evaluate
 from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
-from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel, check_global_parameters
+from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, MultimodalModel, check_global_parameters
 from client.state import ClientRecord, ClientState
 from common.privacy.training import RoundResult, sampling_plan, train_round
 
@@ -42,8 +42,7 @@ def _model(site: SiteContext, config: RunConfig, state: ClientState) -> Multimod
     """The client's model, restored from its state folder (fresh, seeded weights on first use)."""
     # Federated encoders must start from one initialisation per modality; local ones may differ per site.
     seed = config.server.seed if config.server.encoders == "federated" else config.server.seed * 1000 + site.index + 1
-    model = MultimodalModel(site.train.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim),
-                            seed=seed)
+    model = MultimodalModel(site.train.schema, config.model, seed=seed)
     stored = state.load_model()
     if stored is not None:
         model.load_state_dict(stored)

@@ -73,7 +73,9 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class ModelSection:
+class ModelConfig:
+    """The architecture shared by the whole federation (the head must match on every client)."""
+
     fusion: str = "attention"  # attention | concat | late
     embed_dim: int = 32  # shared embedding size
     hidden_dim: int = 32  # head width
@@ -240,7 +242,7 @@ class SecAggSection:
 @dataclass(frozen=True)
 class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSection = field(default_factory=TrainSection)
     dp: DPSection = field(default_factory=DPSection)
     data: DataSection = field(default_factory=DataSection)

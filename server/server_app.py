@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config, run_out_dir
-from common.model.multimodal import ModelConfig, global_head_template
+from common.model.multimodal import global_head_template
 from common.data.partition import federation_space, idle_sites, real_data_changes
 from common.privacy.plan import drowning_warning
 from server.grid import NodesUnavailableError, PollingGrid
@@ -70,7 +70,7 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.server.seed)
-            head = global_head_template(modalities, len(labels), ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim))
+            head = global_head_template(modalities, len(labels), config.model)
         state = RunState(run_id, total, 0, head)
     else:
         rec = checkpoint.record

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from common.model.encoders import build_encoder
+from common.config import ModelConfig  # the run config's model section is the architecture: one definition
 from common.errors import GlobalParametersError
-from common.model.fusion import FUSIONS, build_head
+from common.model.fusion import build_head
 from common.data.schema import DatasetSchema
 
 HEAD_PREFIX = "head."
 ENCODER_PREFIX = "encoders."
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture shared by the whole federation (the head must match on every client)."""
-
-    fusion: str = "attention"  # attention | concat | late
-    embed_dim: int = 32  # shared embedding size every encoder maps to
-    hidden_dim: int = 32  # width of the head's hidden layers
-
-    def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got '{self.fusion}'")
-        if self.embed_dim < 1 or self.hidden_dim < 1:
-            raise ValueError("embed_dim and hidden_dim must be positive")
 
 
 class MultimodalModel(nn.Module):

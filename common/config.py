@@ -24,6 +24,7 @@ from common.errors import ConfigError
 # dp-overhead`); hooks, functorch: Opacus's engines (its expanded-weights mode cannot take this model's dict of inputs).
 GRAD_SAMPLE_MODES = ("flat", "hooks", "functorch")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+ACCOUNTANTS = ("prv", "rdp")  # Opacus's PRV (the default) and RDP over integer orders: common/privacy/accounting.py
 ENCODER_MODES = ("local", "federated")
 ASSIGNMENTS = ("auto", "all", "groups", "dropout")
 AUTO = "auto"  # data.assignment / data.missing-rate: synthetic data gets the simulated federation, site folders stay as they are
@@ -131,8 +132,8 @@ class DPSection:
             _fail("dp.delta", f"must lie in (0, 1), got {self.delta}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             _fail("dp.max-grad-norm", "must be a positive number")
-        if self.accountant not in ("prv", "rdp"):
-            _fail("dp.accountant", f"must be 'prv' or 'rdp', got '{self.accountant}'")
+        if self.accountant not in ACCOUNTANTS:
+            _fail("dp.accountant", f"must be {' or '.join(map(repr, ACCOUNTANTS))}, got '{self.accountant}'")
         for value in self.group_budgets:
             if math.isnan(value) or value <= 0:
                 _fail("dp.group-epsilon", f"budgets must be > 0, got {value}")

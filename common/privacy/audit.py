@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from common.privacy.spend import format_spend
 from common.privacy.ledger import (
     ACCOUNTING,
     CORRUPT,
@@ -545,13 +546,6 @@ def audit_path(
 # --- presenting ---------------------------------------------------------------------------------
 
 
-def privacy_spend(epsilon: float | None, delta: float | None) -> str:
-    """``(ε = 2.31, δ = 1e-05)``; ``(ε = ∞)`` when there is no finite epsilon."""
-    if epsilon is None or delta is None or not math.isfinite(epsilon):
-        return "(ε = ∞)"
-    return f"(ε = {epsilon:.2f}, δ = {delta:g})"
-
-
 def format_report(report: AuditReport) -> str:
     """The audit as a text table, then every problem, then the tolerance rule."""
     header = ["client", "modalities", "rounds", "privacy spend", "recomputed ε", "budget ε", "status"]
@@ -565,8 +559,7 @@ def format_report(report: AuditReport) -> str:
             ",".join(c.modalities) or "-",
             f"{c.rounds}" + (f" (+{c.refused_rounds} refused)" if c.refused_rounds else "")
             + (f" (+{c.discarded_rounds} discarded)" if c.discarded_rounds else ""),
-            "-" if not c.entries else (privacy_spend(last.get("epsilon"), last.get("delta")) if c.private
-                                       else "(ε = ∞, non-private)"),
+            "-" if not c.entries else format_spend(last.get("epsilon") if c.private else None, last.get("delta")),
             "-" if rec is None else ("∞" if math.isinf(rec) else f"{rec:.2f}"),
             "∞" if not c.private else (f"{budget:g}" if isinstance(budget, (int, float)) else "-"),
             c.status.upper() if c.findings else c.status,

@@ -89,7 +89,7 @@ def print_summary(results: dict[str, Any], seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from common.privacy.accounting import format_spend
+    from common.privacy.spend import format_spend
 
     console = Console(width=None if sys.stdout.isatty() else 120)
     final = results.get("final")

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/$(shell date +%Y%m%d-%H%M%S)
 
-# Flower offline and self-contained: no telemetry, no update check, no runtime `uv sync`.
+# Flower offline and self-contained: no telemetry, no update check, no runtime `uv sync` (as common/offline.py).
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data import synthetic
+from common.offline import flower_environment
 
 ROOT = Path(__file__).resolve().parents[1]  # the app: `flwr run ROOT` builds the FAB from it
 BIN = Path(sys.executable).parent
@@ -213,10 +214,8 @@ class Deployment:
     # --- processes -------------------------------------------------------------------------------
     def env(self, home: Path) -> dict[str, str]:
         """The environment of every Flower process: its own FLWR_HOME, nothing online, no dependency installs."""
-        return os.environ | {
-            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        return os.environ | flower_environment(home) | {
+            "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
 
     def _spawn(self, command: list[str], home: Path, log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:

@@ -22,6 +22,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from common.logs import flower_worker_level
+from common.offline import flower_environment
+
 log = logging.getLogger("fedfuse.simulate")
 
 SERVER_APP = "server.server_app:app"
@@ -49,14 +52,7 @@ def write_app_dir(folder: Path) -> Path:
 
 def offline_environment(out_dir: Path) -> dict[str, str]:
     """Flower and Ray settings for an offline, self-contained run whose files stay in ``out_dir``."""
-    return {
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_HOME": str(out_dir / ".flwr"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_DEDUP_LOGS": "0",
-    }
+    return flower_environment(out_dir / ".flwr") | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 # Where a run's Ray temp folder goes: a short path, as Ray's socket paths must stay under ~107 bytes
@@ -76,13 +72,13 @@ def ray_tmp_prefix(out_dir: Path) -> str:
 
 
 @contextmanager
-def _environment(out_dir: Path) -> Iterator[None]:
+def _environment(out_dir: Path, verbose: bool = False) -> Iterator[None]:
     """Set the offline settings and a Ray temp folder owned by this run; restore everything after."""
     # Ray's folder is short-named and removed after the run (and one left by a killed earlier run of the
     # same output folder is removed now).
     remove_ray_folders(out_dir)
     ray_tmp = Path(tempfile.mkdtemp(prefix=ray_tmp_prefix(out_dir), dir=RAY_TMP_ROOT))
-    values = offline_environment(out_dir) | {"RAY_TMPDIR": str(ray_tmp)}
+    values = offline_environment(out_dir) | {"RAY_TMPDIR": str(ray_tmp), "FLWR_LOG_LEVEL": flower_worker_level(verbose)}
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -125,7 +121,7 @@ def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_pe
                       "num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
     }
     start = time.perf_counter()
-    with _environment(out_dir):
+    with _environment(out_dir, verbose):
         try:
             _run_simulation(
                 num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

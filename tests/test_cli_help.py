@@ -29,7 +29,7 @@ print(json.dumps({"code": code, "help": out.getvalue(), "heavy": sorted(m for m 
 def help_of(*argv: str) -> dict:
     """Run `fedfuse ARGV --help` in a fresh interpreter; its exit code, help text and the heavy modules it imported."""
     code = f"HEAVY = {HEAVY!r}\n{PROBE}"
-    done = subprocess.run([sys.executable, "-c", code, *argv, "--help"], capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run([sys.executable, "-c", code, *argv, "--help"], capture_output=True, text=True, timeout=600, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

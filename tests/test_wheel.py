@@ -1,4 +1,5 @@
-"""The built wheel, installed into a fresh virtual environment, simulates from a folder outside the checkout.
+"""The built wheel, installed into a fresh virtual environment, simulates from a folder outside the checkout
+(and prints fedfuse's lines only).
 
 Offline: the wheel is built without build isolation (setuptools comes with the test extras) and installed
 without dependencies; the fresh environment finds the pinned dependencies through a path file pointing at
@@ -17,6 +18,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from common.offline import OFFLINE_FLOWER
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +83,7 @@ def test_the_installed_wheel_simulates_outside_the_checkout(wheel, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env |= {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env |= OFFLINE_FLOWER
     where = run(
         [str(python), "-c", "import common, simulations; print(common.__file__, simulations.__file__)"], cwd=elsewhere, env=env
     ).stdout.split()
@@ -113,3 +116,10 @@ def test_the_installed_wheel_simulates_outside_the_checkout(wheel, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed" and [r["round"] for r in results["rounds"]] == [1]
     assert (out / "accuracy.png").exists() and (out / "report.html").exists()
+    # and its log holds fedfuse's lines only (no alembic, Ray or Flower bookkeeping), one per round and stage
+    log = done.stderr.splitlines()
+    assert log and all(line.startswith(("INFO fedfuse.", "WARNING fedfuse.")) for line in log), done.stderr
+    assert sum(line.startswith("INFO fedfuse.server: round 1/1 |") for line in log) == 1
+    assert len(log) <= 8, done.stderr
+    for noise in ("alembic", "FutureWarning", "Manually terminating", "httpx"):
+        assert noise not in done.stdout + done.stderr

@@ -17,8 +17,9 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -98,6 +99,11 @@ class FedFuse(FedAvg):
                     "%s: %d result(s), %d failure(s)%s", "train" if is_train else "evaluate", len(valid), len(errors),
                     "".join(f"; {self.site_name(m.metadata.src_node_id)}: {m.error.reason}" for m in errors))
         return valid, errors
+
+    @property
+    def round_record(self) -> Mapping[str, Any]:
+        """The current round's entry of results.json ``rounds[]`` as built so far (train outcome, evaluation)."""
+        return MappingProxyType(self._round)
 
     def absolute(self, server_round: int) -> int:
         return self.state.round_offset + server_round

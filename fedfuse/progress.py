@@ -25,9 +25,16 @@ class RoundProgress(logging.Handler):
 
         super().__init__()
         self.setFormatter(logging.Formatter(FORMAT))
-        self.progress = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                 console=console)
+        self.progress = Progress(
+            TextColumn("round"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        )
         self.task = self.progress.add_task("rounds", total=total, status="")
 
     def emit(self, record: logging.LogRecord) -> None:

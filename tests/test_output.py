@@ -78,8 +78,14 @@ def test_the_progress_bar_takes_the_round_lines_and_prints_the_others_above_it()
 
 
 def client(i: int, modalities: str, status: str = "active") -> dict:
-    return {"modalities": modalities.split("+"), "rounds_trained": 10 - i % 3, "epsilon": 7.0 + (i % 100) / 100,
-            "delta": 1e-5, "budget": 8.0, "status": status}
+    return {
+        "modalities": modalities.split("+"),
+        "rounds_trained": 10 - i % 3,
+        "epsilon": 7.0 + (i % 100) / 100,
+        "delta": 1e-5,
+        "budget": 8.0,
+        "status": status,
+    }
 
 
 def render(table) -> list[str]:

@@ -30,22 +30,24 @@ KEY = LedgerKey.generate()
 budgets = st.one_of(st.floats(0.01, 100.0), st.just(math.inf))
 text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
 
-run_configs = st.fixed_dictionaries({
-    "num-server-rounds": st.integers(1, 10_000),
-    "strategy": st.sampled_from(STRATEGIES),
-    "seed": st.integers(0, 2**31 - 1),
-    "out-dir": text,
-    "model.fusion": st.sampled_from(FUSIONS),
-    "model.embed-dim": st.integers(1, 512),
-    "train.lr": st.floats(1e-6, 10.0),
-    "train.batch-size": st.integers(1, 4096),
-    "dp.epsilon": budgets,
-    "dp.delta": st.floats(1e-12, 0.5),
-    "dp.accountant": st.sampled_from(ACCOUNTANTS),
-    "data.num-clients": st.integers(1, 1000),
-    "release.train-metrics": st.booleans(),
-    "federation.labels": text,
-})
+run_configs = st.fixed_dictionaries(
+    {
+        "num-server-rounds": st.integers(1, 10_000),
+        "strategy": st.sampled_from(STRATEGIES),
+        "seed": st.integers(0, 2**31 - 1),
+        "out-dir": text,
+        "model.fusion": st.sampled_from(FUSIONS),
+        "model.embed-dim": st.integers(1, 512),
+        "train.lr": st.floats(1e-6, 10.0),
+        "train.batch-size": st.integers(1, 4096),
+        "dp.epsilon": budgets,
+        "dp.delta": st.floats(1e-12, 0.5),
+        "dp.accountant": st.sampled_from(ACCOUNTANTS),
+        "data.num-clients": st.integers(1, 1000),
+        "release.train-metrics": st.booleans(),
+        "federation.labels": text,
+    }
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -62,12 +64,22 @@ def test_a_run_config_written_as_toml_reads_back_the_same(overrides):
 
 entries = st.builds(
     entry_fields,
-    run_id=st.text(min_size=1, max_size=20), client_id=st.text(min_size=1, max_size=20), round=st.integers(0, 10_000),
-    status=st.just(STATUSES[0]), noise_multiplier=st.floats(0.01, 100.0), sample_rate=st.floats(1e-6, 1.0),
-    steps=st.integers(1, 10**6), max_grad_norm=st.floats(1e-3, 100.0), delta=st.floats(1e-12, 0.5),
-    accountant=st.sampled_from(ACCOUNTANTS), epsilon=st.floats(0.0, 1000.0), budget=budgets,
-    update_hash=st.text("0123456789abcdef", min_size=64, max_size=64), modalities=st.lists(text, max_size=4),
-    run_epsilon=st.one_of(st.none(), st.floats(0.0, 1000.0)), run_budget=st.one_of(st.none(), budgets),
+    run_id=st.text(min_size=1, max_size=20),
+    client_id=st.text(min_size=1, max_size=20),
+    round=st.integers(0, 10_000),
+    status=st.just(STATUSES[0]),
+    noise_multiplier=st.floats(0.01, 100.0),
+    sample_rate=st.floats(1e-6, 1.0),
+    steps=st.integers(1, 10**6),
+    max_grad_norm=st.floats(1e-3, 100.0),
+    delta=st.floats(1e-12, 0.5),
+    accountant=st.sampled_from(ACCOUNTANTS),
+    epsilon=st.floats(0.0, 1000.0),
+    budget=budgets,
+    update_hash=st.text("0123456789abcdef", min_size=64, max_size=64),
+    modalities=st.lists(text, max_size=4),
+    run_epsilon=st.one_of(st.none(), st.floats(0.0, 1000.0)),
+    run_budget=st.one_of(st.none(), budgets),
 )
 
 

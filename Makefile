@@ -7,12 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/$(shell date +%Y%m%d-%H%M%S)
 
-# Flower offline and self-contained: no telemetry, no update check, no runtime `uv sync`.
+# Flower offline and self-contained: no telemetry, no update check, no runtime `uv sync` (as common/offline.py).
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: simulate test test-fast install clean
+.PHONY: simulate test test-fast check install clean
 
 install: $(STAMP)
 
@@ -31,6 +31,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q
+
+# Quality gates (each also runs on its own: README "Contributing").
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python .ci/mypy_baseline.py
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -15,10 +15,12 @@ from flwr.clientapp import ClientApp
 from client.handlers import failure_reply, handle_evaluate, handle_train
 from client.secagg import handle_secure_train, is_secure_message
 from common import messages as M
+from common.logs import flower_lines_once
 
 log = logging.getLogger("fedfuse.client")
 
 torch.set_num_threads(1)  # one ClientApp per core; more threads only contend (measured: 10x slower under load)
+flower_lines_once()  # this process may be a Ray worker or a site's task: nothing else sets its logging up
 
 app = ClientApp()
 

@@ -29,6 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from common.errors import ConfigError, FedfuseError
+from common.logs import log_to_stderr
 from common.provenance import ReviewedApp, UntrustedAppError
 
 log = logging.getLogger("fedfuse.executor")
@@ -215,12 +216,7 @@ def _run_task(address: str, token: str, certificates: bytes | None, reviewed: Re
     try:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_DFL)  # run_clientapp installs Flower's own handlers
-        handler = logging.StreamHandler(sys.stderr)  # fedfuse's messages (e.g. a policy refusal) in the site's log
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        fedfuse = logging.getLogger("fedfuse")
-        fedfuse.handlers[:] = [handler]
-        fedfuse.setLevel(logging.INFO)
-        fedfuse.propagate = False
+        log_to_stderr()  # fedfuse's messages (e.g. a policy refusal) in the site's log
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
         _check_apps_before_install(reviewed)

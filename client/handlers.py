@@ -23,7 +23,7 @@ from common.model.validation import check_model_encoders, site_refusal
 from common.errors import BudgetExhaustedError, EncoderError, NonFiniteError
 from common.model.evaluation import evaluate
 from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
-from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, ModelConfig, MultimodalModel, check_global_parameters
+from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, MultimodalModel, check_global_parameters
 from client.state import ClientRecord, ClientState
 from common.privacy.training import DPRequest, RoundResult, local_training, sampling_plan, train_round
 
@@ -49,7 +49,7 @@ def _model(site: SiteContext, config: RunConfig, state: ClientState) -> Multimod
                          config.train.grad_sample_mode)
     # Federated encoders must start from one initialisation per modality; local ones may differ per site.
     seed = config.server.seed if config.server.encoders == "federated" else config.server.seed * 1000 + site.index + 1
-    model = MultimodalModel(site.train.schema, ModelConfig.from_section(config.model), seed=seed)
+    model = MultimodalModel(site.train.schema, config.model, seed=seed)
     stored = state.load_model()
     if stored is not None:
         model.load_state_dict(stored)

@@ -19,15 +19,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.errors import ConfigError
-from common.model.fusion import FUSIONS
-from common.model.transforms import parse_transforms
-from common.privacy.augmentation import parse_augmentations
 
 # Per-sample gradient engines. flat: exact per-sample gradients of all parameters in one buffer
 # (common/privacy/grad_samplers.py), clipped and noised by Opacus's own DPOptimizer, fastest here (`fedfuse bench
 # dp-overhead`); hooks, functorch: Opacus's engines (its expanded-weights mode cannot take this model's dict of inputs).
 GRAD_SAMPLE_MODES = ("flat", "hooks", "functorch")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+ACCOUNTANTS = ("prv", "rdp")  # Opacus's PRV (the default) and RDP over integer orders: common/privacy/accounting.py
 ENCODER_MODES = ("local", "federated")
 LR_SCHEDULES = ("constant", "cosine")
 ASSIGNMENTS = ("auto", "all", "groups", "dropout")
@@ -124,7 +122,9 @@ def _join(pairs: Mapping[str, str]) -> str:
 
 
 @dataclass(frozen=True)
-class ModelSection:
+class ModelConfig:
+    """The architecture shared by the whole federation (the head must match on every client)."""
+
     fusion: str = "attention"  # attention | concat | late
     embed_dim: int = 32  # shared embedding size
     hidden_dim: int = 32  # head width
@@ -135,6 +135,10 @@ class ModelSection:
     init: str = ""
 
     def __post_init__(self) -> None:
+        # here, not at import: these import torch (`fedfuse --help` stays fast)
+        from common.model.fusion import FUSIONS
+        from common.model.transforms import parse_transforms
+
         if self.fusion not in FUSIONS:
             _fail("model.fusion", f"must be one of {list(FUSIONS)}, got '{self.fusion}'")
         parse_transforms(self.transforms)  # ConfigError naming the transform or the malformed chain
@@ -156,6 +160,10 @@ class ModelSection:
     def inits(self) -> dict[str, str]:
         """Modality -> the safetensors file its fresh encoder starts from."""
         return _per_modality("model.init", self.init)
+
+    def encoder_for(self, modality: str) -> str:
+        """The encoder choice for ``modality`` (``"default"``: its kind's)."""
+        return self.encoders.get(modality, "default")
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,8 @@ class TrainSection:
             _fail("train.grad-sample-mode", f"must be one of {list(GRAD_SAMPLE_MODES)}")
         if self.multiplicity < 1:
             _fail("train.multiplicity", "must be >= 1")
+        from common.privacy.augmentation import parse_augmentations  # imports torch: not at import
+
         parse_augmentations(self.augmentations, self.multiplicity)  # ConfigError saying what to write
 
 
@@ -208,8 +218,8 @@ class DPSection:
             _fail("dp.delta", f"must lie in (0, 1), got {self.delta}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             _fail("dp.max-grad-norm", "must be a positive number")
-        if self.accountant not in ("prv", "rdp"):
-            _fail("dp.accountant", f"must be 'prv' or 'rdp', got '{self.accountant}'")
+        if self.accountant not in ACCOUNTANTS:
+            _fail("dp.accountant", f"must be {' or '.join(map(repr, ACCOUNTANTS))}, got '{self.accountant}'")
         for value in self.group_budgets:
             if math.isnan(value) or value <= 0:
                 _fail("dp.group-epsilon", f"budgets must be > 0, got {value}")
@@ -319,7 +329,7 @@ class SecAggSection:
 @dataclass(frozen=True)
 class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSection = field(default_factory=TrainSection)
     dp: DPSection = field(default_factory=DPSection)
     data: DataSection = field(default_factory=DataSection)
@@ -447,6 +457,18 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Nest Flower's ``a.b`` keys into TOML tables (the inverse of :func:`flatten`)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *tables, name = key.split(".")
+        node = out
+        for table in tables:
+            node = node.setdefault(table, {})
+        node[name] = value
     return out
 
 

@@ -6,10 +6,10 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save
+if TYPE_CHECKING:  # torch is imported where tensors are saved, so that light commands (`fedfuse audit`) start fast
+    import torch
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
@@ -60,10 +60,14 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def atomic_save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors (no pickle), atomically."""
+    from safetensors.torch import save
+
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write_bytes(path, save(contiguous, metadata=metadata))
 
 
 def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load a safetensors file (never executes code, unlike pickle)."""
+    from safetensors.torch import load_file
+
     return load_file(str(path))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import inspect
 import sys
+from typing import Any
 
 from common.errors import FedfuseError
+from common.logs import setup_logging
 
 # Subcommand -> (module under fedfuse.commands, one-line help). Modules are imported lazily so that
 # `fedfuse audit` does not pay for importing Flower and Ray.
@@ -25,18 +27,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, object]]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     """The parser; only the command named in ``argv`` is imported and configured (commands pull in torch)."""
     parser = argparse.ArgumentParser(prog="fedfuse", description="fedfuse: federated, privacy-preserving multi-modal training")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the other libraries' INFO lines and warnings")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    modules: dict[str, object] = {}
+    modules: dict[str, Any] = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             module = importlib.import_module(f"fedfuse.commands.{module_name}")
-            module.configure(command)
+            if "argv" in inspect.signature(module.configure).parameters:  # a command with sub-commands of its own
+                module.configure(command, argv=argv[argv.index(name) + 1:])
+            else:
+                module.configure(command)
             modules[name] = module
     return parser, modules
 
@@ -45,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, modules = build_parser(argv)
     args = parser.parse_args(argv)
-    # force: an imported library may already have put a WARNING handler on the root logger.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    setup_logging(verbose=args.verbose, flower=False)  # a command that runs Flower quiets it too
     try:
         return int(modules[args.command].run(args) or 0)
     except FedfuseError as exc:

@@ -14,7 +14,7 @@ import torch
 
 from common.config import RunConfig
 from common.model.evaluation import evaluate
-from common.model.multimodal import ENCODER_PREFIX, ModelConfig, MultimodalModel
+from common.model.multimodal import ENCODER_PREFIX, MultimodalModel
 from common.data.partition import heldout_sites
 from server.metrics import summarize_evaluation
 from server.replies import EvaluateReply
@@ -31,7 +31,7 @@ class HeldoutEvaluator:
         sites = [load_site(p) for p in heldout_sites(config.data.server_test)]
         self.schema = federation_schema(sites)
         self.parts = [(s.name, s.part("test")) for s in sites if s.part("test") is not None]
-        self.model_config = ModelConfig.from_section(config.model)
+        self.model_config = config.model
         log.info("server-side evaluation on %d held-out sites (%d samples)", len(self.parts), sum(len(p) for _, p in self.parts))
 
     def __call__(self, global_state: dict[str, torch.Tensor]) -> dict[str, Any] | None:

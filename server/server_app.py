@@ -7,7 +7,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config, run_out_dir
-from common.model.multimodal import ModelConfig, global_head_template
+from common.logs import flower_lines_once, log_to_stderr
+from common.model.multimodal import global_head_template
 from common.data.partition import federation_space, idle_sites, real_data_changes
 from common.privacy.plan import drowning_warning
 from common.model.transforms import check_modalities, parse_transforms
@@ -20,6 +21,7 @@ from server.strategy import FedFuse, RunState
 
 log = logging.getLogger("fedfuse.server")
 app = ServerApp()
+flower_lines_once()  # under `flwr run` nothing else sets this process's logging up
 
 
 def _show_progress() -> None:
@@ -29,11 +31,7 @@ def _show_progress() -> None:
     fedfuse = logging.getLogger("fedfuse")
     if fedfuse.handlers or logging.getLogger().getEffectiveLevel() <= logging.INFO:
         return  # configured already (the fedfuse CLI, a simulation, the site's own set-up)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    fedfuse.addHandler(handler)
-    fedfuse.setLevel(logging.INFO)
-    fedfuse.propagate = False  # the root's handler, if a library added one, would print warnings twice
+    log_to_stderr()
 
 
 def _data_notes(config) -> dict:  # noqa: ANN001
@@ -72,7 +70,7 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.server.seed)
-            head = global_head_template(modalities, len(labels), ModelConfig.from_section(config.model))
+            head = global_head_template(modalities, len(labels), config.model)
         state = RunState(run_id, total, 0, head)
     else:
         rec = checkpoint.record

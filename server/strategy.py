@@ -17,8 +17,9 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -94,9 +95,15 @@ class FedFuse(FedAvg):
         valid = [m for m in replies if not m.has_error()]
         errors = [m for m in replies if m.has_error()]
         if replies:
-            log.info("%s: %d result(s), %d failure(s)%s", "train" if is_train else "evaluate", len(valid), len(errors),
-                     "".join(f"; {self.site_name(m.metadata.src_node_id)}: {m.error.reason}" for m in errors))
+            log.log(logging.INFO if errors else logging.DEBUG,  # the round's line says the rest
+                    "%s: %d result(s), %d failure(s)%s", "train" if is_train else "evaluate", len(valid), len(errors),
+                    "".join(f"; {self.site_name(m.metadata.src_node_id)}: {m.error.reason}" for m in errors))
         return valid, errors
+
+    @property
+    def round_record(self) -> Mapping[str, Any]:
+        """The current round's entry of results.json ``rounds[]`` as built so far (train outcome, evaluation)."""
+        return MappingProxyType(self._round)
 
     def absolute(self, server_round: int) -> int:
         return self.state.round_offset + server_round
@@ -208,9 +215,10 @@ class FedFuse(FedAvg):
         if "epsilon_before_run" not in rec and reply.ledger:
             rec["epsilon_before_run"] = spend_before_run(reply.ledger, self.state.run_id)
             cap = rec.get("max_epsilon")
-            log.info("%s: spent ε = %s before this run (lifetime cap max-epsilon = %s); this run may spend ε = %s "
-                     "of its own (dp.epsilon)", reply.client_id, _eps(rec["epsilon_before_run"]), _eps(cap),
-                     _eps(rec.get("budget")))
+            log.log(logging.INFO if rec["epsilon_before_run"] != 0 else logging.DEBUG,  # a fresh site: results.json
+                    "%s: spent ε = %s before this run (lifetime cap max-epsilon = %s); this run may spend ε = %s "
+                    "of its own (dp.epsilon)", reply.client_id, _eps(rec["epsilon_before_run"]), _eps(cap),
+                    _eps(rec.get("budget")))
         if reply.status == M.STATUS_OK:
             rec["rounds_trained"] += 1
             rec["train_examples"] = reply.num_examples  # released for weighting; shown in the run report
@@ -341,6 +349,7 @@ class FedFuse(FedAvg):
             f"{ev['loss']:.3f}" if ev and ev.get("loss") is not None else "-",
             f"{ev['accuracy']:.3f}" if ev else "-", f"{ev['macro_f1']:.3f}" if ev else "-",
             f"{eps:.2f}" if eps is not None and eps != float("inf") else ("∞" if eps else "-"), rnd["seconds"],
+            extra={"progress": (rnd["round"], self.state.total_rounds)},  # a progress bar's step (fedfuse/progress.py)
         )
 
 

@@ -17,7 +17,6 @@ and ``fedfuse bench deploy-round``; needs a source checkout (the FAB is built fr
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -31,7 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from common.config import unflatten
 from common.data import synthetic
+from common.offline import flower_environment
 
 ROOT = Path(__file__).resolve().parents[1]  # the app: `flwr run ROOT` builds the FAB from it
 BIN = Path(sys.executable).parent
@@ -143,16 +146,6 @@ def write_sites(folder: Path, sites: Mapping[str, Sequence[str]], *, samples: in
     return write_synthetic_sites(folder, {name: tuple(m) for name, m in sites.items()}, samples=samples, seed=seed)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
-
-
 def _signal_group(proc: subprocess.Popen | None, sig: int) -> None:
     if proc is None:
         return
@@ -213,10 +206,8 @@ class Deployment:
     # --- processes -------------------------------------------------------------------------------
     def env(self, home: Path) -> dict[str, str]:
         """The environment of every Flower process: its own FLWR_HOME, nothing online, no dependency installs."""
-        return os.environ | {
-            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        return os.environ | flower_environment(home) | {
+            "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
 
     def _spawn(self, command: list[str], home: Path, log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
@@ -239,9 +230,8 @@ class Deployment:
         self._wait_for_log("superlink", "Uvicorn running on", timeout, self.superlink)
         home = self.root / "homes" / "cli"
         home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n'
-            f'root-certificates = "{c.server_ca_cert}"\n')
+        connection = {"address": self.address, "root-certificates": str(c.server_ca_cert)}
+        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
 
     def register(self, name: str) -> None:
         """Allow a site's public key at the SuperLink (``flwr supernode register``)."""
@@ -397,7 +387,7 @@ class Deployment:
         folder = self.root / "runs" / f"run-{self._runs}"
         config = {**self.run_config, **(run_config or {}), "out-dir": str(folder)}
         path = self.root / "configs" / f"run-{self._runs}.toml"
-        path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
+        path.write_text(tomli_w.dumps(unflatten(config)))
         done = self.flwr("run", str(app), CONNECTION, "--format", "json", "--run-config", str(path))
         try:
             return str(json.loads(done.stdout)["run-id"]), folder

@@ -4,6 +4,9 @@ This does what Flower's own ``flwr-simulation`` process does once a run is submi
 ServerApp and ClientApp by name from the app folder, fuse the run config with pyproject.toml's
 defaults, run the Ray-backed simulation runtime), without a detached SuperLink that outlives the
 run. ``flwr run .`` runs the very same apps through a SuperLink.
+
+The app folder is written for each run from :mod:`common.config`'s defaults (:func:`write_app_dir`),
+so an installed wheel simulates without a source checkout.
 """
 
 from __future__ import annotations
@@ -19,23 +22,37 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from common.logs import flower_worker_level
+from common.offline import flower_environment
+
 log = logging.getLogger("fedfuse.simulate")
 
-APP_DIR = Path(__file__).resolve().parents[1]  # holds pyproject.toml with [tool.flwr.app]
 SERVER_APP = "server.server_app:app"
 CLIENT_APP = "client.client_app:app"
+APP_PUBLISHER = "fedfuse"
+
+
+def write_app_dir(folder: Path) -> Path:
+    """Write a Flower app folder into ``folder``: a pyproject.toml naming the apps, with the run config's defaults.
+
+    It is what ``[tool.flwr.app]`` in the checkout's pyproject.toml says, built from :class:`common.config.RunConfig`
+    (a test keeps the two equal); the apps themselves are imported from the installed packages.
+    """
+    import tomli_w
+
+    from common.config import RunConfig, unflatten
+
+    app = {"publisher": APP_PUBLISHER, "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+           "config": unflatten(RunConfig().to_flat())}
+    doc = {"project": {"name": "fedfuse", "version": "0.0.0"}, "tool": {"flwr": {"app": app}}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    return folder
 
 
 def offline_environment(out_dir: Path) -> dict[str, str]:
     """Flower and Ray settings for an offline, self-contained run whose files stay in ``out_dir``."""
-    return {
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_HOME": str(out_dir / ".flwr"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_DEDUP_LOGS": "0",
-    }
+    return flower_environment(out_dir / ".flwr") | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 # Where a run's Ray temp folder goes: a short path, as Ray's socket paths must stay under ~107 bytes
@@ -55,13 +72,13 @@ def ray_tmp_prefix(out_dir: Path) -> str:
 
 
 @contextmanager
-def _environment(out_dir: Path) -> Iterator[None]:
+def _environment(out_dir: Path, verbose: bool = False) -> Iterator[None]:
     """Set the offline settings and a Ray temp folder owned by this run; restore everything after."""
     # Ray's folder is short-named and removed after the run (and one left by a killed earlier run of the
     # same output folder is removed now).
     remove_ray_folders(out_dir)
     ray_tmp = Path(tempfile.mkdtemp(prefix=ray_tmp_prefix(out_dir), dir=RAY_TMP_ROOT))
-    values = offline_environment(out_dir) | {"RAY_TMPDIR": str(ray_tmp)}
+    values = offline_environment(out_dir) | {"RAY_TMPDIR": str(ray_tmp), "FLWR_LOG_LEVEL": flower_worker_level(verbose)}
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -95,7 +112,8 @@ def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_pe
     run_ = replace(Run.create_empty(flwr_run_id), override_config=dict(flat_config),
                    primary_task_id=generate_rand_int_from_bytes(TASK_ID_NUM_BYTES), federation_id=NOOP_FEDERATION_ID)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, flwr_run_id, SUPERLINK_NODE_ID
-    fused = get_fused_config_from_dir(APP_DIR, run_.override_config)
+    app_dir = write_app_dir(Path(tempfile.mkdtemp(prefix="fedfuse-app-")))
+    fused = get_fused_config_from_dir(app_dir, run_.override_config)
     context = Context(run_id=flwr_run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
     backend = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
@@ -103,15 +121,16 @@ def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_pe
                       "num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
     }
     start = time.perf_counter()
-    with _environment(out_dir):
+    with _environment(out_dir, verbose):
         try:
             _run_simulation(
                 num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP, backend_name="ray",
-                backend_config=backend, app_dir=str(APP_DIR), run=run_, server_app_context=context,
+                backend_config=backend, app_dir=str(app_dir), run=run_, server_app_context=context,
                 verbose_logging=verbose, is_app=True,
             )
         finally:
             if ray.is_initialized():
                 ray.shutdown()
+            shutil.rmtree(app_dir, ignore_errors=True)
     return time.perf_counter() - start

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from common.data import synthetic
+from common.offline import OFFLINE_FLOWER
 
 torch.set_num_threads(1)
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+for _key, _value in OFFLINE_FLOWER.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")

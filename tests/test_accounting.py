@@ -9,11 +9,11 @@ from common.privacy.accounting import (
     PrivacyHistory,
     calibrate_noise,
     compute_epsilon,
-    format_spend,
     merge_history,
     validate_privacy_parameters,
 )
 from common.errors import BudgetExhaustedError, PrivacyParameterError
+from common.privacy.spend import format_spend
 
 
 def test_reference_epsilon_rdp():

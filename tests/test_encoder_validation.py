@@ -122,7 +122,7 @@ def test_run_config_names_encoders_per_modality_in_both_spellings():
 
 def test_the_model_builds_the_named_encoders():
     schema = DatasetSchema((SIGNAL, TEXT), ("a", "b"))
-    config = ModelConfig.from_section(parse_run_config({"model.encoder": f"acc={F}:small_signal,words=transformer"}).model)
+    config = parse_run_config({"model.encoder": f"acc={F}:small_signal,words=transformer"}).model
     model = MultimodalModel(schema, config, seed=0)
     assert type(model.encoders["acc"]).__name__ == "SmallSignalNet"
     assert type(model.encoders["words"]).__name__ == "TransformerTextEncoder"
@@ -192,7 +192,7 @@ def test_an_lstm_encoder_saves_each_parameter_once_and_loads_back(tmp_path):
     from common.fileio import atomic_save_tensors, load_tensors
 
     schema = DatasetSchema((SIGNAL,), ("a", "b"))
-    config = ModelConfig(encoders=(("acc", "lstm"),))
+    config = ModelConfig(encoder="acc=lstm")
     model, other = MultimodalModel(schema, config, seed=0), MultimodalModel(schema, config, seed=1)
     state = model.state_dict()
     assert len(state) == len(list(model.parameters()))  # nn.LSTM's names only, not also the cells' aliases

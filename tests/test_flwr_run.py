@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from common.offline import flower_environment
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +32,7 @@ def test_flwr_run_uses_the_same_apps(tmp_path):
     home, out = tmp_path / "flwr-home", tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="ffray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = os.environ | {
-        "FLWR_HOME": str(home), "RAY_TMPDIR": ray_tmp, "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        **flower_environment(home), "RAY_TMPDIR": ray_tmp,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     config = f'num-server-rounds=2 out-dir="{out}" data.num-clients=3 data.samples-per-client=300 data.groups="image;signal;image+signal"'

@@ -78,7 +78,7 @@ def test_client_head_is_a_subset_of_the_global_head(fusion):
 def test_unknown_fusion_is_rejected():
     with pytest.raises(ValueError, match="unknown fusion 'early'"):
         build_head("early", ["a"], embed_dim=4, num_classes=2, hidden_dim=4)
-    with pytest.raises(ValueError, match="fusion must be one of"):
+    with pytest.raises(ValueError, match="'model.fusion': must be one of"):
         ModelConfig(fusion="early")
 
 

@@ -152,7 +152,7 @@ def test_a_collapse_is_warned_about_and_final_figures_below_the_best_are_flagged
 
 
 def test_the_accuracy_plot_draws_the_shown_subsets_with_the_legend_outside(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from common.insight.plots import plot_accuracy
 
@@ -163,7 +163,8 @@ def test_the_accuracy_plot_draws_the_shown_subsets_with_the_legend_outside(tmp_p
     rounds = [{"round": r, "evaluate": {"pooled": {"accuracy": 0.5, "macro_f1": 0.5, "num_examples": 10,
                                                    "by_modalities": by}}} for r in (1, 2)]
     figures = []
-    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
     # Execute
     plot_accuracy({"rounds": rounds}, tmp_path / "accuracy.png")
     # Assert: the overall line and 12 subsets; the legend sits right of the axes and says where the rest is

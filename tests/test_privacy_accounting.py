@@ -46,7 +46,7 @@ def test_a_non_private_history_refuses_a_later_private_run(synth_train):
     # Prepare: two rounds without DP (dp.epsilon = inf)
     data = synth_train.subset(range(200))
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
-    for r in range(2):
+    for _ in range(2):
         result = train_round(model, data, history, **settings(**DP | dict(target_epsilon=math.inf, run_id="open")))
         assert not result.private and result.steps == 4
     assert history.entries == [(0.0, 0.25, 4)] * 2 and math.isinf(history.epsilon())

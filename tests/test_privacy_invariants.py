@@ -114,7 +114,7 @@ def clipped_sum(data: MultimodalData, option: Option, step: int, declared: int) 
     q, per_epoch = sampling_plan(declared, BATCH, 1)
     with torch.random.fork_rng(devices=[]):  # the head's initial weights too (the server sends them)
         torch.manual_seed(option.init_seed)
-        model = MultimodalModel(data.schema, ModelConfig(option.fusion, 16, 16, option.encoders), seed=option.init_seed)
+        model = MultimodalModel(data.schema, ModelConfig(option.fusion, 16, 16, encoder=",".join(f"{m}={c}" for m, c in option.encoders)), seed=option.init_seed)
     before = flat_parameters(model)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the global values (FedProx)
     private = private_training(model, len(data), accountant="prv", noise_multiplier=0.0, max_grad_norm=C,

@@ -97,8 +97,8 @@ def test_unsafe_replies_are_rejected_and_the_round_goes_on(tmp_path, mutate, fra
     good = client_update(strategy, MODALITIES, 1.0)
     arrays, _ = strategy.aggregate_train(1, [reply(1, bad, client="bad", modalities=MODALITIES),
                                              reply(2, good, client="good", modalities=MODALITIES)])
-    assert fragment in strategy._round["train"]["rejected"]["bad"]
-    assert strategy._round["train"]["trained"] == ["good"]
+    assert fragment in strategy.round_record["train"]["rejected"]["bad"]
+    assert strategy.round_record["train"]["trained"] == ["good"]
     assert all(torch.allclose(v, torch.ones_like(v)) for v in arrays.to_torch_state_dict().values())
 
 
@@ -109,8 +109,8 @@ def test_a_reply_whose_packing_does_not_fit_its_array_is_rejected(tmp_path):
     bad.content[M.PACKING] = ConfigRecord(packing | {"keys": packing["keys"][:-1]})  # one block unaccounted for
     good = reply(2, client_update(strategy, MODALITIES, 1.0), client="good", modalities=MODALITIES)
     arrays, _ = strategy.aggregate_train(1, [bad, good])
-    assert "malformed update" in strategy._round["train"]["rejected"]["bad"]
-    assert strategy._round["train"]["trained"] == ["good"]
+    assert "malformed update" in strategy.round_record["train"]["rejected"]["bad"]
+    assert strategy.round_record["train"]["trained"] == ["good"]
     assert all(torch.allclose(v, torch.ones_like(v)) for v in arrays.to_torch_state_dict().values())
 
 
@@ -121,7 +121,7 @@ def test_a_client_that_raised_does_not_stop_the_round(tmp_path):
                      reply_to=request)
     good = reply(2, client_update(strategy, MODALITIES, 1.0), client="good", modalities=MODALITIES)
     arrays, _ = strategy.aggregate_train(1, [failed, good])
-    assert strategy._round["train"]["failed"] == {"node 3": M.FAILURE_SITE} and arrays is not None
+    assert strategy.round_record["train"]["failed"] == {"node 3": M.FAILURE_SITE} and arrays is not None
 
 
 def test_budget_exhausted_clients_are_excluded_from_later_rounds(tmp_path):
@@ -140,7 +140,7 @@ def test_a_client_whose_round_diverged_stays_in_the_federation(tmp_path):
     strategy = make_strategy(tmp_path, **{"min-clients": 1})
     strategy.aggregate_train(1, [reply(1, None, client="nan", modalities=MODALITIES, n=0, status=M.STATUS_DISCARDED),
                                  reply(2, client_update(strategy, MODALITIES, 1.0), client="ok", modalities=MODALITIES)])
-    assert strategy._round["train"]["refused"] == {"nan": M.STATUS_DISCARDED} and strategy._round["train"]["trained"] == ["ok"]
+    assert strategy.round_record["train"]["refused"] == {"nan": M.STATUS_DISCARDED} and strategy.round_record["train"]["trained"] == ["ok"]
     assert strategy.state.excluded == set() and strategy.state.clients["nan"]["status"] == "active"
     assert sorted(m.metadata.dst_node_id for m in strategy.configure_train(2, None, ConfigRecord(), FakeGrid([1, 2]))) == [1, 2]
 
@@ -162,10 +162,10 @@ def test_the_federation_keeps_a_verified_copy_of_each_ledger(tmp_path):
     entry(2, "0" * 64)
     strategy.aggregate_train(2, [reply(1, update, client="c", modalities=MODALITIES,
                                        ledger=[encode_entry(e) for e in own.entries()])])
-    assert "does not match the hash" in strategy._round["train"]["rejected"]["c"]
+    assert "does not match the hash" in strategy.round_record["train"]["rejected"]["c"]
     # a ledger that drops an entry the federation holds is rejected
     strategy.aggregate_train(3, [reply(1, update, client="c", modalities=MODALITIES, ledger=[])])
-    assert "truncated or rewritten" in strategy._round["train"]["rejected"]["c"]
+    assert "truncated or rewritten" in strategy.round_record["train"]["rejected"]["c"]
 
 
 def test_fedadam_moves_by_the_server_learning_rate():
@@ -311,12 +311,12 @@ def test_a_site_that_refused_the_run_adds_nothing_to_the_evaluation(tmp_path):
     strategy.aggregate_evaluate(1, [evaluate_reply(1, client="ok", metrics=scored),
                                     evaluate_reply(2, client="refuser", metrics={M.NUM_EXAMPLES: 0},
                                                    status=M.STATUS_POLICY_REFUSED)])
-    summary, outcome = strategy._round["evaluate"], strategy._round["evaluate_replies"]
+    summary, outcome = strategy.round_record["evaluate"], strategy.round_record["evaluate_replies"]
     assert set(summary["clients"]) == {"ok"} and summary["num_examples"] == 20
     assert outcome == {"evaluated": ["ok"], "refused": {"refuser": M.STATUS_POLICY_REFUSED}, "rejected": {}, "failed": {}}
     # a refusal that still carries metrics is not taken into the results
     strategy.aggregate_evaluate(2, [evaluate_reply(2, client="refuser", metrics=scored, status=M.STATUS_POLICY_REFUSED)])
-    assert strategy._round["evaluate"] is None and "refuser" in strategy._round["evaluate_replies"]["rejected"]
+    assert strategy.round_record["evaluate"] is None and "refuser" in strategy.round_record["evaluate_replies"]["rejected"]
 
 
 def test_failures_are_recorded_by_site_name_with_a_category(tmp_path):
@@ -332,9 +332,9 @@ def test_failures_are_recorded_by_site_name_with_a_category(tmp_path):
     strategy.node_clients[6] = "paris"  # known from an earlier reply
     good = reply(2, client_update(strategy, MODALITIES, 1.0), client="good", modalities=MODALITIES)
     strategy.aggregate_train(1, [failed, anonymous, silent, untrusted, good])
-    assert strategy._round["train"]["failed"] == {"berlin": M.FAILURE_SITE, "node 5": M.FAILURE_SITE,
+    assert strategy.round_record["train"]["failed"] == {"berlin": M.FAILURE_SITE, "node 5": M.FAILURE_SITE,
                                                   "node 7": M.FAILURE_APP_REFUSED, "paris": M.FAILURE_NO_REPLY}
-    assert strategy._round["train"]["trained"] == ["good"] and strategy.state.excluded == set()
+    assert strategy.round_record["train"]["trained"] == ["good"] and strategy.state.excluded == set()
     assert "berlin" not in strategy.state.clients  # a failure is no privacy record
 
 

@@ -15,7 +15,6 @@ import secrets
 import shutil
 from pathlib import Path
 
-from common.data import synthetic
 from common.errors import DataError
 from common.fileio import fsync_dir
 
@@ -27,6 +26,8 @@ SPEC_HELP = "NAME=MODALITY[+MODALITY...],... e.g. berlin=image+signal,paris=sign
 
 def parse_sites(spec: str) -> dict[str, tuple[str, ...]]:
     """``"berlin=image+signal,paris=signal"`` -> ``{"berlin": ("image", "signal"), "paris": ("signal",)}``."""
+    from common.data import synthetic  # here, not at import: torch (`fedfuse data --help` stays fast)
+
     known = synthetic.schema().names
     sites: dict[str, tuple[str, ...]] = {}
     for part in (p.strip() for p in spec.split(",")):
@@ -56,6 +57,7 @@ def parse_sites(spec: str) -> dict[str, tuple[str, ...]]:
 def write_synthetic_sites(out: str | os.PathLike[str], sites: dict[str, tuple[str, ...]], *, samples: int = 240,
                           seed: int = 0) -> dict[str, Path]:
     """Write one synthetic site folder per site under ``out`` (new or empty); returns name -> folder."""
+    from common.data import synthetic
     from common.data.site_folders import write_site
 
     out = Path(out)

@@ -6,11 +6,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 
 
@@ -19,7 +14,10 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     from common.model.evaluation import OWN_MODALITIES, headline, shown_subsets
 
     rounds = [(r["round"], headline(r.get("evaluate"))) for r in results["rounds"] if headline(r.get("evaluate"))]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    from matplotlib.figure import Figure  # the Figure API: pyplot's global backend stays as it is
+
+    fig = Figure(figsize=(9, 4.5))
+    ax = fig.subplots()
     ax.plot([x for x, _ in rounds], [e["accuracy"] for _, e in rounds], color="black", linewidth=2.5, label=OWN_MODALITIES)
     last = rounds[-1][1]["by_modalities"] if rounds else {}
     subsets = shown_subsets(last)
@@ -36,13 +34,15 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     ax.set_title("Accuracy per round, by modalities present at test time")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_epsilon(results: dict[str, Any], path: Path) -> Path:
     """Cumulative epsilon per round for each client, with each client's budget."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.figure import Figure  # the Figure API: pyplot's global backend stays as it is
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     clients = sorted({c for r in results["rounds"] for c in (r.get("epsilon") or {})})
     for client in clients:
         pts = [(r["round"], r["epsilon"][client]) for r in results["rounds"] if (r.get("epsilon") or {}).get(client) is not None]
@@ -61,7 +61,6 @@ def plot_epsilon(results: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Privacy spend per client (δ = {delta:g})" if isinstance(delta, float) else "Privacy spend per client")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -73,9 +72,12 @@ def contributions_figure(overall: dict[str, Any], *, width: float = 7) -> Any:
         return None
     mods = list(games[0][2]["shapley"])
     values = [v for _, _, g in games for v in g["shapley"].values()]
-    fig, ax = plt.subplots(figsize=(width, 1.2 + 0.55 * len(mods)))
+    from matplotlib.figure import Figure  # the Figure API: pyplot's global backend stays as it is
+
+    fig = Figure(figsize=(width, 1.2 + 0.55 * len(mods)))
+    ax = fig.subplots()
     height = 0.38
-    for k, (metric, name, game) in enumerate(games):
+    for k, (_metric, name, game) in enumerate(games):
         ys = [i + (k - 0.5) * height for i in range(len(mods))]
         vals = [game["shapley"].get(m, 0.0) for m in mods]
         err = None if game.get("exact", True) else [1.96 * game.get("stderr", {}).get(m, 0.0) for m in mods]
@@ -103,7 +105,6 @@ def plot_contributions(results: dict[str, Any], path: Path) -> Path | None:
     if fig is None:
         return None
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -18,15 +18,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from common.insight.contributions import METRICS, class_scores, modality_contributions, subset_figures  # noqa: E402
-from common.errors import FedfuseError  # noqa: E402
-from common.insight.plots import COLORS, contributions_figure  # noqa: E402
+from common.insight.contributions import METRICS, class_scores, modality_contributions, subset_figures
+from common.errors import FedfuseError
+from common.insight.plots import COLORS, contributions_figure
 
 REPORT_FILE = "report.html"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}  # as the page names them
@@ -146,10 +140,11 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: Sequ
 
 def svg(fig: Any) -> str:
     """A matplotlib figure as inline SVG (text drawn as paths: no font to fetch)."""
+    import matplotlib
+
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "fedfuse-report"}):
         fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
     text = buf.getvalue()
     text = re.sub(r"<metadata>.*?</metadata>\s*", "", text[text.index("<svg"):], flags=re.S)  # creator, date
     return f'<div class="chart">{text}</div>'
@@ -237,7 +232,10 @@ def _scores(results: Mapping[str, Any], modalities: Sequence[str]) -> str:
                f"samples that have all of them. Figures: {how}. Black line: every sample with the modalities it has.</p>")
     final_acc = {s: f["accuracy"] for s, f in by.items() if isinstance(f.get("accuracy"), (int, float))}
     shown = _chart_subsets(final_acc, modalities)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.9))
+    axes = fig.subplots(1, 2)
     xs = [r["round"] for r in rounds]
     figures = [subset_figures(r["evaluate"]) for r in rounds]
     for ax, metric in zip(axes, METRICS):
@@ -285,7 +283,11 @@ def _contributions_over_rounds(results: Mapping[str, Any], modalities: Sequence[
             points.setdefault(m, []).append((r["round"], v))
     if not points or max(len(p) for p in points.values()) < 2:
         return None
-    fig, ax = plt.subplots(figsize=(11, 3.0))
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(11, 3.0))
+    ax = fig.subplots()
     for i, (m, pts) in enumerate(points.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3.5, color=COLORS[i % len(COLORS)], label=m)
     ax.axhline(0, color="black", linewidth=0.8)

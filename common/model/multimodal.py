@@ -3,46 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from common.model.encoders import DEFAULT, build_encoder
+from common.model.encoders import build_encoder
+from common.config import ModelConfig  # the run config's model section is the architecture: one definition
 from common.errors import GlobalParametersError
-from common.model.fusion import FUSIONS, build_head
+from common.model.fusion import build_head
 from common.data.schema import DatasetSchema
 from common.model.transforms import RecordTransform, parse_transforms
 
 HEAD_PREFIX = "head."
 ENCODER_PREFIX = "encoders."
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture shared by the whole federation (the head must match on every client)."""
-
-    fusion: str = "attention"  # attention | concat | late
-    embed_dim: int = 32  # shared embedding size every encoder maps to
-    hidden_dim: int = 32  # width of the head's hidden layers
-    transforms: str = ""  # per-record input transforms per modality, e.g. "acc=gravity+magnitude" (common/model/transforms.py)
-    encoders: tuple[tuple[str, str], ...] = ()  # (modality, encoder choice): model.encoder.<modality>; others: the default
-
-    def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got '{self.fusion}'")
-        if self.embed_dim < 1 or self.hidden_dim < 1:
-            raise ValueError("embed_dim and hidden_dim must be positive")
-        parse_transforms(self.transforms)  # a clear error now for an unknown name or a malformed chain
-
-    @classmethod
-    def from_section(cls, section) -> "ModelConfig":  # noqa: ANN001  (common.config.ModelSection)
-        """The architecture a run config's ``model`` section describes."""
-        return cls(section.fusion, section.embed_dim, section.hidden_dim, section.transforms, tuple(sorted(section.encoders.items())))
-
-    def encoder_for(self, modality: str) -> str:
-        """The encoder choice for ``modality`` (``"default"``: its kind's)."""
-        return dict(self.encoders).get(modality, DEFAULT)
 
 
 class MultimodalModel(nn.Module):

@@ -30,9 +30,8 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as _opacus_rdp
 
+from common.config import ACCOUNTANTS
 from common.errors import BudgetExhaustedError, NonPrivateHistoryError, PrivacyParameterError
-
-ACCOUNTANTS = ("prv", "rdp")
 
 # Opacus recomputes the RDP of one subsampled Gaussian step for ~150 orders on every call (PRV uses
 # it too, to size its domain): 0.7 s of a 0.8 s epsilon. It is a pure function of (q, sigma, order),
@@ -344,10 +343,3 @@ class PrivacyHistory:
         if not isinstance(data, dict):
             raise PrivacyParameterError("malformed privacy history: expected a JSON object")
         return cls.from_dict(data)
-
-
-def format_spend(epsilon: float | None, delta: float | None) -> str:
-    """Privacy spend as ``(ε = 2.31, δ = 1e-05)``; non-private as ``(ε = ∞, non-private)``."""
-    if epsilon is None or math.isinf(epsilon):
-        return "(ε = ∞, non-private)"
-    return f"(ε = {epsilon:.2f}, δ = {delta:g})" if delta is not None else f"(ε = {epsilon:.2f})"

@@ -27,10 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
-
+from common.privacy.spend import format_spend
 from common.privacy.ledger import (
     ACCOUNTING,
     CORRUPT,
@@ -76,6 +73,11 @@ def allowance(recomputed: float, tolerance: float) -> float:
 @lru_cache(maxsize=4096)
 def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str, fine: bool = False,
              legacy: bool = False) -> float:
+    # Imported here, not at module level: dp_accounting takes seconds to import (`fedfuse audit --help` stays fast).
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     events = []
     for sigma, q, steps in history:
         step = dp_accounting.GaussianDpEvent(sigma)
@@ -544,13 +546,6 @@ def audit_path(
 # --- presenting ---------------------------------------------------------------------------------
 
 
-def privacy_spend(epsilon: float | None, delta: float | None) -> str:
-    """``(ε = 2.31, δ = 1e-05)``; ``(ε = ∞)`` when there is no finite epsilon."""
-    if epsilon is None or delta is None or not math.isfinite(epsilon):
-        return "(ε = ∞)"
-    return f"(ε = {epsilon:.2f}, δ = {delta:g})"
-
-
 def format_report(report: AuditReport) -> str:
     """The audit as a text table, then every problem, then the tolerance rule."""
     header = ["client", "modalities", "rounds", "privacy spend", "recomputed ε", "budget ε", "status"]
@@ -564,8 +559,7 @@ def format_report(report: AuditReport) -> str:
             ",".join(c.modalities) or "-",
             f"{c.rounds}" + (f" (+{c.refused_rounds} refused)" if c.refused_rounds else "")
             + (f" (+{c.discarded_rounds} discarded)" if c.discarded_rounds else ""),
-            "-" if not c.entries else (privacy_spend(last.get("epsilon"), last.get("delta")) if c.private
-                                       else "(ε = ∞, non-private)"),
+            "-" if not c.entries else format_spend(last.get("epsilon") if c.private else None, last.get("delta")),
             "-" if rec is None else ("∞" if math.isinf(rec) else f"{rec:.2f}"),
             "∞" if not c.private else (f"{budget:g}" if isinstance(budget, (int, float)) else "-"),
             c.status.upper() if c.findings else c.status,
@@ -591,13 +585,11 @@ def report_json(report: AuditReport) -> str:
 
 def plot_report(report: AuditReport, path: str | Path) -> None:
     """PNG of recorded (solid) and recomputed (dashed) epsilon per ledger entry, budget dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     for n, (cid, c) in enumerate(report.clients.items()):
         color = f"C{n % 10}"
         xs = [i + 1 for i, e in enumerate(c.entries) if e.get("private") is True]
@@ -618,4 +610,3 @@ def plot_report(report: AuditReport, path: str | Path) -> None:
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)

@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common.config import ACCOUNTANTS
 from common.errors import FedfuseError
 from common.fileio import atomic_write_bytes, fsync_dir
 
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # the version new entries get
 READ_VERSIONS = (1, 2)  # versions this fedfuse verifies (a chain may mix them: v1 entries, then v2)
 STATUSES = ("trained", "refused-budget", "discarded")  # discarded: trained, failed, nothing sent
-ACCOUNTANTS = ("prv", "rdp")
 GENESIS_HASH = "0" * 64  # prev_hash of entry 0
 LEAF_PREFIX = b"\x00"  # RFC 6962 leaf prefix: an entry hash can never collide with a (future) node hash
 UNSIGNED_FIELDS = ("entry_hash", "signature")  # everything else is hashed

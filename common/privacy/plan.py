@@ -147,10 +147,10 @@ def suggest(plans: list[Plan], base: Setting) -> Plan:
 
 def federation_sizes(config: RunConfig) -> tuple[dict[str, tuple[int, int]], dict[str, float], int]:
     """Per client: (training examples, parameters it trains); its budget; the head's parameter count."""
-    from common.model.multimodal import ModelConfig, MultimodalModel, global_head_template
+    from common.model.multimodal import MultimodalModel, global_head_template
     from common.data.partition import client_partition, federation_space, num_clients
 
-    model_config = ModelConfig.from_section(config.model)
+    model_config = config.model
     sites, budgets = {}, {}
     for index in range(num_clients(config)):
         part = client_partition(config, index)

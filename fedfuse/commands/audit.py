@@ -9,6 +9,7 @@ from pathlib import Path
 
 from common.privacy.audit import (DEFAULT_TOLERANCE, EXIT_CODES, EXIT_EMPIRICAL, EXIT_OK, audit_path, format_report, plot_report,
                           report_json)
+from common.config import ACCOUNTANTS
 from common.errors import ConfigError
 from common.privacy.ledger import ACCOUNTING, CORRUPT, OVER_BUDGET, TAMPERING, LedgerError
 
@@ -80,7 +81,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     emp.add_argument("--sample-rate", type=float, metavar="Q",
                      help="Poisson sampling rate, 1/k for a whole k (default 0.02)")
     emp.add_argument("--real-samples", type=int, metavar="N", help="real synthetic samples trained alongside (default 500)")
-    emp.add_argument("--accountant", choices=("prv", "rdp"), help="accountant that calibrates and claims (default prv)")
+    emp.add_argument("--accountant", choices=ACCOUNTANTS, help="accountant that calibrates and claims (default prv)")
     emp.add_argument("--seed", type=int, help="canary inclusion, real data, initial weights; never the DP noise (default 0)")
 
 

@@ -9,16 +9,6 @@ import sys
 from pathlib import Path
 
 from common.errors import DataError, SchemaError
-from common.data.site_folders import (
-    SCHEMA_FILE,
-    TRAIN_SPLIT,
-    Problem,
-    check_site,
-    federation_schema,
-    site_folders,
-    split_hint,
-    summarize_site,
-)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +100,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _folders(path: Path) -> list[Path]:
     """A folder with schema.json is a site; otherwise its sub-folders are."""
+    from common.data.site_folders import SCHEMA_FILE, site_folders
+
     if not path.is_dir():
         raise DataError(f"{path} is not a folder; give a site folder or a folder of site folders")
     return [path] if (path / SCHEMA_FILE).exists() or not site_folders(path) else site_folders(path)
@@ -142,6 +134,8 @@ def _inspect(path: Path, *, as_json: bool) -> int:
 
 
 def _validate(path: Path, *, as_json: bool) -> int:
+    from common.data.site_folders import Problem, check_site, federation_schema, summarize_site
+
     folders = _folders(path)
     checked = {f.name: check_site(f) for f in folders}
     failed: dict[str, list[Problem]] = {k: problems for k, (_, problems) in checked.items() if problems}
@@ -177,6 +171,8 @@ def _validate(path: Path, *, as_json: bool) -> int:
 
 
 def _format_summary(s: dict) -> str:
+    from common.data.site_folders import TRAIN_SPLIT, split_hint
+
     splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
     roles = "; ".join(f"{k}: {v}" for k, v in s["split_roles"].items())
     presence = ", ".join(f"{k} {v}" for k, v in s["presence"].items())

@@ -11,8 +11,6 @@ from typing import Any
 
 from common.config import RunConfig
 
-from common.privacy.plan import RANKING_ACCOUNTANT
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="a folder of site folders (one client per site)")
@@ -24,11 +22,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def make_plans(config: RunConfig) -> dict[str, Any]:
     """The configured setting, every candidate (ranked with RDP), and the suggested one, for ``config``'s sites."""
-    from common.privacy.plan import Setting, candidates, federation_sizes, plan, suggest
+    from common.privacy.plan import RANKING_ACCOUNTANT, Setting, candidates, federation_sizes, plan, suggest
 
     sites, budgets, head = federation_sizes(config)
     base = Setting(config.train.batch_size, config.server.num_server_rounds, config.train.local_epochs)
-    kwargs = dict(epsilon=budgets, delta=config.dp.delta)
+    kwargs: dict[str, Any] = dict(epsilon=budgets, delta=config.dp.delta)
     ranked = [plan(sites, head, s, accountant=RANKING_ACCOUNTANT, **kwargs) for s in candidates(base, max(n for n, _ in sites.values()))]
     suggested = suggest(ranked, base).setting
     chosen = {base: plan(sites, head, base, accountant=config.dp.accountant, **kwargs)}
@@ -52,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _as_json(plans: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    from common.privacy.plan import RANKING_ACCOUNTANT
+
     def one(p: Any) -> dict[str, Any]:
         return {"setting": p.setting.__dict__, "nsr_head": p.nsr_head, "head_params": p.head_params,
                 "drowned": p.drowned, "sites": [s.__dict__ for s in p.sites]}
@@ -65,7 +65,7 @@ def _print(plans: dict[str, Any], config: RunConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from common.privacy.plan import DROWNING
+    from common.privacy.plan import DROWNING, RANKING_ACCOUNTANT
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     configured, suggested = plans["configured"], plans["suggested"]

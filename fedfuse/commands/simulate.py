@@ -14,6 +14,7 @@ from typing import Any
 from common.config import parse_run_config
 from common.errors import ConfigError, FedfuseError
 from common.logs import setup_logging
+from fedfuse.progress import round_progress
 from simulations.scenario import build_config
 
 log = logging.getLogger("fedfuse.simulate")
@@ -61,10 +62,13 @@ def run(args: argparse.Namespace) -> int:
 
     check_run_encoders(tuple(specs.values()), config.model.encoders, config.model.inits, config.model.embed_dim,
                        config.train.grad_sample_mode)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, verbose=args.verbose)
     log.info("simulating %d clients for %d rounds; output in %s", clients, config.server.num_server_rounds, out)
+    bar = sys.stderr.isatty() and not args.quiet and not args.verbose  # plain lines in a log file, a pipe or with -v
     try:
-        seconds = runner.run(flat, num_clients=clients, out_dir=out, cpus_per_client=args.cpus_per_client)
+        with round_progress(config.server.num_server_rounds, enabled=bar):
+            seconds = runner.run(flat, num_clients=clients, out_dir=out, cpus_per_client=args.cpus_per_client,
+                                 verbose=args.verbose)
     except KeyboardInterrupt:
         print(f"interrupted; continue with: fedfuse simulate --resume {out}", file=sys.stderr)
         return 130
@@ -93,29 +97,55 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(results: dict[str, Any], seconds: float) -> None:
     """The final accuracy per modality subset and each client's privacy spend."""
     from rich.console import Console
-    from rich.table import Table
-
-    from common.privacy.accounting import format_spend
 
     console = Console(width=None if sys.stdout.isatty() else 120)
     final = results.get("final")
     if final:
         console.print(final_table(final, results["rounds"][-1]["round"]))
-    clients = results["privacy"]["clients"]
-    table = Table(title="Privacy spend per client")
-    for column in ("client", "modalities", "rounds", "spend", "budget", "status"):
-        table.add_column(column)
-    for cid, c in sorted(clients.items()):
-        eps = c.get("epsilon")
-        budget = c.get("budget")
-        table.add_row(cid, "+".join(c.get("modalities", [])), str(c.get("rounds_trained", 0)),
-                      format_spend(math.inf if eps is None else eps, c.get("delta")),
-                      "∞" if budget is None else f"{budget:g}", c.get("status", ""))
-    console.print(table)
+    console.print(privacy_table(results["privacy"]["clients"]))
     for warning in results.get("warnings", []):
         console.print(f"[bold yellow]warning:[/] round {warning['round']}: {warning['message']}")
     console.print(f"{len(results['rounds'])} rounds in {seconds:.0f} s. Results, plots, checkpoints: "
                   f"{Path(results['config']['out-dir'])}")
+
+
+MAX_CLIENT_ROWS = 20  # more clients than this: one row per group of clients alike (every client is in results.json)
+
+
+def privacy_table(clients: dict[str, dict[str, Any]]) -> Any:
+    """Each client's privacy spend; past :data:`MAX_CLIENT_ROWS` clients, one row per (modalities, budget, status)."""
+    from rich.table import Table
+
+    from common.privacy.spend import format_spend
+
+    def spend(c: dict[str, Any]) -> float:
+        return math.inf if c.get("epsilon") is None else c["epsilon"]
+
+    def budget(c: dict[str, Any]) -> str:
+        return "∞" if c.get("budget") is None else f"{c['budget']:g}"
+
+    if len(clients) <= MAX_CLIENT_ROWS:
+        table = Table(title="Privacy spend per client")
+        for column in ("client", "modalities", "rounds", "spend", "budget", "status"):
+            table.add_column(column)
+        for cid, c in sorted(clients.items()):
+            table.add_row(cid, "+".join(c.get("modalities", [])), str(c.get("rounds_trained", 0)),
+                          format_spend(spend(c), c.get("delta")), budget(c), c.get("status", ""))
+        return table
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for c in clients.values():
+        groups.setdefault(("+".join(c.get("modalities", [])), budget(c), c.get("status", "")), []).append(c)
+    table = Table(title=f"Privacy spend of {len(clients)} clients, by modalities, budget and status",
+                  caption="every client's figures: results.json, privacy.clients")
+    for column in ("modalities", "budget", "status", "clients", "rounds", "highest spend"):
+        table.add_column(column, justify="right" if column in ("clients", "rounds") else "left")
+    for (modalities, budget_, status), members in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0])):
+        rounds = sorted(c.get("rounds_trained", 0) for c in members)
+        top = max(members, key=spend)
+        table.add_row(modalities, budget_, status, str(len(members)),
+                      str(rounds[0]) if rounds[0] == rounds[-1] else f"{rounds[0]}-{rounds[-1]}",
+                      format_spend(spend(top), top.get("delta")))
+    return table
 
 
 def final_table(final: dict[str, Any], last_round: int) -> Any:

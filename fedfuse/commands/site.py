@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from common.errors import ConfigError
+from common.logs import setup_flower_logging
 
 log = logging.getLogger("fedfuse.site")
 STOP_GRACE = 15.0  # seconds the SuperNode gets to stop after SIGTERM
@@ -65,10 +66,7 @@ def _executor_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen site command."""
-    logging.getLogger("flwr").propagate = False  # Flower logs through its own handler; fedfuse's root handler would repeat it
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # else one line per request: the executor polls 10 times a second
-    if logging.getLogger("fedfuse").level == logging.NOTSET:  # this is the site's log: show what fedfuse does
-        logging.getLogger("fedfuse").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    setup_flower_logging(verbose=args.verbose)  # fedfuse's lines and the rest: the CLI's set-up (common/logs.py)
     return int(args._run(args))
 
 

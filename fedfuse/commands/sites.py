@@ -45,9 +45,6 @@ def _connection_option(parser: argparse.ArgumentParser, default: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """List the sites, or register keys."""
-    import logging
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if args.sites_command == "register":
         return _register(args.keys, args.federation, args.name)
     nodes = list_nodes(args.federation, quiet=args.json)

@@ -293,8 +293,8 @@ def _profile(variants: dict[str, _Variant], data, batches: list[torch.Tensor], *
                 t.append(time.thread_time())
                 if opacus_steps:
                     opt = v.optimizer
-                    for phase in (opt.clip_and_accumulate, opt.add_noise, opt.scale_grad, lambda: opt.step_hook(opt),
-                                  opt.original_optimizer.step, lambda: opt.zero_grad(set_to_none=True)):
+                    for phase in (opt.clip_and_accumulate, opt.add_noise, opt.scale_grad, lambda: opt.step_hook(opt),  # noqa: B023 (called in this iteration)
+                                  opt.original_optimizer.step, lambda: opt.zero_grad(set_to_none=True)):  # noqa: B023
                         phase()
                         t.append(time.thread_time())
                     labels_ = ("clip (norms, sum)", "noise", "scale", "accountant hook", "SGD step", "zero_grad")

@@ -95,7 +95,7 @@ def pooled_test_f1(run_dir: Path, cache: Path, config: dict[str, Any]) -> float:
     sites = [load_site(p) for p in heldout_sites(cache)]
     schema = federation_schema(sites)
     trained = [m for m in schema.names if any(k.startswith(f"{ENCODER_PREFIX}{m}.") for k in state)]
-    model = MultimodalModel(schema.restrict(trained), ModelConfig.from_section(parse_run_config(config).model))
+    model = MultimodalModel(schema.restrict(trained), parse_run_config(config).model)
     model.load_partial({k: v for k, v in state.items() if k in model.state_dict()})
     truth, pred = [], []
     for site in sites:
@@ -126,7 +126,7 @@ def summarize(runs: dict[str, dict[str, Any]], cells_: list[C.Cell], cache: Path
         key = name.rsplit("-s", 1)[0]
         s = settings.setdefault(key, {"encoders": row["encoders"], "p": row["p"], "budget": row["budget"], "runs": []})
         s["runs"].append(name)
-    for key, s in settings.items():
+    for s in settings.values():
         rows = [per_run[n] for n in s["runs"]]
         for metric in ("test_macro_f1", "test_macro_f1_per_subject", "test_accuracy", "client_macro_f1", "max_epsilon"):
             vals = [r[metric] for r in rows if r.get(metric) is not None]

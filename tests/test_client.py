@@ -109,20 +109,20 @@ def test_a_reply_carries_the_ledger_from_the_head_the_server_holds(tmp_path):
 
 
 def test_a_round_verifies_the_ledger_once_and_a_tampered_ledger_stops_it_before_training(tmp_path, monkeypatch):
-    import common.ledger
+    import common.privacy.ledger
 
     flat = run_config(tmp_path, **{"num-server-rounds": 3})
     folder = tmp_path / "clients" / "client-00"
     handle_train(train_message(global_head(), 1), context(flat))
     full_checks = []
-    real_check = common.ledger.check_chain
+    real_check = common.privacy.ledger.check_chain
 
     def counting(entries, **kwargs):
         if kwargs.get("verified", 0) == 0 and entries:
             full_checks.append(len(entries))
         return real_check(entries, **kwargs)
 
-    monkeypatch.setattr(common.ledger, "check_chain", counting)
+    monkeypatch.setattr(common.privacy.ledger, "check_chain", counting)
     # one verification of the whole chain a round; the new entry is checked against it alone
     assert handle_train(train_message(global_head(), 2), context(flat)).content[M.CLIENT][M.STATUS] == M.STATUS_OK
     assert full_checks == [1]
@@ -131,7 +131,7 @@ def test_a_round_verifies_the_ledger_once_and_a_tampered_ledger_stops_it_before_
     edited = json.loads(lines[1]) | {"epsilon": 0.01}
     (folder / "ledger.jsonl").write_text("\n".join([lines[0], json.dumps(edited, sort_keys=True, separators=(",", ":"))]) + "\n")
     history = json.loads((folder / "privacy.json").read_text())["privacy"]["history"]
-    with pytest.raises(common.ledger.LedgerError, match="does not verify"):
+    with pytest.raises(common.privacy.ledger.LedgerError, match="does not verify"):
         handle_train(train_message(global_head(), 3), context(flat))
     # Assert: caught before the data was used: nothing trained, nothing charged, nothing appended
     assert json.loads((folder / "privacy.json").read_text())["privacy"]["history"] == history

@@ -22,7 +22,7 @@ from common.model.warm_start import warm_start
 from common.model.validation import check_model_encoders, site_refusal
 from common.errors import BudgetExhaustedError, EncoderError, NonFiniteError
 from common.model.evaluation import evaluate
-from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, read_ledger, utc_now
+from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, utc_now
 from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, MultimodalModel, check_global_parameters
 from client.state import ClientRecord, ClientState
 from common.privacy.training import DPRequest, RoundResult, local_training, sampling_plan, train_round
@@ -92,16 +92,37 @@ def _merge_global(model: MultimodalModel, message: Message, keys: list[str]) -> 
     return merged
 
 
-def _identity(site: SiteContext, status: str, reason: str = "", ledger: Ledger | None = None) -> ConfigRecord:
+def _identity(site: SiteContext, status: str, reason: str = "", ledger: list[dict] | None = None,
+              request: ConfigRecord | None = None) -> ConfigRecord:
     record = {M.CLIENT_ID: site.client_id, M.MODALITIES: list(site.modalities), M.STATUS: status, M.REASON: reason}
-    if ledger is not None:  # the whole ledger: the server appends the entries its copy lacks
-        record[M.LEDGER] = [encode_entry(e) for e in ledger.entries()]
+    if ledger is not None:  # the entries the server's copy lacks: it appends them after checking they continue it
+        # from the last entry the server holds on (it checks that entry is its copy's last), or the whole ledger
+        record[M.LEDGER] = [encode_entry(e) for e in ledger[max(_server_holds(ledger, request) - 1, 0):]]
     return ConfigRecord(record)
 
 
-def _status_reply(message: Message, site: SiteContext, status: str, reason: str, metrics: dict, ledger: Ledger | None = None) -> Message:
+def _server_holds(ledger: list[dict], request: ConfigRecord | None) -> int:
+    """How many leading entries of ``ledger`` the federation's copy holds, as the request says (0 if it does not
+    say, or if what it says is not this ledger's beginning: then the whole ledger goes, and the server decides)."""
+    if request is None:
+        return 0
+    held, head = request.get(M.LEDGER_HELD), request.get(M.LEDGER_HEAD)
+    if not isinstance(held, int) or not 0 < held <= len(ledger) or ledger[held - 1].get("entry_hash") != head:
+        return 0
+    return held
+
+
+def _ledger_entries(path: Path) -> list[dict] | None:
+    """The client's whole verified ledger, or None when it has none."""
+    ledger = Ledger(path)
+    return ledger.entries() if ledger.path.exists() else None
+
+
+def _status_reply(message: Message, site: SiteContext, status: str, reason: str, metrics: dict,
+                  ledger: list[dict] | None = None) -> Message:
     log.warning("%s: %s", site.client_id, reason)
-    content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: _identity(site, status, reason, ledger)})
+    request = message.content.config_records.get(M.CONFIG)
+    content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: _identity(site, status, reason, ledger, request)})
     return Message(content, reply_to=message)
 
 
@@ -155,14 +176,16 @@ def _run_epsilon(record: ClientRecord, run_id: str) -> float:
     return record.history.run_epsilon(run_id)
 
 
-def _sign(state: ClientState, fields: dict) -> Ledger:
-    """Append ``fields`` to the client's own ledger, signed with its key."""
-    ledger = Ledger(state.folder / LEDGER_FILE)
+def _sign(state: ClientState, ledger: Ledger, fields: dict) -> list[dict]:
+    """Append ``fields`` to the client's own ledger, signed with its key; return the whole chain.
+
+    ``ledger`` was verified at the start of the round (:func:`handle_train`): the append checks only the new
+    entry against it, unless the file changed since."""
     ledger.append(fields, LedgerKey.load_or_create(state.folder / KEY_FILE))
-    return ledger
+    return ledger.chain or []
 
 
-def _charge(state: ClientState, record: ClientRecord, fields: dict) -> Ledger:
+def _charge(state: ClientState, ledger: Ledger, record: ClientRecord, fields: dict) -> list[dict]:
     """Record a round's privacy spend, then its ledger entry.
 
     The entry is saved with the accountant history in one atomic write (as ``record.pending``) before
@@ -171,21 +194,21 @@ def _charge(state: ClientState, record: ClientRecord, fields: dict) -> Ledger:
     """
     record.pending = fields
     state.save_record(record)
-    return _sign(state, fields)
+    return _sign(state, ledger, fields)
 
 
-def _settle(state: ClientState, record: ClientRecord, client_id: str) -> None:
+def _settle(state: ClientState, ledger: Ledger, record: ClientRecord, client_id: str) -> None:
     """Sign the last charged round's entry if a crash kept it out of the ledger."""
     pending = record.pending
     if not pending:
         return
     key = (pending["run_id"], pending["round"], pending["time"])
-    entries, _ = read_ledger(state.folder / LEDGER_FILE)  # parse only: _sign verifies the chain before appending
+    entries = ledger.entries()
     if any(isinstance(e, dict) and (e.get("run_id"), e.get("round"), e.get("time")) == key for e in entries):
         return
     log.warning("%s: round %s of run %s was charged to the privacy history but its ledger entry was not written "
                 "(a crash); signing it now", client_id, pending["round"], pending["run_id"])
-    _sign(state, pending)
+    _sign(state, ledger, pending)
 
 
 def handle_train(message: Message, context: Context, *, admit: Callable[[SiteContext], None] | None = None) -> Message:
@@ -202,14 +225,15 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
     planned_rounds = int(request[M.PLANNED_ROUNDS])
     run_budget, budget, refusal = _budgets(site, config)
     if refusal:  # its ledger goes along (read only), so that an audit of the run holds a copy of every site's ledger
-        ledger = Ledger(site.state_dir / LEDGER_FILE)
         return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0},
-                             ledger if ledger.path.exists() else None)
+                             _ledger_entries(site.state_dir / LEDGER_FILE))
 
     state = ClientState(site.state_dir)
     with state.locked():
         record = state.load_record(client_id=site.client_id, modalities=site.modalities, accountant=config.dp.accountant)
-        _settle(state, record, site.client_id)
+        ledger = Ledger(state.folder / LEDGER_FILE)
+        ledger.entries()  # verified once a round, before any data is used: a ledger that does not verify stops here
+        _settle(state, ledger, record, site.client_id)
         if record.trained(run_id, server_round):
             # Trained before a crash: re-send that update (no new privacy cost), never train twice.
             cached = state.load_reply(run_id=run_id, server_round=server_round)
@@ -217,11 +241,11 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 return _status_reply(message, site, M.STATUS_ALREADY_TRAINED,
                                      f"round {server_round} was trained before a restart and its update was lost; "
                                      "skipping it rather than spending privacy twice", {M.NUM_EXAMPLES: 0},
-                                     Ledger(state.folder / LEDGER_FILE))
+                                     ledger.entries())
             arrays, metrics = cached
             log.info("%s: round %d already trained; re-sending its update", site.client_id, server_round)
             content = RecordDict({**M.pack_arrays(arrays), M.METRICS: MetricRecord(metrics),
-                                  M.CLIENT: _identity(site, M.STATUS_OK, ledger=Ledger(state.folder / LEDGER_FILE))})
+                                  M.CLIENT: _identity(site, M.STATUS_OK, ledger=ledger.entries(), request=request)})
             return Message(content, reply_to=message)
 
         try:
@@ -245,13 +269,13 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
             )
         except BudgetExhaustedError as exc:
             # Nothing was trained or charged: the refusal goes straight into the ledger.
-            ledger = _sign(state, _entry_fields(site, config, run_id=run_id, server_round=server_round,
+            chain = _sign(state, ledger, _entry_fields(site, config, run_id=run_id, server_round=server_round,
                                                 status="refused-budget", result=None, epsilon=exc.epsilon_now,
                                                 budget=budget, update_hash=None, record=record,
                                                 run_epsilon=_run_epsilon(record, run_id), run_budget=run_budget))
             return _status_reply(message, site, M.STATUS_BUDGET_EXHAUSTED, str(exc),
                                  {M.NUM_EXAMPLES: 0, M.EPSILON: exc.epsilon_now, M.BUDGET: run_budget,
-                                  M.RUN_EPSILON: _run_epsilon(record, run_id), M.MAX_EPSILON: budget}, ledger)
+                                  M.RUN_EPSILON: _run_epsilon(record, run_id), M.MAX_EPSILON: budget}, chain)
         except BaseException as exc:
             # Failed after using the data (a non-finite loss, an error mid-round): the round's privacy cost stays
             # on record, in the history and the ledger, though its update is discarded.
@@ -259,8 +283,8 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 raise
             epsilon = record.history.epsilon()
             run_epsilon = _run_epsilon(record, run_id)
-            ledger = _charge(state, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
-                                                          status="discarded", result=None, epsilon=epsilon,
+            chain = _charge(state, ledger, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
+                                                                 status="discarded", result=None, epsilon=epsilon,
                                                           budget=budget, update_hash=None, record=record,
                                                           run_epsilon=run_epsilon, run_budget=run_budget))
             if not isinstance(exc, NonFiniteError):
@@ -270,7 +294,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
             log.warning("%s: %s", site.client_id, exc)
             return _status_reply(message, site, M.STATUS_DISCARDED, DISCARDED_REASON,
                                  {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: run_budget,
-                                  M.RUN_EPSILON: run_epsilon, M.MAX_EPSILON: budget}, ledger)
+                                  M.RUN_EPSILON: run_epsilon, M.MAX_EPSILON: budget}, chain)
 
         # Persist privacy first, then the model, then the reply (see client/state.py).
         shared_set = set(shared)
@@ -284,8 +308,8 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
             metrics[M.TRAIN_LOSS] = result.train_loss
         digest = update_digest(arrays)
         record.rounds.append([run_id, server_round])
-        ledger = _charge(state, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
-                                                      status="trained", result=result, epsilon=result.epsilon,
+        chain = _charge(state, ledger, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
+                                                             status="trained", result=result, epsilon=result.epsilon,
                                                       budget=budget, update_hash=digest, record=record,
                                                       run_epsilon=result.run_epsilon, run_budget=run_budget))
         state.save_model(model.state_dict())
@@ -295,7 +319,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
     log.info("%s: round %d trained in %.1fs, %s", site.client_id, server_round, result.seconds,
              f"ε = {result.epsilon:.3f}" if result.private else "non-private")
     content = RecordDict({**M.pack_arrays(arrays), M.METRICS: MetricRecord(metrics),
-                          M.CLIENT: _identity(site, M.STATUS_OK, ledger=ledger)})
+                          M.CLIENT: _identity(site, M.STATUS_OK, ledger=chain, request=request)})
     return Message(content, reply_to=message)
 
 

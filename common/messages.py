@@ -3,9 +3,12 @@
 Parameters travel packed (:func:`pack_arrays`): "arrays" holds ONE flat float32 array and "packing" the
 names and shapes it holds (in a deployment every array is its own HTTPS request, twice each way).
 
-Train request   {"arrays"+"packing": global shared blocks, "config": {SERVER_ROUND, RUN_ID, PLANNED_ROUNDS}}
+Train request   {"arrays"+"packing": global shared blocks, "config": {SERVER_ROUND, RUN_ID, PLANNED_ROUNDS,
+                 LEDGER_HELD, LEDGER_HEAD (how much of this client's ledger the federation's copy holds)}}
 Train reply     {"arrays"+"packing": the client's head blocks (+ its encoders when encoders = "federated"),
                  "metrics": {NUM_EXAMPLES, EPSILON, ...}, "client": {CLIENT_ID, MODALITIES, STATUS, LEDGER, ...}}
+                 LEDGER: the entries the federation's copy lacks (from LEDGER_HELD on when its entry
+                 LEDGER_HELD - 1 has hash LEDGER_HEAD, else the whole ledger); each entry carries its index.
                  A reply whose STATUS is not "ok" carries no arrays.
 Secure train    (secagg.enabled: Flower's SecAgg+, legacy FitIns / FitRes records, see server/secagg.py)
                 FitIns: the global head as arrays in LAYOUT order, config {SERVER_ROUND, RUN_ID,
@@ -42,6 +45,8 @@ CLIENT = "client"
 SERVER_ROUND = "server-round"
 RUN_ID = "run-id"
 PLANNED_ROUNDS = "planned-rounds"
+LEDGER_HELD = "ledger-held"  # entries of the client's ledger in the federation's copy (absent: none known)
+LEDGER_HEAD = "ledger-head"  # entry_hash of the last of them
 
 # Secure aggregation
 LAYOUT = "layout"  # FitIns config: JSON list of the global head's keys, in the order of the masked vector
@@ -51,7 +56,7 @@ CLIENT_ID = "client-id"
 MODALITIES = "modalities"
 STATUS = "status"
 REASON = "reason"
-LEDGER = "ledger"  # the client's whole signed ledger, one JSON string per entry
+LEDGER = "ledger"  # the signed ledger entries the server lacks, one JSON string per entry, in chain order
 
 STATUS_OK = "ok"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"  # the round would exceed the client's budget: nothing trained

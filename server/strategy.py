@@ -74,6 +74,7 @@ class FedFuse(FedAvg):
         self.heldout = heldout  # server-side evaluation of the global model (encoders = "federated")
         self.node_clients: dict[int, str] = {}  # Flower node id -> client id (node ids change across runs)
         self.node_names: dict[int, str] = {}  # Flower node id -> name at registration (PollingGrid.names, deployment)
+        self.ledger_heads: dict[str, tuple[int, str]] = {}  # client id -> (entries, last entry_hash) of its copy here
         self._round: dict[str, Any] = {}
         self._started = time.perf_counter()
         self._warned = len(learning_warnings(state.rounds, state.total_rounds))  # warnings logged before a resume
@@ -112,8 +113,9 @@ class FedFuse(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Sample clients that may still train and send them the global blocks."""
         node_ids = self.train_nodes(server_round, grid)
-        record = RecordDict({**M.pack_arrays(self.state.global_state), M.CONFIG: self.train_request(server_round)})
-        return self._construct_messages(record, node_ids, "train")
+        arrays = M.pack_arrays(self.state.global_state)
+        return [message for node in node_ids for message in self._construct_messages(
+            RecordDict({**arrays, M.CONFIG: self.train_request(server_round, node)}), [node], "train")]
 
     def train_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """The round's training clients: a sample of those not excluded (this starts the round's record)."""
@@ -136,10 +138,15 @@ class FedFuse(FedAvg):
         self._round = {"round": self.absolute(server_round), "train": {"sampled": len(node_ids)}}
         return node_ids
 
-    def train_request(self, server_round: int) -> ConfigRecord:
-        """What a train message asks for, besides the global blocks."""
-        return ConfigRecord({M.SERVER_ROUND: self.absolute(server_round), M.RUN_ID: self.state.run_id,
-                             M.PLANNED_ROUNDS: self.config.server.planned_rounds(self.state.total_rounds)})
+    def train_request(self, server_round: int, node: int | None = None) -> ConfigRecord:
+        """What a train message asks for, besides the global blocks; to a known client, how much of its ledger
+        the federation's copy holds (it then sends only the entries after them)."""
+        request = {M.SERVER_ROUND: self.absolute(server_round), M.RUN_ID: self.state.run_id,
+                   M.PLANNED_ROUNDS: self.config.server.planned_rounds(self.state.total_rounds)}
+        held = self.ledger_heads.get(self.node_clients.get(node, "")) if node is not None else None
+        if held:
+            request |= {M.LEDGER_HELD: held[0], M.LEDGER_HEAD: held[1]}
+        return ConfigRecord(request)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, keep the ledgers, average each block over the clients that sent it."""
@@ -173,13 +180,13 @@ class FedFuse(FedAvg):
                     log.warning("round %d: %s failed (%s); the details are in the site's own log", r, who, failed[who])
                     continue
                 self.node_clients[node] = reply.client_id
-                self._keep_ledger(reply.client_id, reply.ledger)
+                ledger = self._keep_ledger(reply.client_id, reply.ledger)
             except (ReplyRejected, LedgerError) as exc:
                 who = claimed or self.site_name(node)
                 rejected[who] = str(exc)
                 log.warning("round %d: rejected the reply of %s (node %d): %s", r, who, node, exc)
                 continue
-            self._record_client(reply)
+            self._record_client(reply, ledger)
             if reply.status != M.STATUS_OK:
                 refused[reply.client_id] = reply.status
                 if reply.status in EXCLUDING:
@@ -194,17 +201,32 @@ class FedFuse(FedAvg):
         self._round["train_seconds"] = round(time.perf_counter() - self._started, 3)
         return updates
 
-    def _keep_ledger(self, client_id: str, entries: list[dict[str, Any]]) -> None:
-        """Append the entries the federation's copy lacks; refuse a ledger that rewrites what it holds."""
+    def _keep_ledger(self, client_id: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append the entries the federation's copy lacks; refuse a ledger that rewrites or truncates what it holds.
+
+        ``entries`` is the part of the client's ledger it sent: from the last entry the train request said the
+        copy holds, or the whole ledger. Returns the federation's whole copy."""
         ledger = Ledger(self.folder.ledger_path(client_id))
         known = ledger.entries()
-        if len(entries) < len(known) or any(a.get("entry_hash") != b["entry_hash"] for a, b in zip(entries, known)):
+        if not entries:  # a client sends at least the last entry the copy holds: none at all is a lost ledger
+            if known:
+                raise LedgerError(f"{client_id}'s ledger does not extend the federation's copy (truncated or rewritten): "
+                                  f"it sent no entries, the copy holds {len(known)}")
+            return known
+        start = entries[0].get("index")
+        if not isinstance(start, int) or start < 0 or start > len(known):
+            raise LedgerError(f"{client_id}'s ledger entries start at {start!r}, but the federation's copy holds "
+                              f"{len(known)} entries (a gap, or a bad index)")
+        sent_to = start + len(entries)
+        if sent_to < len(known) or any(a != b for a, b in zip(entries, known[start:])):
             raise LedgerError(f"{client_id}'s ledger does not extend the federation's copy (truncated or rewritten)")
         key = known[0]["public_key"] if known else None
-        for entry in entries[len(known):]:
-            ledger.append_signed(entry, expected_public_key=key)
+        chain = ledger.extend_signed(entries[len(known) - start:], expected_public_key=key)
+        if chain:
+            self.ledger_heads[client_id] = (len(chain), chain[-1]["entry_hash"])
+        return chain
 
-    def _record_client(self, reply: Any) -> None:
+    def _record_client(self, reply: Any, ledger: list[dict[str, Any]]) -> None:
         rec = self.state.clients.setdefault(reply.client_id, {"rounds_trained": 0})
         rec["modalities"] = list(reply.modalities)
         for key, name in ((M.EPSILON, "epsilon"), (M.DELTA, "delta"), (M.BUDGET, "budget"),
@@ -212,8 +234,8 @@ class FedFuse(FedAvg):
             if key in reply.metrics:
                 rec[name] = float(reply.metrics[key])
         rec.setdefault("delta", self.config.dp.delta)
-        if "epsilon_before_run" not in rec and reply.ledger:
-            rec["epsilon_before_run"] = spend_before_run(reply.ledger, self.state.run_id)
+        if "epsilon_before_run" not in rec and ledger:
+            rec["epsilon_before_run"] = spend_before_run(ledger, self.state.run_id)
             cap = rec.get("max_epsilon")
             log.log(logging.INFO if rec["epsilon_before_run"] != 0 else logging.DEBUG,  # a fresh site: results.json
                     "%s: spent ε = %s before this run (lifetime cap max-epsilon = %s); this run may spend ε = %s "
@@ -289,11 +311,12 @@ class FedFuse(FedAvg):
         finite = [e for e in spend.values() if e is not None]
         self._round["epsilon"] = spend  # every known client's cumulative epsilon after this round
         self._round["max_epsilon"] = max(finite) if finite else None
-        self._round["seconds"] = round(time.perf_counter() - self._started, 3)
         self._round.setdefault("evaluate", None)
         if self.heldout is not None:
             self._round["server_evaluate"] = self.heldout(self.state.global_state)
         self._add_contributions(r)
+        # the round's wall time: from sampling its clients to the end of its evaluations (before its checkpoint)
+        self._round["seconds"] = round(time.perf_counter() - self._started, 3)
         self.state.rounds.append(self._round)
         self.folder.save_checkpoint(Checkpoint(r, self.state.global_state, self.optimizer.state(), self.record()))
         self.folder.write_results(self.results(status="running" if r < self.state.total_rounds else "completed"))

@@ -177,12 +177,13 @@ class Deployment:
 
     def __init__(self, root: Path, sites: Mapping[str, Sequence[str]], *, isolation: str = "warm",
                  max_epsilon: float | Mapping[str, float] = 8.0, run_config: Mapping[str, Any] | None = None,
-                 samples: int = 240, superlink_env: Mapping[str, str] | None = None):
+                 samples: int = 240, superlink_env: Mapping[str, str] | None = None, site_options: Sequence[str] = ()):
         if isolation not in ("warm", "subprocess"):
             raise ValueError(f"isolation must be 'warm' or 'subprocess', got {isolation!r}")
         self.root, self.isolation = root, isolation
         self.run_config = {**BASE_RUN_CONFIG, **(run_config or {})}
         self.superlink_env = dict(superlink_env or {})
+        self.site_options = list(site_options)  # `fedfuse site supernode`'s own options (warm isolation)
         for sub in ("homes", "logs", "runs", "data", "state", "configs"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         from common.certs import make_credentials
@@ -249,7 +250,7 @@ class Deployment:
         """The command that starts a site's SuperNode."""
         flower = self.supernode_options(site, key=key)
         if self.isolation == "warm":
-            return [str(BIN / "fedfuse"), "site", "supernode", "--", *flower]
+            return [str(BIN / "fedfuse"), "site", "supernode", *self.site_options, "--", *flower]
         return [str(BIN / "flower-supernode"), *flower]
 
     def start_site(self, name: str, *, wait: bool = True, timeout: float = 120) -> None:
@@ -442,10 +443,10 @@ def leftover_processes(root: Path) -> list[int]:
 @contextmanager
 def deployment(root: Path, *, sites: Mapping[str, Sequence[str]] = DEFAULT_SITES, run_config: Mapping[str, Any] | None = None,
                isolation: str = "warm", max_epsilon: float | Mapping[str, float] = 8.0, samples: int = 240,
-               superlink_env: Mapping[str, str] | None = None) -> Iterator[Deployment]:
+               superlink_env: Mapping[str, str] | None = None, site_options: Sequence[str] = ()) -> Iterator[Deployment]:
     """A running deployment: SuperLink up, every site's key registered, every site joined; everything stopped on exit."""
     dep = Deployment(Path(root), sites, isolation=isolation, max_epsilon=max_epsilon, run_config=run_config,
-                     samples=samples, superlink_env=superlink_env)
+                     samples=samples, superlink_env=superlink_env, site_options=site_options)
     try:
         dep.start_superlink()
         for name in dep.sites:

@@ -92,9 +92,22 @@ def _environment(out_dir: Path, verbose: bool = False) -> Iterator[None]:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def ray_init_args(*, ray_address: str | None, verbose: bool) -> dict[str, Any]:
+    """``ray.init``'s arguments: a Ray of this machine's cores, or (``ray_address``) a running Ray cluster joined."""
+    common = {"logging_level": "INFO" if verbose else "WARNING", "log_to_driver": True, "include_dashboard": False}
+    if ray_address:  # the cluster's own resources: Ray refuses num_cpus when joining one
+        return common | {"address": ray_address}
+    return common | {"num_cpus": max(1, os.cpu_count() or 1)}
+
+
 def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_per_client: float = 1.0,
-        verbose: bool = False) -> float:
-    """Simulate ``num_clients`` SuperNodes running the fedfuse apps; return the wall time in seconds."""
+        verbose: bool = False, ray_address: str | None = None) -> float:
+    """Simulate ``num_clients`` SuperNodes running the fedfuse apps; return the wall time in seconds.
+
+    ``ray_address``: join the running Ray cluster there (``ray start --head`` on one machine, ``ray start
+    --address`` on the others) instead of starting a Ray of this machine's cores; the clients' Ray actors then run
+    on every node, so the output folder (client state included) and any data folder must be at the same path on
+    every node (shared storage)."""
     import ray
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
@@ -117,8 +130,7 @@ def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_pe
     context = Context(run_id=flwr_run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
     backend = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"logging_level": "INFO" if verbose else "WARNING", "log_to_driver": True,
-                      "num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
+        "init_args": ray_init_args(ray_address=ray_address, verbose=verbose),
     }
     start = time.perf_counter()
     with _environment(out_dir, verbose):

@@ -30,8 +30,8 @@ def global_head(flat=None):
     return global_head_template(["image", "signal", "tabular"], 6, ModelConfig(fusion))
 
 
-def train_message(head, server_round=1, planned=3, run_id="run-a"):
-    config = ConfigRecord({M.SERVER_ROUND: server_round, M.RUN_ID: run_id, M.PLANNED_ROUNDS: planned})
+def train_message(head, server_round=1, planned=3, run_id="run-a", **request):
+    config = ConfigRecord({M.SERVER_ROUND: server_round, M.RUN_ID: run_id, M.PLANNED_ROUNDS: planned} | request)
     return Message(RecordDict({**M.pack_arrays(head), M.CONFIG: config}), dst_node_id=11, message_type="train")
 
 
@@ -91,6 +91,51 @@ def test_the_same_round_is_never_trained_twice(tmp_path):
     import json
     privacy = json.loads((tmp_path / "clients" / "client-00" / "privacy.json").read_text())
     assert len(privacy["privacy"]["history"]) == 1 and privacy["rounds"] == [["run-a", 1]]
+
+
+def test_a_reply_carries_the_ledger_from_the_head_the_server_holds(tmp_path):
+    flat = run_config(tmp_path, **{"num-server-rounds": 4})
+    path = tmp_path / "clients" / "client-00" / "ledger.jsonl"
+    sent = lambda reply: [json.loads(e) for e in reply.content[M.CLIENT][M.LEDGER]]  # noqa: E731
+    assert [e["index"] for e in sent(handle_train(train_message(global_head(), 1, planned=4), context(flat)))] == [0]
+    head = Ledger(path).entries()[0]["entry_hash"]
+    # the server holds entry 0: the reply carries entry 0 (its head, checked there) and the new entry 1
+    reply = handle_train(train_message(global_head(), 2, planned=4, **{M.LEDGER_HELD: 1, M.LEDGER_HEAD: head}), context(flat))
+    assert [e["index"] for e in sent(reply)] == [0, 1] and sent(reply) == Ledger(path).entries()
+    # a request whose head is not this ledger's (another client's, a forked copy): the whole ledger goes
+    reply = handle_train(train_message(global_head(), 3, planned=4, **{M.LEDGER_HELD: 2, M.LEDGER_HEAD: "0" * 64}),
+                         context(flat))
+    assert [e["index"] for e in sent(reply)] == [0, 1, 2]
+
+
+def test_a_round_verifies_the_ledger_once_and_a_tampered_ledger_stops_it_before_training(tmp_path, monkeypatch):
+    import common.privacy.ledger
+
+    flat = run_config(tmp_path, **{"num-server-rounds": 3})
+    folder = tmp_path / "clients" / "client-00"
+    handle_train(train_message(global_head(), 1), context(flat))
+    full_checks = []
+    real_check = common.privacy.ledger.check_chain
+
+    def counting(entries, **kwargs):
+        if kwargs.get("verified", 0) == 0 and entries:
+            full_checks.append(len(entries))
+        return real_check(entries, **kwargs)
+
+    monkeypatch.setattr(common.privacy.ledger, "check_chain", counting)
+    # one verification of the whole chain a round; the new entry is checked against it alone
+    assert handle_train(train_message(global_head(), 2), context(flat)).content[M.CLIENT][M.STATUS] == M.STATUS_OK
+    assert full_checks == [1]
+    # Execute: entry 1's epsilon is edited in the file, then round 3 comes
+    lines = (folder / "ledger.jsonl").read_text().splitlines()
+    edited = json.loads(lines[1]) | {"epsilon": 0.01}
+    (folder / "ledger.jsonl").write_text("\n".join([lines[0], json.dumps(edited, sort_keys=True, separators=(",", ":"))]) + "\n")
+    history = json.loads((folder / "privacy.json").read_text())["privacy"]["history"]
+    with pytest.raises(common.privacy.ledger.LedgerError, match="does not verify"):
+        handle_train(train_message(global_head(), 3), context(flat))
+    # Assert: caught before the data was used: nothing trained, nothing charged, nothing appended
+    assert json.loads((folder / "privacy.json").read_text())["privacy"]["history"] == history
+    assert len((folder / "ledger.jsonl").read_text().splitlines()) == 2
 
 
 def test_budget_exhausted_client_replies_with_a_status_and_no_update(tmp_path):

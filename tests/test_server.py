@@ -168,6 +168,47 @@ def test_the_federation_keeps_a_verified_copy_of_each_ledger(tmp_path):
     assert "truncated or rewritten" in strategy.round_record["train"]["rejected"]["c"]
 
 
+def test_a_train_request_says_how_much_ledger_the_server_holds_and_a_delta_must_continue_it(tmp_path):
+    # Prepare: client "c" on node 1 has sent its whole ledger (3 entries) once
+    strategy = make_strategy(tmp_path)
+    key, own = LedgerKey.generate(), Ledger(tmp_path / "client-ledger.jsonl")
+    update = client_update(strategy, MODALITIES, 1.0)
+
+    def entry(r):
+        return own.append(entry_fields(run_id="run-x", client_id="c", round=r, status="trained", noise_multiplier=1.0,
+                                       sample_rate=0.1, steps=10, max_grad_norm=1.0, delta=1e-5, accountant="prv",
+                                       epsilon=float(r), budget=8.0, update_hash=M.update_digest(update)), key)
+
+    def sent(entries):
+        return [encode_entry(e) for e in entries]
+
+    for r in (1, 2, 3):
+        entry(r)
+    strategy.aggregate_train(3, [reply(1, update, client="c", modalities=MODALITIES, ledger=sent(own.entries()))])
+    copy = Ledger(tmp_path / "ledgers" / "c.jsonl")
+    assert len(copy.entries()) == 3
+    # Execute: the next train request names the copy's length and head
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(4, None, ConfigRecord(), FakeGrid([1, 2]))}
+    request = messages[1].content[M.CONFIG]
+    # Assert
+    assert request[M.LEDGER_HELD] == 3 and request[M.LEDGER_HEAD] == own.entries()[2]["entry_hash"]
+    # a delta (the held head + the new entry) is appended: the copy holds all four
+    entry(4)
+    strategy.aggregate_train(4, [reply(1, update, client="c", modalities=MODALITIES, ledger=sent(own.entries()[2:]))])
+    assert copy.entries() == own.entries() and strategy._round["train"]["trained"] == ["c"]
+    # a delta that leaves a gap (entry 5 missing) is refused, and nothing is recorded
+    entry(5), entry(6)
+    strategy.aggregate_train(6, [reply(1, update, client="c", modalities=MODALITIES, ledger=sent(own.entries()[5:]))])
+    assert "start at 5" in strategy._round["train"]["rejected"]["c"] and len(copy.entries()) == 4
+    # a delta whose first entry is not the head the copy holds (a rewritten history) is refused
+    forged = dict(own.entries()[3], epsilon=0.5)
+    strategy.aggregate_train(6, [reply(1, update, client="c", modalities=MODALITIES,
+                                       ledger=sent([forged, *own.entries()[4:]]))])
+    assert "truncated or rewritten" in strategy._round["train"]["rejected"]["c"] and len(copy.entries()) == 4
+    # a node not yet known gets no ledger figures: its client sends its whole ledger
+    assert M.LEDGER_HELD not in messages[2].content[M.CONFIG]
+
+
 def test_fedadam_moves_by_the_server_learning_rate():
     opt = FedAdam(lr=0.1, beta1=0.0, beta2=0.0, tau=0.0)
     new = opt.step({"w": torch.zeros(3)}, {"w": torch.tensor([2.0, -1.0, 0.5])})

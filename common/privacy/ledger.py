@@ -325,13 +325,22 @@ def format_problems(entry: Any, *, signed: bool = True) -> list[str]:
 # --- verification -------------------------------------------------------------------------------
 
 
-def check_chain(entries: list[Any], *, expected_public_key: str | None = None) -> list[Finding]:
-    """Every problem of one copy of a ledger, with its kind (see :func:`verify_chain`)."""
+def check_chain(entries: list[Any], *, expected_public_key: str | None = None, verified: int = 0) -> list[Finding]:
+    """Every problem of one copy of a ledger, with its kind (see :func:`verify_chain`).
+
+    ``verified``: how many leading entries were checked already (with the same expected key) and found
+    free of tampering and corruption; they are not checked again, only the entries after them, against them.
+    """
     found: list[Finding] = []
     ref_key = expected_public_key
     ref_from = "the expected key"
     prev: dict[str, Any] | None = None
     for i, e in enumerate(entries):
+        if i < verified:  # checked before: only what the next entries are checked against
+            if ref_key is None:
+                ref_key, ref_from = e["public_key"], f"entry {i}"
+            prev = e
+            continue
         where = f"entry {i}"
         bad = format_problems(e)
         if bad:
@@ -458,6 +467,14 @@ class Ledger:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        # What this object last read and verified, or wrote: (the file's stat, its bytes, its entries). Used again
+        # only while the file is unchanged (same inode, size, mtime), so a round verifies its ledger once.
+        self._verified: tuple[tuple[int, int, int], bytes, list[dict[str, Any]]] | None = None
+
+    @property
+    def chain(self) -> list[dict[str, Any]] | None:
+        """The whole verified chain as this object last read or wrote it (None before)."""
+        return list(self._verified[2]) if self._verified else None
 
     def entries(self) -> list[dict[str, Any]]:
         """All entries ([] when the file does not exist); LedgerError if a line cannot be read."""
@@ -492,8 +509,8 @@ class Ledger:
                      public_key=key.public_hex)
         entry["entry_hash"] = entry_hash(entry)
         entry["signature"] = key.sign(bytes.fromhex(entry["entry_hash"])).hex()
-        self._check_extends(entries, entry, expected_public_key=None)
-        self._write(data, entry)
+        self._check_extends(entries, [entry], expected_public_key=None)
+        self._write(data, entries, entry)
         return entry
 
     def append_signed(self, entry: Mapping[str, Any], *, expected_public_key: str | None = None) -> dict[str, Any]:
@@ -502,24 +519,45 @@ class Ledger:
         Re-sending an entry the copy already holds is a no-op (so a client may re-send entries the
         server missed); a different entry at a position already taken raises LedgerError.
         """
-        entry = dict(entry)
+        return self.extend_signed([entry], expected_public_key=expected_public_key)[-1]
+
+    def extend_signed(self, new: list[Mapping[str, Any]], *, expected_public_key: str | None = None
+                      ) -> list[dict[str, Any]]:
+        """Append entries signed elsewhere, in chain order, with one read, one verification and one write.
+
+        The entries may start at any position up to the copy's length (each carries its ``index``): those
+        the copy holds must be the very entries it holds (a no-op), the rest must continue its chain. Raises
+        LedgerError and records nothing otherwise. Returns the whole chain after the append.
+        """
         data, entries = self._load()
-        idx = entry.get("index")
-        if _is_int(idx) and idx < len(entries):
-            if entries[idx] == entry:
-                return entries[idx]
-            raise LedgerError(f"{self.path}: a different entry {idx} is already recorded: the client's ledger has "
-                              "forked (a rewritten history); the new entry was not recorded")
-        if _is_int(idx) and idx > len(entries):
-            raise LedgerError(f"{self.path} holds entries 0..{len(entries) - 1}, got entry {idx}: the client must send "
-                              f"entries {len(entries)}..{idx - 1} first; nothing was recorded")
-        self._check_extends(entries, entry, expected_public_key=expected_public_key)
-        self._write(data, entry)
-        return entry
+        held = len(entries)
+        added: list[dict[str, Any]] = []
+        for entry in map(dict, new):
+            idx = entry.get("index")
+            pos = held + len(added)
+            if _is_int(idx) and idx < held:
+                if entries[idx] == entry:
+                    continue
+                raise LedgerError(f"{self.path}: a different entry {idx} is already recorded: the client's ledger has "
+                                  "forked (a rewritten history); nothing was recorded")
+            if _is_int(idx) and idx > pos:
+                raise LedgerError(f"{self.path} holds entries 0..{pos - 1}, got entry {idx}: the client must send "
+                                  f"entries {pos}..{idx - 1} first; nothing was recorded")
+            if _is_int(idx) and idx < pos:
+                raise LedgerError(f"{self.path}: entry {idx} was sent twice; nothing was recorded")
+            added.append(entry)
+        if not added:
+            return entries
+        self._check_extends(entries, added, expected_public_key=expected_public_key)
+        self._write(data, entries, *added)
+        return entries + added
 
     def _load(self) -> tuple[bytes, list[dict[str, Any]]]:
         """The file's bytes and entries; LedgerError if it cannot be read or does not verify."""
         try:
+            stat = _stat_key(self.path)
+            if self._verified is not None and self._verified[0] == stat:
+                return self._verified[1], list(self._verified[2])
             data = self.path.read_bytes()
         except FileNotFoundError:
             return b"", []
@@ -530,18 +568,28 @@ class Ledger:
         if problems or integrity:
             raise LedgerError(f"the ledger {self.path} does not verify, nothing was appended: "
                               + "; ".join(problems + integrity) + ". Run `fedfuse audit` on it and keep it as evidence")
+        if _stat_key(self.path) == stat:  # unchanged while it was read: what was verified is the file
+            self._verified = (stat, data, list(entries))
         return data, entries
 
-    def _check_extends(self, entries: list[dict[str, Any]], entry: dict[str, Any], *,
+    def _check_extends(self, entries: list[dict[str, Any]], new: list[dict[str, Any]], *,
                        expected_public_key: str | None) -> None:
-        chain = entries + [entry]
-        new = [f for f in check_chain(chain, expected_public_key=expected_public_key) if f.entry == len(entries)]
-        integrity = [f.message for f in new if f.kind in (TAMPERING, CORRUPT)]
+        """Refuse ``new`` unless it continues ``entries`` (verified by :meth:`_load`: only the new ones are checked)."""
+        found = check_chain(entries + new, expected_public_key=expected_public_key, verified=len(entries))
+        integrity = [f.message for f in found if f.kind in (TAMPERING, CORRUPT)]
         if integrity:
             raise LedgerError(f"entry does not extend the ledger {self.path}, not recorded: " + "; ".join(integrity))
-        for f in new:
+        for f in found:
             log.warning("%s: %s", self.path, f.message)
 
-    def _write(self, data: bytes, entry: dict[str, Any]) -> None:
+    def _write(self, data: bytes, entries: list[dict[str, Any]], *new: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, data + encode_entry(entry).encode("ascii") + b"\n")
+        data += b"".join(encode_entry(entry).encode("ascii") + b"\n" for entry in new)
+        atomic_write_bytes(self.path, data)
+        self._verified = (_stat_key(self.path), data, entries + list(new))
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    """What tells a file's versions apart here: inode (atomic writes replace it), size, modification time."""
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns

@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-client", type=float, default=1.0,
                         help="CPU cores reserved per simulated client (default 1: one client per core)")
     parser.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    parser.add_argument("--ray-address", metavar="HOST:PORT", default=os.environ.get("RAY_ADDRESS") or None,
+                        help="join this running Ray cluster (`ray start --head` prints it) instead of starting Ray "
+                        "here; the output folder must be on storage every node sees at the same path (default: "
+                        "$RAY_ADDRESS, else a Ray of this machine)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with round_progress(config.server.num_server_rounds, enabled=bar):
             seconds = runner.run(flat, num_clients=clients, out_dir=out, cpus_per_client=args.cpus_per_client,
-                                 verbose=args.verbose)
+                                 verbose=args.verbose, ray_address=args.ray_address)
     except KeyboardInterrupt:
         print(f"interrupted; continue with: fedfuse simulate --resume {out}", file=sys.stderr)
         return 130

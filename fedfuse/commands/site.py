@@ -1,7 +1,8 @@
 """``fedfuse site``: run a deployment site's SuperNode with a warm executor (ClientApps start in 0.2 s, not 3-20 s).
 
-``fedfuse site supernode -- <flower-supernode options>`` starts ``flower-supernode`` with
-``--isolation process`` and a private SuperExec secret, runs the warm executor
+``fedfuse site supernode -- <flower-supernode options>`` starts Flower's SuperNode (``flower-supernode``, its
+loop's fixed waits shortened: ``client/supernode.py``) with ``--isolation process`` and a private SuperExec
+secret, runs the warm executor
 (``client/executor.py``) beside it in this process, sends both logs to this process's output and
 stops both together. Before starting anything it checks the node config, the data folder and the state folder
 (``client/preflight.py``) and refuses to start with the report; when flower-supernode cannot connect to the
@@ -41,6 +42,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "beside it. Every option not listed here goes to flower-supernode unchanged (see flower-supernode --help).",
     )
     _executor_options(node)
+    node.add_argument("--pull-wait", type=float, default=None, metavar="S",
+                      help="seconds the SuperNode waits after a pull that found no message (default: 0.2; Flower's: 3)")
+    node.add_argument("--reply-wait", type=float, default=None, metavar="S",
+                      help="seconds between its checks for a ClientApp's reply (default: 0.05; Flower's: 0.5)")
     node.add_argument("flower_args", nargs=argparse.REMAINDER, metavar="-- FLOWER_SUPERNODE_OPTIONS",
                       help="after `--`: flower-supernode's options (--superlink, --root-certificates, ...)")
     node.set_defaults(_run=_run_supernode)
@@ -104,14 +109,6 @@ def _supernode_facts(flower_args: list[str]) -> argparse.Namespace:
     return known
 
 
-def _flower_supernode() -> str:
-    """flower-supernode next to this Python (the same environment), else on PATH."""
-    found = shutil.which("flower-supernode", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    if found is None:
-        raise ConfigError("flower-supernode not found: install fedfuse (with flwr) in this environment")
-    return found
-
-
 def _die_with_parent() -> None:
     """In the SuperNode's process, before exec: get SIGTERM when this command dies (Linux), never outlive it."""
     try:
@@ -169,7 +166,14 @@ def _run_supernode(args: argparse.Namespace) -> int:
     if facts.isolation is None:
         flower_args += ["--isolation", "process"]
 
-    command = [_flower_supernode(), *flower_args]
+    # Flower's own SuperNode, its loop's fixed 3 s / 0.5 s waits shortened (client/supernode.py)
+    from client.supernode import PULL_WAIT, REPLY_WAIT, shorten_waits
+
+    pull = PULL_WAIT if args.pull_wait is None else args.pull_wait
+    reply = REPLY_WAIT if args.reply_wait is None else args.reply_wait
+    shorten_waits(pull=pull, reply=reply)  # the same checks as in the SuperNode's process: refuse here, early
+    command = [sys.executable, "-m", "client.supernode", "--pull-wait", str(pull), "--reply-wait", str(reply),
+               "--", *flower_args]
     proc = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})

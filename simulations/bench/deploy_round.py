@@ -9,7 +9,10 @@ variants add one improvement at a time:
 - ``flower``: ``flower-supernode`` as is (a fresh ``flwr-clientapp`` process per message) and the
   ServerApp pulling replies every 3 s, as Flower's ``send_and_receive`` does;
 - ``poll``: + replies pulled every 0.2 s (``server/grid.py``);
-- ``warm``: + ``fedfuse site supernode`` (the warm executor, ``client/executor.py``);
+- ``warm``: + the warm executor (``client/executor.py``), Flower's SuperNode waits (3 s after an
+  empty pull, 0.5 s between reply checks);
+- ``waits``: + ``fedfuse site supernode`` as it runs by default: those waits shortened to 0.2 s /
+  0.05 s (``client/supernode.py``);
 - ``eval-last``: + ``evaluate-every`` = rounds (clients evaluate in the last round only).
 
 Needs a source checkout (the app is built from it). The machine's load average is printed beside
@@ -28,17 +31,21 @@ import tempfile
 import time
 from pathlib import Path
 
-# name -> (site isolation, ServerApp reply poll interval in s, evaluate every round?)
-VARIANTS: dict[str, tuple[str, float, bool]] = {
-    "flower": ("subprocess", 3.0, True),
-    "poll": ("subprocess", 0.2, True),
-    "warm": ("warm", 0.2, True),
-    "eval-last": ("warm", 0.2, False),
+FLOWER_WAITS = ("--pull-wait", "3", "--reply-wait", "0.5")  # `fedfuse site supernode` with Flower's own waits
+
+# name -> (site isolation, ServerApp reply poll interval in s, evaluate every round?, `fedfuse site supernode` options)
+VARIANTS: dict[str, tuple[str, float, bool, tuple[str, ...]]] = {
+    "flower": ("subprocess", 3.0, True, ()),
+    "poll": ("subprocess", 0.2, True, ()),
+    "warm": ("warm", 0.2, True, FLOWER_WAITS),
+    "waits": ("warm", 0.2, True, ()),
+    "eval-last": ("warm", 0.2, False, ()),
 }
 DESCRIPTIONS = {
     "flower": "Flower defaults (flwr-clientapp per message, 3 s reply polling)",
     "poll": "+ ServerApp polls replies every 0.2 s",
-    "warm": "+ warm executor (fedfuse site supernode)",
+    "warm": "+ warm executor, Flower's SuperNode waits",
+    "waits": "+ SuperNode waits 0.2 s / 0.05 s (fedfuse site supernode)",
     "eval-last": "+ evaluate-every = rounds (clients evaluate in the last round only)",
 }
 
@@ -58,11 +65,12 @@ def measure(name: str, folder: Path, rounds: int) -> dict:
     """Run one variant in a fresh deployment; return its per-round seconds and load averages."""
     from simulations import deployment as helpers
 
-    isolation, poll, evaluate_each_round = VARIANTS[name]
+    isolation, poll, evaluate_each_round, site_options = VARIANTS[name]
     config = {"num-server-rounds": rounds, "evaluate-every": 1 if evaluate_each_round else rounds,
               "dp.epsilon": 8.0, "round-timeout": 300.0}
     load_before = _load()
-    with helpers.deployment(folder, isolation=isolation, superlink_env={"FEDFUSE_REPLY_POLL_INTERVAL": str(poll)}) as dep:
+    with helpers.deployment(folder, isolation=isolation, superlink_env={"FEDFUSE_REPLY_POLL_INTERVAL": str(poll)},
+                            site_options=site_options) as dep:
         load_ready = _load()
         run = dep.run(config, timeout=120 + 120 * rounds)
     seconds = [r["seconds"] for r in run.results["rounds"]]

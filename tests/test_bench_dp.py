@@ -193,8 +193,9 @@ def test_a_second_backward_or_a_stale_graph_is_refused():
 
 
 def run_bench(argv, capsys):
-    parser, modules = build_parser(["bench"])
-    args = parser.parse_args(["bench", "dp-overhead", *argv])
+    command = ["bench", "dp-overhead", *argv]
+    parser, modules = build_parser(command)  # the CLI imports only the benchmark the command names
+    args = parser.parse_args(command)
     status = modules["bench"].run(args)
     return status, capsys.readouterr().out.strip().splitlines()
 

@@ -43,14 +43,16 @@ class SiteFailure(Exception):
     """Raised in place of any error inside SecAgg+ (whose protocol needs an error reply): its text is a category."""
 
 
-def _guarded(handler: Callable[[Message, Context], Message], msg: Message, context: Context, *,
-             secure: bool = False) -> Message:
+def _guarded(handler: Callable[[Message, Context], Message], msg: Message, context: Context, *, secure: bool = False) -> Message:
     """Run a handler; on any error, log it here (the site's log) and tell the server only that this site failed."""
     try:
         return handler(msg, context)
     except Exception:
-        log.exception("this site failed a %s message; the server is told only '%s' (details here)",
-                      msg.metadata.message_type, M.FAILURE_SITE)
+        log.exception(
+            "this site failed a %s message; the server is told only '%s' (details here)",
+            msg.metadata.message_type,
+            M.FAILURE_SITE,
+        )
         if secure:
             raise SiteFailure(M.FAILURE_SITE) from None
         return failure_reply(msg, context)

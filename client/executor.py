@@ -85,8 +85,15 @@ def _is_loopback(address: str) -> bool:
 class WarmExecutor:
     """Acquire ClientApp tasks from a SuperNode's Runtime API and run each in a forked child."""
 
-    def __init__(self, runtime_api_address: str, *, root_certificates: Path | None = None,
-                 auth_secret: bytes | None = None, poll: float = POLL_INTERVAL, reviewed: ReviewedApp | None = None):
+    def __init__(
+        self,
+        runtime_api_address: str,
+        *,
+        root_certificates: Path | None = None,
+        auth_secret: bytes | None = None,
+        poll: float = POLL_INTERVAL,
+        reviewed: ReviewedApp | None = None,
+    ):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
@@ -106,13 +113,17 @@ class WarmExecutor:
         self.certificates = root_certificates.read_bytes() if root_certificates else None
         interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if auth_secret:  # signs AcquireTask: only holders of the SuperNode's secret receive task tokens
-            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret,
-                                                             protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"})
+            )
         retry = make_simple_http_retry_invoker()
         retry.max_tries = 3  # then the task loop decides: wait for the SuperNode, or stop when it has gone
         self._client = RuntimeHttpClient.from_server_address(
-            server_address=runtime_api_address, insecure=self.certificates is None,
-            root_certificates=self.certificates, interceptors=interceptors, retry_invoker=retry,
+            server_address=runtime_api_address,
+            insecure=self.certificates is None,
+            root_certificates=self.certificates,
+            interceptors=interceptors,
+            retry_invoker=retry,
         )
         self.children: set[int] = set()
         self.launched = 0
@@ -220,8 +231,14 @@ def _run_task(address: str, token: str, certificates: bytes | None, reviewed: Re
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
         _check_apps_before_install(reviewed)
-        run_clientapp(runtime_api_address=address, token=token, insecure=certificates is None,
-                      certificates=certificates, parent_pid=os.getppid(), runtime_dependency_install=False)
+        run_clientapp(
+            runtime_api_address=address,
+            token=token,
+            insecure=certificates is None,
+            certificates=certificates,
+            parent_pid=os.getppid(),
+            runtime_dependency_install=False,
+        )
         code = 0
     except SystemExit as exc:  # run_clientapp ends with flwr_exit -> sys.exit(code)
         code = exc.code if isinstance(exc.code, int) else 1

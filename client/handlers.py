@@ -14,17 +14,17 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.site import SiteContext, resolve_site
-from common import messages as M
-from common.messages import update_digest
-from common.insight.attention import attention_metrics
-from common.config import RunConfig, parse_run_config
-from common.model.warm_start import warm_start
-from common.model.validation import check_model_encoders, site_refusal
-from common.errors import BudgetExhaustedError, EncoderError, NonFiniteError
-from common.model.evaluation import evaluate
-from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, utc_now
-from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, MultimodalModel, check_global_parameters
 from client.state import ClientRecord, ClientState
+from common import messages as M
+from common.config import RunConfig, parse_run_config
+from common.errors import BudgetExhaustedError, EncoderError, NonFiniteError
+from common.insight.attention import attention_metrics
+from common.messages import update_digest
+from common.model.evaluation import evaluate
+from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX, MultimodalModel, check_global_parameters
+from common.model.validation import check_model_encoders, site_refusal
+from common.model.warm_start import warm_start
+from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, encode_entry, entry_fields, utc_now
 from common.privacy.training import DPRequest, RoundResult, local_training, sampling_plan, train_round
 
 log = logging.getLogger("fedfuse.client")
@@ -37,16 +37,18 @@ def _non_private_key(seed: int, client_id: str, server_round: int) -> int:
 
 
 # The reply to a round whose noised parameters became non-finite: fixed text, nothing computed from the data.
-DISCARDED_REASON = ("the round's noised update was not finite (try a lower train.lr); it was discarded and its "
-                    "privacy cost is charged")
+DISCARDED_REASON = (
+    "the round's noised update was not finite (try a lower train.lr); it was discarded and its privacy cost is charged"
+)
 
 
 def _model(site: SiteContext, config: RunConfig, state: ClientState) -> MultimodalModel:
     """The client's model, restored from its state folder (fresh, seeded weights on first use, warm-started
     from ``model.init.<modality>`` files). The run's encoders are checked first, on synthetic inputs
     (EncoderError says why one is refused)."""
-    check_model_encoders(site.train.schema.modalities, config.model.encoders, config.model.embed_dim,
-                         config.train.grad_sample_mode)
+    check_model_encoders(
+        site.train.schema.modalities, config.model.encoders, config.model.embed_dim, config.train.grad_sample_mode
+    )
     # Federated encoders must start from one initialisation per modality; local ones may differ per site.
     seed = config.server.seed if config.server.encoders == "federated" else config.server.seed * 1000 + site.index + 1
     model = MultimodalModel(site.train.schema, config.model, seed=seed)
@@ -92,12 +94,13 @@ def _merge_global(model: MultimodalModel, message: Message, keys: list[str]) -> 
     return merged
 
 
-def _identity(site: SiteContext, status: str, reason: str = "", ledger: list[dict] | None = None,
-              request: ConfigRecord | None = None) -> ConfigRecord:
+def _identity(
+    site: SiteContext, status: str, reason: str = "", ledger: list[dict] | None = None, request: ConfigRecord | None = None
+) -> ConfigRecord:
     record = {M.CLIENT_ID: site.client_id, M.MODALITIES: list(site.modalities), M.STATUS: status, M.REASON: reason}
     if ledger is not None:  # the entries the server's copy lacks: it appends them after checking they continue it
         # from the last entry the server holds on (it checks that entry is its copy's last), or the whole ledger
-        record[M.LEDGER] = [encode_entry(e) for e in ledger[max(_server_holds(ledger, request) - 1, 0):]]
+        record[M.LEDGER] = [encode_entry(e) for e in ledger[max(_server_holds(ledger, request) - 1, 0) :]]
     return ConfigRecord(record)
 
 
@@ -118,8 +121,9 @@ def _ledger_entries(path: Path) -> list[dict] | None:
     return ledger.entries() if ledger.path.exists() else None
 
 
-def _status_reply(message: Message, site: SiteContext, status: str, reason: str, metrics: dict,
-                  ledger: list[dict] | None = None) -> Message:
+def _status_reply(
+    message: Message, site: SiteContext, status: str, reason: str, metrics: dict, ledger: list[dict] | None = None
+) -> Message:
     log.warning("%s: %s", site.client_id, reason)
     request = message.content.config_records.get(M.CONFIG)
     content = RecordDict({M.METRICS: MetricRecord(metrics), M.CLIENT: _identity(site, status, reason, ledger, request)})
@@ -135,20 +139,38 @@ def _budgets(site: SiteContext, config: RunConfig) -> tuple[float, float, str | 
     if site.simulated:
         return site.max_epsilon, site.max_epsilon, None
     if config.dp.epsilon > site.max_epsilon:
-        return math.nan, math.nan, (
-            f"the run asks for a budget of ε = {config.dp.epsilon:g} but this site's policy allows at most "
-            f"ε = {site.max_epsilon:g}; lower dp.epsilon in the run config"
+        return (
+            math.nan,
+            math.nan,
+            (
+                f"the run asks for a budget of ε = {config.dp.epsilon:g} but this site's policy allows at most "
+                f"ε = {site.max_epsilon:g}; lower dp.epsilon in the run config"
+            ),
         )
     if site.max_delta is not None and config.dp.delta > site.max_delta:
-        return math.nan, math.nan, (
-            f"the run asks for δ = {config.dp.delta:g} but this site's policy allows at most δ = {site.max_delta:g}"
+        return (
+            math.nan,
+            math.nan,
+            (f"the run asks for δ = {config.dp.delta:g} but this site's policy allows at most δ = {site.max_delta:g}"),
         )
     return config.dp.epsilon, site.max_epsilon, None
 
 
-def _entry_fields(site: SiteContext, config: RunConfig, *, run_id: str, server_round: int, status: str,
-                  result: RoundResult | None, epsilon: float, budget: float, update_hash: str | None,
-                  record: ClientRecord, run_epsilon: float, run_budget: float) -> dict:
+def _entry_fields(
+    site: SiteContext,
+    config: RunConfig,
+    *,
+    run_id: str,
+    server_round: int,
+    status: str,
+    result: RoundResult | None,
+    epsilon: float,
+    budget: float,
+    update_hash: str | None,
+    record: ClientRecord,
+    run_epsilon: float,
+    run_budget: float,
+) -> dict:
     """The unsigned ledger entry of a round (its time fixed now, so a recovered entry is the same entry).
 
     ``epsilon`` / ``budget``: lifetime epsilon and the site's cap; ``run_epsilon`` / ``run_budget``: this
@@ -163,11 +185,22 @@ def _entry_fields(site: SiteContext, config: RunConfig, *, run_id: str, server_r
         planned = history.plan is not None and history.plan.run_id == run_id
         sigma, steps = (history.plan.noise_multiplier if planned else 0.0), 0
     return entry_fields(
-        run_id=run_id, client_id=site.client_id, round=server_round, status=status,
-        noise_multiplier=sigma, sample_rate=q, steps=steps,
-        max_grad_norm=config.dp.max_grad_norm, delta=config.dp.delta, accountant=history.accountant,
-        epsilon=epsilon, budget=budget, run_epsilon=run_epsilon, run_budget=run_budget,
-        update_hash=update_hash, modalities=site.modalities,
+        run_id=run_id,
+        client_id=site.client_id,
+        round=server_round,
+        status=status,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        max_grad_norm=config.dp.max_grad_norm,
+        delta=config.dp.delta,
+        accountant=history.accountant,
+        epsilon=epsilon,
+        budget=budget,
+        run_epsilon=run_epsilon,
+        run_budget=run_budget,
+        update_hash=update_hash,
+        modalities=site.modalities,
     ) | {"time": utc_now()}
 
 
@@ -206,8 +239,13 @@ def _settle(state: ClientState, ledger: Ledger, record: ClientRecord, client_id:
     entries = ledger.entries()
     if any(isinstance(e, dict) and (e.get("run_id"), e.get("round"), e.get("time")) == key for e in entries):
         return
-    log.warning("%s: round %s of run %s was charged to the privacy history but its ledger entry was not written "
-                "(a crash); signing it now", client_id, pending["round"], pending["run_id"])
+    log.warning(
+        "%s: round %s of run %s was charged to the privacy history but its ledger entry was not written "
+        "(a crash); signing it now",
+        client_id,
+        pending["round"],
+        pending["run_id"],
+    )
     _sign(state, ledger, pending)
 
 
@@ -225,8 +263,9 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
     planned_rounds = int(request[M.PLANNED_ROUNDS])
     run_budget, budget, refusal = _budgets(site, config)
     if refusal:  # its ledger goes along (read only), so that an audit of the run holds a copy of every site's ledger
-        return _status_reply(message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0},
-                             _ledger_entries(site.state_dir / LEDGER_FILE))
+        return _status_reply(
+            message, site, M.STATUS_POLICY_REFUSED, refusal, {M.NUM_EXAMPLES: 0}, _ledger_entries(site.state_dir / LEDGER_FILE)
+        )
 
     state = ClientState(site.state_dir)
     with state.locked():
@@ -238,44 +277,82 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
             # Trained before a crash: re-send that update (no new privacy cost), never train twice.
             cached = state.load_reply(run_id=run_id, server_round=server_round)
             if cached is None:
-                return _status_reply(message, site, M.STATUS_ALREADY_TRAINED,
-                                     f"round {server_round} was trained before a restart and its update was lost; "
-                                     "skipping it rather than spending privacy twice", {M.NUM_EXAMPLES: 0},
-                                     ledger.entries())
+                return _status_reply(
+                    message,
+                    site,
+                    M.STATUS_ALREADY_TRAINED,
+                    f"round {server_round} was trained before a restart and its update was lost; "
+                    "skipping it rather than spending privacy twice",
+                    {M.NUM_EXAMPLES: 0},
+                    ledger.entries(),
+                )
             arrays, metrics = cached
             log.info("%s: round %d already trained; re-sending its update", site.client_id, server_round)
-            content = RecordDict({**M.pack_arrays(arrays), M.METRICS: MetricRecord(metrics),
-                                  M.CLIENT: _identity(site, M.STATUS_OK, ledger=ledger.entries(), request=request)})
+            content = RecordDict(
+                {
+                    **M.pack_arrays(arrays),
+                    M.METRICS: MetricRecord(metrics),
+                    M.CLIENT: _identity(site, M.STATUS_OK, ledger=ledger.entries(), request=request),
+                }
+            )
             return Message(content, reply_to=message)
 
         try:
             model = _model(site, config, state)
         except EncoderError as exc:  # refused on synthetic inputs, before any data is touched: nothing is charged
-            return _status_reply(message, site, M.STATUS_POLICY_REFUSED, str(exc), {M.NUM_EXAMPLES: 0},
-                                 Ledger(state.folder / LEDGER_FILE))
+            return _status_reply(message, site, M.STATUS_POLICY_REFUSED, str(exc), {M.NUM_EXAMPLES: 0}, ledger.entries())
         shared = _shared_keys(model, config)
         reference = _merge_global(model, message, shared)
         spent_before = len(record.history.entries)
         try:
             result = train_round(
-                model, site.train, record.history,
-                dp=DPRequest(run_budget, config.dp.delta, config.dp.max_grad_norm, planned_rounds=planned_rounds,
-                             max_epsilon=budget),
+                model,
+                site.train,
+                record.history,
+                dp=DPRequest(
+                    run_budget, config.dp.delta, config.dp.max_grad_norm, planned_rounds=planned_rounds, max_epsilon=budget
+                ),
                 training=local_training(config.train, server_round=server_round, total_rounds=config.server.num_server_rounds),
-                declared_examples=site.declared_examples, run_id=run_id,
+                declared_examples=site.declared_examples,
+                run_id=run_id,
                 non_private_key=_non_private_key(config.server.seed, site.client_id, server_round),
                 proximal_mu=config.server.proximal_mu if config.server.strategy == "fedprox" else 0.0,
                 proximal_reference=reference,
             )
         except BudgetExhaustedError as exc:
             # Nothing was trained or charged: the refusal goes straight into the ledger.
-            chain = _sign(state, ledger, _entry_fields(site, config, run_id=run_id, server_round=server_round,
-                                                status="refused-budget", result=None, epsilon=exc.epsilon_now,
-                                                budget=budget, update_hash=None, record=record,
-                                                run_epsilon=_run_epsilon(record, run_id), run_budget=run_budget))
-            return _status_reply(message, site, M.STATUS_BUDGET_EXHAUSTED, str(exc),
-                                 {M.NUM_EXAMPLES: 0, M.EPSILON: exc.epsilon_now, M.BUDGET: run_budget,
-                                  M.RUN_EPSILON: _run_epsilon(record, run_id), M.MAX_EPSILON: budget}, chain)
+            chain = _sign(
+                state,
+                ledger,
+                _entry_fields(
+                    site,
+                    config,
+                    run_id=run_id,
+                    server_round=server_round,
+                    status="refused-budget",
+                    result=None,
+                    epsilon=exc.epsilon_now,
+                    budget=budget,
+                    update_hash=None,
+                    record=record,
+                    run_epsilon=_run_epsilon(record, run_id),
+                    run_budget=run_budget,
+                ),
+            )
+            return _status_reply(
+                message,
+                site,
+                M.STATUS_BUDGET_EXHAUSTED,
+                str(exc),
+                {
+                    M.NUM_EXAMPLES: 0,
+                    M.EPSILON: exc.epsilon_now,
+                    M.BUDGET: run_budget,
+                    M.RUN_EPSILON: _run_epsilon(record, run_id),
+                    M.MAX_EPSILON: budget,
+                },
+                chain,
+            )
         except BaseException as exc:
             # Failed after using the data (a non-finite loss, an error mid-round): the round's privacy cost stays
             # on record, in the history and the ledger, though its update is discarded.
@@ -283,43 +360,102 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 raise
             epsilon = record.history.epsilon()
             run_epsilon = _run_epsilon(record, run_id)
-            chain = _charge(state, ledger, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
-                                                                 status="discarded", result=None, epsilon=epsilon,
-                                                          budget=budget, update_hash=None, record=record,
-                                                          run_epsilon=run_epsilon, run_budget=run_budget))
+            chain = _charge(
+                state,
+                ledger,
+                record,
+                _entry_fields(
+                    site,
+                    config,
+                    run_id=run_id,
+                    server_round=server_round,
+                    status="discarded",
+                    result=None,
+                    epsilon=epsilon,
+                    budget=budget,
+                    update_hash=None,
+                    record=record,
+                    run_epsilon=run_epsilon,
+                    run_budget=run_budget,
+                ),
+            )
             if not isinstance(exc, NonFiniteError):
                 raise
             # A diverged round is the run's problem, not the site's: say so, and send the entry that charges it.
             # Only non-finite *noised* parameters get here (a DP output); the reply says nothing else about it.
             log.warning("%s: %s", site.client_id, exc)
-            return _status_reply(message, site, M.STATUS_DISCARDED, DISCARDED_REASON,
-                                 {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: run_budget,
-                                  M.RUN_EPSILON: run_epsilon, M.MAX_EPSILON: budget}, chain)
+            return _status_reply(
+                message,
+                site,
+                M.STATUS_DISCARDED,
+                DISCARDED_REASON,
+                {M.NUM_EXAMPLES: 0, M.EPSILON: epsilon, M.BUDGET: run_budget, M.RUN_EPSILON: run_epsilon, M.MAX_EPSILON: budget},
+                chain,
+            )
 
         # Persist privacy first, then the model, then the reply (see client/state.py).
         shared_set = set(shared)
         arrays = {k: v for k, v in model.state_dict().items() if k in shared_set}
-        metrics = {M.NUM_EXAMPLES: result.num_examples, M.EPSILON: result.epsilon, M.BUDGET: run_budget,
-                   M.RUN_EPSILON: result.run_epsilon, M.MAX_EPSILON: budget,
-                   M.SAMPLE_RATE: result.sample_rate, M.STEPS: result.steps}
+        metrics = {
+            M.NUM_EXAMPLES: result.num_examples,
+            M.EPSILON: result.epsilon,
+            M.BUDGET: run_budget,
+            M.RUN_EPSILON: result.run_epsilon,
+            M.MAX_EPSILON: budget,
+            M.SAMPLE_RATE: result.sample_rate,
+            M.STEPS: result.steps,
+        }
         if result.private:
             metrics |= {M.DELTA: config.dp.delta, M.NOISE_MULTIPLIER: result.noise_multiplier}
         if config.release.train_metrics:
             metrics[M.TRAIN_LOSS] = result.train_loss
         digest = update_digest(arrays)
         record.rounds.append([run_id, server_round])
-        chain = _charge(state, ledger, record, _entry_fields(site, config, run_id=run_id, server_round=server_round,
-                                                             status="trained", result=result, epsilon=result.epsilon,
-                                                      budget=budget, update_hash=digest, record=record,
-                                                      run_epsilon=result.run_epsilon, run_budget=run_budget))
+        chain = _charge(
+            state,
+            ledger,
+            record,
+            _entry_fields(
+                site,
+                config,
+                run_id=run_id,
+                server_round=server_round,
+                status="trained",
+                result=result,
+                epsilon=result.epsilon,
+                budget=budget,
+                update_hash=digest,
+                record=record,
+                run_epsilon=result.run_epsilon,
+                run_budget=run_budget,
+            ),
+        )
         state.save_model(model.state_dict())
         state.save_reply(arrays, run_id=run_id, server_round=server_round, metrics=metrics)
-        state.log_round({"run_id": run_id, "round": server_round, "seconds": result.seconds, "steps": result.steps,
-                         "epsilon": result.epsilon, "train_loss": result.train_loss})
-    log.info("%s: round %d trained in %.1fs, %s", site.client_id, server_round, result.seconds,
-             f"ε = {result.epsilon:.3f}" if result.private else "non-private")
-    content = RecordDict({**M.pack_arrays(arrays), M.METRICS: MetricRecord(metrics),
-                          M.CLIENT: _identity(site, M.STATUS_OK, ledger=chain, request=request)})
+        state.log_round(
+            {
+                "run_id": run_id,
+                "round": server_round,
+                "seconds": result.seconds,
+                "steps": result.steps,
+                "epsilon": result.epsilon,
+                "train_loss": result.train_loss,
+            }
+        )
+    log.info(
+        "%s: round %d trained in %.1fs, %s",
+        site.client_id,
+        server_round,
+        result.seconds,
+        f"ε = {result.epsilon:.3f}" if result.private else "non-private",
+    )
+    content = RecordDict(
+        {
+            **M.pack_arrays(arrays),
+            M.METRICS: MetricRecord(metrics),
+            M.CLIENT: _identity(site, M.STATUS_OK, ledger=chain, request=request),
+        }
+    )
     return Message(content, reply_to=message)
 
 
@@ -342,9 +478,13 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     metrics: dict = {M.NUM_EXAMPLES: 0}
     if site.test is not None and config.release.eval_metrics:
         report = evaluate(model, site.test)
-        metrics = {M.NUM_EXAMPLES: report["num_examples"], M.ACCURACY: report["accuracy"],
-                   M.MACRO_F1: report["macro_f1"], M.LOSS: report["loss"],
-                   M.CONFUSION: [c for row in report["confusion"] for c in row]}
+        metrics = {
+            M.NUM_EXAMPLES: report["num_examples"],
+            M.ACCURACY: report["accuracy"],
+            M.MACRO_F1: report["macro_f1"],
+            M.LOSS: report["loss"],
+            M.CONFUSION: [c for row in report["confusion"] for c in row],
+        }
         for subset, sub in report["by_modalities"].items():
             metrics[f"{M.BY_PREFIX}{subset}.{M.ACCURACY}"] = sub["accuracy"]
             metrics[f"{M.BY_PREFIX}{subset}.{M.MACRO_F1}"] = sub["macro_f1"]
@@ -361,9 +501,14 @@ def failure_reply(message: Message, context: Context) -> Message:
     Whatever went wrong (a bad data folder, a row that does not parse, a state folder in use, a bug) is in the
     site's own log only: an error text could carry paths, values or facts about individual records.
     """
-    content = RecordDict({M.METRICS: MetricRecord({M.NUM_EXAMPLES: 0}),
-                          M.CLIENT: ConfigRecord({M.CLIENT_ID: _known_client_id(context), M.MODALITIES: [],
-                                                  M.STATUS: M.STATUS_FAILED, M.REASON: M.FAILURE_SITE})})
+    content = RecordDict(
+        {
+            M.METRICS: MetricRecord({M.NUM_EXAMPLES: 0}),
+            M.CLIENT: ConfigRecord(
+                {M.CLIENT_ID: _known_client_id(context), M.MODALITIES: [], M.STATUS: M.STATUS_FAILED, M.REASON: M.FAILURE_SITE}
+            ),
+        }
+    )
     return Message(content, reply_to=message)
 
 
@@ -378,4 +523,3 @@ def _known_client_id(context: Context) -> str:
         except Exception:  # noqa: BLE001  (the failure itself may be here: then the server names the node)
             return ""
     return ""
-

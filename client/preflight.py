@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.errors import ConfigError
 
@@ -39,8 +40,10 @@ def node_config_from_args(flower_args: list[str]) -> dict[str, Any]:
     try:
         return dict(parse_config_args([known.node_config]))
     except Exception as exc:  # Flower raises click's exception (or ValueError, OSError for a .toml file)
-        raise ConfigError(f"--node-config cannot be read ({getattr(exc, 'message', exc)}); write it as "
-                          "'data-dir=\"/srv/site/data\" state-dir=\"/srv/site/state\" max-epsilon=8.0'") from exc
+        raise ConfigError(
+            f"--node-config cannot be read ({getattr(exc, 'message', exc)}); write it as "
+            '\'data-dir="/srv/site/data" state-dir="/srv/site/state" max-epsilon=8.0\''
+        ) from exc
 
 
 def check_start(node_config: Mapping[str, Any]) -> StartReport:
@@ -49,16 +52,20 @@ def check_start(node_config: Mapping[str, Any]) -> StartReport:
 
     report = StartReport()
     if "data-dir" not in node_config:
-        report.problems.append("the node config names no data: give --node-config 'data-dir=\"/path/to/site\" "
-                               "state-dir=\"/path/to/state\" max-epsilon=8.0' (see README, Deploy)")
+        report.problems.append(
+            'the node config names no data: give --node-config \'data-dir="/path/to/site" '
+            'state-dir="/path/to/state" max-epsilon=8.0\' (see README, Deploy)'
+        )
         return report
     try:
         max_epsilon, max_delta = site_policy(node_config)
     except ConfigError as exc:
         report.problems.append(str(exc))
         return report
-    report.facts.append(f"policy: at most ε = {max_epsilon:g} over the site's whole history"
-                        + (f", δ ≤ {max_delta:g}" if max_delta is not None else ""))
+    report.facts.append(
+        f"policy: at most ε = {max_epsilon:g} over the site's whole history"
+        + (f", δ ≤ {max_delta:g}" if max_delta is not None else "")
+    )
     client_id, modalities = _check_data(Path(str(node_config["data-dir"])).expanduser(), node_config, report)
     _check_state(Path(str(node_config["state-dir"])).expanduser(), client_id, modalities, report)
     return report
@@ -73,8 +80,9 @@ def _check_data(path: Path, node_config: Mapping[str, Any], report: StartReport)
         return (str(node_config["client-id"]) if node_config.get("client-id") else None), None
     summary = summarize_site(site)
     if "train" not in summary["splits"]:
-        report.problems.append(f"data-dir {path}: no sample is in split 'train' (splits: {summary['splits']}); "
-                               "a site needs training samples")
+        report.problems.append(
+            f"data-dir {path}: no sample is in split 'train' (splits: {summary['splits']}); a site needs training samples"
+        )
     else:
         from client.site import declared_examples
 
@@ -84,14 +92,15 @@ def _check_data(path: Path, node_config: Mapping[str, Any], report: StartReport)
             report.problems.append(str(exc))
     client_id = str(node_config.get("client-id") or site.name)
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
-    report.facts.append(f"data-dir {path}: site '{site.name}', {summary['samples']} samples ({splits}), "
-                        f"modalities {', '.join(site.schema.names)}")
+    report.facts.append(
+        f"data-dir {path}: site '{site.name}', {summary['samples']} samples ({splits}), modalities {', '.join(site.schema.names)}"
+    )
     return client_id, site.schema.names
 
 
 def _check_state(path: Path, client_id: str | None, modalities: tuple[str, ...] | None, report: StartReport) -> None:
-    from common.privacy.ledger import KEY_FILE, LEDGER_FILE, LedgerError, LedgerKey, read_ledger, verify_chain
     from client.state import PRIVACY_FILE, ClientState, StateError
+    from common.privacy.ledger import KEY_FILE, LEDGER_FILE, LedgerError, LedgerKey, read_ledger, verify_chain
 
     where = f"state-dir {path}"
     if not path.exists():  # created (with its parents) at the first task: the nearest existing folder must allow it
@@ -118,10 +127,12 @@ def _check_state(path: Path, client_id: str | None, modalities: tuple[str, ...] 
             record = ClientState(path).load_record(
                 client_id=client_id or str(stored.get("client_id")),
                 modalities=modalities if modalities is not None else tuple(stored.get("modalities") or ()),
-                accountant=accountant)
+                accountant=accountant,
+            )
         except (OSError, ValueError, AttributeError) as exc:
-            report.problems.append(f"{where}: {PRIVACY_FILE} is unreadable ({exc}); it holds this site's privacy "
-                                   "history: restore it from a backup")
+            report.problems.append(
+                f"{where}: {PRIVACY_FILE} is unreadable ({exc}); it holds this site's privacy history: restore it from a backup"
+            )
         except StateError as exc:
             report.problems.append(f"{where}: {exc}")
 
@@ -133,23 +144,30 @@ def _check_state(path: Path, client_id: str | None, modalities: tuple[str, ...] 
         report.problems += [f"{where}: {LEDGER_FILE}: {p}" for p in verify_chain(entries)]
         owners = {e.get("client_id") for e in entries if isinstance(e, dict)}
         if client_id is not None and owners - {client_id}:
-            report.problems.append(f"{where}: {LEDGER_FILE} belongs to client {sorted(map(str, owners))}, not "
-                                   f"'{client_id}'; use this site's own state folder (or set client-id)")
+            report.problems.append(
+                f"{where}: {LEDGER_FILE} belongs to client {sorted(map(str, owners))}, not "
+                f"'{client_id}'; use this site's own state folder (or set client-id)"
+            )
     key_path = path / KEY_FILE
     if key_path.exists():
         try:
             key = LedgerKey.load_or_create(key_path)
             signed_with = {e.get("public_key") for e in entries if isinstance(e, dict)}
             if signed_with and signed_with != {key.public_hex}:
-                report.problems.append(f"{where}: {LEDGER_FILE} was signed with another key than {KEY_FILE}; "
-                                       "restore this site's own ledger key")
+                report.problems.append(
+                    f"{where}: {LEDGER_FILE} was signed with another key than {KEY_FILE}; restore this site's own ledger key"
+                )
         except LedgerError as exc:
             report.problems.append(f"{where}: {exc}")
     elif entries:
-        report.problems.append(f"{where}: {LEDGER_FILE} has {len(entries)} entries but {KEY_FILE} is missing; "
-                               "restore the key that signed them (a new key would break the ledger's chain)")
+        report.problems.append(
+            f"{where}: {LEDGER_FILE} has {len(entries)} entries but {KEY_FILE} is missing; "
+            "restore the key that signed them (a new key would break the ledger's chain)"
+        )
     if len(report.problems) == found:
         spent = next((e.get("epsilon") for e in reversed(entries) if isinstance(e, dict) and e.get("epsilon")), None)
         rounds = len(record.rounds) if record is not None else 0
-        report.facts.append(f"{where}: {rounds} round(s) trained so far, {len(entries)} ledger entries"
-                            + (f", ε so far {spent:.3g}" if isinstance(spent, (int, float)) else ""))
+        report.facts.append(
+            f"{where}: {rounds} round(s) trained so far, {len(entries)} ledger entries"
+            + (f", ε so far {spent:.3g}" if isinstance(spent, (int, float)) else "")
+        )

@@ -39,8 +39,14 @@ def is_secure_message(message: Message) -> bool:
     return RECORD_KEY_CONFIGS in message.content.config_records
 
 
-def encode_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], layout: list[str], *,
-                  weight: float, clipping_range: float) -> list[np.ndarray]:
+def encode_update(
+    update: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    layout: list[str],
+    *,
+    weight: float,
+    clipping_range: float,
+) -> list[np.ndarray]:
     """The vector SecAgg+ masks: per key of ``layout`` the change from ``reference`` (or zeros), then 1 per held key."""
     # weight: the factor SecAgg+ multiplies the vector by (n / max-weight); the check below must use it
     unknown = sorted(set(update) - set(layout))
@@ -101,7 +107,8 @@ def handle_secure_train(message: Message, context: Context) -> Message:
     trained = identity.get(M.STATUS) == M.STATUS_OK
     weight = int(metrics[M.NUM_EXAMPLES]) if trained else 0
     update = M.unpack_arrays(reply.content) if trained else {}
-    vector = encode_update(update, reference, layout, weight=weight / config.secagg.max_weight,
-                           clipping_range=config.secagg.clipping_range)
+    vector = encode_update(
+        update, reference, layout, weight=weight / config.secagg.max_weight, clipping_range=config.secagg.clipping_range
+    )
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), weight, {**metrics, M.CLIENT: json.dumps(identity)})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=message)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.config import RunConfig, run_out_dir
 from common.data.samples import MultimodalData
@@ -58,7 +59,7 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig, flower_run_i
         return _deployed(node_config)
     raise ConfigError(
         "this SuperNode's node config names no data: set --node-config 'data-dir=\"/path/to/site\" "
-        "state-dir=\"/path/to/state\" max-epsilon=8.0' (see README, Deploy)"
+        'state-dir="/path/to/state" max-epsilon=8.0\' (see README, Deploy)'
     )
 
 
@@ -70,7 +71,7 @@ def _simulated(node_config: Mapping[str, Any], config: RunConfig, flower_run_id:
     if total and total != expected:
         raise ConfigError(
             f"the simulation runs {total} SuperNodes but the scenario describes {expected} clients; run "
-            f"`flwr run . --federation-config \"num-supernodes={expected}\"` or use `fedfuse simulate`"
+            f'`flwr run . --federation-config "num-supernodes={expected}"` or use `fedfuse simulate`'
         )
     part = _cached_partition(config, index)
     state = run_out_dir(config, flower_run_id) / "clients" / part.client_id
@@ -161,6 +162,8 @@ def declared_size_problem(declared: int, count: int) -> str | None:
     not). A function of the count: for the site's eyes only (its start check, its log), never a reply."""
     if declared / DECLARED_SIZE_FACTOR <= count <= declared * DECLARED_SIZE_FACTOR:
         return None
-    return (f"node config key 'num-train-examples' = {declared} is far from the site folder's training split "
-            f"(more than {DECLARED_SIZE_FACTOR:g}x off either way); run `fedfuse data validate DATA_DIR` and "
-            "declare its count")
+    return (
+        f"node config key 'num-train-examples' = {declared} is far from the site folder's training split "
+        f"(more than {DECLARED_SIZE_FACTOR:g}x off either way); run `fedfuse data validate DATA_DIR` and "
+        "declare its count"
+    )

@@ -31,18 +31,19 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from common.privacy.accounting import HISTORY_FORMAT, PrivacyHistory
 from common.errors import FedfuseError, PrivacyParameterError
-from common.privacy.ledger import CORRUPT, KEY_FILE, LEDGER_FILE, TAMPERING, LedgerKey, check_chain, read_ledger
 from common.fileio import atomic_save_tensors, atomic_write_json, json_safe, load_tensors
+from common.privacy.accounting import HISTORY_FORMAT, PrivacyHistory
+from common.privacy.ledger import CORRUPT, KEY_FILE, LEDGER_FILE, TAMPERING, LedgerKey, check_chain, read_ledger
 
 PRIVACY_FILE = "privacy.json"
 MODEL_FILE = "model.safetensors"
@@ -84,7 +85,7 @@ class ClientState:
         self.folder = Path(folder)
 
     @contextmanager
-    def locked(self) -> Iterator["ClientState"]:
+    def locked(self) -> Iterator[ClientState]:
         """Hold the folder's lock for a round; a second process gets a clear error, not a corrupt state."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
@@ -107,8 +108,13 @@ class ClientState:
             record = self._rebuild(client_id=client_id, accountant=accountant)
             if record is None:
                 return ClientRecord(client_id, tuple(modalities), PrivacyHistory(accountant=accountant))
-            log.warning("%s: %s is missing; rebuilt from the verified ledger (%d rounds, %d mechanisms)",
-                        client_id, path, len(record.rounds), len(record.history.entries))
+            log.warning(
+                "%s: %s is missing; rebuilt from the verified ledger (%d rounds, %d mechanisms)",
+                client_id,
+                path,
+                len(record.rounds),
+                len(record.history.entries),
+            )
             self._check(record, client_id=client_id, modalities=modalities, accountant=accountant)
             self.save_record(record)
             return record
@@ -146,8 +152,14 @@ class ClientState:
         if not path.exists():
             return 0
         entries, _ = read_ledger(path)
-        return sum(1 for e in entries if isinstance(e, dict) and isinstance(e.get("mechanism"), dict)
-                   and isinstance(e["mechanism"].get("steps"), int) and e["mechanism"]["steps"] > 0)
+        return sum(
+            1
+            for e in entries
+            if isinstance(e, dict)
+            and isinstance(e.get("mechanism"), dict)
+            and isinstance(e["mechanism"].get("steps"), int)
+            and e["mechanism"]["steps"] > 0
+        )
 
     def _check(self, record: ClientRecord, *, client_id: str, modalities: tuple[str, ...], accountant: str) -> None:
         """Refuse a record of another client, accountant or set of modalities."""
@@ -181,11 +193,15 @@ class ClientState:
         pinned = LedgerKey.load_or_create(key_file).public_hex if key_file.exists() else None
         bad = problems + [f.message for f in check_chain(entries, expected_public_key=pinned) if f.kind in (TAMPERING, CORRUPT)]
         if bad:
-            raise StateError(f"{PRIVACY_FILE} is missing and the ledger {ledger_path} does not verify "
-                             f"({'; '.join(bad[:3])}), so the privacy history cannot be rebuilt. {restore}")
+            raise StateError(
+                f"{PRIVACY_FILE} is missing and the ledger {ledger_path} does not verify "
+                f"({'; '.join(bad[:3])}), so the privacy history cannot be rebuilt. {restore}"
+            )
         if pinned is None:
-            raise StateError(f"{PRIVACY_FILE} and the ledger key {KEY_FILE} are missing: the ledger {ledger_path} "
-                             f"cannot be trusted to rebuild the privacy history. {restore}")
+            raise StateError(
+                f"{PRIVACY_FILE} and the ledger key {KEY_FILE} are missing: the ledger {ledger_path} "
+                f"cannot be trusted to rebuild the privacy history. {restore}"
+            )
         private = [e for e in entries if e.get("private") is True]
         last = entries[-1]
         doc = {
@@ -196,8 +212,11 @@ class ClientState:
                 "format": HISTORY_FORMAT,
                 "accountant": private[-1]["accountant"] if private else accountant,
                 "delta": private[-1]["delta"] if private else None,
-                "history": [[e["mechanism"]["noise_multiplier"], e["mechanism"]["sample_rate"], e["mechanism"]["steps"]]
-                            for e in entries if e["mechanism"]["steps"] > 0],
+                "history": [
+                    [e["mechanism"]["noise_multiplier"], e["mechanism"]["sample_rate"], e["mechanism"]["steps"]]
+                    for e in entries
+                    if e["mechanism"]["steps"] > 0
+                ],
                 # a format-1 entry (an older version) names no run: it counts towards the lifetime cap only
                 "runs": [e["run_id"] if e.get("version", 1) >= 2 else "" for e in entries if e["mechanism"]["steps"] > 0],
                 "plan": None,  # the next round calibrates again, against what the history has spent
@@ -205,11 +224,17 @@ class ClientState:
             "rounds": [[e["run_id"], e["round"]] for e in entries if e["status"] == "trained"],
         }
         try:
-            return ClientRecord(client_id=doc["client_id"], modalities=tuple(doc["modalities"]),
-                                history=PrivacyHistory.from_dict(doc["privacy"]), rounds=doc["rounds"])
+            return ClientRecord(
+                client_id=doc["client_id"],
+                modalities=tuple(doc["modalities"]),
+                history=PrivacyHistory.from_dict(doc["privacy"]),
+                rounds=doc["rounds"],
+            )
         except PrivacyParameterError as exc:
-            raise StateError(f"{PRIVACY_FILE} is missing and the ledger {ledger_path} records rounds this fedfuse "
-                             f"cannot rebuild a history from ({exc}). {restore}") from exc
+            raise StateError(
+                f"{PRIVACY_FILE} is missing and the ledger {ledger_path} records rounds this fedfuse "
+                f"cannot rebuild a history from ({exc}). {restore}"
+            ) from exc
 
     def save_record(self, record: ClientRecord) -> None:
         atomic_write_json(

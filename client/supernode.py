@@ -60,15 +60,19 @@ def check_loop(source: str, installed: str) -> None:
         )
     found = {call: source.count(call) for call in EXPECTED_SLEEPS}
     if found != EXPECTED_SLEEPS:
-        raise ConfigError(f"{LOOP_MODULE} no longer sleeps as in Flower {FLOWER_VERSION} (found {found}, expected "
-                          f"{EXPECTED_SLEEPS}); reinstall flwr=={FLOWER_VERSION}")
+        raise ConfigError(
+            f"{LOOP_MODULE} no longer sleeps as in Flower {FLOWER_VERSION} (found {found}, expected "
+            f"{EXPECTED_SLEEPS}); reinstall flwr=={FLOWER_VERSION}"
+        )
 
 
 def shorten_waits(*, pull: float = PULL_WAIT, reply: float = REPLY_WAIT) -> ModuleType:
     """Check the installed loop, then give it short waits; return its module."""
     if not (0 < pull <= FLOWER_PULL_WAIT and 0 < reply <= FLOWER_REPLY_WAIT):
-        raise ConfigError(f"--pull-wait must be in (0, {FLOWER_PULL_WAIT}] and --reply-wait in (0, {FLOWER_REPLY_WAIT}] "
-                          f"seconds, got {pull:g} and {reply:g}")
+        raise ConfigError(
+            f"--pull-wait must be in (0, {FLOWER_PULL_WAIT}] and --reply-wait in (0, {FLOWER_REPLY_WAIT}] "
+            f"seconds, got {pull:g} and {reply:g}"
+        )
     module = importlib.import_module(LOOP_MODULE)
     check_loop(inspect.getsource(module), version("flwr"))
     module.time = ShortWaits(pull=pull, reply=reply)  # type: ignore[attr-defined]
@@ -79,8 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run flower-supernode with the options after ``--``, its loop's waits shortened."""
     parser = argparse.ArgumentParser(prog="python -m client.supernode", description=__doc__.splitlines()[0])
     parser.add_argument("--pull-wait", type=float, default=PULL_WAIT, help="seconds after an empty pull (Flower: 3)")
-    parser.add_argument("--reply-wait", type=float, default=REPLY_WAIT,
-                        help="seconds between checks for the ClientApp's reply (Flower: 0.5)")
+    parser.add_argument(
+        "--reply-wait", type=float, default=REPLY_WAIT, help="seconds between checks for the ClientApp's reply (Flower: 0.5)"
+    )
     parser.add_argument("flower_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args

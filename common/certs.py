@@ -7,9 +7,9 @@ import ipaddress
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -168,7 +168,7 @@ def make_credentials(
     _make_dir(out / SUPERLINK_DIR / "ledger-keys", private=False)
 
     # Certificate authority
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     not_before, not_after = now - CLOCK_SKEW, now + dt.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedfuse federation CA")])
@@ -218,9 +218,7 @@ def make_credentials(
         auth_key = ec.generate_private_key(ec.SECP384R1())
         _write_private(
             site.auth_private_key,
-            auth_key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            ),
+            auth_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
         )
         auth_pub = auth_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         _write_public(site.auth_public_key, auth_pub + f" fedfuse-{site.name}\n".encode())
@@ -228,9 +226,7 @@ def make_credentials(
         _write_private(site.ledger_key, _pkcs8(ledger_key))
         _write_public(
             site.ledger_public_key,
-            ledger_key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ),
+            ledger_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
         )
         _write_public(site.ca_cert, ca_pem)
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.errors import ConfigError
 
@@ -64,8 +65,10 @@ class ServerConfig:
         if not 0 < self.fraction_train <= 1:
             _fail("fraction-train", "must lie in (0, 1]")
         if not 0 <= self.participation <= self.num_server_rounds:
-            _fail("participation", f"must lie in [0, num-server-rounds = {self.num_server_rounds}] (0 = auto), "
-                  f"got {self.participation}")
+            _fail(
+                "participation",
+                f"must lie in [0, num-server-rounds = {self.num_server_rounds}] (0 = auto), got {self.participation}",
+            )
         if not 0 <= self.fraction_evaluate <= 1:
             _fail("fraction-evaluate", "must lie in [0, 1]")
         if self.min_clients < 1:
@@ -80,7 +83,6 @@ class ServerConfig:
             _fail("round-timeout", "must be > 0")
         if self.evaluate_every < 1:
             _fail("evaluate-every", "must be >= 1 (1 = every round; the last round always evaluates)")
-
 
     def planned_rounds(self, total: int | None = None) -> int:
         """The rounds each client plans to train in, of ``total`` (default num-server-rounds): ``participation``,
@@ -110,7 +112,7 @@ def _per_modality(key: str, value: str) -> dict[str, str]:
             continue
         name, sep, choice = (part.strip() for part in item.partition("="))
         if not sep or not _MODALITY.match(name) or not choice:
-            _fail(key, f"expected \"modality=value\" pairs separated by commas, got {item!r}")
+            _fail(key, f'expected "modality=value" pairs separated by commas, got {item!r}')
         if name in out:
             _fail(key, f"modality '{name}' is named twice")
         out[name] = choice
@@ -174,7 +176,9 @@ class TrainSection:
     lr_schedule: str = "constant"  # constant | cosine: lr decays over the run's rounds to a tenth (public: the round number)
     momentum: float = 0.5
     modality_dropout: float = 0.3  # hide each present modality with this probability while training
-    grad_sample_mode: str = "flat"  # per-sample gradients: flat (common/privacy/grad_samplers.py, fastest) | Opacus's hooks | functorch
+    grad_sample_mode: str = (
+        "flat"  # per-sample gradients: flat (common/privacy/grad_samplers.py, fastest) | Opacus's hooks | functorch
+    )
     augmentations: str = ""  # per-record augmentation groups, e.g. "acc+gyro=rotate(15)" (common/privacy/augmentation.py)
     multiplicity: int = 1  # augmented copies per record, averaged inside its gradient before clipping
 
@@ -262,7 +266,7 @@ class DataSection:
         if not 0 <= self.modality_drop_prob < 1:
             _fail("data.modality-drop-prob", "must lie in [0, 1)")
         if self.missing_rate != AUTO and not (isinstance(self.missing_rate, float) and 0 <= self.missing_rate < 1):
-            _fail("data.missing-rate", f"must lie in [0, 1) or be \"{AUTO}\", got {self.missing_rate!r}")
+            _fail("data.missing-rate", f'must lie in [0, 1) or be "{AUTO}", got {self.missing_rate!r}')
         if self.dirichlet_alpha < 0:
             _fail("data.dirichlet-alpha", "must be >= 0 (0 = no label skew)")
 
@@ -339,11 +343,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.data.server_test and self.server.encoders != "federated":
-            _fail("data.server-test", "server-side evaluation needs a whole global model: set encoders = \"federated\"")
+            _fail("data.server-test", 'server-side evaluation needs a whole global model: set encoders = "federated"')
         if self.secagg.enabled and self.server.encoders == "federated":
-            _fail("secagg.enabled", "secure aggregation sums one vector whose layout every site must know before the "
-                  "round; federated encoders are sized by each site's data schema, which the server and the other "
-                  "sites do not know. Set encoders = \"local\" or turn secure aggregation off")
+            _fail(
+                "secagg.enabled",
+                "secure aggregation sums one vector whose layout every site must know before the "
+                "round; federated encoders are sized by each site's data schema, which the server and the other "
+                'sites do not know. Set encoders = "local" or turn secure aggregation off',
+            )
         if self.secagg.enabled and self.server.min_clients < 2:
             _fail("secagg.enabled", "secure aggregation needs at least 2 clients per round: set min-clients >= 2")
 
@@ -404,7 +411,8 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
         if cls is None or attr not in field_types or "_" in name:
             hint = difflib.get_close_matches(key, known, n=1)
             raise ConfigError(
-                f"unknown run config key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
+                f"unknown run config key '{key}'"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
                 + f" (known keys: {', '.join(known)})"
             )
         type_name = str(field_types[attr])
@@ -414,7 +422,7 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[section][attr] = float(value)
             else:
-                _fail(key, f"expected a number or \"{AUTO}\", got {value!r}")
+                _fail(key, f'expected a number or "{AUTO}", got {value!r}')
             continue
         kind = {"int": int, "float": float, "bool": bool, "str": str}[type_name]
         values[section][attr] = _coerce(key, value, kind)
@@ -432,7 +440,7 @@ def _merge_per_modality(flat: Mapping[str, Any]) -> dict[str, Any]:
         merged = _per_modality(key, _coerce(key, out.get(key, ""), str))
         for k, value in single.items():
             del out[k]
-            name = k[len(key) + 1:]
+            name = k[len(key) + 1 :]
             if not _MODALITY.match(name):
                 _fail(k, f"'{name}' is not a modality name (lower-case letters, digits, '_')")
             if name in merged:

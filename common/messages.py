@@ -28,7 +28,7 @@ Failure reply   (train or evaluate, any stage) {"metrics": {NUM_EXAMPLES: 0}, "c
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -64,8 +64,7 @@ STATUS_POLICY_REFUSED = "policy-refused"  # the run asks for more privacy loss t
 STATUS_ALREADY_TRAINED = "already-trained"  # this round was trained before a crash and its update is lost
 STATUS_DISCARDED = "discarded"  # training failed (non-finite noised parameters): charged to the budget, nothing sent
 STATUS_FAILED = "failed"  # the site's ClientApp failed: REASON is FAILURE_SITE only, the details stay in the site's log
-STATUSES = (STATUS_OK, STATUS_BUDGET_EXHAUSTED, STATUS_POLICY_REFUSED, STATUS_ALREADY_TRAINED, STATUS_DISCARDED,
-            STATUS_FAILED)
+STATUSES = (STATUS_OK, STATUS_BUDGET_EXHAUSTED, STATUS_POLICY_REFUSED, STATUS_ALREADY_TRAINED, STATUS_DISCARDED, STATUS_FAILED)
 
 # Failure categories: all the server learns, and results.json records, about a site that failed a message
 FAILURE_SITE = "site-error"  # the site's ClientApp failed (one category for every cause: nothing about records leaks)
@@ -146,14 +145,14 @@ def unpack_arrays(content: RecordDict) -> dict[str, torch.Tensor]:
         if not isinstance(key, str) or key in out or pos >= len(shapes):
             raise ValueError(f"bad or repeated key {key!r} in the packing")
         ndim = shapes[pos]
-        shape = tuple(shapes[pos + 1: pos + 1 + ndim])
+        shape = tuple(shapes[pos + 1 : pos + 1 + ndim])
         if len(shape) != ndim or any(not isinstance(d, int) or d < 0 for d in shape):
             raise ValueError(f"bad shape for '{key}' in the packing")
         pos += 1 + ndim
         size = int(torch.tensor(shape).prod()) if shape else 1
         if offset + size > len(flat):
             raise ValueError("the packing describes more values than the array holds")
-        out[key] = flat[offset: offset + size].reshape(shape).clone()
+        out[key] = flat[offset : offset + size].reshape(shape).clone()
         offset += size
     if pos != len(shapes) or offset != len(flat):
         raise ValueError("the packing does not describe the whole array")

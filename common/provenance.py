@@ -103,7 +103,9 @@ class ReviewedApp:
         """Raise UntrustedAppError unless the FAB's code is this checkout's."""
         problems = self.problems(fab)
         if problems:
-            shown = "; ".join(problems[:MAX_SHOWN]) + (f"; and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else "")
+            shown = "; ".join(problems[:MAX_SHOWN]) + (
+                f"; and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
+            )
             raise UntrustedAppError(
                 f"{UNTRUSTED_APP_MARK}: this site runs only the fedfuse app it has installed and reviewed, and the "
                 f"run's app differs ({shown}). Run the app from the same fedfuse version the sites installed, or "

@@ -30,8 +30,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     """The parser; only the command named in ``argv`` is imported and configured (commands pull in torch)."""
     parser = argparse.ArgumentParser(prog="fedfuse", description="fedfuse: federated, privacy-preserving multi-modal training")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and the other libraries' INFO lines and warnings")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and the other libraries' INFO lines and warnings"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     modules: dict[str, Any] = {}
@@ -40,7 +41,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, An
         if name == chosen:
             module = importlib.import_module(f"fedfuse.commands.{module_name}")
             if "argv" in inspect.signature(module.configure).parameters:  # a command with sub-commands of its own
-                module.configure(command, argv=argv[argv.index(name) + 1:])
+                module.configure(command, argv=argv[argv.index(name) + 1 :])
             else:
                 module.configure(command)
             modules[name] = module

@@ -100,10 +100,15 @@ class PollingGrid(Grid):
             time.sleep(self.interval)
         for mid in sorted(pending):  # make a silent absence explicit, as Flower does for a node it knows is offline
             msg = sent[mid]
-            log.warning("%s sent no %s reply within %g s (round-timeout)", self.describe(msg.metadata.dst_node_id),
-                        msg.metadata.message_type, timeout)
-            replies.append(Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason=NO_REPLY.format(timeout=timeout)),
-                                   reply_to=msg))
+            log.warning(
+                "%s sent no %s reply within %g s (round-timeout)",
+                self.describe(msg.metadata.dst_node_id),
+                msg.metadata.message_type,
+                timeout,
+            )
+            replies.append(
+                Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason=NO_REPLY.format(timeout=timeout)), reply_to=msg)
+            )
         return replies
 
 

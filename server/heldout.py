@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
+from common.data.partition import heldout_sites
 from common.model.evaluation import evaluate
 from common.model.multimodal import ENCODER_PREFIX, MultimodalModel
-from common.data.partition import heldout_sites
 from server.metrics import summarize_evaluation
 from server.replies import EvaluateReply
 
@@ -47,8 +47,10 @@ class HeldoutEvaluator:
                 continue
             data = _widen(data.restrict(present), model)
             report = evaluate(model, data)
-            by = {s: {"accuracy": m["accuracy"], "macro-f1": m["macro_f1"], "num-examples": m["num_examples"]}
-                  for s, m in report["by_modalities"].items()}
+            by = {
+                s: {"accuracy": m["accuracy"], "macro-f1": m["macro_f1"], "num-examples": m["num_examples"]}
+                for s, m in report["by_modalities"].items()
+            }
             overall = {"accuracy": report["accuracy"], "macro-f1": report["macro_f1"], "loss": report["loss"]}
             counts = {s: m["class_counts"] for s, m in report["by_modalities"].items()}
             scores.append(EvaluateReply(0, name, report["num_examples"], overall, by, report["confusion"], counts))

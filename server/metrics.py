@@ -23,8 +23,12 @@ def summarize_evaluation(replies: list[EvaluateReply], labels: list[str] | tuple
     if mean is None:
         return None
     client_mean = {k: mean[k] for k in ("accuracy", "macro_f1", "loss", "num_examples", "by_modalities")}
-    return {"num_examples": mean["num_examples"], "pooled": pooled_metrics(replies, labels),
-            "client_mean": client_mean, "clients": mean["clients"]}
+    return {
+        "num_examples": mean["num_examples"],
+        "pooled": pooled_metrics(replies, labels),
+        "client_mean": client_mean,
+        "clients": mean["clients"],
+    }
 
 
 def pooled_metrics(replies: list[EvaluateReply], labels: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
@@ -56,10 +60,15 @@ def pooled_metrics(replies: list[EvaluateReply], labels: list[str] | tuple[str, 
 
 def _per_class(support: list[int], predicted: list[int], correct: list[int]) -> dict[str, list]:
     """Per class (in label order): the counts, precision, recall and F1 (None where undefined)."""
+
     def ratio(a: int, b: int) -> float | None:
         return a / b if b else None
 
-    return {"support": support, "predicted": predicted, "correct": correct,
-            "precision": [ratio(c, p) for c, p in zip(correct, predicted)],
-            "recall": [ratio(c, s) for c, s in zip(correct, support)],
-            "f1": class_f1(support, predicted, correct)}
+    return {
+        "support": support,
+        "predicted": predicted,
+        "correct": correct,
+        "precision": [ratio(c, p) for c, p in zip(correct, predicted)],
+        "recall": [ratio(c, s) for c, s in zip(correct, support)],
+        "f1": class_f1(support, predicted, correct),
+    }

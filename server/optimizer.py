@@ -61,8 +61,8 @@ class FedAdam(ServerOptimizer):
         return {**{f"opt.m.{k}": v for k, v in self.m.items()}, **{f"opt.v.{k}": v for k, v in self.v.items()}}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.m = {k[len("opt.m."):]: v for k, v in state.items() if k.startswith("opt.m.")}
-        self.v = {k[len("opt.v."):]: v for k, v in state.items() if k.startswith("opt.v.")}
+        self.m = {k[len("opt.m.") :]: v for k, v in state.items() if k.startswith("opt.m.")}
+        self.v = {k[len("opt.v.") :]: v for k, v in state.items() if k.startswith("opt.v.")}
 
 
 class FedYogi(FedAdam):

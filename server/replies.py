@@ -13,8 +13,8 @@ from flwr.common.constant import ErrorCode
 from common import messages as M
 from common.insight.attention import parse_key as attention_key
 from common.messages import update_digest
-from common.privacy.ledger import LedgerError, decode_entry
 from common.model.multimodal import ENCODER_PREFIX, HEAD_PREFIX
+from common.privacy.ledger import LedgerError, decode_entry
 from common.provenance import UNTRUSTED_APP_MARK
 
 
@@ -129,11 +129,13 @@ def parse_train_reply(message: Message, *, global_state: dict[str, torch.Tensor]
                 if key not in global_state:
                     raise ReplyRejected(f"unknown key '{key}'")
             elif key.startswith(ENCODER_PREFIX) and encoders == "federated":
-                modality = key[len(ENCODER_PREFIX):].split(".")[0]
+                modality = key[len(ENCODER_PREFIX) :].split(".")[0]
                 if modality not in modalities:
                     raise ReplyRejected(f"encoder '{modality}' sent by a client that does not hold it")
             else:
-                raise ReplyRejected(f"unknown key '{key}'" + (" (encoders are local in this run)" if key.startswith(ENCODER_PREFIX) else ""))
+                raise ReplyRejected(
+                    f"unknown key '{key}'" + (" (encoders are local in this run)" if key.startswith(ENCODER_PREFIX) else "")
+                )
             if key in global_state and tuple(value.shape) != tuple(global_state[key].shape):
                 raise ReplyRejected(f"'{key}' has shape {tuple(value.shape)}, expected {tuple(global_state[key].shape)}")
             if not value.is_floating_point() or not torch.isfinite(value).all():
@@ -168,14 +170,14 @@ def parse_evaluate_reply(message: Message, num_classes: int | None = None) -> Ev
     for key, value in metrics.items():
         if key == M.NUM_EXAMPLES:
             continue
-        subset, _, name = key[len(M.BY_PREFIX):].rpartition(".") if key.startswith(M.BY_PREFIX) else ("", "", key)
+        subset, _, name = key[len(M.BY_PREFIX) :].rpartition(".") if key.startswith(M.BY_PREFIX) else ("", "", key)
         if (name in M.CLASS_COUNTS and subset) or key == M.CONFUSION:
-            size = None if num_classes is None else (num_classes ** 2 if key == M.CONFUSION else num_classes)
+            size = None if num_classes is None else (num_classes**2 if key == M.CONFUSION else num_classes)
             values = _counts(key, value, size)
             if size is None:
                 continue
             if key == M.CONFUSION:
-                confusion = [values[i * num_classes:(i + 1) * num_classes] for i in range(num_classes)]
+                confusion = [values[i * num_classes : (i + 1) * num_classes] for i in range(num_classes)]
             else:
                 counts.setdefault(subset, {})[name] = values
             continue
@@ -198,8 +200,11 @@ def parse_evaluate_reply(message: Message, num_classes: int | None = None) -> Ev
     for subset, c in counts.items():
         if set(c) != set(M.CLASS_COUNTS) or subset not in by:
             raise ReplyRejected(f"per-class counts of '{subset}' must come with its scores and hold {list(M.CLASS_COUNTS)}")
-        if sum(c[M.SUPPORT]) != by[subset].get(M.NUM_EXAMPLES) or sum(c[M.PREDICTED]) != sum(c[M.SUPPORT]) or any(
-                k > min(s, p) for s, p, k in zip(c[M.SUPPORT], c[M.PREDICTED], c[M.CORRECT])):
+        if (
+            sum(c[M.SUPPORT]) != by[subset].get(M.NUM_EXAMPLES)
+            or sum(c[M.PREDICTED]) != sum(c[M.SUPPORT])
+            or any(k > min(s, p) for s, p, k in zip(c[M.SUPPORT], c[M.PREDICTED], c[M.CORRECT]))
+        ):
             raise ReplyRejected(f"the per-class counts of '{subset}' are inconsistent")
     return EvaluateReply(message.metadata.src_node_id, client_id, n, overall, by, confusion, counts, attention=attention)
 
@@ -236,9 +241,15 @@ def mean_metrics(replies: list[EvaluateReply]) -> dict[str, Any] | None:
     out["by_modalities"] = by
     # What each client reported, so that comparisons can be made on the same clients.
     out["clients"] = {
-        r.client_id: {"accuracy": r.overall[M.ACCURACY], "macro_f1": r.overall[M.MACRO_F1], "num_examples": r.num_examples,
-                      "by_modalities": {s: {"accuracy": m[M.ACCURACY], "macro_f1": m[M.MACRO_F1],
-                                            "num_examples": int(m[M.NUM_EXAMPLES])} for s, m in r.by_modalities.items()}}
+        r.client_id: {
+            "accuracy": r.overall[M.ACCURACY],
+            "macro_f1": r.overall[M.MACRO_F1],
+            "num_examples": r.num_examples,
+            "by_modalities": {
+                s: {"accuracy": m[M.ACCURACY], "macro_f1": m[M.MACRO_F1], "num_examples": int(m[M.NUM_EXAMPLES])}
+                for s, m in r.by_modalities.items()
+            },
+        }
         for r in scored
     }
     return out

@@ -95,12 +95,15 @@ class RunFolder:
                     )
             return str(doc["run_id"])
         run_id = uuid.uuid4().hex[:12]
-        atomic_write_json(run_file, {
-            "run_id": run_id,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config_hash": digest,
-            "config": json_safe(flat_config),
-        })
+        atomic_write_json(
+            run_file,
+            {
+                "run_id": run_id,
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "config_hash": digest,
+                "config": json_safe(flat_config),
+            },
+        )
         return run_id
 
     def stored_config(self) -> dict[str, Any]:
@@ -131,7 +134,7 @@ class RunFolder:
         tensors = load_tensors(stem.with_suffix(".safetensors"))
         if record.get("round") != r:
             raise FedfuseError(f"checkpoint {stem} is inconsistent: its record says round {record.get('round')}")
-        global_state = {k[len("global."):]: v for k, v in tensors.items() if k.startswith("global.")}
+        global_state = {k[len("global.") :]: v for k, v in tensors.items() if k.startswith("global.")}
         optimizer_state = {k: v for k, v in tensors.items() if not k.startswith("global.")}
         record.pop("round")
         return Checkpoint(r, global_state, optimizer_state, record)

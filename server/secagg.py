@@ -76,8 +76,14 @@ def sum_tolerance(*, num_clients: int, total_weight: float, clipping_range: floa
     return 1e-4 + 4 * num_clients * (2 * clipping_range / quantization) / total_weight
 
 
-def decode_average(mean: Sequence[np.ndarray], layout: Sequence[str], reference: Mapping[str, torch.Tensor],
-                   expected: Mapping[str, float], *, tolerance: float) -> dict[str, torch.Tensor]:
+def decode_average(
+    mean: Sequence[np.ndarray],
+    layout: Sequence[str],
+    reference: Mapping[str, torch.Tensor],
+    expected: Mapping[str, float],
+    *,
+    tolerance: float,
+) -> dict[str, torch.Tensor]:
     """Each held key's weighted average from SecAgg+'s output (the weighted mean of the clients' vectors)."""
     *changes, weights = [np.asarray(a, dtype=np.float64) for a in mean]
     if len(changes) != len(layout) or weights.shape != (len(layout),):
@@ -119,8 +125,7 @@ def parse_clear_reply(fitres: FitRes, node_id: int) -> TrainReply:
     if status == M.STATUS_OK and n < 1:
         raise ReplyRejected("an update needs num-examples >= 1")
     if fitres.num_examples != (n if status == M.STATUS_OK else 0):
-        raise ReplyRejected(f"its SecAgg+ weight {fitres.num_examples} does not match its status '{status}' and "
-                            f"num-examples {n}")
+        raise ReplyRejected(f"its SecAgg+ weight {fitres.num_examples} does not match its status '{status}' and num-examples {n}")
     for key in (M.EPSILON, M.BUDGET):
         value = metrics.get(key)
         if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
@@ -159,16 +164,22 @@ class SecureFedFuse(Strategy):
         r = self.fed.absolute(server_round)
         self._nodes = self.fed.train_nodes(server_round, grid)
         if len(self._nodes) < 2:
-            log.warning("round %d: secure aggregation needs at least 2 clients, %d may train; the head is unchanged",
-                        r, len(self._nodes))
+            log.warning(
+                "round %d: secure aggregation needs at least 2 clients, %d may train; the head is unchanged", r, len(self._nodes)
+            )
             self.fed.record_replies(r, [], [])
             return
         self._aggregated = False
         self._quantization = quantization_range(len(self._nodes))
-        self._workflow = _SecAggPlus(self.secagg.num_shares, self.secagg.reconstruction_threshold,
-                                     max_weight=float(self.secagg.max_weight), clipping_range=self.secagg.clipping_range,
-                                     quantization_range=self._quantization, modulus_range=MODULUS,
-                                     timeout=self.fed.config.server.round_timeout)
+        self._workflow = _SecAggPlus(
+            self.secagg.num_shares,
+            self.secagg.reconstruction_threshold,
+            max_weight=float(self.secagg.max_weight),
+            clipping_range=self.secagg.clipping_range,
+            quantization_range=self._quantization,
+            modulus_range=MODULUS,
+            timeout=self.fed.config.server.round_timeout,
+        )
         self._workflow(grid, context)
         if not self._aggregated:  # SecAgg+ halted: too many clients dropped out to unmask
             log.warning("round %d: secure aggregation did not complete; the head is unchanged", r)
@@ -195,7 +206,9 @@ class SecureFedFuse(Strategy):
         run_id = self.grid.run.run_id
         return [(GridClientProxy(node_id=n, grid=self.grid, run_id=run_id), fitins) for n in self._nodes]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[Any, FitRes]], failures: list[Any]) -> tuple[Parameters | None, dict]:
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[Any, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict]:
         """SecAgg+ hands every result the same unmasked mean vector: decode it once; record every clear part."""
         self._aggregated = True
         mean = parameters_to_ndarrays(results[0][1].parameters) if results else None
@@ -223,8 +236,10 @@ class SecureFedFuse(Strategy):
             log.warning("round %d: secure aggregation: %s", r, "; ".join(reasons))
         answered = {proxy.node_id for proxy, _ in results}
         failures = [(n, M.FAILURE_DROPPED, "dropped out of secure aggregation") for n in self._nodes if n not in answered]
-        replies = [(proxy.node_id, functools.partial(parse_clear_reply, fitres, proxy.node_id), _claimed(fitres))
-                   for proxy, fitres in results]
+        replies = [
+            (proxy.node_id, functools.partial(parse_clear_reply, fitres, proxy.node_id), _claimed(fitres))
+            for proxy, fitres in results
+        ]
         updates = self.fed.record_replies(r, replies, failures)
         if mean is None or not updates:
             if mean is not None:
@@ -234,12 +249,20 @@ class SecureFedFuse(Strategy):
         accepted = {u.node_id for u in updates}
         spoilt = [proxy.node_id for proxy, fitres in results if fitres.num_examples > 0 and proxy.node_id not in accepted]
         if spoilt:
-            log.warning("round %d: the secure sum includes updates whose replies were rejected (nodes %s); it cannot be "
-                        "separated from them, so the head is unchanged", r, spoilt)
+            log.warning(
+                "round %d: the secure sum includes updates whose replies were rejected (nodes %s); it cannot be "
+                "separated from them, so the head is unchanged",
+                r,
+                spoilt,
+            )
             return None
         total = sum(u.num_examples for u in updates) / self.secagg.max_weight
-        tolerance = sum_tolerance(num_clients=len(results), total_weight=total, clipping_range=self.secagg.clipping_range,
-                                  quantization=self._quantization)
+        tolerance = sum_tolerance(
+            num_clients=len(results),
+            total_weight=total,
+            clipping_range=self.secagg.clipping_range,
+            quantization=self._quantization,
+        )
         expected = expected_weights(self.layout, [(u.modalities, u.num_examples) for u in updates])
         try:
             averages = decode_average(mean, self.layout, self.fed.state.global_state, expected, tolerance=tolerance)

@@ -7,11 +7,11 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config, run_out_dir
+from common.data.partition import federation_space, idle_sites, real_data_changes
 from common.logs import flower_lines_once, log_to_stderr
 from common.model.multimodal import global_head_template
-from common.data.partition import federation_space, idle_sites, real_data_changes
-from common.privacy.plan import drowning_warning
 from common.model.transforms import check_modalities, parse_transforms
+from common.privacy.plan import drowning_warning
 from server.grid import NodesUnavailableError, PollingGrid
 from server.heldout import HeldoutEvaluator
 from server.optimizer import build_optimizer
@@ -74,7 +74,9 @@ def main(grid: Grid, context: Context) -> None:
         state = RunState(run_id, total, 0, head)
     else:
         rec = checkpoint.record
-        state = RunState(run_id, total, checkpoint.round, checkpoint.global_state, rec["rounds"], rec["clients"], set(rec["excluded"]))
+        state = RunState(
+            run_id, total, checkpoint.round, checkpoint.global_state, rec["rounds"], rec["clients"], set(rec["excluded"])
+        )
         optimizer.load_state(checkpoint.optimizer_state)
         log.info("resuming run %s after round %d of %d", run_id, checkpoint.round, total)
 
@@ -86,9 +88,14 @@ def main(grid: Grid, context: Context) -> None:
         folder.write_results(strategy.results(status="completed"))
         return
     rounds = total - state.round_offset
-    log.info("run %s: privacy: each site's own mechanisms in this run may spend at most ε = %g at δ = %g (dp.epsilon, "
-             "composed over the run); each site's lifetime cap (max-epsilon, its whole history) applies as well, and "
-             "each site's spend so far is logged at its first reply", run_id, config.dp.epsilon, config.dp.delta)
+    log.info(
+        "run %s: privacy: each site's own mechanisms in this run may spend at most ε = %g at δ = %g (dp.epsilon, "
+        "composed over the run); each site's lifetime cap (max-epsilon, its whole history) applies as well, and "
+        "each site's spend so far is logged at its first reply",
+        run_id,
+        config.dp.epsilon,
+        config.dp.delta,
+    )
     polling = PollingGrid(grid)  # replies polled every 0.2 s (Flower: 3 s), a missing reply is recorded as a failure
     strategy.node_names = polling.names  # the log names sites as registered, before their first reply
     try:
@@ -97,8 +104,13 @@ def main(grid: Grid, context: Context) -> None:
             run_secure(strategy, polling, context, num_rounds=rounds)
         else:
             log.info("run %s: %d rounds, output in %s", run_id, rounds, folder.path)
-            strategy.start(grid=polling, initial_arrays=ArrayRecord(state.global_state), num_rounds=rounds,
-                           timeout=config.server.round_timeout, evaluate_fn=strategy.end_round)
+            strategy.start(
+                grid=polling,
+                initial_arrays=ArrayRecord(state.global_state),
+                num_rounds=rounds,
+                timeout=config.server.round_timeout,
+                evaluate_fn=strategy.end_round,
+            )
     except NodesUnavailableError as exc:  # too few sites for longer than round-timeout: stop, say why
         log.error("run %s stopped: %s", run_id, exc)
         folder.write_results(strategy.results(status="failed") | {"error": str(exc)})

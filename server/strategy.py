@@ -28,19 +28,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import messages as M
-from common.insight.attention import pool as pool_attention
 from common.config import RunConfig
-from common.model.evaluation import headline
+from common.insight.attention import pool as pool_attention
 from common.insight.contributions import modality_contributions
+from common.model.evaluation import headline
 from common.privacy.ledger import Ledger, LedgerError
 from server.aggregation import Contribution, weighted_average
 from server.grid import sample_nodes
-from server.optimizer import ServerOptimizer
 from server.metrics import summarize_evaluation
-from server.watch import learning_warnings
-from server.replies import (ReplyRejected, TrainReply, claimed_client_id, failure_category, parse_evaluate_reply,
-                            parse_train_reply)
+from server.optimizer import ServerOptimizer
+from server.replies import ReplyRejected, TrainReply, claimed_client_id, failure_category, parse_evaluate_reply, parse_train_reply
 from server.run_folder import Checkpoint, RunFolder
+from server.watch import learning_warnings
 
 log = logging.getLogger("fedfuse.server")
 
@@ -63,12 +62,23 @@ class RunState:
 class FedFuse(FedAvg):
     """Per-block FedAvg with reply validation, exclusion of exhausted clients, ledgers and checkpoints."""
 
-    def __init__(self, config: RunConfig, state: RunState, optimizer: ServerOptimizer, folder: RunFolder,
-                 federation: dict[str, Any], heldout: Callable[[dict[str, torch.Tensor]], dict | None] | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        state: RunState,
+        optimizer: ServerOptimizer,
+        folder: RunFolder,
+        federation: dict[str, Any],
+        heldout: Callable[[dict[str, torch.Tensor]], dict | None] | None = None,
+    ):
         s = config.server
-        super().__init__(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-                         min_train_nodes=s.min_clients, min_evaluate_nodes=s.min_clients if s.fraction_evaluate else 0,
-                         min_available_nodes=s.min_clients)
+        super().__init__(
+            fraction_train=s.fraction_train,
+            fraction_evaluate=s.fraction_evaluate,
+            min_train_nodes=s.min_clients,
+            min_evaluate_nodes=s.min_clients if s.fraction_evaluate else 0,
+            min_available_nodes=s.min_clients,
+        )
         self.config, self.state, self.optimizer, self.folder = config, state, optimizer, folder
         self.federation = federation
         self.heldout = heldout  # server-side evaluation of the global model (encoders = "federated")
@@ -90,15 +100,22 @@ class FedFuse(FedAvg):
             return "a client"
         return self.node_clients.get(node) or self.node_names.get(node) or f"node {node}"
 
-    def _check_and_log_replies(self, replies: Iterable[Message], is_train: bool, validate: bool = True) -> tuple[list[Message], list[Message]]:
+    def _check_and_log_replies(
+        self, replies: Iterable[Message], is_train: bool, validate: bool = True
+    ) -> tuple[list[Message], list[Message]]:
         """Flower's split into valid and error replies, logged by site name (Flower's logs node ids)."""
         replies = list(replies)
         valid = [m for m in replies if not m.has_error()]
         errors = [m for m in replies if m.has_error()]
         if replies:
-            log.log(logging.INFO if errors else logging.DEBUG,  # the round's line says the rest
-                    "%s: %d result(s), %d failure(s)%s", "train" if is_train else "evaluate", len(valid), len(errors),
-                    "".join(f"; {self.site_name(m.metadata.src_node_id)}: {m.error.reason}" for m in errors))
+            log.log(
+                logging.INFO if errors else logging.DEBUG,  # the round's line says the rest
+                "%s: %d result(s), %d failure(s)%s",
+                "train" if is_train else "evaluate",
+                len(valid),
+                len(errors),
+                "".join(f"; {self.site_name(m.metadata.src_node_id)}: {m.error.reason}" for m in errors),
+            )
         return valid, errors
 
     @property
@@ -114,8 +131,13 @@ class FedFuse(FedAvg):
         """Sample clients that may still train and send them the global blocks."""
         node_ids = self.train_nodes(server_round, grid)
         arrays = M.pack_arrays(self.state.global_state)
-        return [message for node in node_ids for message in self._construct_messages(
-            RecordDict({**arrays, M.CONFIG: self.train_request(server_round, node)}), [node], "train")]
+        return [
+            message
+            for node in node_ids
+            for message in self._construct_messages(
+                RecordDict({**arrays, M.CONFIG: self.train_request(server_round, node)}), [node], "train"
+            )
+        ]
 
     def train_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """The round's training clients: a sample of those not excluded (this starts the round's record)."""
@@ -131,8 +153,11 @@ class FedFuse(FedAvg):
         want = max(int(len(active) * self.fraction_train), self.min_train_nodes)
         available = [n for n in active if n not in finished_nodes]
         if not available:
-            log.warning("round %d: every client is excluded (budgets exhausted) or has trained its planned %d round(s); "
-                        "nothing to train", self.absolute(server_round), plan)
+            log.warning(
+                "round %d: every client is excluded (budgets exhausted) or has trained its planned %d round(s); nothing to train",
+                self.absolute(server_round),
+                plan,
+            )
             return []
         node_ids = random.sample(available, min(want, len(available)))
         self._round = {"round": self.absolute(server_round), "train": {"sampled": len(node_ids)}}
@@ -141,8 +166,11 @@ class FedFuse(FedAvg):
     def train_request(self, server_round: int, node: int | None = None) -> ConfigRecord:
         """What a train message asks for, besides the global blocks; to a known client, how much of its ledger
         the federation's copy holds (it then sends only the entries after them)."""
-        request = {M.SERVER_ROUND: self.absolute(server_round), M.RUN_ID: self.state.run_id,
-                   M.PLANNED_ROUNDS: self.config.server.planned_rounds(self.state.total_rounds)}
+        request = {
+            M.SERVER_ROUND: self.absolute(server_round),
+            M.RUN_ID: self.state.run_id,
+            M.PLANNED_ROUNDS: self.config.server.planned_rounds(self.state.total_rounds),
+        }
         held = self.ledger_heads.get(self.node_clients.get(node, "")) if node is not None else None
         if held:
             request |= {M.LEDGER_HELD: held[0], M.LEDGER_HEAD: held[1]}
@@ -153,8 +181,11 @@ class FedFuse(FedAvg):
         r = self.absolute(server_round)
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         parse = functools.partial(parse_train_reply, global_state=self.state.global_state, encoders=self.config.server.encoders)
-        updates = self.record_replies(r, [(m.metadata.src_node_id, functools.partial(parse, m), claimed_client_id(m)) for m in valid],
-                                      [(m.metadata.src_node_id, failure_category(m), m.error.reason) for m in errors])
+        updates = self.record_replies(
+            r,
+            [(m.metadata.src_node_id, functools.partial(parse, m), claimed_client_id(m)) for m in valid],
+            [(m.metadata.src_node_id, failure_category(m), m.error.reason) for m in errors],
+        )
         if not updates:
             log.warning("round %d: no update to aggregate; the global head is unchanged", r)
             return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": 0})
@@ -162,8 +193,9 @@ class FedFuse(FedAvg):
         self.state.global_state = self.optimizer.step(self.state.global_state, averages)
         return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": len(updates)})
 
-    def record_replies(self, r: int, replies: list[tuple[int, Callable[[], TrainReply], str | None]],
-                       failures: list[tuple[int | None, str, str]]) -> list[TrainReply]:
+    def record_replies(
+        self, r: int, replies: list[tuple[int, Callable[[], TrainReply], str | None]], failures: list[tuple[int | None, str, str]]
+    ) -> list[TrainReply]:
         """Parse each reply, keep its ledger and privacy record, exclude exhausted clients; return the updates."""
         # replies: (node id, parse, claimed client id); failures: (node id or None, category, what Flower said)
         trained, refused, rejected, failed, updates = [], {}, {}, {}, []
@@ -196,8 +228,13 @@ class FedFuse(FedAvg):
             trained.append(reply.client_id)
             updates.append(reply)
         self._round.setdefault("round", r)
-        self._round["train"] = {"sampled": self._round.get("train", {}).get("sampled", 0), "trained": sorted(trained),
-                                "refused": refused, "rejected": rejected, "failed": dict(sorted(failed.items()))}
+        self._round["train"] = {
+            "sampled": self._round.get("train", {}).get("sampled", 0),
+            "trained": sorted(trained),
+            "refused": refused,
+            "rejected": rejected,
+            "failed": dict(sorted(failed.items())),
+        }
         self._round["train_seconds"] = round(time.perf_counter() - self._started, 3)
         return updates
 
@@ -210,18 +247,22 @@ class FedFuse(FedAvg):
         known = ledger.entries()
         if not entries:  # a client sends at least the last entry the copy holds: none at all is a lost ledger
             if known:
-                raise LedgerError(f"{client_id}'s ledger does not extend the federation's copy (truncated or rewritten): "
-                                  f"it sent no entries, the copy holds {len(known)}")
+                raise LedgerError(
+                    f"{client_id}'s ledger does not extend the federation's copy (truncated or rewritten): "
+                    f"it sent no entries, the copy holds {len(known)}"
+                )
             return known
         start = entries[0].get("index")
         if not isinstance(start, int) or start < 0 or start > len(known):
-            raise LedgerError(f"{client_id}'s ledger entries start at {start!r}, but the federation's copy holds "
-                              f"{len(known)} entries (a gap, or a bad index)")
+            raise LedgerError(
+                f"{client_id}'s ledger entries start at {start!r}, but the federation's copy holds "
+                f"{len(known)} entries (a gap, or a bad index)"
+            )
         sent_to = start + len(entries)
         if sent_to < len(known) or any(a != b for a, b in zip(entries, known[start:])):
             raise LedgerError(f"{client_id}'s ledger does not extend the federation's copy (truncated or rewritten)")
         key = known[0]["public_key"] if known else None
-        chain = ledger.extend_signed(entries[len(known) - start:], expected_public_key=key)
+        chain = ledger.extend_signed(entries[len(known) - start :], expected_public_key=key)
         if chain:
             self.ledger_heads[client_id] = (len(chain), chain[-1]["entry_hash"])
         return chain
@@ -229,18 +270,28 @@ class FedFuse(FedAvg):
     def _record_client(self, reply: Any, ledger: list[dict[str, Any]]) -> None:
         rec = self.state.clients.setdefault(reply.client_id, {"rounds_trained": 0})
         rec["modalities"] = list(reply.modalities)
-        for key, name in ((M.EPSILON, "epsilon"), (M.DELTA, "delta"), (M.BUDGET, "budget"),
-                          (M.RUN_EPSILON, "run_epsilon"), (M.MAX_EPSILON, "max_epsilon")):
+        for key, name in (
+            (M.EPSILON, "epsilon"),
+            (M.DELTA, "delta"),
+            (M.BUDGET, "budget"),
+            (M.RUN_EPSILON, "run_epsilon"),
+            (M.MAX_EPSILON, "max_epsilon"),
+        ):
             if key in reply.metrics:
                 rec[name] = float(reply.metrics[key])
         rec.setdefault("delta", self.config.dp.delta)
         if "epsilon_before_run" not in rec and ledger:
             rec["epsilon_before_run"] = spend_before_run(ledger, self.state.run_id)
             cap = rec.get("max_epsilon")
-            log.log(logging.INFO if rec["epsilon_before_run"] != 0 else logging.DEBUG,  # a fresh site: results.json
-                    "%s: spent ε = %s before this run (lifetime cap max-epsilon = %s); this run may spend ε = %s "
-                    "of its own (dp.epsilon)", reply.client_id, _eps(rec["epsilon_before_run"]), _eps(cap),
-                    _eps(rec.get("budget")))
+            log.log(
+                logging.INFO if rec["epsilon_before_run"] != 0 else logging.DEBUG,  # a fresh site: results.json
+                "%s: spent ε = %s before this run (lifetime cap max-epsilon = %s); this run may spend ε = %s "
+                "of its own (dp.epsilon)",
+                reply.client_id,
+                _eps(rec["epsilon_before_run"]),
+                _eps(cap),
+                _eps(rec.get("budget")),
+            )
         if reply.status == M.STATUS_OK:
             rec["rounds_trained"] += 1
             rec["train_examples"] = reply.num_examples  # released for weighting; shown in the run report
@@ -292,8 +343,9 @@ class FedFuse(FedAvg):
         if summary is not None and (attention := pool_attention(e.attention for e in parsed if e.num_examples > 0)):
             summary["attention"] = attention  # attention fusion: mean weight per modality and class (common/insight/attention.py)
         self._round["evaluate"] = summary
-        self._round["evaluate_replies"] = {k: (sorted(v) if isinstance(v, list) else dict(sorted(v.items())))
-                                           for k, v in outcome.items()}
+        self._round["evaluate_replies"] = {
+            k: (sorted(v) if isinstance(v, list) else dict(sorted(v.items()))) for k, v in outcome.items()
+        }
         if summary is None:
             return None
         figures = {f"client-mean-{k}": v for k, v in summary["client_mean"].items() if isinstance(v, (int, float))}
@@ -322,7 +374,7 @@ class FedFuse(FedAvg):
         self.folder.write_results(self.results(status="running" if r < self.state.total_rounds else "completed"))
         self._log_progress(self._round)
         warnings = learning_warnings(self.state.rounds, self.state.total_rounds)
-        for warning in warnings[self._warned:]:
+        for warning in warnings[self._warned :]:
             log.warning("round %d: %s", warning["round"], warning["message"])
         self._warned = len(warnings)
         self._round = {}
@@ -333,14 +385,20 @@ class FedFuse(FedAvg):
         for name in ("evaluate", "server_evaluate"):
             evaluation = self._round.get(name)
             if evaluation:
-                found = modality_contributions(evaluation, modalities=self.federation["modalities"], labels=self.federation["labels"])
+                found = modality_contributions(
+                    evaluation, modalities=self.federation["modalities"], labels=self.federation["labels"]
+                )
                 evaluation["modality_contributions"] = found
                 for warning in found["warnings"]:
                     log.warning("round %d: %s", r, warning)
 
     def record(self) -> dict[str, Any]:
-        return {"run_id": self.state.run_id, "rounds": self.state.rounds, "clients": self.state.clients,
-                "excluded": sorted(self.state.excluded)}
+        return {
+            "run_id": self.state.run_id,
+            "rounds": self.state.rounds,
+            "clients": self.state.clients,
+            "excluded": sorted(self.state.excluded),
+        }
 
     def results(self, status: str) -> dict[str, Any]:
         last = next((r["evaluate"] for r in reversed(self.state.rounds) if r.get("evaluate")), None)
@@ -368,10 +426,15 @@ class FedFuse(FedAvg):
         eps = rnd.get("max_epsilon")
         log.info(
             "round %d/%d | trained %d/%d clients | held-out loss %s | accuracy %s | macro-F1 %s | max ε %s | %.1fs",
-            rnd["round"], self.state.total_rounds, len(tr.get("trained", [])), tr.get("sampled", 0),
+            rnd["round"],
+            self.state.total_rounds,
+            len(tr.get("trained", [])),
+            tr.get("sampled", 0),
             f"{ev['loss']:.3f}" if ev and ev.get("loss") is not None else "-",
-            f"{ev['accuracy']:.3f}" if ev else "-", f"{ev['macro_f1']:.3f}" if ev else "-",
-            f"{eps:.2f}" if eps is not None and eps != float("inf") else ("∞" if eps else "-"), rnd["seconds"],
+            f"{ev['accuracy']:.3f}" if ev else "-",
+            f"{ev['macro_f1']:.3f}" if ev else "-",
+            f"{eps:.2f}" if eps is not None and eps != float("inf") else ("∞" if eps else "-"),
+            rnd["seconds"],
             extra={"progress": (rnd["round"], self.state.total_rounds)},  # a progress bar's step (fedfuse/progress.py)
         )
 
@@ -389,4 +452,3 @@ def spend_before_run(ledger: list[dict[str, Any]], run_id: str) -> float | None:
 
 def _eps(value: float | None) -> str:
     return "∞" if value is None or value == float("inf") else f"{value:.2f}"
-

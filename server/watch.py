@@ -33,28 +33,53 @@ def learning_warnings(rounds: list[dict[str, Any]], total_rounds: int) -> list[d
     for i, (rnd, ev) in enumerate(scored):
         acc, n = float(ev["accuracy"]), int(ev["num_examples"])
         chance = _chance(ev)
-        if not chance_warned and chance is not None and (rnd >= CHANCE_AFTER or rnd >= total_rounds) \
-                and acc <= chance + CHANCE_MARGIN:
+        if (
+            not chance_warned
+            and chance is not None
+            and (rnd >= CHANCE_AFTER or rnd >= total_rounds)
+            and acc <= chance + CHANCE_MARGIN
+        ):
             chance_warned = True
-            out.append({"round": rnd, "kind": "chance", "message": (
-                f"held-out accuracy {acc:.3f} after {rnd} round(s) is at chance level ({chance:.3f}: always "
-                "predicting the most frequent class): the model is not learning. Check each modality's value range "
-                "(`fedfuse data inspect DIR`; declare a fixed scaling in schema.json), the learning rate, and how much "
-                "noise the privacy budget forces (`fedfuse plan --data DIR`)")})
+            out.append(
+                {
+                    "round": rnd,
+                    "kind": "chance",
+                    "message": (
+                        f"held-out accuracy {acc:.3f} after {rnd} round(s) is at chance level ({chance:.3f}: always "
+                        "predicting the most frequent class): the model is not learning. Check each modality's value range "
+                        "(`fedfuse data inspect DIR`; declare a fixed scaling in schema.json), the learning rate, and how much "
+                        "noise the privacy budget forces (`fedfuse plan --data DIR`)"
+                    ),
+                }
+            )
         if best is not None and _dropped(best[1], acc, n):
             if not collapsed:
-                out.append({"round": rnd, "kind": "collapse", "message": (
-                    f"held-out accuracy fell to {acc:.3f} from {best[1]:.3f} at round {best[0]}: training collapsed "
-                    "(a learning rate too high for the noise, or a diverging site); later figures may stay low")})
+                out.append(
+                    {
+                        "round": rnd,
+                        "kind": "collapse",
+                        "message": (
+                            f"held-out accuracy fell to {acc:.3f} from {best[1]:.3f} at round {best[0]}: training collapsed "
+                            "(a learning rate too high for the noise, or a diverging site); later figures may stay low"
+                        ),
+                    }
+                )
             collapsed = True
         elif best is not None and acc >= best[1] - COLLAPSE_DROP / 2:
             collapsed = False  # recovered: a later collapse is worth a new warning
         if best is None or acc > best[1]:
             best = (rnd, acc)
         if i == len(scored) - 1 and rnd >= total_rounds and best[0] != rnd and _dropped(best[1], acc, n):
-            out.append({"round": rnd, "kind": "final-below-best", "message": (
-                f"the final held-out accuracy {acc:.3f} is below the {best[1]:.3f} of round {best[0]}; the final "
-                "figures are the ones reported (choosing a round by its test score would overstate it)")})
+            out.append(
+                {
+                    "round": rnd,
+                    "kind": "final-below-best",
+                    "message": (
+                        f"the final held-out accuracy {acc:.3f} is below the {best[1]:.3f} of round {best[0]}; the final "
+                        "figures are the ones reported (choosing a round by its test score would overstate it)"
+                    ),
+                }
+            )
     return out
 
 

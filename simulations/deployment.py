@@ -62,8 +62,10 @@ def check_checkout() -> None:
     if not (ROOT / "pyproject.toml").exists():
         from common.errors import ConfigError
 
-        raise ConfigError(f"a local deployment needs a source checkout of fedfuse ({ROOT / 'pyproject.toml'} is missing): "
-                          "run it from the repository")
+        raise ConfigError(
+            f"a local deployment needs a source checkout of fedfuse ({ROOT / 'pyproject.toml'} is missing): "
+            "run it from the repository"
+        )
 
 
 class DeploymentError(RuntimeError):
@@ -90,8 +92,8 @@ class Site:
         """The training-set size this site declares (as its IT would, from `fedfuse data validate`)."""
         import csv
 
-        from common.errors import DataError
         from common.data.site_folders import load_site
+        from common.errors import DataError
 
         try:
             train = load_site(self.data_dir).part("train")
@@ -101,8 +103,13 @@ class Site:
         return len(train) if train is not None else 0
 
     def node_config(self) -> str:
-        parts = [f'data-dir="{self.data_dir}"', f'state-dir="{self.state_dir}"', f'client-id="{self.name}"',
-                 f"max-epsilon={self.max_epsilon!r}", f"num-train-examples={self.num_train_examples()}"]
+        parts = [
+            f'data-dir="{self.data_dir}"',
+            f'state-dir="{self.state_dir}"',
+            f'client-id="{self.name}"',
+            f"max-epsilon={self.max_epsilon!r}",
+            f"num-train-examples={self.num_train_examples()}",
+        ]
         if self.max_delta is not None:
             parts.append(f"max-delta={self.max_delta!r}")
         return " ".join(parts)
@@ -123,8 +130,9 @@ class Run:
     def results(self) -> dict[str, Any]:
         path = self.folder / "results.json"
         if not path.exists():
-            raise DeploymentError(f"run {self.run_id} ({self.status}) wrote no results.json; ServerApp log:\n"
-                                  + self.server_log[-4000:])
+            raise DeploymentError(
+                f"run {self.run_id} ({self.status}) wrote no results.json; ServerApp log:\n" + self.server_log[-4000:]
+            )
         return json.loads(path.read_text())
 
 
@@ -175,9 +183,18 @@ def _stop(proc: subprocess.Popen | None, grace: float) -> None:
 class Deployment:
     """A SuperLink and its sites under one folder; see :func:`deployment`."""
 
-    def __init__(self, root: Path, sites: Mapping[str, Sequence[str]], *, isolation: str = "warm",
-                 max_epsilon: float | Mapping[str, float] = 8.0, run_config: Mapping[str, Any] | None = None,
-                 samples: int = 240, superlink_env: Mapping[str, str] | None = None, site_options: Sequence[str] = ()):
+    def __init__(
+        self,
+        root: Path,
+        sites: Mapping[str, Sequence[str]],
+        *,
+        isolation: str = "warm",
+        max_epsilon: float | Mapping[str, float] = 8.0,
+        run_config: Mapping[str, Any] | None = None,
+        samples: int = 240,
+        superlink_env: Mapping[str, str] | None = None,
+        site_options: Sequence[str] = (),
+    ):
         if isolation not in ("warm", "subprocess"):
             raise ValueError(f"isolation must be 'warm' or 'subprocess', got {isolation!r}")
         self.root, self.isolation = root, isolation
@@ -193,8 +210,16 @@ class Deployment:
         self.sites: dict[str, Site] = {}
         for name, modalities in sites.items():
             eps = max_epsilon[name] if isinstance(max_epsilon, Mapping) else max_epsilon
-            self.sites[name] = Site(name, tuple(modalities), data[name], root / "state" / name, root / "homes" / name,
-                                    root / "logs" / f"{name}.log", free_port(), float(eps))
+            self.sites[name] = Site(
+                name,
+                tuple(modalities),
+                data[name],
+                root / "state" / name,
+                root / "homes" / name,
+                root / "logs" / f"{name}.log",
+                free_port(),
+                float(eps),
+            )
             # As the README says: the site's ledger key from `fedfuse certs` goes into its state folder
             self.sites[name].state_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(self.creds.site(name).ledger_key, self.sites[name].state_dir / "ledger_key.pem")
@@ -207,27 +232,51 @@ class Deployment:
     # --- processes -------------------------------------------------------------------------------
     def env(self, home: Path) -> dict[str, str]:
         """The environment of every Flower process: its own FLWR_HOME, nothing online, no dependency installs."""
-        return os.environ | flower_environment(home) | {
-            "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
+        return (
+            os.environ
+            | flower_environment(home)
+            | {
+                "PYTHONUNBUFFERED": "1",
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
+        )
 
     def _spawn(self, command: list[str], home: Path, log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(command)}\n".encode())
             log.flush()
-            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env(home) | dict(env or {}), cwd=self.root, start_new_session=True)
+            return subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(home) | dict(env or {}),
+                cwd=self.root,
+                start_new_session=True,
+            )
 
     def start_superlink(self, timeout: float = 90) -> None:
         """Start the SuperLink (TLS, --enable-supernode-auth, state in a database file) and wait until it serves."""
         c = self.creds
-        command = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c.server_ca_cert),
-                   "--ssl-certfile", str(c.server_cert), "--ssl-keyfile", str(c.server_key), "--enable-supernode-auth",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.root / "superlink-state.db"),
-                   "--disable-runtime-dependency-installation"]
-        self.superlink = self._spawn(command, self.root / "homes" / "superlink", self.log_path("superlink"),
-                                     self.superlink_env)
+        command = [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile",
+            str(c.server_ca_cert),
+            "--ssl-certfile",
+            str(c.server_cert),
+            "--ssl-keyfile",
+            str(c.server_key),
+            "--enable-supernode-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.root / "superlink-state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        self.superlink = self._spawn(command, self.root / "homes" / "superlink", self.log_path("superlink"), self.superlink_env)
         self._wait_for_log("superlink", "Uvicorn running on", timeout, self.superlink)
         home = self.root / "homes" / "cli"
         home.mkdir(parents=True, exist_ok=True)
@@ -242,9 +291,20 @@ class Deployment:
         """flower-supernode's options for a site (TLS + its private key + its node config)."""
         known = site.name in self.sites
         ca = self.creds.site(site.name).ca_cert if known else self.creds.ca_cert  # the same CA certificate
-        return ["--superlink", self.address, "--root-certificates", str(ca),
-                "--auth-supernode-private-key", str(key or self.creds.site(site.name).auth_private_key),
-                "--node-config", site.node_config(), "--port", str(site.port), "--max-wait-time", "60"]
+        return [
+            "--superlink",
+            self.address,
+            "--root-certificates",
+            str(ca),
+            "--auth-supernode-private-key",
+            str(key or self.creds.site(site.name).auth_private_key),
+            "--node-config",
+            site.node_config(),
+            "--port",
+            str(site.port),
+            "--max-wait-time",
+            "60",
+        ]
 
     def site_command(self, site: Site, *, key: Path | None = None) -> list[str]:
         """The command that starts a site's SuperNode."""
@@ -288,11 +348,31 @@ class Deployment:
         secret.write_bytes(os.urandom(32))
         secret.chmod(0o600)
         mark = self.log_size(name)
-        site.proc = self._spawn([str(BIN / "flower-supernode"), *self.supernode_options(site), "--isolation", "process",
-                                 "--superexec-auth-secret-file", str(secret)], site.home, site.log_path)
-        site.executor = self._spawn([str(BIN / "fedfuse"), "site", "executor", "--runtime-api-address",
-                                     f"127.0.0.1:{site.port}", "--superexec-auth-secret-file", str(secret)],
-                                    site.home, site.log_path)
+        site.proc = self._spawn(
+            [
+                str(BIN / "flower-supernode"),
+                *self.supernode_options(site),
+                "--isolation",
+                "process",
+                "--superexec-auth-secret-file",
+                str(secret),
+            ],
+            site.home,
+            site.log_path,
+        )
+        site.executor = self._spawn(
+            [
+                str(BIN / "fedfuse"),
+                "site",
+                "executor",
+                "--runtime-api-address",
+                f"127.0.0.1:{site.port}",
+                "--superexec-auth-secret-file",
+                str(secret),
+            ],
+            site.home,
+            site.log_path,
+        )
         self._wait_for_log(name, "SuperNode ID", timeout, site.proc, after=mark)
         self._wait_for_log(name, "preloaded", timeout, site.executor, after=mark)
 
@@ -318,8 +398,16 @@ class Deployment:
     def start_other(self, name: str, key: Path, *, data_dir: Path | None = None) -> subprocess.Popen:
         """Start a SuperNode that is not one of the sites, with ``key`` and ``data_dir`` (default: the first site's data)."""
         base = next(iter(self.sites.values()))
-        site = Site(name, base.modalities, data_dir or base.data_dir, self.root / "state" / name, self.root / "homes" / name,
-                    self.log_path(name), free_port(), 8.0)
+        site = Site(
+            name,
+            base.modalities,
+            data_dir or base.data_dir,
+            self.root / "state" / name,
+            self.root / "homes" / name,
+            self.log_path(name),
+            free_port(),
+            8.0,
+        )
         command = self.site_command(site, key=key)
         proc = self._spawn(command, site.home, site.log_path)
         self.extra.append(proc)
@@ -364,18 +452,28 @@ class Deployment:
             if text in self.logs(name)[after:]:
                 return
             if proc is not None and proc.poll() is not None:
-                raise DeploymentError(f"{name} exited with status {proc.returncode} before '{text}':\n"
-                                      + self.logs(name)[after:][-3000:])
+                raise DeploymentError(
+                    f"{name} exited with status {proc.returncode} before '{text}':\n" + self.logs(name)[after:][-3000:]
+                )
             time.sleep(0.2)
         raise DeploymentError(f"{name}: no '{text}' in its log after {timeout:g} s:\n" + self.logs(name)[after:][-3000:])
 
     # --- the operator's side -----------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this SuperLink (its own FLWR_HOME holds the connection)."""
-        done = subprocess.run([str(BIN / "flwr"), *args], env=self.env(self.root / "homes" / "cli"), cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env(self.root / "homes" / "cli"),
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if check and done.returncode != 0:
-            raise DeploymentError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            raise DeploymentError(
+                f"flwr {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
         return done
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -409,15 +507,23 @@ class Deployment:
         run = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)["runs"][0]
         return Run(run_id, str(run.get("status", "")), str(run.get("status-details", "")), folder, text, seconds)
 
-    def run(self, run_config: Mapping[str, Any] | None = None, *, timeout: float = 300,
-            expect: str | None = "finished:completed", app: Path = ROOT) -> Run:
+    def run(
+        self,
+        run_config: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 300,
+        expect: str | None = "finished:completed",
+        app: Path = ROOT,
+    ) -> Run:
         """Submit a run and wait for it; raise RunFailed unless it ends with status ``expect`` (None: any)."""
         started = time.monotonic()
         run_id, folder = self.submit(run_config, app=app)
         run = self.wait(run_id, folder, timeout=timeout, started=started)
         if expect is not None and run.status != expect:
-            raise RunFailed(f"run {run_id} ended {run.status!r} ({run.details}), expected {expect!r}; ServerApp log:\n"
-                            + run.server_log[-4000:])
+            raise RunFailed(
+                f"run {run_id} ended {run.status!r} ({run.details}), expected {expect!r}; ServerApp log:\n"
+                + run.server_log[-4000:]
+            )
         return run
 
 
@@ -441,12 +547,28 @@ def leftover_processes(root: Path) -> list[int]:
 
 
 @contextmanager
-def deployment(root: Path, *, sites: Mapping[str, Sequence[str]] = DEFAULT_SITES, run_config: Mapping[str, Any] | None = None,
-               isolation: str = "warm", max_epsilon: float | Mapping[str, float] = 8.0, samples: int = 240,
-               superlink_env: Mapping[str, str] | None = None, site_options: Sequence[str] = ()) -> Iterator[Deployment]:
+def deployment(
+    root: Path,
+    *,
+    sites: Mapping[str, Sequence[str]] = DEFAULT_SITES,
+    run_config: Mapping[str, Any] | None = None,
+    isolation: str = "warm",
+    max_epsilon: float | Mapping[str, float] = 8.0,
+    samples: int = 240,
+    superlink_env: Mapping[str, str] | None = None,
+    site_options: Sequence[str] = (),
+) -> Iterator[Deployment]:
     """A running deployment: SuperLink up, every site's key registered, every site joined; everything stopped on exit."""
-    dep = Deployment(Path(root), sites, isolation=isolation, max_epsilon=max_epsilon, run_config=run_config,
-                     samples=samples, superlink_env=superlink_env, site_options=site_options)
+    dep = Deployment(
+        Path(root),
+        sites,
+        isolation=isolation,
+        max_epsilon=max_epsilon,
+        run_config=run_config,
+        samples=samples,
+        superlink_env=superlink_env,
+        site_options=site_options,
+    )
     try:
         dep.start_superlink()
         for name in dep.sites:

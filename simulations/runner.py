@@ -17,10 +17,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from common.logs import flower_worker_level
 from common.offline import flower_environment
@@ -42,8 +43,11 @@ def write_app_dir(folder: Path) -> Path:
 
     from common.config import RunConfig, unflatten
 
-    app = {"publisher": APP_PUBLISHER, "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
-           "config": unflatten(RunConfig().to_flat())}
+    app = {
+        "publisher": APP_PUBLISHER,
+        "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+        "config": unflatten(RunConfig().to_flat()),
+    }
     doc = {"project": {"name": "fedfuse", "version": "0.0.0"}, "tool": {"flwr": {"app": app}}}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(tomli_w.dumps(doc))
@@ -100,8 +104,15 @@ def ray_init_args(*, ray_address: str | None, verbose: bool) -> dict[str, Any]:
     return common | {"num_cpus": max(1, os.cpu_count() or 1)}
 
 
-def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_per_client: float = 1.0,
-        verbose: bool = False, ray_address: str | None = None) -> float:
+def run(
+    flat_config: dict[str, Any],
+    *,
+    num_clients: int,
+    out_dir: Path,
+    cpus_per_client: float = 1.0,
+    verbose: bool = False,
+    ray_address: str | None = None,
+) -> float:
     """Simulate ``num_clients`` SuperNodes running the fedfuse apps; return the wall time in seconds.
 
     ``ray_address``: join the running Ray cluster there (``ray start --head`` on one machine, ``ray start
@@ -122,8 +133,12 @@ def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_pe
     out_dir.mkdir(parents=True, exist_ok=True)
     # The same Run the simulation runtime builds for itself, plus our run config as the override.
     flwr_run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
-    run_ = replace(Run.create_empty(flwr_run_id), override_config=dict(flat_config),
-                   primary_task_id=generate_rand_int_from_bytes(TASK_ID_NUM_BYTES), federation_id=NOOP_FEDERATION_ID)
+    run_ = replace(
+        Run.create_empty(flwr_run_id),
+        override_config=dict(flat_config),
+        primary_task_id=generate_rand_int_from_bytes(TASK_ID_NUM_BYTES),
+        federation_id=NOOP_FEDERATION_ID,
+    )
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, flwr_run_id, SUPERLINK_NODE_ID
     app_dir = write_app_dir(Path(tempfile.mkdtemp(prefix="fedfuse-app-")))
     fused = get_fused_config_from_dir(app_dir, run_.override_config)
@@ -136,10 +151,17 @@ def run(flat_config: dict[str, Any], *, num_clients: int, out_dir: Path, cpus_pe
     with _environment(out_dir, verbose):
         try:
             _run_simulation(
-                num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP, backend_name="ray",
-                backend_config=backend, app_dir=str(app_dir), run=run_, server_app_context=context,
-                verbose_logging=verbose, is_app=True,
+                num_supernodes=num_clients,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                server_app_attr=SERVER_APP,
+                client_app_attr=CLIENT_APP,
+                backend_name="ray",
+                backend_config=backend,
+                app_dir=str(app_dir),
+                run=run_,
+                server_app_context=context,
+                verbose_logging=verbose,
+                is_app=True,
             )
         finally:
             if ray.is_initialized():

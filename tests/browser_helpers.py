@@ -34,8 +34,11 @@ class PageLoad:
 
     @property
     def errors(self) -> list[str]:
-        out = [f"{e.get('type') or e.get('level')}: {e.get('text') or e.get('args')}" for e in self.console
-               if (e.get("type") or e.get("level")) in ("error", "assert", "warning")]
+        out = [
+            f"{e.get('type') or e.get('level')}: {e.get('text') or e.get('args')}"
+            for e in self.console
+            if (e.get("type") or e.get("level")) in ("error", "assert", "warning")
+        ]
         return out + [json.dumps(e.get("exceptionDetails", e))[:300] for e in self.exceptions]
 
     @property
@@ -50,12 +53,28 @@ class _DevTools:
     def __init__(self, browser: str, profile: str):
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
-        args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-default-apps", "--mute-audio", f"--user-data-dir={profile}", "about:blank"]
+        args = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--remote-debugging-pipe",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-default-apps",
+            "--mute-audio",
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ]
         devnull = os.open(os.devnull, os.O_RDWR)
-        actions = [(os.POSIX_SPAWN_DUP2, to_chrome_r, 3), (os.POSIX_SPAWN_DUP2, from_chrome_w, 4),
-                   (os.POSIX_SPAWN_DUP2, devnull, 1), (os.POSIX_SPAWN_DUP2, devnull, 2)]
+        actions = [
+            (os.POSIX_SPAWN_DUP2, to_chrome_r, 3),
+            (os.POSIX_SPAWN_DUP2, from_chrome_w, 4),
+            (os.POSIX_SPAWN_DUP2, devnull, 1),
+            (os.POSIX_SPAWN_DUP2, devnull, 2),
+        ]
         self.pid = os.posix_spawn(browser, args, os.environ, file_actions=actions)
         for fd in (to_chrome_r, from_chrome_w, devnull):
             os.close(fd)
@@ -132,15 +151,21 @@ def load_page(path: Path, screenshot: Path, *, width: int = 1200, browser: str |
             session = tools.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             for domain in ("Runtime", "Log", "Network", "Page"):
                 tools.send(f"{domain}.enable", session=session)
-            tools.send("Emulation.setDeviceMetricsOverride",
-                       {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=session)
+            tools.send(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+                session=session,
+            )
             tools.send("Page.navigate", {"url": url}, session=session)
             tools.wait(lambda m: m.get("method") == "Page.loadEventFired" and m.get("sessionId") == session, timeout)
-            facts = json.loads(tools.send("Runtime.evaluate", {"expression": FACTS, "returnByValue": True},
-                                          session=session)["result"]["value"])
-            tools.send("Emulation.setDeviceMetricsOverride",
-                       {"width": width, "height": int(facts["height"]), "deviceScaleFactor": 1, "mobile": False},
-                       session=session)
+            facts = json.loads(
+                tools.send("Runtime.evaluate", {"expression": FACTS, "returnByValue": True}, session=session)["result"]["value"]
+            )
+            tools.send(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": int(facts["height"]), "deviceScaleFactor": 1, "mobile": False},
+                session=session,
+            )
             shot = tools.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=session)
             screenshot.write_bytes(base64.b64decode(shot["data"]))
             time.sleep(0.2)  # late console messages

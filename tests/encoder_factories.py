@@ -33,8 +33,9 @@ def small_linear(spec: ModalitySpec, embed_dim: int) -> nn.Module:
 
 
 def batch_norm(spec: ModalitySpec, embed_dim: int) -> nn.Module:
-    return nn.Sequential(nn.Conv1d(spec.shape[0], 4, 3), nn.BatchNorm1d(4), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
-                         nn.Linear(4, embed_dim))
+    return nn.Sequential(
+        nn.Conv1d(spec.shape[0], 4, 3), nn.BatchNorm1d(4), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, embed_dim)
+    )
 
 
 def plain_lstm(spec: ModalitySpec, embed_dim: int) -> nn.Module:

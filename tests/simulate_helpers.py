@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from simulations.runner import remove_ray_folders
 
@@ -61,8 +61,12 @@ def simulate(args: list[str], out: Path, *, until: Callable[[], bool] | None = N
     log = out.parent / f"simulate-{time.monotonic_ns()}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "fedfuse.cli", "simulate", *args, "--quiet"],
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedfuse.cli", "simulate", *args, "--quiet"],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline and not (until and until()):

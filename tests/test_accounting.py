@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from common.errors import BudgetExhaustedError, PrivacyParameterError
 from common.privacy.accounting import (
     NoisePlan,
     PrivacyHistory,
@@ -12,7 +13,6 @@ from common.privacy.accounting import (
     merge_history,
     validate_privacy_parameters,
 )
-from common.errors import BudgetExhaustedError, PrivacyParameterError
 from common.privacy.spend import format_spend
 
 
@@ -43,7 +43,9 @@ def test_heterogeneous_history_costs_more_than_its_parts():
 
 def test_merge_history_merges_only_consecutive_equal_mechanisms():
     assert merge_history([(1.0, 0.1, 5), (1.0, 0.1, 5), (2.0, 0.1, 1), (1.0, 0.1, 0), (1.0, 0.1, 3)]) == [
-        (1.0, 0.1, 10), (2.0, 0.1, 1), (1.0, 0.1, 3)
+        (1.0, 0.1, 10),
+        (2.0, 0.1, 1),
+        (1.0, 0.1, 3),
     ]
 
 
@@ -87,8 +89,16 @@ def test_a_round_over_the_run_allowance_is_refused_naming_the_allowance():
     history.record(round_, run_id="a")
     one, two = history.epsilon(), history.epsilon(extra=[round_])
     allowance = one + 0.5 * (two - one)
-    history.plan = NoisePlan(run_id="a", noise_multiplier=1.0, sample_rate=0.1, steps_per_round=50, planned_rounds=2,
-                             target_epsilon=allowance, delta=1e-5, max_grad_norm=1.0)
+    history.plan = NoisePlan(
+        run_id="a",
+        noise_multiplier=1.0,
+        sample_rate=0.1,
+        steps_per_round=50,
+        planned_rounds=2,
+        target_epsilon=allowance,
+        delta=1e-5,
+        max_grad_norm=1.0,
+    )
     # Execute
     with pytest.raises(BudgetExhaustedError, match="run allowance") as err:
         history.check_budgets(round_, budget=50.0, run_budget=allowance)
@@ -119,9 +129,13 @@ def test_history_json_round_trip_and_validation():
     history = PrivacyHistory(accountant="rdp", delta=1e-5, entries=[(1.2, 0.05, 20)], plan=plan)
     again = PrivacyHistory.from_json(history.to_json())
     assert again == history
-    for bad in ('{"format": 1}', "[1, 2]", "not json",
-                '{"format": 1, "accountant": "prv", "delta": 1e-5, "history": [[-1, 0.1, 3]]}',
-                '{"format": 1, "accountant": "gdp", "delta": 1e-5, "history": []}'):
+    for bad in (
+        '{"format": 1}',
+        "[1, 2]",
+        "not json",
+        '{"format": 1, "accountant": "prv", "delta": 1e-5, "history": [[-1, 0.1, 3]]}',
+        '{"format": 1, "accountant": "gdp", "delta": 1e-5, "history": []}',
+    ):
         with pytest.raises(PrivacyParameterError):
             PrivacyHistory.from_json(bad)
 

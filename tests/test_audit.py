@@ -9,15 +9,14 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.privacy.audit import (
-    RDP_ORDERS,
     DEFAULT_TOLERANCE,
     EXIT_CODES,
+    RDP_ORDERS,
     allowance,
     audit_path,
     epsilon_from_history,
     format_report,
 )
-from fedfuse.cli import build_parser, main
 from common.privacy.ledger import (
     ACCOUNTING,
     CORRUPT,
@@ -30,6 +29,7 @@ from common.privacy.ledger import (
     entry_fields,
     entry_hash,
 )
+from fedfuse.cli import build_parser, main
 
 DELTA = 1e-5
 # (noise_multiplier, sample_rate, steps) per round; round 3 changes the mechanism.
@@ -42,16 +42,32 @@ def opacus_epsilons(accountant: str, rounds=ROUNDS) -> list[float]:
     out = []
     for r in range(len(rounds)):
         acc.history = list(rounds[: r + 1])
-        out.append(float(acc.get_epsilon(delta=DELTA) if accountant == "prv"
-                         else acc.get_epsilon(delta=DELTA, alphas=list(RDP_ORDERS))))
+        out.append(
+            float(acc.get_epsilon(delta=DELTA) if accountant == "prv" else acc.get_epsilon(delta=DELTA, alphas=list(RDP_ORDERS)))
+        )
     return out
 
 
 def round_fields(r: int, mech, epsilon, *, accountant="prv", budget=8.0, client="site-a", status="trained", **over):
     sigma, q, steps = mech
-    kw = dict(run_id="run-1", client_id=client, round=r, status=status, noise_multiplier=sigma, sample_rate=q,
-              steps=steps, max_grad_norm=1.0, delta=DELTA, accountant=accountant, epsilon=epsilon, budget=budget,
-              update_hash=f"{r:064x}", modalities=["acc", "gyro"], run_epsilon=epsilon, run_budget=budget)
+    kw = dict(
+        run_id="run-1",
+        client_id=client,
+        round=r,
+        status=status,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        max_grad_norm=1.0,
+        delta=DELTA,
+        accountant=accountant,
+        epsilon=epsilon,
+        budget=budget,
+        update_hash=f"{r:064x}",
+        modalities=["acc", "gyro"],
+        run_epsilon=epsilon,
+        run_budget=budget,
+    )
     kw.update(over)
     return entry_fields(**kw)
 
@@ -69,8 +85,10 @@ def build_run(root, clients: dict[str, list[dict]]) -> None:
 
 def honest(accountant="prv", budget=8.0, client="site-a") -> list[dict]:
     eps = opacus_epsilons(accountant)
-    return [round_fields(r + 1, m, e, accountant=accountant, budget=budget, client=client)
-            for r, (m, e) in enumerate(zip(ROUNDS, eps))]
+    return [
+        round_fields(r + 1, m, e, accountant=accountant, budget=budget, client=client)
+        for r, (m, e) in enumerate(zip(ROUNDS, eps))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +111,13 @@ def test_epsilon_from_history_reference_values():
     # default orders (format-1 ledgers): 1.7118.
     assert epsilon_from_history([(1.1, 0.01, 1000)], delta=DELTA, accountant="rdp") == pytest.approx(1.7253, abs=1e-4)
     assert epsilon_from_history([(1.1, 0.01, 1000)], delta=DELTA, accountant="rdp", legacy=True) == pytest.approx(
-        1.7118, abs=1e-4)
+        1.7118, abs=1e-4
+    )
     # Identical mechanisms merge; order does not matter; no steps = no spend; no noise = no guarantee.
     split = [(1.1, 0.01, 400), (2.0, 0.05, 0), (1.1, 0.01, 600)]
     assert epsilon_from_history(split, delta=DELTA, accountant="prv") == epsilon_from_history(
-        [(1.1, 0.01, 1000)], delta=DELTA, accountant="prv")
+        [(1.1, 0.01, 1000)], delta=DELTA, accountant="prv"
+    )
     assert epsilon_from_history([], delta=DELTA, accountant="prv") == 0.0
     assert epsilon_from_history([(0.0, 0.01, 10)], delta=DELTA, accountant="rdp") == math.inf
 
@@ -177,14 +197,12 @@ def test_refused_round_that_trained_is_over_budget(tmp_path, prv_rows):
     report = audit_path(tmp_path)
     # Assert
     assert report.exit_status == 5
-    assert any("refused for budget but records 250 steps and an update" in f.message
-               for f in report.clients["site-a"].findings)
+    assert any("refused for budget but records 250 steps and an update" in f.message for f in report.clients["site-a"].findings)
 
 
 def test_non_private_client_is_reported_not_failed(tmp_path):
     # Prepare
-    rows = [round_fields(r, (0.0, 0.01, 100), math.inf, budget=math.inf, max_grad_norm=None, client="site-n")
-            for r in (1, 2)]
+    rows = [round_fields(r, (0.0, 0.01, 100), math.inf, budget=math.inf, max_grad_norm=None, client="site-n") for r in (1, 2)]
     build_run(tmp_path, {"site-n": rows})
     # Execute
     report = audit_path(tmp_path)
@@ -192,7 +210,11 @@ def test_non_private_client_is_reported_not_failed(tmp_path):
     # Assert
     assert report.exit_status == 0
     assert (data["private"], data["epsilon"], data["recomputed_epsilon"], data["status"]) == (
-        False, None, None, "ok (non-private)")
+        False,
+        None,
+        None,
+        "ok (non-private)",
+    )
     assert "(ε = ∞, non-private)" in format_report(report)
 
 
@@ -225,8 +247,7 @@ def test_federation_copy_shorter_than_client_copy_is_tampering(tmp_path, prv_row
     path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:3]))
     report = audit_path(tmp_path)
     assert report.exit_status == 3
-    assert any("the federation's copy has 3 entries, the client's copy 4" in f.message
-               for f in report.clients["site-a"].findings)
+    assert any("the federation's copy has 3 entries, the client's copy 4" in f.message for f in report.clients["site-a"].findings)
 
 
 def test_ledger_filed_under_another_client_is_tampering(tmp_path, prv_rows):
@@ -234,8 +255,10 @@ def test_ledger_filed_under_another_client_is_tampering(tmp_path, prv_rows):
     (tmp_path / "ledgers" / "site-a.jsonl").rename(tmp_path / "ledgers" / "site-b.jsonl")
     report = audit_path(tmp_path)
     assert report.exit_status == 3
-    assert any("entry 0 is for client 'site-a', but the ledger is filed as 'site-b'" in f.message
-               for f in report.clients["site-b"].findings)
+    assert any(
+        "entry 0 is for client 'site-a', but the ledger is filed as 'site-b'" in f.message
+        for f in report.clients["site-b"].findings
+    )
 
 
 def test_torn_line_is_corrupt(tmp_path, prv_rows):
@@ -288,10 +311,26 @@ def test_cli_table_json_and_plot(tmp_path, capsys, prv_rows):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["ok"] is True and data["tolerance"] == 0.05
     a = data["clients"]["site-a"]
-    assert set(a) >= {"epsilon", "recomputed_epsilon", "delta", "budget", "history", "verified", "problems",
-                      "modalities", "rounds"}
+    assert set(a) >= {
+        "epsilon",
+        "recomputed_epsilon",
+        "delta",
+        "budget",
+        "history",
+        "verified",
+        "problems",
+        "modalities",
+        "rounds",
+    }
     assert (a["epsilon"], a["delta"], a["budget"], a["verified"], a["problems"], a["modalities"], a["rounds"]) == (
-        eps_a, DELTA, 8.0, True, [], ["acc", "gyro"], 4)
+        eps_a,
+        DELTA,
+        8.0,
+        True,
+        [],
+        ["acc", "gyro"],
+        4,
+    )
     assert a["history"][0] == {"noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 500}
 
 
@@ -324,7 +363,8 @@ def test_pinned_keys_catch_a_re_signed_ledger(tmp_path, prv_rows):
     def publish(name: str, key: LedgerKey) -> None:
         pub = serialization.load_pem_private_key(key.pem(), None).public_key()
         (keys / f"{name}.pem").write_bytes(
-            pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
 
     real = LedgerKey.load_or_create(tmp_path / "run" / "clients" / "site-a" / "ledger_key.pem")
     # Execute / Assert: the real key verifies, another key is tampering, a client without a key too
@@ -359,7 +399,8 @@ def test_an_unexpected_error_is_reported_not_raised(tmp_path, monkeypatch, prv_r
     # Assert
     assert report.exit_status == 4
     assert report.clients["site-a"].findings[-1].message == (
-        "the audit could not process this ledger (ValueError: accountant failed)")
+        "the audit could not process this ledger (ValueError: accountant failed)"
+    )
 
 
 # --- who must have a ledger, and auditing at a site ---------------------------------------------
@@ -371,8 +412,9 @@ def publish_key(keys, name: str, key: LedgerKey) -> None:
 
     keys.mkdir(exist_ok=True)
     pub = serialization.load_pem_private_key(key.pem(), None).public_key()
-    (keys / f"{name}.pem").write_bytes(pub.public_bytes(serialization.Encoding.PEM,
-                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+    (keys / f"{name}.pem").write_bytes(
+        pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 def test_a_client_whose_ledgers_were_both_deleted_fails_the_audit(tmp_path, prv_rows):
@@ -381,9 +423,15 @@ def test_a_client_whose_ledgers_were_both_deleted_fails_the_audit(tmp_path, prv_
     keys = tmp_path / "keys"
     for cid in ("site-a", "site-b"):
         publish_key(keys, cid, LedgerKey.load_or_create(tmp_path / "run" / "clients" / cid / "ledger_key.pem"))
-    results = {"privacy": {"clients": {"site-a": {"rounds_trained": 4, "epsilon": 1.0},
-                                       "site-b": {"rounds_trained": 4, "epsilon": 1.0},
-                                       "site-c": {"rounds_trained": 0, "status": "excluded: policy-refused"}}}}
+    results = {
+        "privacy": {
+            "clients": {
+                "site-a": {"rounds_trained": 4, "epsilon": 1.0},
+                "site-b": {"rounds_trained": 4, "epsilon": 1.0},
+                "site-c": {"rounds_trained": 0, "status": "excluded: policy-refused"},
+            }
+        }
+    }
     (tmp_path / "run" / "results.json").write_text(json.dumps(results))
     assert audit_path(tmp_path / "run", keys=keys).exit_status == 0  # site-c refused the run: it needs no ledger
     (tmp_path / "run" / "ledgers" / "site-b.jsonl").unlink()

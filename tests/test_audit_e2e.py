@@ -7,13 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from simulate_helpers import leftovers, simulate
 
 from common.privacy.audit import DEFAULT_TOLERANCE, EXIT_CODES, allowance
-from fedfuse.cli import main
-from simulations.scenario import build_config
 from common.privacy.ledger import CHAIN_FIELDS, KEY_FILE, LEDGER_FILE, OVER_BUDGET, TAMPERING, Ledger, LedgerKey, encode_entry
+from fedfuse.cli import main
 from simulations import runner
-from simulate_helpers import leftovers, simulate
+from simulations.scenario import build_config
 
 pytestmark = pytest.mark.slow
 

@@ -5,24 +5,29 @@ import warnings
 import pytest
 import torch
 
-from common.privacy.accounting import PrivacyHistory
-from common.privacy.augmentation import parse_augmentations
 from common.config import GRAD_SAMPLE_MODES, parse_run_config
 from common.data.samples import MultimodalData
+from common.data.schema import DatasetSchema, ModalitySpec
 from common.errors import ConfigError
 from common.model.multimodal import ModelConfig, MultimodalModel
+from common.privacy.accounting import PrivacyHistory
+from common.privacy.augmentation import parse_augmentations
 from common.privacy.randomness import RoundRandomness
-from common.data.schema import DatasetSchema, ModalitySpec
 from common.privacy.training import DPRequest, LocalTraining, dp_step, local_training, private_training, train_round
 
-SCHEMA = DatasetSchema((ModalitySpec("acc", "signal", (3, 16)), ModalitySpec("gyro", "signal", (6, 16)),
-                        ModalitySpec("tab", "tabular", (4,))), ("a", "b", "c"))
+SCHEMA = DatasetSchema(
+    (ModalitySpec("acc", "signal", (3, 16)), ModalitySpec("gyro", "signal", (6, 16)), ModalitySpec("tab", "tabular", (4,))),
+    ("a", "b", "c"),
+)
 
 
 def records(n: int, seed: int = 0) -> MultimodalData:
     g = torch.Generator().manual_seed(seed)
-    inputs = {"acc": torch.randn(n, 3, 16, generator=g), "gyro": torch.randn(n, 6, 16, generator=g),
-              "tab": torch.randn(n, 4, generator=g)}
+    inputs = {
+        "acc": torch.randn(n, 3, 16, generator=g),
+        "gyro": torch.randn(n, 6, 16, generator=g),
+        "tab": torch.randn(n, 4, generator=g),
+    }
     return MultimodalData(SCHEMA, inputs, torch.ones(n, 3, dtype=torch.bool), torch.randint(0, 3, (n,), generator=g))
 
 
@@ -74,9 +79,21 @@ def test_a_records_gradient_is_the_mean_over_its_copies_before_clipping(mode):
     reference_model = MultimodalModel(SCHEMA, ModelConfig("concat", 8, 8))
     reference_model.load_state_dict(model.state_dict())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    private = private_training(model, n, accountant="prv", noise_multiplier=0.0, max_grad_norm=1e6, batch_size=n,
-                               lr=1.0, momentum=0.0, grad_sample_mode=mode, randomness=RoundRandomness(key),
-                               sample_rate=1.0, steps_per_epoch=1, expected_batch_size=float(n))
+    private = private_training(
+        model,
+        n,
+        accountant="prv",
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        batch_size=n,
+        lr=1.0,
+        momentum=0.0,
+        grad_sample_mode=mode,
+        randomness=RoundRandomness(key),
+        sample_rate=1.0,
+        steps_per_epoch=1,
+        expected_batch_size=float(n),
+    )
     # Execute
     try:
         with warnings.catch_warnings():
@@ -122,6 +139,11 @@ def test_the_run_config_reaches_the_round():
     config = parse_run_config({"train.augmentations": "acc+gyro=rotate(15)", "train.multiplicity": 4})
     training = local_training(config.train)
     assert training.augmentation.multiplicity == 4 and training.augmentation.groups[0].modalities == ("acc", "gyro")
-    result = train_round(MultimodalModel(SCHEMA, ModelConfig("concat", 8, 8)), records(40), PrivacyHistory(),
-                         dp=DPRequest(4.0, 1e-5, 1.0, planned_rounds=1), training=training)
+    result = train_round(
+        MultimodalModel(SCHEMA, ModelConfig("concat", 8, 8)),
+        records(40),
+        PrivacyHistory(),
+        dp=DPRequest(4.0, 1e-5, 1.0, planned_rounds=1),
+        training=training,
+    )
     assert result.private and result.steps == 1

@@ -34,12 +34,16 @@ def _evaluation(correct_by_subset: dict[str, list[int]]) -> dict:
         predicted = list(correct)
         predicted[3] += sum(SUPPORT) - sum(correct)  # every mistake predicts "lie"
         by[subset] = scores_from_counts(SUPPORT, predicted, correct) | {
-            "per_class": {"support": SUPPORT, "predicted": predicted, "correct": correct}}
+            "per_class": {"support": SUPPORT, "predicted": predicted, "correct": correct}
+        }
     full = by["acc+gyro"] if "acc+gyro" in by else next(iter(by.values()))
     mean_by = {s: {k: v[k] for k in ("accuracy", "macro_f1", "num_examples")} for s, v in by.items()}
-    return {"num_examples": 40, "pooled": {**full, "by_modalities": by},
-            "client_mean": {**{k: full[k] for k in ("accuracy", "macro_f1")}, "by_modalities": mean_by},
-            "clients": {"site-a": {"accuracy": full["accuracy"], "by_modalities": mean_by}}}
+    return {
+        "num_examples": 40,
+        "pooled": {**full, "by_modalities": by},
+        "client_mean": {**{k: full[k] for k in ("accuracy", "macro_f1")}, "by_modalities": mean_by},
+        "clients": {"site-a": {"accuracy": full["accuracy"], "by_modalities": mean_by}},
+    }
 
 
 def _write_run(folder: Path, correct_by_subset: dict[str, list[int]], *, source: str, stored: bool = True) -> dict:
@@ -49,9 +53,15 @@ def _write_run(folder: Path, correct_by_subset: dict[str, list[int]], *, source:
     if stored:
         evaluation["modality_contributions"] = modality_contributions(evaluation, modalities=MODALITIES, labels=LABELS)
     key = K.ROUND_KEYS[source]
-    results = {"status": "completed", "federation": {"modalities": MODALITIES, "labels": LABELS},
-               "rounds": [{"round": 1, key: evaluation}], "final": None, "final_server_evaluate": None,
-               source: evaluation, "privacy": {"clients": {}}}
+    results = {
+        "status": "completed",
+        "federation": {"modalities": MODALITIES, "labels": LABELS},
+        "rounds": [{"round": 1, key: evaluation}],
+        "final": None,
+        "final_server_evaluate": None,
+        source: evaluation,
+        "privacy": {"clients": {}},
+    }
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(results))
     return json.loads((folder / "results.json").read_text())
@@ -59,8 +69,10 @@ def _write_run(folder: Path, correct_by_subset: dict[str, list[int]], *, source:
 
 def test_seeds_aggregate_to_mean_and_sample_std_of_hand_computed_values(tmp_path):
     # Prepare: two seeds; the second results.json lacks stored contributions (computed on reading)
-    runs = {"fed-p0-eps8-s0": _write_run(tmp_path / "s0", RUN_A, source="final_server_evaluate"),
-            "fed-p0-eps8-s1": _write_run(tmp_path / "s1", RUN_B, source="final_server_evaluate", stored=False)}
+    runs = {
+        "fed-p0-eps8-s0": _write_run(tmp_path / "s0", RUN_A, source="final_server_evaluate"),
+        "fed-p0-eps8-s1": _write_run(tmp_path / "s1", RUN_B, source="final_server_evaluate", stored=False),
+    }
 
     # Execute
     found = K.aggregate(runs, "final_server_evaluate")
@@ -85,7 +97,10 @@ def test_seeds_aggregate_to_mean_and_sample_std_of_hand_computed_values(tmp_path
 
 def test_per_class_values_name_the_modality_each_class_leans_on(tmp_path):
     # Prepare: walk is told apart by acc (recall 1 vs 0.2), sit by gyro
-    runs = {"a-s0": _write_run(tmp_path / "s0", RUN_A, source="final"), "a-s1": _write_run(tmp_path / "s1", RUN_B, source="final")}
+    runs = {
+        "a-s0": _write_run(tmp_path / "s0", RUN_A, source="final"),
+        "a-s1": _write_run(tmp_path / "s1", RUN_B, source="final"),
+    }
 
     # Execute
     found = K.aggregate(runs)
@@ -106,8 +121,11 @@ def test_per_class_values_name_the_modality_each_class_leans_on(tmp_path):
 
 def test_tables_print_points_and_the_collapse_warnings(tmp_path):
     # Prepare: one setting of two seeds, one collapsed run
-    runs = {"ok-s0": _write_run(tmp_path / "s0", RUN_A, source="final"), "ok-s1": _write_run(tmp_path / "s1", RUN_B, source="final"),
-            "bad-s0": _write_run(tmp_path / "b0", COLLAPSED, source="final")}
+    runs = {
+        "ok-s0": _write_run(tmp_path / "s0", RUN_A, source="final"),
+        "ok-s1": _write_run(tmp_path / "s1", RUN_B, source="final"),
+        "bad-s0": _write_run(tmp_path / "b0", COLLAPSED, source="final"),
+    }
 
     # Execute
     found = K.by_setting(runs, {"ok": ["ok-s0", "ok-s1"], "bad": ["bad-s0"]})
@@ -116,8 +134,10 @@ def test_tables_print_points_and_the_collapse_warnings(tmp_path):
 
     # Assert
     header, _, ok, bad = table.splitlines()
-    assert header == ("| setting | accuracy, all modalities | acc alone | gyro alone | Shapley acc | Shapley gyro "
-                      "| interaction acc+gyro | collapse warnings (final / any round) | seeds |")
+    assert header == (
+        "| setting | accuracy, all modalities | acc alone | gyro alone | Shapley acc | Shapley gyro "
+        "| interaction acc+gyro | collapse warnings (final / any round) | seeds |"
+    )
     assert ok == "| ok | 80.0 ± 7.1 | 60.0 ± 7.1 | 30.0 ± 7.1 | +42.5 ± 3.5 | +12.5 ± 10.6 | +15.0 ± 7.1 | 0 / 0 of 2 | 2 |"
     assert bad.endswith("| 1 / 1 of 1 | 1 |")
     assert found["bad"]["warnings"]["rounds_warned"] == {"bad-s0": [1]}
@@ -127,8 +147,10 @@ def test_tables_print_points_and_the_collapse_warnings(tmp_path):
 
 def test_a_run_without_a_needed_subset_is_counted_with_its_reason(tmp_path):
     # Prepare: the second seed has no held-out score for gyro alone
-    runs = {"s0": _write_run(tmp_path / "s0", RUN_A, source="final"),
-            "s1": _write_run(tmp_path / "s1", {k: v for k, v in RUN_B.items() if k != "gyro"}, source="final")}
+    runs = {
+        "s0": _write_run(tmp_path / "s0", RUN_A, source="final"),
+        "s1": _write_run(tmp_path / "s1", {k: v for k, v in RUN_B.items() if k != "gyro"}, source="final"),
+    }
 
     # Execute
     game = K.aggregate(runs)["overall"]["accuracy"]
@@ -142,20 +164,28 @@ def test_a_run_without_a_needed_subset_is_counted_with_its_reason(tmp_path):
 
 def test_hapt_summary_uses_the_test_subjects_for_federated_settings_and_draws_the_plot(tmp_path):
     # Prepare: a federated setting (server-scored test subjects) and a local one (clients' held-out windows)
-    runs = {"fed-p0-eps8-s0": _write_run(tmp_path / "f0", RUN_A, source="final_server_evaluate"),
-            "fed-p0-eps8-s1": _write_run(tmp_path / "f1", RUN_B, source="final_server_evaluate"),
-            "local-p0-epsinf-s0": _write_run(tmp_path / "l0", COLLAPSED, source="final")}
+    runs = {
+        "fed-p0-eps8-s0": _write_run(tmp_path / "f0", RUN_A, source="final_server_evaluate"),
+        "fed-p0-eps8-s1": _write_run(tmp_path / "f1", RUN_B, source="final_server_evaluate"),
+        "local-p0-epsinf-s0": _write_run(tmp_path / "l0", COLLAPSED, source="final"),
+    }
     for name in ("fed-p0-eps8-s0", "fed-p0-eps8-s1"):  # the clients' own held-out figures are there too
         runs[name]["final"] = _evaluation(COLLAPSED)
-    settings = {"fed-p0-eps8": {"encoders": "federated", "p": 0.0, "budget": 8.0, "runs": ["fed-p0-eps8-s0", "fed-p0-eps8-s1"]},
-                "local-p0-epsinf": {"encoders": "local", "p": 0.0, "budget": math.inf, "runs": ["local-p0-epsinf-s0"]}}
+    settings = {
+        "fed-p0-eps8": {"encoders": "federated", "p": 0.0, "budget": 8.0, "runs": ["fed-p0-eps8-s0", "fed-p0-eps8-s1"]},
+        "local-p0-epsinf": {"encoders": "local", "p": 0.0, "budget": math.inf, "runs": ["local-p0-epsinf-s0"]},
+    }
     args = argparse.Namespace(dropout_epsilon=8.0)
 
     # Execute
     found = hapt.contributions(runs, settings)
     key = hapt.per_class_setting(found, args)
-    figure = K.plot([(hapt.setting_label(settings[k]), v) for k, v in found.items()], tmp_path / "hapt-contributions.png",
-                    per_class=(hapt.setting_label(settings[key]), found[key]), title="HAPT")
+    figure = K.plot(
+        [(hapt.setting_label(settings[k]), v) for k, v in found.items()],
+        tmp_path / "hapt-contributions.png",
+        per_class=(hapt.setting_label(settings[key]), found[key]),
+        title="HAPT",
+    )
     text = hapt.contribution_tables(found, settings, args, figure.name)
 
     # Assert
@@ -172,11 +202,14 @@ def test_hapt_summary_uses_the_test_subjects_for_federated_settings_and_draws_th
 
 def test_av_digits_rows_add_the_clients_holding_both_modalities(tmp_path):
     # Prepare: the mixed federation; its clients' own scores give per-client attributions
-    runs = {"mixed-s0": _write_run(tmp_path / "m0", RUN_A, source="final"),
-            "mixed-s1": _write_run(tmp_path / "m1", RUN_B, source="final")}
+    runs = {
+        "mixed-s0": _write_run(tmp_path / "m0", RUN_A, source="final"),
+        "mixed-s1": _write_run(tmp_path / "m1", RUN_B, source="final"),
+    }
     for r in runs.values():  # a client holding one modality only: not a row
         r["final"]["modality_contributions"]["clients"]["site-b"] = modality_contributions(
-            {"by_modalities": {"acc": {"accuracy": 0.5, "macro_f1": 0.4}}}, modalities=MODALITIES, labels=LABELS)["overall"]
+            {"by_modalities": {"acc": {"accuracy": 0.5, "macro_f1": 0.4}}}, modalities=MODALITIES, labels=LABELS
+        )["overall"]
     settings = {"mixed": {"runs": ["mixed-s0", "mixed-s1"]}}
 
     # Execute
@@ -195,12 +228,21 @@ def test_the_summary_links_each_runs_report(tmp_path, capsys):
     # Prepare
     from simulations.bench import _common as C
 
-    runs = {"mixed-s0": {"bench_seconds": 10.0, "privacy": {"clients": {}}},
-            "mixed-s1": {"bench_seconds": 12.0, "privacy": {"clients": {}}}}
+    runs = {
+        "mixed-s0": {"bench_seconds": 10.0, "privacy": {"clients": {}}},
+        "mixed-s1": {"bench_seconds": 12.0, "privacy": {"clients": {}}},
+    }
 
     # Execute
-    status = C.finish(tmp_path, "av-digits", "AV-Digits", started=0.0, runs=runs, body="## Tables",
-                      payload={"runs": {n: {"epsilon_ok": True} for n in runs}})
+    status = C.finish(
+        tmp_path,
+        "av-digits",
+        "AV-Digits",
+        started=0.0,
+        runs=runs,
+        body="## Tables",
+        payload={"runs": {n: {"epsilon_ok": True} for n in runs}},
+    )
 
     # Assert: the JSON and the markdown name each run's report.html, relative to the output folder
     assert status == 0
@@ -213,8 +255,10 @@ def test_the_summary_links_each_runs_report(tmp_path, capsys):
 
 def test_leans_on_names_ties_and_classes_no_modality_helps():
     def game(acc, gyro, full):
-        return {"shapley": {"acc": {"mean": acc}, "gyro": {"mean": gyro}},
-                "share": {"acc": {"mean": acc / (full - 0.25)}, "gyro": {"mean": gyro / (full - 0.25)}}}
+        return {
+            "shapley": {"acc": {"mean": acc}, "gyro": {"mean": gyro}},
+            "share": {"acc": {"mean": acc / (full - 0.25)}, "gyro": {"mean": gyro / (full - 0.25)}},
+        }
 
     assert K.leans_on(game(0.30, 0.10, 0.65)) == "acc (75 %)"
     assert K.leans_on(game(0.20, 0.20, 0.65)) == "acc = gyro"

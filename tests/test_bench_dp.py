@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.data import synthetic
-from fedfuse.cli import build_parser
-from common.errors import ConfigError
-from common.privacy.grad_samplers import SAMPLERS, FlatGradSample
-from common.model.multimodal import ModelConfig, MultimodalModel
 from common.data.schema import DatasetSchema, ModalitySpec
+from common.errors import ConfigError
+from common.model.multimodal import ModelConfig, MultimodalModel
+from common.privacy.grad_samplers import SAMPLERS, FlatGradSample
 from common.privacy.training import dp_step, private_training
+from fedfuse.cli import build_parser
 
 
 def per_sample_loop(model, inputs, mask, labels):
@@ -24,8 +24,15 @@ def per_sample_loop(model, inputs, mask, labels):
         model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model({k: v[i : i + 1] for k, v in inputs.items()}, mask[i : i + 1]), labels[i : i + 1])
         loss.backward()
-        rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                               for p in model.parameters() if p.requires_grad]))
+        rows.append(
+            torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                    for p in model.parameters()
+                    if p.requires_grad
+                ]
+            )
+        )
     return torch.stack(rows)  # (B, P)
 
 
@@ -69,8 +76,9 @@ class EveryLayer(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.schema = DatasetSchema((ModalitySpec("img", "image", (2, 7, 6)), ModalitySpec("txt", "text", (5,), "int64", 11)),
-                                    ("a", "b", "c"))
+        self.schema = DatasetSchema(
+            (ModalitySpec("img", "image", (2, 7, 6)), ModalitySpec("txt", "text", (5,), "int64", 11)), ("a", "b", "c")
+        )
         self.conv2 = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
         self.conv1 = nn.Conv1d(3, 4, 3, stride=2, padding=1)
         self.embed = nn.Embedding(11, 4, padding_idx=0)
@@ -112,8 +120,17 @@ def test_clipped_update_equals_opacus_hooks_with_noise_off():
         torch.manual_seed(2)
         model = MultimodalModel(data.schema, ModelConfig())
         before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-        private = private_training(model, len(data), accountant="prv", noise_multiplier=0.0, max_grad_norm=0.1,
-                                   batch_size=64, lr=1.0, momentum=0.0, grad_sample_mode=mode)
+        private = private_training(
+            model,
+            len(data),
+            accountant="prv",
+            noise_multiplier=0.0,
+            max_grad_norm=0.1,
+            batch_size=64,
+            lr=1.0,
+            momentum=0.0,
+            grad_sample_mode=mode,
+        )
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -131,8 +148,17 @@ def test_an_empty_poisson_batch_gives_an_empty_buffer_and_a_noise_only_step():
     data = synthetic.generate(64, seed=5)
     model = MultimodalModel(data.schema, ModelConfig())
     before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    private = private_training(model, len(data), accountant="prv", noise_multiplier=1.0, max_grad_norm=1.0,
-                               batch_size=64, lr=1.0, momentum=0.0, grad_sample_mode="flat")
+    private = private_training(
+        model,
+        len(data),
+        accountant="prv",
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        batch_size=64,
+        lr=1.0,
+        momentum=0.0,
+        grad_sample_mode="flat",
+    )
     # Execute
     try:
         loss = dp_step(private, data, torch.arange(0), modality_dropout=0.0, step=0)
@@ -206,8 +232,11 @@ def test_the_benchmark_runs_a_few_steps_and_prints_the_ratio_last(capsys):
     # Assert: machine, command, per-variant medians, then the ratio of the first mode last
     assert status == 0
     assert lines[0].startswith("machine: ") and "torch threads 1" in lines[0]
-    assert re.fullmatch(r"command: (nice -n \d+ )?fedfuse bench dp-overhead --batch-size 64 --repeats 3 --warmup 1 "
-                        r"--threads 1 --modes flat,hooks --noise-multiplier 1.0 --max-grad-norm 1.0", lines[1])
+    assert re.fullmatch(
+        r"command: (nice -n \d+ )?fedfuse bench dp-overhead --batch-size 64 --repeats 3 --warmup 1 "
+        r"--threads 1 --modes flat,hooks --noise-multiplier 1.0 --max-grad-norm 1.0",
+        lines[1],
+    )
     assert any(line.startswith("non-private") for line in lines) and any(line.startswith("dp-flat ") for line in lines)
     assert any(line.startswith("dp-hooks ratio") for line in lines)
     assert re.fullmatch(r"dp-overhead ratio \[mode flat, .*\] \(median of 3 pairs\): \d+\.\d\d", lines[-1])
@@ -237,9 +266,17 @@ def test_the_per_sample_buffer_on_huge_pages_lives_as_long_as_its_views():
 def test_poisson_batches_are_drawn_per_record_at_the_accounted_rate():
     # Prepare: q = 1/4 over 200 rows
     data = synthetic.generate(200, seed=7)
-    private = private_training(MultimodalModel(data.schema, ModelConfig()), len(data), accountant="prv",
-                               noise_multiplier=1.0, max_grad_norm=1.0, batch_size=50, lr=0.1, momentum=0.0,
-                               grad_sample_mode="flat")
+    private = private_training(
+        MultimodalModel(data.schema, ModelConfig()),
+        len(data),
+        accountant="prv",
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        batch_size=50,
+        lr=0.1,
+        momentum=0.0,
+        grad_sample_mode="flat",
+    )
     try:
         # Execute
         batches = [private.batch(step) for step in range(200)]
@@ -253,10 +290,14 @@ def test_poisson_batches_are_drawn_per_record_at_the_accounted_rate():
     assert len(torch.cat(batches).unique()) == 200
 
 
-@pytest.mark.parametrize("conv, shape", [
-    (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (5, 3, 11, 9)),
-    (nn.Conv1d(2, 3, 5, stride=3, padding=2, dilation=2), (4, 2, 30)),
-], ids=["conv2d", "conv1d"])
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (5, 3, 11, 9)),
+        (nn.Conv1d(2, 3, 5, stride=3, padding=2, dilation=2), (4, 2, 30)),
+    ],
+    ids=["conv2d", "conv1d"],
+)
 def test_conv_patches_are_unfolds_patches(conv, shape):
     from common.privacy.grad_samplers import _conv_patches
 

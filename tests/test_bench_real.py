@@ -26,10 +26,10 @@ def _needs(*parts: str) -> None:
 
 def _simulate(scenario: str, overrides: list[str], out: Path) -> dict:
     """One in-process Flower simulation of a scenario file; its results.json."""
-    from simulations.scenario import build_config
     from common.config import parse_run_config
     from common.data.partition import num_clients
     from simulations import runner
+    from simulations.scenario import build_config
 
     flat = build_config(SCENARIOS / scenario, overrides + ["num-server-rounds=2", "min-clients=2"])
     flat["out-dir"] = str(out)
@@ -66,8 +66,7 @@ def test_epsilon_list_parses_inf_and_refuses_nonsense():
 
 def test_hapt_cells_cover_the_matrix(tmp_path):
     # Prepare
-    args = argparse.Namespace(seeds=2, epsilons="inf,8,3,1", drop_probs="0,0.3,0.5", dropout_epsilon=8.0,
-                              local_epsilons="inf,8")
+    args = argparse.Namespace(seeds=2, epsilons="inf,8,3,1", drop_probs="0,0.3,0.5", dropout_epsilon=8.0, local_epsilons="inf,8")
 
     # Execute
     cells = hapt.cells(args, tmp_path)
@@ -75,11 +74,23 @@ def test_hapt_cells_cover_the_matrix(tmp_path):
     # Assert: per seed 4 budgets at p = 0, 2 dropout rates at ε = 8, 2 personalised runs
     assert len(cells) == 2 * (4 + 2 + 2)
     names = [c.name for c in cells if c.seed == 1]
-    assert names == ["fed-p0-epsinf-s1", "fed-p0-eps8-s1", "fed-p0-eps3-s1", "fed-p0-eps1-s1",
-                     "fed-p0.3-eps8-s1", "fed-p0.5-eps8-s1", "local-p0-epsinf-s1", "local-p0-eps8-s1"]
+    assert names == [
+        "fed-p0-epsinf-s1",
+        "fed-p0-eps8-s1",
+        "fed-p0-eps3-s1",
+        "fed-p0-eps1-s1",
+        "fed-p0.3-eps8-s1",
+        "fed-p0.5-eps8-s1",
+        "local-p0-epsinf-s1",
+        "local-p0-eps8-s1",
+    ]
     p5 = next(c for c in cells if c.name == "fed-p0.5-eps8-s0")
-    assert p5.overrides == {"encoders": "federated", "data.server-test": str(tmp_path),
-                            "data.modality-drop-prob": 0.5, "dp.epsilon": 8.0}
+    assert p5.overrides == {
+        "encoders": "federated",
+        "data.server-test": str(tmp_path),
+        "data.modality-drop-prob": 0.5,
+        "dp.epsilon": 8.0,
+    }
 
 
 def test_av_digits_mixed_groups_follow_site_order(tmp_path):
@@ -91,8 +102,14 @@ def test_av_digits_mixed_groups_follow_site_order(tmp_path):
     assigned = av_digits.assignment(tmp_path, av_digits.MIXED_GROUPS)
 
     # Assert
-    assert assigned == {"speaker-george": "image", "speaker-jackson": "image", "speaker-lucas": "audio",
-                        "speaker-nicolas": "audio", "speaker-theo": "audio+image", "speaker-yweweler": "audio+image"}
+    assert assigned == {
+        "speaker-george": "image",
+        "speaker-jackson": "image",
+        "speaker-lucas": "audio",
+        "speaker-nicolas": "audio",
+        "speaker-theo": "audio+image",
+        "speaker-yweweler": "audio+image",
+    }
 
 
 # --- real data (slow) -----------------------------------------------------------------------------
@@ -108,14 +125,31 @@ def test_hapt_two_rounds_on_real_data(tmp_path):
     import_hapt(DATA / "hapt", sites, classes=6)
     fed = tmp_path / "fed"
     fed.mkdir()
-    for name in ("subject-01", "subject-03", "subject-05", "subject-06", "subject-07", "subject-08",
-                 "subject-02", "subject-04", "subject-09"):  # 02, 04, 09: the publisher's test subjects
+    for name in (
+        "subject-01",
+        "subject-03",
+        "subject-05",
+        "subject-06",
+        "subject-07",
+        "subject-08",
+        "subject-02",
+        "subject-04",
+        "subject-09",
+    ):  # 02, 04, 09: the publisher's test subjects
         (sites / name).rename(fed / name)
 
     # Execute
-    results = _simulate("hapt.toml", [f"data.dataset={json.dumps(str(fed))}", f"data.server-test={json.dumps(str(fed))}",
-                                      "encoders=\"federated\"", "data.modality-drop-prob=0.3", "dp.epsilon=8.0"],
-                        tmp_path / "run")
+    results = _simulate(
+        "hapt.toml",
+        [
+            f"data.dataset={json.dumps(str(fed))}",
+            f"data.server-test={json.dumps(str(fed))}",
+            'encoders="federated"',
+            "data.modality-drop-prob=0.3",
+            "dp.epsilon=8.0",
+        ],
+        tmp_path / "run",
+    )
 
     # Assert: completed; 6 clients; the server scored the 3 test subjects above chance (1/6); budgets kept
     assert results["status"] == "completed"
@@ -145,8 +179,9 @@ def test_av_digits_two_rounds_on_real_data(tmp_path):
     import_av_digits(DATA / "fsdd", DATA / "mnist", sites)
 
     # Execute
-    results = _simulate("av-digits.toml", [f"data.dataset={json.dumps(str(sites))}", "dp.epsilon=8.0",
-                                           "train.local-epochs=8"], tmp_path / "run")
+    results = _simulate(
+        "av-digits.toml", [f"data.dataset={json.dumps(str(sites))}", "dp.epsilon=8.0", "train.local-epochs=8"], tmp_path / "run"
+    )
 
     # Assert: every subset scored on the right clients' test takes; above chance (1/10) overall; budgets kept
     assert results["status"] == "completed"
@@ -154,8 +189,14 @@ def test_av_digits_two_rounds_on_real_data(tmp_path):
     assert {k: v["num_examples"] for k, v in by.items()} == {"audio": 200, "image": 200, "audio+image": 100}
     assert results["final"]["pooled"]["accuracy"] > 0.1
     modalities = {cid: "+".join(c["modalities"]) for cid, c in results["privacy"]["clients"].items()}
-    assert modalities == {"speaker-george": "image", "speaker-jackson": "image", "speaker-lucas": "audio",
-                          "speaker-nicolas": "audio", "speaker-theo": "audio+image", "speaker-yweweler": "audio+image"}
+    assert modalities == {
+        "speaker-george": "image",
+        "speaker-jackson": "image",
+        "speaker-lucas": "audio",
+        "speaker-nicolas": "audio",
+        "speaker-theo": "audio+image",
+        "speaker-yweweler": "audio+image",
+    }
     _assert_budgets_kept(results)
     # The benchmark's per-client contribution rows: the two speakers holding both modalities
     found = av_digits.contributions({"mixed-s0": results}, {"mixed": {"runs": ["mixed-s0"]}})["mixed"]

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from fedfuse.cli import main
 from common.data.site_folders import load_site
+from fedfuse.cli import main
 from tests.test_bench_real import DATA, _needs
 
 
@@ -37,6 +37,5 @@ def test_the_readme_command_runs_on_real_site_folders_and_leaves_them_as_they_ar
     assert list(results["federation"]["sites_not_training"]) == ["subject-02"]
     pooled = results["final"]["pooled"]
     assert pooled["num_examples"] == tests == sum(pooled["per_class"]["support"])
-    assert {k: v["num_examples"] for k, v in pooled["by_modalities"].items()} == {"acc": tests, "gyro": tests,
-                                                                                   "acc+gyro": tests}
+    assert {k: v["num_examples"] for k, v in pooled["by_modalities"].items()} == {"acc": tests, "gyro": tests, "acc+gyro": tests}
     assert "each sample's own modalities" in printed and "macro-F1 (client mean)" in printed

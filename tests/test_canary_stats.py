@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.privacy.canary_stats import audit_scores, epsilon_lower_bound, p_value
 from common.errors import PrivacyParameterError
+from common.privacy.canary_stats import audit_scores, epsilon_lower_bound, p_value
 
 # Values computed with jax_privacy/auditing.py (google-deepmind/jax_privacy, commit 03a095e9):
 # _epsilon_one_run(0, m, r, v, beta, delta) and _one_run_p_value(m, r, v, eps, delta), run with
@@ -49,15 +49,12 @@ def test_epsilon_lower_bound_matches_reference(m, r, v, delta, beta, expected):
 
 @pytest.mark.parametrize("m,r,v,eps,delta,expected", REFERENCE_P_VALUE)
 def test_p_value_matches_reference(m, r, v, eps, delta, expected):
-    assert p_value(num_canaries=m, num_guesses=r, num_correct=v, epsilon=eps, delta=delta) == pytest.approx(
-        expected, rel=1e-12
-    )
+    assert p_value(num_canaries=m, num_guesses=r, num_correct=v, epsilon=eps, delta=delta) == pytest.approx(expected, rel=1e-12)
 
 
 def test_more_correct_guesses_give_a_higher_bound():
     # Execute
-    bounds = [epsilon_lower_bound(num_canaries=1000, num_guesses=100, num_correct=v, delta=1e-5)
-              for v in range(50, 101)]
+    bounds = [epsilon_lower_bound(num_canaries=1000, num_guesses=100, num_correct=v, delta=1e-5) for v in range(50, 101)]
     # Assert
     assert all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:]))
     positive = [b for b in bounds if b > 0]

@@ -18,16 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from common.certs import Credentials, CredentialsError, make_credentials, parse_server_names, parse_sites
-from fedfuse.cli import main
 from common.errors import ConfigError
+from fedfuse.cli import main
 
 
 @pytest.fixture(scope="module")
 def creds(tmp_path_factory: pytest.TempPathFactory) -> Credentials:
     """One set of credentials for three sites, shared by the read-only tests."""
-    return make_credentials(
-        tmp_path_factory.mktemp("creds"), server_names="127.0.0.1,localhost", sites=3, days=30
-    )
+    return make_credentials(tmp_path_factory.mktemp("creds"), server_names="127.0.0.1,localhost", sites=3, days=30)
 
 
 def _cert(path: Path) -> x509.Certificate:
@@ -227,8 +225,12 @@ def test_ledger_key_is_ed25519_pkcs8_and_matches_its_public_key(creds: Credentia
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(3, ["site-1", "site-2", "site-3"]), ("2", ["site-1", "site-2"]), ("berlin, paris", ["berlin", "paris"]),
-     (["a_1"], ["a_1"])],
+    [
+        (3, ["site-1", "site-2", "site-3"]),
+        ("2", ["site-1", "site-2"]),
+        ("berlin, paris", ["berlin", "paris"]),
+        (["a_1"], ["a_1"]),
+    ],
 )
 def test_parse_sites(value: object, expected: list[str]) -> None:
     assert parse_sites(value) == expected  # type: ignore[arg-type]
@@ -236,9 +238,17 @@ def test_parse_sites(value: object, expected: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [(0, "between 1 and 1000"), ("1001", "between 1 and 1000"), ("", "invalid site name ''"),
-     ("Berlin", "invalid site name 'Berlin'"), ("../x", "invalid site name '../x'"), ("a/b", "invalid site name"),
-     ("a,a", "duplicate site names \\['a'\\]"), ([], "give a count"), (True, "expected a count")],
+    [
+        (0, "between 1 and 1000"),
+        ("1001", "between 1 and 1000"),
+        ("", "invalid site name ''"),
+        ("Berlin", "invalid site name 'Berlin'"),
+        ("../x", "invalid site name '../x'"),
+        ("a/b", "invalid site name"),
+        ("a,a", "duplicate site names \\['a'\\]"),
+        ([], "give a count"),
+        (True, "expected a count"),
+    ],
 )
 def test_parse_sites_rejects_bad_values(value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -255,8 +265,14 @@ def test_parse_server_names_splits_ips_and_dns_names() -> None:
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("", "give the addresses"), ("bad name", "'bad name' is neither"), ("a..b", "'a..b' is neither"),
-     ("-x.org", "'-x.org' is neither"), ("https://host", "neither"), ("localhost,localhost", "duplicate")],
+    [
+        ("", "give the addresses"),
+        ("bad name", "'bad name' is neither"),
+        ("a..b", "'a..b' is neither"),
+        ("-x.org", "'-x.org' is neither"),
+        ("https://host", "neither"),
+        ("localhost,localhost", "duplicate"),
+    ],
 )
 def test_parse_server_names_rejects_bad_values(value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

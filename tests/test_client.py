@@ -9,19 +9,18 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.handlers import handle_evaluate, handle_train
 from common import messages as M
-from common.data import synthetic
 from common.config import RunConfig
+from common.data import synthetic
+from common.data.site_folders import write_site
+from common.model.multimodal import ModelConfig, global_head_template
 from common.privacy.audit import audit_path
 from common.privacy.ledger import Ledger, verify_chain
-from common.model.multimodal import ModelConfig, global_head_template
-from common.data.site_folders import write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def run_config(tmp_path, **overrides):
-    flat = RunConfig().to_flat() | {"out-dir": str(tmp_path), "data.samples-per-client": 300,
-                                    "train.batch-size": 60} | overrides
+    flat = RunConfig().to_flat() | {"out-dir": str(tmp_path), "data.samples-per-client": 300, "train.batch-size": 60} | overrides
     return flat
 
 
@@ -36,8 +35,13 @@ def train_message(head, server_round=1, planned=3, run_id="run-a", **request):
 
 
 def context(flat, node_config=None):
-    return Context(run_id=5, node_id=11, node_config=node_config or {"partition-id": 0, "num-partitions": 6},
-                   state=RecordDict(), run_config=flat)
+    return Context(
+        run_id=5,
+        node_id=11,
+        node_config=node_config or {"partition-id": 0, "num-partitions": 6},
+        state=RecordDict(),
+        run_config=flat,
+    )
 
 
 def deployed_site(tmp_path, folder="site", **node):
@@ -89,6 +93,7 @@ def test_the_same_round_is_never_trained_twice(tmp_path):
     a, b = (M.unpack_arrays(r.content) for r in (first, again))
     assert all(torch.equal(a[k], b[k]) for k in a)
     import json
+
     privacy = json.loads((tmp_path / "clients" / "client-00" / "privacy.json").read_text())
     assert len(privacy["privacy"]["history"]) == 1 and privacy["rounds"] == [["run-a", 1]]
 
@@ -103,8 +108,7 @@ def test_a_reply_carries_the_ledger_from_the_head_the_server_holds(tmp_path):
     reply = handle_train(train_message(global_head(), 2, planned=4, **{M.LEDGER_HELD: 1, M.LEDGER_HEAD: head}), context(flat))
     assert [e["index"] for e in sent(reply)] == [0, 1] and sent(reply) == Ledger(path).entries()
     # a request whose head is not this ledger's (another client's, a forked copy): the whole ledger goes
-    reply = handle_train(train_message(global_head(), 3, planned=4, **{M.LEDGER_HELD: 2, M.LEDGER_HEAD: "0" * 64}),
-                         context(flat))
+    reply = handle_train(train_message(global_head(), 3, planned=4, **{M.LEDGER_HELD: 2, M.LEDGER_HEAD: "0" * 64}), context(flat))
     assert [e["index"] for e in sent(reply)] == [0, 1, 2]
 
 
@@ -239,7 +243,7 @@ def test_parameters_travel_as_one_packed_array_and_a_bad_packing_is_refused():
     bad_cases = [
         ({"keys": list(head)[:-1]}, "does not describe the whole array"),
         ({"keys": [list(head)[0]] * len(head)}, "repeated key"),
-        ({"shapes": [1, 10 ** 9] + list(content.config_records[M.PACKING]["shapes"])[2:]}, "more values"),
+        ({"shapes": [1, 10**9] + list(content.config_records[M.PACKING]["shapes"])[2:]}, "more values"),
     ]
     for change, match in bad_cases:
         packing = dict(content.config_records[M.PACKING]) | change

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from simulations.scenario import build_config, parse_override
 from common.config import RunConfig, flatten, known_keys, parse_run_config
 from common.errors import ConfigError
+from simulations.scenario import build_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +74,8 @@ def test_overrides_are_toml_values_or_bare_strings():
 
 def test_simulate_reports_bad_data_before_starting_anything(tmp_path, capsys):
     from common.data import synthetic
-    from fedfuse.cli import main
     from common.data.site_folders import write_site
+    from fedfuse.cli import main
 
     sites = tmp_path / "sites"
     write_site(sites / "a", synthetic.generate(20, seed=1), ["train"] * 20, name="a")

@@ -6,8 +6,14 @@ import math
 import pytest
 import torch
 
-from common.insight.contributions import (COLLAPSE_SHARE, Attribution, IncompleteGame, attribute, coalition_scores,
-                                  modality_contributions)
+from common.insight.contributions import (
+    COLLAPSE_SHARE,
+    Attribution,
+    IncompleteGame,
+    attribute,
+    coalition_scores,
+    modality_contributions,
+)
 
 F = frozenset
 
@@ -41,8 +47,7 @@ def test_three_modalities_match_hand_computed_values():
 
 def test_the_synthetic_datasets_ideal_game_splits_the_gain_equally_with_redundant_pairs():
     # Each modality tells 2 of 6 classes apart: 1/2 alone, 5/6 in pairs, 1 together, chance 1/6.
-    values = {F(s): v for s, v in [("i", 0.5), ("s", 0.5), ("t", 0.5), ("is", 5 / 6), ("it", 5 / 6), ("st", 5 / 6),
-                                   ("ist", 1.0)]}
+    values = {F(s): v for s, v in [("i", 0.5), ("s", 0.5), ("t", 0.5), ("is", 5 / 6), ("it", 5 / 6), ("st", 5 / 6), ("ist", 1.0)]}
     result = attribute(["i", "s", "t"], values, empty=1 / 6)
     assert result.shapley == pytest.approx({m: 5 / 18 for m in "ist"})
     # I_ij = 1/2 (5/6 - 1/2 - 1/2 + 1/6) + 1/2 (1 - 5/6 - 5/6 + 1/2) = -1/12
@@ -85,11 +90,17 @@ def test_a_missing_coalition_is_an_error_that_names_it():
 
 
 def evaluation(by, *, pooled=None, clients=None):
-    out = {"accuracy": 0.9, "macro_f1": 0.9, "by_modalities": {s: {"accuracy": a, "macro_f1": f, "num_examples": 10}
-                                                               for s, (a, f) in by.items()}}
+    out = {
+        "accuracy": 0.9,
+        "macro_f1": 0.9,
+        "by_modalities": {s: {"accuracy": a, "macro_f1": f, "num_examples": 10} for s, (a, f) in by.items()},
+    }
     if pooled is not None:
-        out["pooled"] = {"accuracy": 0.9, "macro_f1": 0.9,
-                         "by_modalities": {s: {"accuracy": a, "macro_f1": f} for s, (a, f) in pooled.items()}}
+        out["pooled"] = {
+            "accuracy": 0.9,
+            "macro_f1": 0.9,
+            "by_modalities": {s: {"accuracy": a, "macro_f1": f} for s, (a, f) in pooled.items()},
+        }
     if clients is not None:
         out["clients"] = clients
     return out
@@ -107,10 +118,16 @@ def test_scores_come_from_pooled_figures_when_results_have_them():
 def test_contributions_overall_per_client_and_a_federation_lacking_a_coalition():
     labels = list("abcd")  # chance 1/4
     by = {"image": (0.75, 0.7), "signal": (0.25, 0.25), "image+signal": (0.75, 0.7)}
-    clients = {"c1": {"by_modalities": {"image": {"accuracy": 0.75, "macro_f1": 0.7}}},
-               "c2": {"by_modalities": {"image": {"accuracy": 0.5, "macro_f1": 0.5},
-                                        "signal": {"accuracy": 0.5, "macro_f1": 0.5},
-                                        "image+signal": {"accuracy": 1.0, "macro_f1": 1.0}}}}
+    clients = {
+        "c1": {"by_modalities": {"image": {"accuracy": 0.75, "macro_f1": 0.7}}},
+        "c2": {
+            "by_modalities": {
+                "image": {"accuracy": 0.5, "macro_f1": 0.5},
+                "signal": {"accuracy": 0.5, "macro_f1": 0.5},
+                "image+signal": {"accuracy": 1.0, "macro_f1": 1.0},
+            }
+        },
+    }
     found = modality_contributions(evaluation(by, clients=clients), modalities=["image", "signal"], labels=labels)
     acc = found["overall"]["accuracy"]
     assert found["empty_value"] == 0.25 and acc["modalities"] == ["image", "signal"]
@@ -118,8 +135,13 @@ def test_contributions_overall_per_client_and_a_federation_lacking_a_coalition()
     assert found["clients"]["c1"]["accuracy"]["shapley"] == pytest.approx({"image": 0.5})
     assert found["clients"]["c2"]["accuracy"]["interactions"] == pytest.approx({"image+signal": 0.25})
     # A federation where no sample has image and tabular together: no game for the federation, said why.
-    by3 = {"image": (0.5, 0.5), "signal": (0.5, 0.5), "tabular": (0.5, 0.5), "image+signal": (0.8, 0.8),
-           "signal+tabular": (0.8, 0.8)}
+    by3 = {
+        "image": (0.5, 0.5),
+        "signal": (0.5, 0.5),
+        "tabular": (0.5, 0.5),
+        "image+signal": (0.8, 0.8),
+        "signal+tabular": (0.8, 0.8),
+    }
     found = modality_contributions(evaluation(by3), modalities=["image", "signal", "tabular"], labels=labels)
     assert "shapley" not in found["overall"]["accuracy"]
     assert "image+tabular, image+signal+tabular" in found["overall"]["accuracy"]["error"]
@@ -128,8 +150,15 @@ def test_contributions_overall_per_client_and_a_federation_lacking_a_coalition()
 def test_unimodal_collapse_is_warned_only_when_another_modality_alone_does_well():
     labels = list("abcd")  # chance 0.25
     # image carries everything although signal alone reaches 0.5: collapse by Shapley share: φ_image = 0.7/3 + 0.45/6 + 0.7/6 + 0.45/3 = 0.575 of a 0.7 gain (82 %).
-    by = {"image": (0.95, 0.9), "signal": (0.5, 0.5), "tabular": (0.25, 0.2), "image+signal": (0.95, 0.9),
-          "image+tabular": (0.95, 0.9), "signal+tabular": (0.5, 0.5), "image+signal+tabular": (0.95, 0.9)}
+    by = {
+        "image": (0.95, 0.9),
+        "signal": (0.5, 0.5),
+        "tabular": (0.25, 0.2),
+        "image+signal": (0.95, 0.9),
+        "image+tabular": (0.95, 0.9),
+        "signal+tabular": (0.5, 0.5),
+        "image+signal+tabular": (0.95, 0.9),
+    }
     found = modality_contributions(evaluation(by), modalities=["image", "signal", "tabular"], labels=labels)
     assert found["overall"]["accuracy"]["shapley"]["image"] / 0.7 > COLLAPSE_SHARE
     assert len(found["warnings"]) == 1
@@ -139,8 +168,10 @@ def test_unimodal_collapse_is_warned_only_when_another_modality_alone_does_well(
     assert modality_contributions(evaluation(weak), modalities=["image", "signal", "tabular"], labels=labels)["warnings"] == []
     # Attention fusion: the head's own weights decide (90 % on image), although the game is balanced.
     balanced = evaluation({"image": (0.6, 0.6), "signal": (0.6, 0.6), "image+signal": (0.9, 0.9)})
-    balanced["attention"] = {"image": {"0": {"mean": 0.95, "samples": 10}, "1": {"mean": 0.85, "samples": 10}},
-                             "signal": {"0": {"mean": 0.05, "samples": 10}, "1": {"mean": 0.15, "samples": 10}}}
+    balanced["attention"] = {
+        "image": {"0": {"mean": 0.95, "samples": 10}, "1": {"mean": 0.85, "samples": 10}},
+        "signal": {"0": {"mean": 0.05, "samples": 10}, "1": {"mean": 0.15, "samples": 10}},
+    }
     found = modality_contributions(balanced, modalities=["image", "signal"], labels=labels)
     assert len(found["warnings"]) == 1 and "image takes 90% of the attention" in found["warnings"][0]
     assert found["attention"] == {"image": {"a": 0.95, "b": 0.85}, "signal": {"a": 0.05, "b": 0.15}}
@@ -169,8 +200,8 @@ def test_attribution_json_is_plain():
 def test_on_the_synthetic_dataset_each_class_is_credited_to_the_modality_that_generates_it():
     """A model trained (without DP, in process) on the synthetic data, whose modalities each tell two classes apart."""
     from common.data import synthetic
-    from common.insight.attention import attention_metrics, pool
     from common.data.samples import hide_modalities, modality_subsets, subset_key
+    from common.insight.attention import attention_metrics, pool
     from common.model.evaluation import evaluate, predict
     from common.model.multimodal import ModelConfig, MultimodalModel
 
@@ -182,7 +213,9 @@ def test_on_the_synthetic_dataset_each_class_is_credited_to_the_modality_that_ge
     for _ in range(12):
         for batch in torch.randperm(len(train), generator=gen).split(64):
             mask = hide_modalities(train.mask[batch], 0.5, gen)  # learn every subset
-            loss = torch.nn.functional.cross_entropy(model({n: x[batch] for n, x in train.inputs.items()}, mask), train.labels[batch])
+            loss = torch.nn.functional.cross_entropy(
+                model({n: x[batch] for n, x in train.inputs.items()}, mask), train.labels[batch]
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -210,15 +243,27 @@ def test_on_the_synthetic_dataset_each_class_is_credited_to_the_modality_that_ge
 
 def test_pooled_per_class_counts_give_per_class_contributions():
     """results.json's pooled figures: per subset, per-class counts (true examples, predictions, correct ones)."""
-    def counts(support, predicted, correct):
-        return {"accuracy": sum(correct) / sum(support), "macro_f1": 0.5, "num_examples": sum(support),
-                "per_class": {"support": support, "predicted": predicted, "correct": correct}}
 
-    ev = {"pooled": {"accuracy": 1.0, "macro_f1": 1.0, "by_modalities": {
-              "image": counts([10, 10], [15, 5], [10, 5]),  # x: recall 1, y: 0.5
-              "signal": counts([10, 10], [5, 15], [5, 10]),
-              "image+signal": counts([10, 10], [10, 10], [10, 10])}},
-          "client_mean": {"accuracy": 0.7, "macro_f1": 0.6, "by_modalities": {}}}
+    def counts(support, predicted, correct):
+        return {
+            "accuracy": sum(correct) / sum(support),
+            "macro_f1": 0.5,
+            "num_examples": sum(support),
+            "per_class": {"support": support, "predicted": predicted, "correct": correct},
+        }
+
+    ev = {
+        "pooled": {
+            "accuracy": 1.0,
+            "macro_f1": 1.0,
+            "by_modalities": {
+                "image": counts([10, 10], [15, 5], [10, 5]),  # x: recall 1, y: 0.5
+                "signal": counts([10, 10], [5, 15], [5, 10]),
+                "image+signal": counts([10, 10], [10, 10], [10, 10]),
+            },
+        },
+        "client_mean": {"accuracy": 0.7, "macro_f1": 0.6, "by_modalities": {}},
+    }
     found = modality_contributions(ev, modalities=["image", "signal"], labels=["x", "y"])
     assert found["source"] == "pooled"
     assert found["per_class"]["accuracy"]["x"]["shapley"] == pytest.approx({"image": 0.5, "signal": 0.0})

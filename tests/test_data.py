@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from common.data.samples import MultimodalData, modality_subsets, subset_key
-from common.errors import DataError
 from common.data.schema import DatasetSchema, ModalitySpec
+from common.errors import DataError
 
 SCHEMA = DatasetSchema((ModalitySpec("img", "image", (1, 4, 4)), ModalitySpec("tab", "tabular", (3,))), ("a", "b"))
 
@@ -68,5 +68,11 @@ def test_restrict_drops_samples_left_without_modalities():
 
 def test_subsets_are_all_non_empty_combinations_in_order():
     assert [subset_key(s) for s in modality_subsets(("image", "signal", "tabular"))] == [
-        "image", "signal", "tabular", "image+signal", "image+tabular", "signal+tabular", "image+signal+tabular",
+        "image",
+        "signal",
+        "tabular",
+        "image+signal",
+        "image+tabular",
+        "signal+tabular",
+        "image+signal+tabular",
     ]

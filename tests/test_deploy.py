@@ -18,12 +18,11 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from common import messages as M
 from common.certs import make_credentials
 from common.config import RunConfig, parse_run_config
-from common.privacy.ledger import load_public_key_hex
 from common.model.multimodal import ModelConfig, global_head_template
+from common.privacy.ledger import load_public_key_hex
 from server.grid import NodesUnavailableError, PollingGrid, sample_nodes
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState
-
 from simulations.deployment import BIN, DEFAULT_SITES, deployment, leftover_processes, write_sites
 
 POLICY = {"site-1": 8.0, "site-2": 8.0, "site-3": 5.0}  # site-3 accepts at most epsilon = 5 over its whole history
@@ -183,13 +182,20 @@ def test_three_sites_run_two_rounds_and_write_results_and_ledgers(dep):
     assert {c: set(v["modalities"]) for c, v in clients.items()} == {c: set(m) for c, m in DEFAULT_SITES.items()}
     for name in DEFAULT_SITES:
         assert 0 < clients[name]["epsilon"] <= 3.0 and clients[name]["rounds_trained"] == 2
-        server_copy, site_copy = _ledger(run.folder / "ledgers" / f"{name}.jsonl"), _ledger(dep.sites[name].state_dir / "ledger.jsonl")
+        server_copy, site_copy = (
+            _ledger(run.folder / "ledgers" / f"{name}.jsonl"),
+            _ledger(dep.sites[name].state_dir / "ledger.jsonl"),
+        )
         assert [e["round"] for e in server_copy] == [1, 2] and server_copy == site_copy[-2:]
         pinned = load_public_key_hex(dep.creds.site(name).ledger_public_key)  # signed with the key from `fedfuse certs`
         assert {e["public_key"] for e in server_copy} == {pinned}
         assert (dep.sites[name].state_dir / "model.safetensors").exists()
-    audit = subprocess.run([str(BIN / "fedfuse"), "audit", str(run.folder), "--keys", str(dep.creds.server_folder / "ledger-keys")],
-                           capture_output=True, text=True, timeout=300)
+    audit = subprocess.run(
+        [str(BIN / "fedfuse"), "audit", str(run.folder), "--keys", str(dep.creds.server_folder / "ledger-keys")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert audit.returncode == 0, audit.stdout + audit.stderr  # signatures (pinned keys), chains, re-accounted epsilon
     # A site's privacy officer audits the site's own state folder, or its ledger.jsonl, with or without the pinned keys
     state = dep.sites["site-2"].state_dir
@@ -222,7 +228,9 @@ def test_a_site_refuses_an_app_whose_code_differs_from_the_fedfuse_it_installed(
 
 @pytest.mark.slow
 def test_a_supernode_with_an_unregistered_key_is_refused_and_gets_no_task(dep, tmp_path):
-    rogue_key = make_credentials(tmp_path / "rogue-creds", server_names="127.0.0.1", sites=["rogue"]).site("rogue").auth_private_key
+    rogue_key = (
+        make_credentials(tmp_path / "rogue-creds", server_names="127.0.0.1", sites=["rogue"]).site("rogue").auth_private_key
+    )
     proc = dep.start_unregistered("rogue", rogue_key)
     assert proc.wait(timeout=120) != 0
     log = dep.logs("rogue")
@@ -230,15 +238,21 @@ def test_a_supernode_with_an_unregistered_key_is_refused_and_gets_no_task(dep, t
     assert [n["status"] for n in dep.nodes()] == ["online"] * 3  # the three registered sites, nobody else
     assert not (dep.root / "state" / "rogue").exists()  # no ClientApp ever ran for it
     # `fedfuse site supernode` turns Flower's generic connection failure into the likely causes, this one first
-    hint = log[log.index("could not connect to the SuperLink"):].splitlines()
+    hint = log[log.index("could not connect to the SuperLink") :].splitlines()
     assert hint[0].endswith(f"at {dep.address}. Likely causes:") and "key is not registered" in hint[1]
     assert any("wrong CA certificate" in line for line in hint[2:4]) and any("SuperLink is down" in line for line in hint[2:4])
 
 
 def _fedfuse(dep, *args: str) -> subprocess.CompletedProcess:
     """The fedfuse CLI as the operator runs it (the flwr connection of the deployment)."""
-    return subprocess.run([str(BIN / "fedfuse"), *args], env=dep.env(dep.root / "homes" / "cli"), capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(BIN / "fedfuse"), *args],
+        env=dep.env(dep.root / "homes" / "cli"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.slow
@@ -270,8 +284,9 @@ def test_a_site_with_a_broken_data_folder_refuses_to_start_and_the_operator_sees
 
 @pytest.mark.slow
 def test_a_killed_site_is_recorded_as_failed_and_the_run_finishes_with_the_others(dep):
-    run_id, folder = dep.submit({"num-server-rounds": 2, "dp.epsilon": 4.0, "min-clients": 2, "round-timeout": 15.0,
-                                 "evaluate-every": 2})
+    run_id, folder = dep.submit(
+        {"num-server-rounds": 2, "dp.epsilon": 4.0, "min-clients": 2, "round-timeout": 15.0, "evaluate-every": 2}
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # kill site-2 (SuperNode, executor, ClientApps) once round 1 is done
         results = folder / "results.json"
@@ -335,8 +350,12 @@ def test_a_run_asking_more_than_a_sites_policy_is_refused_by_that_site(dep):
     assert set(results["final"]["clients"]) == {"site-1", "site-2"}
     assert results["final"]["num_examples"] == sum(c["num_examples"] for c in results["final"]["clients"].values())
     # Its ledger came along with the refusal, so the run's audit with every pinned key passes
-    audit = subprocess.run([str(BIN / "fedfuse"), "audit", str(run.folder), "--keys", str(dep.creds.server_folder / "ledger-keys")],
-                           capture_output=True, text=True, timeout=300)
+    audit = subprocess.run(
+        [str(BIN / "fedfuse"), "audit", str(run.folder), "--keys", str(dep.creds.server_folder / "ledger-keys")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
@@ -352,8 +371,10 @@ def test_a_site_may_run_the_warm_executor_as_its_own_process(dep):
     # (flower-supernode --isolation process runs no ClientApp itself: without the executor site-1 would time out)
     assert results["status"] == "completed" and "site-1" in results["rounds"][0]["train"]["trained"]
     assert dep.sites["site-1"].executor.poll() is None and "warm executor: taking ClientApp tasks" in dep.logs("site-1")
-    assert _ledger(dep.sites["site-1"].state_dir / "ledger.jsonl")[-1]["run_id"] == json.loads(
-        (run.folder / "run.json").read_text())["run_id"]
+    assert (
+        _ledger(dep.sites["site-1"].state_dir / "ledger.jsonl")[-1]["run_id"]
+        == json.loads((run.folder / "run.json").read_text())["run_id"]
+    )
     dep.stop_site("site-1")
     dep.start_site("site-1")  # back as the other tests expect it
 
@@ -361,8 +382,9 @@ def test_a_site_may_run_the_warm_executor_as_its_own_process(dep):
 @pytest.mark.slow
 def test_a_run_gives_up_when_fewer_sites_than_min_clients_stay_connected(dep):
     dep.stop_site("site-2")  # a clean shutdown: the SuperLink forgets the node at once (last test: stays stopped)
-    run = dep.run({"num-server-rounds": 1, "dp.epsilon": 7.0, "min-clients": 3, "round-timeout": 5.0},
-                  expect="finished:failed", timeout=180)
+    run = dep.run(
+        {"num-server-rounds": 1, "dp.epsilon": 7.0, "min-clients": 3, "round-timeout": 5.0}, expect="finished:failed", timeout=180
+    )
     results = run.results
     assert results["status"] == "failed" and results["rounds"] == []
     assert "only 2 site(s) connected after waiting 5 s (round-timeout), but the run needs 3 (min-clients)" in results["error"]

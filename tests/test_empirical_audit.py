@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.privacy import empirical_audit
 from common.data import synthetic
+from common.errors import PrivacyParameterError
+from common.model.multimodal import ModelConfig
+from common.privacy import empirical_audit
 from common.privacy.audit import EXIT_EMPIRICAL
-from fedfuse.cli import build_parser, main
 from common.privacy.empirical_audit import (
     CANARY_CLASS,
     CANARY_GRAD_SCALE,
@@ -24,9 +25,8 @@ from common.privacy.empirical_audit import (
     format_empirical_report,
     step_gradients,
 )
-from common.errors import PrivacyParameterError
-from common.model.multimodal import ModelConfig
 from common.privacy.training import RoundResult, train_round
+from fedfuse.cli import build_parser, main
 
 CONFIG = ModelConfig(embed_dim=8, hidden_dim=8)
 
@@ -128,8 +128,9 @@ def test_canary_units_divide_by_the_expected_batch_training_uses():
     np.testing.assert_allclose(x, units.double().numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [dict(sample_rate=0.03), dict(steps=210), dict(epsilon=float("inf")),
-                                 dict(canaries=0), dict(delta=0.0)])
+@pytest.mark.parametrize(
+    "bad", [dict(sample_rate=0.03), dict(steps=210), dict(epsilon=float("inf")), dict(canaries=0), dict(delta=0.0)]
+)
 def test_bad_parameters_are_refused(bad):
     with pytest.raises(PrivacyParameterError):
         EmpiricalAuditConfig(**bad)

@@ -11,11 +11,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from common import messages as M
 from common.config import RunConfig, parse_run_config
-from common.model.validation import check_encoder, check_run_encoders, site_refusal, synthetic_batch
-from common.model.encoders import build_encoder
+from common.data.schema import DatasetSchema, ModalitySpec
 from common.errors import ConfigError, EncoderError
 from common.model.multimodal import ModelConfig, MultimodalModel
-from common.data.schema import DatasetSchema, ModalitySpec
+from common.model.validation import check_encoder, check_run_encoders, site_refusal, synthetic_batch
 
 SIGNAL = ModalitySpec("acc", "signal", (3, 40))
 TEXT = ModalitySpec("words", "text", (12,), "int64", vocab_size=40)
@@ -84,16 +83,19 @@ def test_inexact_per_sample_gradients_are_refused(mode):
     assert "differs from a loop over single samples" in text or "gets none" in text
 
 
-@pytest.mark.parametrize(("choice", "expected"), [
-    (f"{F}:not_a_module", "not a torch.nn.Module"),
-    (f"{F}:raises", "the factory raised RuntimeError: this factory wants a kind 'image' modality"),
-    (f"{F}:NOT_CALLABLE", "has no callable 'NOT_CALLABLE'"),
-    (f"{F}:missing", "has no callable 'missing'"),
-    ("no_such_package.encoders:net", "cannot import module 'no_such_package.encoders'"),
-    ("conv1d-ish", "not a built-in encoder"),
-    ("a.b:c:d", "a factory is named"),
-    ("transformer", "encodes kind 'text', but modality 'acc' is of kind 'signal'"),
-])
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        (f"{F}:not_a_module", "not a torch.nn.Module"),
+        (f"{F}:raises", "the factory raised RuntimeError: this factory wants a kind 'image' modality"),
+        (f"{F}:NOT_CALLABLE", "has no callable 'NOT_CALLABLE'"),
+        (f"{F}:missing", "has no callable 'missing'"),
+        ("no_such_package.encoders:net", "cannot import module 'no_such_package.encoders'"),
+        ("conv1d-ish", "not a built-in encoder"),
+        ("a.b:c:d", "a factory is named"),
+        ("transformer", "encodes kind 'text', but modality 'acc' is of kind 'signal'"),
+    ],
+)
 def test_factories_that_cannot_be_used_are_refused(choice, expected):
     assert expected in refusal(SIGNAL, choice)
 
@@ -142,8 +144,10 @@ def test_a_site_allows_only_the_factories_its_node_config_lists():
     assert site_refusal(encoders, {"allowed-encoders": f"{F}:small_signal, other.mod:net"}) is None
     assert site_refusal({"words": "transformer"}, {}) is None  # built-ins are part of the reviewed fedfuse
     text = site_refusal(encoders, {"allowed-encoders": "other.mod:net"})
-    assert text == (f"this site does not allow the encoder factory '{F}:small_signal': a site imports only the "
-                    "factories its node config lists under 'allowed-encoders' (other.mod:net)")
+    assert text == (
+        f"this site does not allow the encoder factory '{F}:small_signal': a site imports only the "
+        "factories its node config lists under 'allowed-encoders' (other.mod:net)"
+    )
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -152,8 +156,13 @@ def test_a_deployed_site_refuses_a_factory_before_loading_data_or_importing_it(t
 
     sys.modules.pop("never_imported_factories", None)
     flat = RunConfig().to_flat() | {"model.encoder": "acc=never_imported_factories:net"}
-    node = {"data-dir": str(tmp_path / "no-such-site"), "state-dir": str(tmp_path / "state"), "max-epsilon": 8.0,
-            "num-train-examples": 100, "client-id": "berlin"}
+    node = {
+        "data-dir": str(tmp_path / "no-such-site"),
+        "state-dir": str(tmp_path / "state"),
+        "max-epsilon": 8.0,
+        "num-train-examples": 100,
+        "client-id": "berlin",
+    }
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=flat)
     for handle in (handle_train, handle_evaluate):
         message = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type="train")
@@ -166,14 +175,20 @@ def test_a_deployed_site_refuses_a_factory_before_loading_data_or_importing_it(t
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_site_trains_an_allowed_custom_encoder_and_refuses_a_batch_norm_one(tmp_path):
-    from client.handlers import handle_train
     from test_client import deployed_site, global_head, train_message
 
+    from client.handlers import handle_train
+
     _, node = deployed_site(tmp_path, **{"allowed-encoders": f"{F}:small_signal,{F}:batch_norm"})
-    flat = RunConfig().to_flat() | {"model.encoder": f"signal={F}:small_signal", "train.grad-sample-mode": "hooks",
-                                    "train.batch-size": 25, "dp.epsilon": 4.0}
-    reply = handle_train(train_message(global_head()), Context(run_id=5, node_id=11, node_config=node,
-                                                                state=RecordDict(), run_config=flat))
+    flat = RunConfig().to_flat() | {
+        "model.encoder": f"signal={F}:small_signal",
+        "train.grad-sample-mode": "hooks",
+        "train.batch-size": 25,
+        "dp.epsilon": 4.0,
+    }
+    reply = handle_train(
+        train_message(global_head()), Context(run_id=5, node_id=11, node_config=node, state=RecordDict(), run_config=flat)
+    )
     assert reply.content[M.CLIENT][M.STATUS] == M.STATUS_OK and 0 < reply.content[M.METRICS][M.EPSILON] <= 4.0
     from client.state import ClientState
 
@@ -181,8 +196,9 @@ def test_a_site_trains_an_allowed_custom_encoder_and_refuses_a_batch_norm_one(tm
 
     node["state-dir"] = str(tmp_path / "state-2")
     flat["model.encoder"] = f"signal={F}:batch_norm"
-    reply = handle_train(train_message(global_head()), Context(run_id=5, node_id=11, node_config=node,
-                                                                state=RecordDict(), run_config=flat))
+    reply = handle_train(
+        train_message(global_head()), Context(run_id=5, node_id=11, node_config=node, state=RecordDict(), run_config=flat)
+    )
     ident = reply.content[M.CLIENT]
     assert ident[M.STATUS] == M.STATUS_POLICY_REFUSED and "use torch.nn.GroupNorm" in ident[M.REASON]
     assert reply.content[M.METRICS][M.NUM_EXAMPLES] == 0 and M.EPSILON not in reply.content[M.METRICS]

@@ -5,8 +5,8 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from common.model.encoders import ENCODERS, build_encoder
 from common.data.schema import ModalitySpec
+from common.model.encoders import ENCODERS, build_encoder
 
 SPECS = [
     ModalitySpec("img", "image", (3, 20, 16)),

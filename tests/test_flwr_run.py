@@ -32,14 +32,19 @@ def test_flwr_run_uses_the_same_apps(tmp_path):
     home, out = tmp_path / "flwr-home", tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="ffray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = os.environ | {
-        **flower_environment(home), "RAY_TMPDIR": ray_tmp,
+        **flower_environment(home),
+        "RAY_TMPDIR": ray_tmp,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     config = f'num-server-rounds=2 out-dir="{out}" data.num-clients=3 data.samples-per-client=300 data.groups="image;signal;image+signal"'
     try:
         done = subprocess.run(
             ["flwr", "run", ".", "--run-config", config, "--federation-config", "num-supernodes=3", "--stream"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
     finally:
         _kill_processes_mentioning(str(home))  # the detached local SuperLink and its simulation process

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from common.data.schema import DatasetSchema, ModalitySpec
 from common.model.fusion import FUSIONS, block_of, build_head
 from common.model.multimodal import ModelConfig, MultimodalModel, global_head_template
-from common.data.schema import DatasetSchema, ModalitySpec
 
 SCHEMA = DatasetSchema(
     (
@@ -72,7 +72,7 @@ def test_client_head_is_a_subset_of_the_global_head(fusion):
     assert set(client_head) < set(global_head)
     assert all(client_head[k].shape == global_head[k].shape for k in client_head)
     # per-modality blocks only for the client's modalities
-    assert {block_of(k[len("head."):]) for k in client_head} - {None} == {"signal", "text"}
+    assert {block_of(k[len("head.") :]) for k in client_head} - {None} == {"signal", "text"}
 
 
 def test_unknown_fusion_is_rejected():

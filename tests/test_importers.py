@@ -13,15 +13,27 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.cli import main
-from common.errors import ConfigError, DataError
 from common.data.importers import av_digits, hapt
 from common.data.importers.av_digits import import_av_digits, log_mel, mel_filterbank
 from common.data.importers.hapt import import_hapt
 from common.data.site_folders import federation_schema, load_federation, load_site, validate_site
+from common.errors import ConfigError, DataError
+from fedfuse.cli import main
 
-ACTIVITIES = ("WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING", "STANDING", "LAYING",
-              "STAND_TO_SIT", "SIT_TO_STAND", "SIT_TO_LIE", "LIE_TO_SIT", "STAND_TO_LIE", "LIE_TO_STAND")
+ACTIVITIES = (
+    "WALKING",
+    "WALKING_UPSTAIRS",
+    "WALKING_DOWNSTAIRS",
+    "SITTING",
+    "STANDING",
+    "LAYING",
+    "STAND_TO_SIT",
+    "SIT_TO_STAND",
+    "SIT_TO_LIE",
+    "LIE_TO_SIT",
+    "STAND_TO_LIE",
+    "LIE_TO_STAND",
+)
 
 # ---------------------------------------------------------------------------
 # HAPT on a fake source
@@ -81,8 +93,14 @@ def test_hapt_six_classes(tmp_path: Path) -> None:
     assert one.schema["acc"].shape == (3, 128)
     ids = (paths[0] / "index.csv").read_text().splitlines()[1:]
     assert [line.split(",")[0] for line in ids] == [
-        "exp01-row00001", "exp01-row00065", "exp01-row00129", "exp01-row00401", "exp01-row00465",
-        "exp02-row00001", "exp02-row00065", "exp02-row00129",
+        "exp01-row00001",
+        "exp01-row00065",
+        "exp01-row00129",
+        "exp01-row00401",
+        "exp01-row00465",
+        "exp02-row00001",
+        "exp02-row00065",
+        "exp02-row00129",
     ]
     assert one.data.labels.tolist() == [0, 0, 0, 3, 3, 1, 1, 1]
     # Every 5th window of a training subject, in time order, is held out
@@ -134,8 +152,7 @@ def test_hapt_via_cli(tmp_path: Path) -> None:
         (lambda s: (s / "Test" / "subject_id_test.txt").write_text("1\n2\n"), "listed in both"),
         (lambda s: (s / "RawData" / "labels.txt").write_text("1 1 1 1\n"), "expected 5 integer column"),
         (lambda s: (s / "RawData" / "labels.txt").write_text("1 1 1 1 900\n"), "pass the end of its raw files"),
-        (lambda s: np.savetxt(s / "RawData" / "gyro_exp01_user01.txt", np.zeros((10, 3))),
-         "acc has 600 rows but gyro has 10"),
+        (lambda s: np.savetxt(s / "RawData" / "gyro_exp01_user01.txt", np.zeros((10, 3))), "acc has 600 rows but gyro has 10"),
     ],
 )
 def test_hapt_bad_layout(tmp_path: Path, breakage, message: str) -> None:
@@ -259,10 +276,11 @@ def test_av_digits_via_cli(tmp_path: Path) -> None:
         (lambda f, m: (m / "t10k-labels-idx1-ubyte.gz").unlink(), "t10k-labels-idx1-ubyte.gz is missing"),
         (lambda f, m: (m / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip"), "not a readable gzip file"),
         (lambda f, m: write_idx(m / "t10k-labels-idx1-ubyte.gz", 2051, np.zeros(200)), "magic number 2049"),
-        (lambda f, m: write_idx(m / "t10k-labels-idx1-ubyte.gz", 2049, np.zeros(150)),
-         "expected N x 28 x 28 images and N labels"),
-        (lambda f, m: write_wav(f / "recordings" / "0_alice_0.wav", np.zeros(100), rate=16000),
-         "expected 8000 Hz mono 16-bit"),
+        (
+            lambda f, m: write_idx(m / "t10k-labels-idx1-ubyte.gz", 2049, np.zeros(150)),
+            "expected N x 28 x 28 images and N labels",
+        ),
+        (lambda f, m: write_wav(f / "recordings" / "0_alice_0.wav", np.zeros(100), rate=16000), "expected 8000 Hz mono 16-bit"),
     ],
 )
 def test_av_digits_bad_layout(tmp_path: Path, breakage, message: str) -> None:

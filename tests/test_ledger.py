@@ -33,9 +33,19 @@ from common.privacy.ledger import (
 def fields(round_: int, epsilon: float, *, run_id: str = "run-1", status: str = "trained", **over) -> dict:
     """Entry fields of one DP round (sigma 1.1, q 0.01, 100 steps)."""
     kw = dict(
-        run_id=run_id, client_id="site-a", round=round_, status=status, noise_multiplier=1.1, sample_rate=0.01,
-        steps=0 if status == "refused-budget" else 100, max_grad_norm=1.0, delta=1e-5, accountant="prv",
-        epsilon=epsilon, budget=8.0, update_hash=None if status == "refused-budget" else "ab" * 32,
+        run_id=run_id,
+        client_id="site-a",
+        round=round_,
+        status=status,
+        noise_multiplier=1.1,
+        sample_rate=0.01,
+        steps=0 if status == "refused-budget" else 100,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        accountant="prv",
+        epsilon=epsilon,
+        budget=8.0,
+        update_hash=None if status == "refused-budget" else "ab" * 32,
         modalities=["acc", "gyro"],
     )
     kw.update(over)
@@ -106,9 +116,27 @@ def test_entry_format_hash_and_signature(tmp_path, key, three):
     body = {k: v for k, v in first.items() if k not in ("entry_hash", "signature")}
     # Assert: every field of the documented format, chained and signed
     assert set(first) == {
-        "version", "run_id", "client_id", "round", "status", "private", "mechanism", "delta", "accountant",
-        "epsilon", "budget", "run_epsilon", "run_budget", "modalities", "time", "update_hash", "public_key",
-        "prev_hash", "index", "entry_hash", "signature",
+        "version",
+        "run_id",
+        "client_id",
+        "round",
+        "status",
+        "private",
+        "mechanism",
+        "delta",
+        "accountant",
+        "epsilon",
+        "budget",
+        "run_epsilon",
+        "run_budget",
+        "modalities",
+        "time",
+        "update_hash",
+        "public_key",
+        "prev_hash",
+        "index",
+        "entry_hash",
+        "signature",
     }
     assert first["mechanism"] == {"noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 100, "max_grad_norm": 1.0}
     assert first["prev_hash"] == GENESIS_HASH and first["index"] == 0 and first["time"].endswith("Z")
@@ -233,8 +261,9 @@ def test_torn_last_line_is_reported_not_raised(tmp_path, three):
     entries, problems = read_ledger(path)
     # Assert
     assert entries == three[:2]
-    assert problems == [f"{path}: line 3 has no line end: a partial last line (a write was cut short, or the file "
-                        "was truncated); it was ignored"]
+    assert problems == [
+        f"{path}: line 3 has no line end: a partial last line (a write was cut short, or the file was truncated); it was ignored"
+    ]
     with pytest.raises(LedgerError, match="does not verify"):
         Ledger(path).entries()
 
@@ -252,8 +281,7 @@ def test_garbage_and_missing_files_are_reported(tmp_path):
 def test_forged_entry_signed_with_another_key_is_detected(three, key):
     # Prepare: a forger appends an entry signed with their own key...
     mallory = LedgerKey.generate()
-    forged = resign(dict(three[2], round=4, index=3, prev_hash=three[2]["entry_hash"],
-                         public_key=mallory.public_hex), mallory)
+    forged = resign(dict(three[2], round=4, index=3, prev_hash=three[2]["entry_hash"], public_key=mallory.public_hex), mallory)
     # ... or keeps the client's public key but cannot produce its signature
     impostor = resign(dict(forged, public_key=key.public_hex), mallory)
     # Execute
@@ -281,8 +309,7 @@ def test_whole_ledger_re_signed_with_a_different_key_is_detected(three, key):
 
 def test_key_change_mid_chain_is_detected(tmp_path, three):
     new_key = LedgerKey.generate()
-    e = resign(dict(three[2], round=4, index=3, prev_hash=three[2]["entry_hash"], public_key=new_key.public_hex),
-               new_key)
+    e = resign(dict(three[2], round=4, index=3, prev_hash=three[2]["entry_hash"], public_key=new_key.public_hex), new_key)
     findings = check_chain(three + [e])
     assert [f.kind for f in findings] == [TAMPERING] and findings[0].entry == 3
 
@@ -290,15 +317,17 @@ def test_key_change_mid_chain_is_detected(tmp_path, three):
 def test_falling_epsilon_is_an_accounting_finding(three, key):
     e = resign(dict(three[2], round=4, index=3, prev_hash=three[2]["entry_hash"], epsilon=0.2), key)
     findings = check_chain(three + [e])
-    assert findings == [ledger_mod.Finding(ACCOUNTING, "entry 3: epsilon fell from 1 to 0.2 (epsilon is cumulative: "
-                                                       "was the accountant reset?)", 3)]
+    assert findings == [
+        ledger_mod.Finding(
+            ACCOUNTING, "entry 3: epsilon fell from 1 to 0.2 (epsilon is cumulative: was the accountant reset?)", 3
+        )
+    ]
 
 
 def test_malformed_fields_are_corrupt_findings(three, key):
     e = resign(dict(three[0], delta=2.0), key)
     findings = check_chain([e])
-    assert [(f.kind, f.message) for f in findings] == [(CORRUPT, "entry 0: field 'delta' must be a number in (0, 1), "
-                                                                 "got 2.0")]
+    assert [(f.kind, f.message) for f in findings] == [(CORRUPT, "entry 0: field 'delta' must be a number in (0, 1), got 2.0")]
 
 
 # --- appending ----------------------------------------------------------------------------------

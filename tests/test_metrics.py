@@ -4,14 +4,14 @@ import itertools
 
 import pytest
 import torch
-from flwr.app import MetricRecord, Message, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from client.handlers import handle_evaluate
 from common import messages as M
+from common.config import parse_run_config
+from common.data.partition import client_partition
 from common.model.evaluation import OWN_MODALITIES, evaluate, macro_f1, scores_from_counts, shown_subsets
 from common.model.multimodal import ModelConfig, MultimodalModel
-from common.data.partition import client_partition
-from common.config import parse_run_config
 from server.metrics import summarize_evaluation
 from server.replies import EvaluateReply, ReplyRejected, parse_evaluate_reply
 from server.watch import learning_warnings
@@ -27,9 +27,15 @@ def counted(client, y_true, y_pred, k=2):
     from common.model.evaluation import class_counts, confusion_matrix
 
     acc, f1 = float((y == p).float().mean()), macro_f1(y, p, k)
-    return EvaluateReply(0, client, len(y), {"accuracy": acc, "macro-f1": f1, "loss": 1.0},
-                         {"x": {"accuracy": acc, "macro-f1": f1, "num-examples": len(y)}},
-                         confusion_matrix(y, p, k), {"x": class_counts(y, p, k)})
+    return EvaluateReply(
+        0,
+        client,
+        len(y),
+        {"accuracy": acc, "macro-f1": f1, "loss": 1.0},
+        {"x": {"accuracy": acc, "macro-f1": f1, "num-examples": len(y)}},
+        confusion_matrix(y, p, k),
+        {"x": class_counts(y, p, k)},
+    )
 
 
 def test_pooled_macro_f1_is_not_the_mean_of_the_clients_macro_f1():
@@ -60,8 +66,7 @@ def test_counts_give_the_macro_f1_of_the_predictions_for_random_cases():
 def test_sites_replies_pool_to_the_scores_of_all_their_predictions(tmp_path):
     # Prepare: two simulated clients with different modalities evaluate the same global head
     flat, head = run_config(tmp_path), global_head()
-    messages = [handle_evaluate(train_message(head), context(flat, {"partition-id": i, "num-partitions": 6}))
-                for i in (0, 1)]
+    messages = [handle_evaluate(train_message(head), context(flat, {"partition-id": i, "num-partitions": 6})) for i in (0, 1)]
     # Execute: the server parses the replies as it does in a run
     replies = [parse_evaluate_reply(m, 6) for m in messages]
     out = summarize_evaluation(replies, [str(i) for i in range(6)])
@@ -85,9 +90,12 @@ def test_sites_replies_pool_to_the_scores_of_all_their_predictions(tmp_path):
 def test_inconsistent_or_malformed_counts_are_rejected():
     def reply(**metrics):
         base = {M.NUM_EXAMPLES: 4, M.ACCURACY: 0.5, M.MACRO_F1: 0.5, M.LOSS: 1.0}
-        content = RecordDict({M.METRICS: MetricRecord(base | metrics),
-                              M.CLIENT: __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord(
-                                  {M.CLIENT_ID: "c", M.MODALITIES: ["x"]})})
+        content = RecordDict(
+            {
+                M.METRICS: MetricRecord(base | metrics),
+                M.CLIENT: __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord({M.CLIENT_ID: "c", M.MODALITIES: ["x"]}),
+            }
+        )
         return Message(content, dst_node_id=1, message_type="evaluate")
 
     assert parse_evaluate_reply(reply(confusion=[2, 0, 1, 1]), 2).confusion == [[2, 0], [1, 1]]
@@ -96,8 +104,19 @@ def test_inconsistent_or_malformed_counts_are_rejected():
     with pytest.raises(ReplyRejected, match="holds 3 counts, expected 4"):
         parse_evaluate_reply(reply(confusion=[2, 1, 1]), 2)
     with pytest.raises(ReplyRejected, match="inconsistent"):
-        parse_evaluate_reply(reply(**{"by.x.accuracy": 0.5, "by.x.macro-f1": 0.5, "by.x.num-examples": 4,
-                                      "by.x.support": [2, 2], "by.x.predicted": [4, 0], "by.x.correct": [2, 1]}), 2)
+        parse_evaluate_reply(
+            reply(
+                **{
+                    "by.x.accuracy": 0.5,
+                    "by.x.macro-f1": 0.5,
+                    "by.x.num-examples": 4,
+                    "by.x.support": [2, 2],
+                    "by.x.predicted": [4, 0],
+                    "by.x.correct": [2, 1],
+                }
+            ),
+            2,
+        )
 
 
 def test_tables_show_singles_the_full_set_and_the_best_subsets_only():
@@ -128,9 +147,13 @@ def test_the_final_table_names_each_figure_for_what_it_is():
 
 
 def rounds_of(accuracies, n=200, support=(100, 100)):
-    return [{"round": i + 1, "evaluate": {"pooled": {"accuracy": a, "macro_f1": a, "num_examples": n,
-                                                     "per_class": {"support": list(support)}}}}
-            for i, a in enumerate(accuracies)]
+    return [
+        {
+            "round": i + 1,
+            "evaluate": {"pooled": {"accuracy": a, "macro_f1": a, "num_examples": n, "per_class": {"support": list(support)}}},
+        }
+        for i, a in enumerate(accuracies)
+    ]
 
 
 def test_a_run_stuck_at_chance_is_warned_about_once():
@@ -158,10 +181,15 @@ def test_the_accuracy_plot_draws_the_shown_subsets_with_the_legend_outside(tmp_p
 
     # Prepare: two rounds of pooled figures for 127 subsets of seven modalities
     names = [f"m{i}" for i in range(7)]
-    by = {"+".join(c): {"accuracy": 0.5, "macro_f1": 0.5, "num_examples": 10}
-          for k in range(1, 8) for c in itertools.combinations(names, k)}
-    rounds = [{"round": r, "evaluate": {"pooled": {"accuracy": 0.5, "macro_f1": 0.5, "num_examples": 10,
-                                                   "by_modalities": by}}} for r in (1, 2)]
+    by = {
+        "+".join(c): {"accuracy": 0.5, "macro_f1": 0.5, "num_examples": 10}
+        for k in range(1, 8)
+        for c in itertools.combinations(names, k)
+    }
+    rounds = [
+        {"round": r, "evaluate": {"pooled": {"accuracy": 0.5, "macro_f1": 0.5, "num_examples": 10, "by_modalities": by}}}
+        for r in (1, 2)
+    ]
     figures = []
     save = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])

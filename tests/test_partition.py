@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from common.data import synthetic
 from common.config import RunConfig, parse_run_config
-from common.errors import ConfigError
+from common.data import synthetic
 from common.data.partition import client_partition, federation_space, idle_sites, num_clients, real_data_changes
 from common.data.site_folders import write_site
+from common.errors import ConfigError
 
 
 def config(**flat):
@@ -110,18 +110,24 @@ def test_site_folders_are_used_as_they_are_by_default(tmp_path):
 def test_knobs_set_explicitly_alter_real_data_and_say_so(tmp_path):
     # Prepare
     data = _real_federation(tmp_path)
-    cfg = config(**{"data.dataset": str(tmp_path), "data.missing-rate": 0.3, "data.assignment": "groups",
-                    "data.groups": "image+signal;signal"})
+    cfg = config(
+        **{
+            "data.dataset": str(tmp_path),
+            "data.missing-rate": 0.3,
+            "data.assignment": "groups",
+            "data.groups": "image+signal;signal",
+        }
+    )
     # Execute
     a, b = client_partition(cfg, 0), client_partition(cfg, 1)
     changes = real_data_changes(cfg)
     # Assert: the knobs apply, and each change is named with its key
     assert a.modalities == ("image", "signal") and b.modalities == ("signal",)
     assert int(a.train.mask.sum()) < int(data.mask[:30, :2].sum())
-    assert len(changes) == 2 and "data.assignment = \"groups\"" in changes[0] and "data.missing-rate = 0.3" in changes[1]
+    assert len(changes) == 2 and 'data.assignment = "groups"' in changes[0] and "data.missing-rate = 0.3" in changes[1]
     # "auto" can also be written out, and a word that is not a number says what it expects
     assert config(**{"data.missing-rate": "auto"}).data.missing_rate == "auto"
-    with pytest.raises(ConfigError, match="data.missing-rate.*number or \"auto\""):
+    with pytest.raises(ConfigError, match='data.missing-rate.*number or "auto"'):
         config(**{"data.missing-rate": "some"})
 
 

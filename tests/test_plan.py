@@ -5,23 +5,24 @@ import math
 
 import pytest
 
+from common.config import parse_run_config
 from common.data import synthetic
+from common.data.site_folders import write_site
+from common.model.multimodal import ModelConfig, MultimodalModel
 from common.privacy.accounting import PrivacyHistory, calibrate_run
+from common.privacy.plan import DROWNING, Setting, candidates, drowning_warning, plan, plan_site, suggest
+from common.privacy.training import DPRequest, LocalTraining, train_round
 from fedfuse.cli import main
 from simulations.scenario import build_config
-from common.config import parse_run_config
-from common.model.multimodal import ModelConfig, MultimodalModel
-from common.privacy.plan import DROWNING, Setting, candidates, drowning_warning, plan, plan_site, suggest
-from common.data.site_folders import write_site
-from common.privacy.training import DPRequest, LocalTraining, train_round
 
 
 def test_a_site_plan_is_the_projects_calibration_and_the_stated_formulas():
     # Execute: 100 examples, batch 32 -> q = 32/100 and ceil(100/32) = 4 steps per epoch, 2 epochs, 5 rounds
     site = plan_site("s", 100, 10_000, Setting(32, 5, 2), epsilon=4.0, delta=1e-5, accountant="rdp")
     # Assert
-    sigma = calibrate_run(history=[], sample_rate=0.32, steps=40, run_budget=4.0, lifetime_budget=4.0, delta=1e-5,
-                          accountant="rdp")
+    sigma = calibrate_run(
+        history=[], sample_rate=0.32, steps=40, run_budget=4.0, lifetime_budget=4.0, delta=1e-5, accountant="rdp"
+    )
     assert (site.sample_rate, site.expected_batch, site.steps_per_round) == (0.32, 32.0, 8)
     assert site.noise_multiplier == pytest.approx(sigma)
     assert site.nsr_step == pytest.approx(sigma * 100 / 32)  # σ·√d / B
@@ -36,12 +37,20 @@ def test_the_plan_gives_the_sigma_and_q_a_site_calibrates_in_its_first_round(syn
     model = MultimodalModel(data.schema, ModelConfig(embed_dim=8, hidden_dim=8))
     # Execute: the planner, and the real first round of the same run
     site = plan_site("s", n, 1, Setting(batch, 30, epochs), epsilon=8.0, delta=1e-5, accountant="prv")
-    result = train_round(model, data, PrivacyHistory(accountant="prv"),
-                         dp=DPRequest(8.0, 1e-5, 1.0, planned_rounds=30, max_epsilon=8.0),
-                         training=LocalTraining(local_epochs=epochs, batch_size=batch), declared_examples=n)
+    result = train_round(
+        model,
+        data,
+        PrivacyHistory(accountant="prv"),
+        dp=DPRequest(8.0, 1e-5, 1.0, planned_rounds=30, max_epsilon=8.0),
+        training=LocalTraining(local_epochs=epochs, batch_size=batch),
+        declared_examples=n,
+    )
     # Assert: the same q (batch / N, not 1 / steps per epoch), steps and σ
     assert (site.sample_rate, site.steps_per_round, site.noise_multiplier) == (
-        result.sample_rate, result.steps, result.noise_multiplier)
+        result.sample_rate,
+        result.steps,
+        result.noise_multiplier,
+    )
     assert site.sample_rate == batch / n
 
 
@@ -54,7 +63,7 @@ def test_the_aggregated_head_and_tiny_sites():
     # Assert: the tiny site drowns, the large one does not; the head's ratio follows its formula
     assert p.drowned == ["tiny"] and tiny.nsr_round > DROWNING > large.nsr_round
     w = [40 / 4040, 4000 / 4040]
-    noise = sum(wk ** 2 * s.steps_per_round * (s.noise_multiplier / s.expected_batch) ** 2 for wk, s in zip(w, p.sites))
+    noise = sum(wk**2 * s.steps_per_round * (s.noise_multiplier / s.expected_batch) ** 2 for wk, s in zip(w, p.sites))
     assert p.nsr_head == pytest.approx(30 * math.sqrt(noise) / sum(wk * s.steps_per_round for wk, s in zip(w, p.sites)))
 
 
@@ -80,8 +89,17 @@ def tiny_sites(tmp_path):
 
 
 def test_cli_prints_one_row_per_site_and_setting_and_warns(tiny_sites, capsys):
-    args = ["plan", "--data", str(tiny_sites), "--set", "dp.accountant=rdp", "--set", "dp.epsilon=1.0",
-            "--set", "num-server-rounds=40"]
+    args = [
+        "plan",
+        "--data",
+        str(tiny_sites),
+        "--set",
+        "dp.accountant=rdp",
+        "--set",
+        "dp.epsilon=1.0",
+        "--set",
+        "num-server-rounds=40",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "configured: batch 64, 40 rounds, 1 epoch(s)" in out

@@ -11,7 +11,11 @@ import torch
 from client.handlers import handle_train
 from client.site import resolve_site
 from common import messages as M
+from common.config import parse_run_config
 from common.data import synthetic
+from common.data.site_folders import write_site
+from common.errors import BudgetExhaustedError, ConfigError, NonPrivateHistoryError
+from common.model.multimodal import ModelConfig, MultimodalModel
 from common.privacy.accounting import PrivacyHistory, calibrate_noise, compute_epsilon
 from common.privacy.audit import (
     EXIT_CODES,
@@ -19,11 +23,7 @@ from common.privacy.audit import (
     audit_path,
     epsilon_from_history,
 )
-from common.config import parse_run_config
-from common.errors import BudgetExhaustedError, ConfigError, NonPrivateHistoryError
 from common.privacy.ledger import ACCOUNTING, OVER_BUDGET, Ledger, LedgerKey, entry_fields, read_ledger
-from common.model.multimodal import ModelConfig, MultimodalModel
-from common.data.site_folders import write_site
 from common.privacy.training import train_round
 from tests.round_helpers import settings
 from tests.test_client import context, global_head, run_config, train_message
@@ -93,14 +93,27 @@ def _signed(tmp_path, rows, name="ledger"):
     return tmp_path / name
 
 
-def _row(r, mech, epsilon, *, budget=8.0, run_budget=None, run_epsilon=None, run_id="run-1", status="trained",
-         accountant="prv", **over):
+def _row(
+    r, mech, epsilon, *, budget=8.0, run_budget=None, run_epsilon=None, run_id="run-1", status="trained", accountant="prv", **over
+):
     sigma, q, steps = mech
-    fields = entry_fields(run_id=run_id, client_id="site-a", round=r, status=status, noise_multiplier=sigma,
-                          sample_rate=q, steps=steps, max_grad_norm=1.0, delta=DELTA, accountant=accountant,
-                          epsilon=epsilon, budget=budget, update_hash=None if status != "trained" else f"{r:064x}",
-                          run_epsilon=epsilon if run_epsilon is None else run_epsilon,
-                          run_budget=budget if run_budget is None else run_budget)
+    fields = entry_fields(
+        run_id=run_id,
+        client_id="site-a",
+        round=r,
+        status=status,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        max_grad_norm=1.0,
+        delta=DELTA,
+        accountant=accountant,
+        epsilon=epsilon,
+        budget=budget,
+        update_hash=None if status != "trained" else f"{r:064x}",
+        run_epsilon=epsilon if run_epsilon is None else run_epsilon,
+        run_budget=budget if run_budget is None else run_budget,
+    )
     return fields | over
 
 
@@ -108,8 +121,7 @@ def test_audit_fails_a_finite_epsilon_claimed_after_a_non_private_round(tmp_path
     # Prepare: an open round (no noise, 40 steps), then a private round claiming the epsilon of its own steps
     mech = (1.1, 0.01, 250)
     eps = compute_epsilon([mech], delta=DELTA)
-    rows = [_row(1, (0.0, 0.01, 40), None, budget=math.inf, run_id="open"),
-            _row(1, mech, eps, run_id="laundered")]
+    rows = [_row(1, (0.0, 0.01, 40), None, budget=math.inf, run_id="open"), _row(1, mech, eps, run_id="laundered")]
     # Execute
     report = audit_path(_signed(tmp_path, rows))
     # Assert
@@ -146,8 +158,7 @@ def test_a_recomputed_epsilon_just_over_budget_fails(tmp_path):
     budget = pld / 1.019
     report = audit_path(_signed(tmp_path, [_row(1, mech, budget, budget=budget)]))
     assert report.clients["site-a"].kinds == {ACCOUNTING, OVER_BUDGET}
-    assert any("recomputed ε" in f.message and "over its budget" in f.message
-               for f in report.clients["site-a"].findings)
+    assert any("recomputed ε" in f.message and "over its budget" in f.message for f in report.clients["site-a"].findings)
 
 
 def test_honest_prv_at_a_small_sampling_rate_is_not_flagged(tmp_path):
@@ -161,8 +172,7 @@ def test_honest_prv_at_a_small_sampling_rate_is_not_flagged(tmp_path):
 @pytest.mark.parametrize("epsilon", [1.0, 4.0, 12.0])
 def test_rdp_ledgers_agree_exactly(tmp_path, epsilon):
     q, steps = 0.05, 200
-    sigma = calibrate_noise(history=[], sample_rate=q, steps=steps, target_epsilon=epsilon, delta=DELTA,
-                            accountant="rdp")
+    sigma = calibrate_noise(history=[], sample_rate=q, steps=steps, target_epsilon=epsilon, delta=DELTA, accountant="rdp")
     recorded = compute_epsilon([(sigma, q, steps)], delta=DELTA, accountant="rdp")
     recomputed = epsilon_from_history([(sigma, q, steps)], delta=DELTA, accountant="rdp")
     assert recorded == pytest.approx(recomputed, rel=1e-9)
@@ -212,12 +222,14 @@ def test_calibration_does_not_refuse_on_rdp_while_prv_budget_remains():
 def test_a_run_spends_its_own_allowance_within_the_lifetime_cap(synth_train):
     data = synth_train.subset(range(200))
     model, history = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
-    first = train_round(model, data, history, **settings(**DP | dict(target_epsilon=2.6, max_epsilon=8.0, run_id="a",
-                                                          planned_rounds=1)))
+    first = train_round(
+        model, data, history, **settings(**DP | dict(target_epsilon=2.6, max_epsilon=8.0, run_id="a", planned_rounds=1))
+    )
     assert first.run_epsilon == pytest.approx(first.epsilon) and first.epsilon <= 2.6
     # Execute: a second run asking for ε = 5 at a site capped at 8 over its lifetime
-    second = train_round(model, data, history, **settings(**DP | dict(target_epsilon=5.0, max_epsilon=8.0, run_id="b",
-                                                           planned_rounds=1)))
+    second = train_round(
+        model, data, history, **settings(**DP | dict(target_epsilon=5.0, max_epsilon=8.0, run_id="b", planned_rounds=1))
+    )
     # Assert: this run's own ε reaches (nearly) 5, the lifetime ε exceeds 5 and stays within 8
     assert 0.99 * 5.0 <= second.run_epsilon <= 5.0
     assert 5.0 < second.epsilon <= 8.0
@@ -225,9 +237,12 @@ def test_a_run_spends_its_own_allowance_within_the_lifetime_cap(synth_train):
     assert second.run_epsilon == pytest.approx(history.run_epsilon("b"))
     # a tight lifetime cap wins: more noise, lifetime ε within the cap, run ε below its allowance
     model2, history2 = MultimodalModel(data.schema, CONFIG), PrivacyHistory()
-    train_round(model2, data, history2, **settings(**DP | dict(target_epsilon=2.6, max_epsilon=5.2, run_id="a", planned_rounds=1)))
-    capped = train_round(model2, data, history2, **settings(**DP | dict(target_epsilon=5.0, max_epsilon=5.2, run_id="b",
-                                                             planned_rounds=1)))
+    train_round(
+        model2, data, history2, **settings(**DP | dict(target_epsilon=2.6, max_epsilon=5.2, run_id="a", planned_rounds=1))
+    )
+    capped = train_round(
+        model2, data, history2, **settings(**DP | dict(target_epsilon=5.0, max_epsilon=5.2, run_id="b", planned_rounds=1))
+    )
     assert 0.99 * 5.2 <= capped.epsilon <= 5.2 and capped.run_epsilon < 0.99 * 5.0
     assert capped.noise_multiplier > second.noise_multiplier
 
@@ -244,8 +259,10 @@ def test_both_figures_are_in_the_ledger_and_the_audit_checks_both(tmp_path):
     mech = (1.1, 0.01, 250)
     first = compute_epsilon([mech], delta=DELTA)
     both = compute_epsilon([mech, mech], delta=DELTA)
-    rows = [_row(1, mech, first, budget=8.0, run_budget=first + 0.01, run_id="a"),
-            _row(1, mech, both, budget=8.0, run_budget=first + 0.01, run_epsilon=first, run_id="b")]
+    rows = [
+        _row(1, mech, first, budget=8.0, run_budget=first + 0.01, run_id="a"),
+        _row(1, mech, both, budget=8.0, run_budget=first + 0.01, run_epsilon=first, run_id="b"),
+    ]
     assert audit_path(_signed(tmp_path, rows)).ok
     # the run's own ε under-reported (claims the lifetime spend is all from earlier runs): fails
     bad = rows[:1] + [dict(rows[1], run_epsilon=first * 0.9)]
@@ -265,8 +282,12 @@ def test_an_upgraded_client_with_old_spend_over_the_allowance_trains_within_its_
     assert history.runs == [""] and spent > 4.0
     data = synth_train.subset(range(200))
     # Execute: a run with allowance 4 at a site capped at 20 over its lifetime
-    result = train_round(MultimodalModel(data.schema, CONFIG), data, history,
-                         **settings(**DP | dict(target_epsilon=4.0, max_epsilon=20.0, run_id="new")))
+    result = train_round(
+        MultimodalModel(data.schema, CONFIG),
+        data,
+        history,
+        **settings(**DP | dict(target_epsilon=4.0, max_epsilon=20.0, run_id="new")),
+    )
     # Assert: trained; the old spend counts towards the lifetime cap only, not towards this run's allowance
     assert result.private and history.runs == ["", "new"]
     assert result.run_epsilon == pytest.approx(history.run_epsilon("new")) and result.run_epsilon <= 4.0
@@ -335,8 +356,9 @@ def test_a_deployed_site_must_declare_its_training_set_size(tmp_path, caplog):
     site = resolve_site(node | {"num-train-examples": 60}, flat, 5)
     assert site.declared_examples == 60 and len(site.train) == 50
     # the reply's aggregation weight is the declared size, not the count
-    reply = handle_train(train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 4.0}),
-                                                               node | {"num-train-examples": 60}))
+    reply = handle_train(
+        train_message(global_head()), context(run_config(tmp_path, **{"dp.epsilon": 4.0}), node | {"num-train-examples": 60})
+    )
     assert reply.content[M.METRICS][M.NUM_EXAMPLES] == 60
     assert reply.content[M.METRICS][M.SAMPLE_RATE] == 60 / 60  # batch 60 / declared 60
 

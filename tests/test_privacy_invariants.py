@@ -23,19 +23,19 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.handlers import handle_train
 from common import messages as M
-from common.data import synthetic
-from common.privacy.accounting import PrivacyHistory
-from common.privacy.augmentation import Augmentation, parse_augmentations
 from common.config import GRAD_SAMPLE_MODES, RunConfig
+from common.data import synthetic
 from common.data.samples import MultimodalData, hide_modalities
-from common.errors import GlobalParametersError
-from common.model.fusion import FUSIONS
-from common.privacy.ledger import decode_entry
-from common.model.multimodal import MAX_GLOBAL_MAGNITUDE, ModelConfig, MultimodalModel, global_head_template
-from common.privacy.randomness import RoundRandomness
 from common.data.schema import DatasetSchema, ModalitySpec
 from common.data.site_folders import write_site
+from common.errors import GlobalParametersError
+from common.model.fusion import FUSIONS
+from common.model.multimodal import MAX_GLOBAL_MAGNITUDE, ModelConfig, MultimodalModel, global_head_template
 from common.privacy import training
+from common.privacy.accounting import PrivacyHistory
+from common.privacy.augmentation import Augmentation, parse_augmentations
+from common.privacy.ledger import decode_entry
+from common.privacy.randomness import RoundRandomness
 from common.privacy.training import DPRequest, LocalTraining, _proximal, dp_step, private_training, sampling_plan, train_round
 
 C = 1.0
@@ -44,6 +44,7 @@ KEY = 20240917  # the test-only fixed key: held equal for D and D + x
 
 
 # --- sensitivity: one DP step on D and on D + x ---------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Option:
@@ -88,8 +89,13 @@ def neighbours(option: Option) -> tuple[MultimodalData, MultimodalData]:
     if option.multiplicity > 1:  # a 3-axis signal to rotate: the synthetic one's 2 channels and half their difference
         signal = pool.inputs["signal"]
         signal = torch.cat([signal, (signal[:, :1] - signal[:, 1:2]) / 2], dim=1)
-        schema = DatasetSchema(tuple(ModalitySpec("signal", "signal", tuple(signal.shape[1:])) if m.name == "signal" else m
-                                     for m in pool.schema.modalities), pool.schema.labels)
+        schema = DatasetSchema(
+            tuple(
+                ModalitySpec("signal", "signal", tuple(signal.shape[1:])) if m.name == "signal" else m
+                for m in pool.schema.modalities
+            ),
+            pool.schema.labels,
+        )
         pool = MultimodalData(schema, dict(pool.inputs) | {"signal": signal}, pool.mask, pool.labels)
     mask = hide_modalities(pool.mask, 0.5, torch.Generator().manual_seed(4)) if option.missing else pool.mask
     inputs = dict(pool.inputs)
@@ -114,19 +120,35 @@ def clipped_sum(data: MultimodalData, option: Option, step: int, declared: int) 
     q, per_epoch = sampling_plan(declared, BATCH, 1)
     with torch.random.fork_rng(devices=[]):  # the head's initial weights too (the server sends them)
         torch.manual_seed(option.init_seed)
-        model = MultimodalModel(data.schema, ModelConfig(option.fusion, 16, 16, encoder=",".join(f"{m}={c}" for m, c in option.encoders)), seed=option.init_seed)
+        model = MultimodalModel(
+            data.schema,
+            ModelConfig(option.fusion, 16, 16, encoder=",".join(f"{m}={c}" for m, c in option.encoders)),
+            seed=option.init_seed,
+        )
     before = flat_parameters(model)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the global values (FedProx)
-    private = private_training(model, len(data), accountant="prv", noise_multiplier=0.0, max_grad_norm=C,
-                               batch_size=BATCH, lr=1.0, momentum=0.0, grad_sample_mode=option.mode,
-                               randomness=RoundRandomness(KEY), sample_rate=q, steps_per_epoch=per_epoch,
-                               expected_batch_size=q * declared)
+    private = private_training(
+        model,
+        len(data),
+        accountant="prv",
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        batch_size=BATCH,
+        lr=1.0,
+        momentum=0.0,
+        grad_sample_mode=option.mode,
+        randomness=RoundRandomness(KEY),
+        sample_rate=q,
+        steps_per_epoch=per_epoch,
+        expected_batch_size=q * declared,
+    )
     pull = _proximal(model, option.mu, reference, 1.0)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            dp_step(private, data, private.batch(step), modality_dropout=option.dropout, step=step,
-                    augmentation=augmentation(option))
+            dp_step(
+                private, data, private.batch(step), modality_dropout=option.dropout, step=step, augmentation=augmentation(option)
+            )
         pull()
     finally:
         private.close()
@@ -136,7 +158,11 @@ def clipped_sum(data: MultimodalData, option: Option, step: int, declared: int) 
 def step_sampling(n: int, record: int) -> int:
     """The first step after the first at which ``record`` is in the Poisson batch under KEY."""
     randomness = RoundRandomness(KEY)
-    return next(t for t in range(1, 100) if record in randomness.poisson_batch(t, num_examples=n, sample_rate=sampling_plan(N, BATCH, 1)[0]))
+    return next(
+        t
+        for t in range(1, 100)
+        if record in randomness.poisson_batch(t, num_examples=n, sample_rate=sampling_plan(N, BATCH, 1)[0])
+    )
 
 
 @pytest.mark.parametrize("option", list(OPTIONS.values()), ids=list(OPTIONS))
@@ -174,27 +200,38 @@ def test_randomness_is_drawn_per_record_so_adding_one_changes_no_other_records_c
 def test_randomness_touching_records_is_secret_and_fresh_each_round():
     # Two rounds with every public parameter equal draw different batches and masks
     a, b = RoundRandomness(), RoundRandomness()
-    assert not torch.equal(a.poisson_batch(0, num_examples=1000, sample_rate=0.5),
-                           b.poisson_batch(0, num_examples=1000, sample_rate=0.5))
+    assert not torch.equal(
+        a.poisson_batch(0, num_examples=1000, sample_rate=0.5), b.poisson_batch(0, num_examples=1000, sample_rate=0.5)
+    )
     idx, mask = torch.arange(1000), torch.ones(1000, 3, dtype=torch.bool)
-    assert not torch.equal(a.hide_modalities(0, idx, mask, 0.5, num_examples=1000),
-                           b.hide_modalities(0, idx, mask, 0.5, num_examples=1000))
+    assert not torch.equal(
+        a.hide_modalities(0, idx, mask, 0.5, num_examples=1000), b.hide_modalities(0, idx, mask, 0.5, num_examples=1000)
+    )
 
 
 # --- steps executed == steps accounted ------------------------------------------------------------------
+
 
 def tabular(n: int) -> MultimodalData:
     """``n`` records of a tiny tabular schema."""
     schema = synthetic.schema().restrict(["tabular"])
     g = torch.Generator().manual_seed(n)
-    return MultimodalData(schema, {"tabular": torch.randn(n, 8, generator=g)}, torch.ones(n, 1, dtype=torch.bool),
-                          torch.randint(0, 6, (n,), generator=g))
+    return MultimodalData(
+        schema,
+        {"tabular": torch.randn(n, 8, generator=g)},
+        torch.ones(n, 1, dtype=torch.bool),
+        torch.randint(0, 6, (n,), generator=g),
+    )
 
 
 # (batch size, n): around the sizes where Opacus's own sampler took int(1 / q) steps an epoch, one too few
 # (batch 1: n = 93, 99; batch 64: n = 5889-5952), and the edges of a batch
-STEP_CASES = [(1, n) for n in (1, 2, 92, 93, 99)] + [(64, n) for n in (1, 63, 64, 65, 5888, 5889, 5900, 5952, 5953)] \
-    + [(93, n) for n in (92, 93, 94, 5000)] + [(7, n) for n in (13, 14, 15, 700)]
+STEP_CASES = (
+    [(1, n) for n in (1, 2, 92, 93, 99)]
+    + [(64, n) for n in (1, 63, 64, 65, 5888, 5889, 5900, 5952, 5953)]
+    + [(93, n) for n in (92, 93, 94, 5000)]
+    + [(7, n) for n in (13, 14, 15, 700)]
+)
 
 
 @pytest.mark.parametrize("batch_size, n", STEP_CASES, ids=[f"batch{b}-n{n}" for b, n in STEP_CASES])
@@ -216,10 +253,24 @@ def test_the_training_loop_draws_exactly_the_accounted_batches_for_every_n(monke
     data = tabular(n)
     model = MultimodalModel(data.schema, ModelConfig("concat", 8, 8))
     # Execute
-    training._train_dp(model, data, PrivacyHistory(), noise_multiplier=1.0, sample_rate=q, max_grad_norm=C,
-                       local_epochs=epochs, batch_size=batch_size, lr=0.1, momentum=0.0, modality_dropout=0.0,
-                       grad_sample_mode="flat", randomness=RoundRandomness(KEY), expected_steps=steps,
-                       expected_batch_size=q * n, proximal=lambda: None)
+    training._train_dp(
+        model,
+        data,
+        PrivacyHistory(),
+        noise_multiplier=1.0,
+        sample_rate=q,
+        max_grad_norm=C,
+        local_epochs=epochs,
+        batch_size=batch_size,
+        lr=0.1,
+        momentum=0.0,
+        modality_dropout=0.0,
+        grad_sample_mode="flat",
+        randomness=RoundRandomness(KEY),
+        expected_steps=steps,
+        expected_batch_size=q * n,
+        proximal=lambda: None,
+    )
     # Assert: ceil(N / batch) batches an epoch at q = batch / N were drawn, stepped and accounted
     assert (q, steps) == (min(1.0, batch_size / n), epochs * math.ceil(n / batch_size))
     assert drawn == list(range(steps))
@@ -230,15 +281,24 @@ def test_a_round_at_n_5900_batch_64_executes_the_93_steps_it_is_charged(monkeypa
     # Prepare: a tiny tabular model on 5900 records (Opacus's sampler would take 92 steps: 1 / (1 / 93) < 93)
     schema = synthetic.schema().restrict(["tabular"])
     g = torch.Generator().manual_seed(0)
-    data = MultimodalData(schema, {"tabular": torch.randn(5900, 8, generator=g)}, torch.ones(5900, 1, dtype=torch.bool),
-                          torch.randint(0, 6, (5900,), generator=g))
+    data = MultimodalData(
+        schema,
+        {"tabular": torch.randn(5900, 8, generator=g)},
+        torch.ones(5900, 1, dtype=torch.bool),
+        torch.randint(0, 6, (5900,), generator=g),
+    )
     model, history = MultimodalModel(schema, ModelConfig("concat", 8, 8)), PrivacyHistory()
     executed = []
     real_step = training.dp_step
     monkeypatch.setattr(training, "dp_step", lambda *a, **k: executed.append(k["step"]) or real_step(*a, **k))
     # Execute
-    result = train_round(model, data, history, dp=DPRequest(8.0, 1e-5, 1.0, planned_rounds=1),
-                         training=LocalTraining(local_epochs=1, batch_size=64))
+    result = train_round(
+        model,
+        data,
+        history,
+        dp=DPRequest(8.0, 1e-5, 1.0, planned_rounds=1),
+        training=LocalTraining(local_epochs=1, batch_size=64),
+    )
     # Assert: executed, accounted and reported steps agree, at the accounted rate
     sigma = history.entries[0][0]
     assert executed == list(range(93))
@@ -247,6 +307,7 @@ def test_a_round_at_n_5900_batch_64_executes_the_93_steps_it_is_charged(monkeypa
 
 
 # --- replies: nothing but DP outputs and README-listed metrics depends on the records --------------------
+
 
 def head() -> dict[str, torch.Tensor]:
     return global_head_template(["image", "signal", "tabular"], 6, ModelConfig())
@@ -260,10 +321,24 @@ def train_message(arrays: dict[str, torch.Tensor], server_round: int = 1) -> Mes
 def site_context(tmp_path, name: str, data: MultimodalData, **run_overrides) -> Context:
     """A deployed site (its own folder, state and policy) holding ``data`` (50 train, 10 test records)."""
     write_site(tmp_path / name, data, ["train"] * 50 + ["test"] * 10, name="hospital")
-    node = {"data-dir": str(tmp_path / name), "state-dir": str(tmp_path / f"{name}-state"), "max-epsilon": 4.0,
-            "client-id": "hospital", "num-train-examples": 50}
-    flat = RunConfig().to_flat() | {"out-dir": str(tmp_path / "run"), "dp.epsilon": 3.0, "train.batch-size": 50,
-                                    "train.local-epochs": 2, "train.modality-dropout": 0.5} | run_overrides
+    node = {
+        "data-dir": str(tmp_path / name),
+        "state-dir": str(tmp_path / f"{name}-state"),
+        "max-epsilon": 4.0,
+        "client-id": "hospital",
+        "num-train-examples": 50,
+    }
+    flat = (
+        RunConfig().to_flat()
+        | {
+            "out-dir": str(tmp_path / "run"),
+            "dp.epsilon": 3.0,
+            "train.batch-size": 50,
+            "train.local-epochs": 2,
+            "train.modality-dropout": 0.5,
+        }
+        | run_overrides
+    )
     return Context(run_id=5, node_id=11, node_config=node, state=RecordDict(), run_config=flat)
 
 
@@ -293,8 +368,13 @@ def public_view(reply: Message) -> dict:
     }
 
 
-REPLY_OPTIONS = {"default": {}, "fusion-late": {"model.fusion": "late"}, "grad-sample-hooks": {"train.grad-sample-mode": "hooks"},
-                 "federated-encoders": {"encoders": "federated"}, "fedprox": {"strategy": "fedprox"}}
+REPLY_OPTIONS = {
+    "default": {},
+    "fusion-late": {"model.fusion": "late"},
+    "grad-sample-hooks": {"train.grad-sample-mode": "hooks"},
+    "federated-encoders": {"encoders": "federated"},
+    "fedprox": {"strategy": "fedprox"},
+}
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -334,8 +414,7 @@ def test_replies_depend_on_the_records_only_through_the_dp_outputs(tmp_path, mon
 @pytest.mark.usefixtures("task_identity")
 def test_a_discarded_round_says_nothing_computed_from_the_data(tmp_path):
     # Prepare: a learning rate and clipping norm so large that the noised parameters overflow
-    context = site_context(tmp_path, "site", synthetic.generate(60, seed=1),
-                           **{"train.lr": 1e38, "dp.max-grad-norm": 1e3})
+    context = site_context(tmp_path, "site", synthetic.generate(60, seed=1), **{"train.lr": 1e38, "dp.max-grad-norm": 1e3})
     # Execute
     reply = handle_train(train_message(head()), context)
     # Assert: discarded (from the noised parameters), charged, and the reason names no step, loss or value
@@ -346,6 +425,7 @@ def test_a_discarded_round_says_nothing_computed_from_the_data(tmp_path):
 
 
 # --- the server's parameters are checked before any data is touched -------------------------------------
+
 
 def bad_heads() -> dict[str, dict[str, torch.Tensor]]:
     good = head()
@@ -378,7 +458,9 @@ def test_modality_dropout_of_a_dp_round_is_not_a_function_of_the_runs_public_par
     data = synthetic.generate(60, seed=1)
     seen = []
     forward = MultimodalModel.forward
-    monkeypatch.setattr(MultimodalModel, "forward", lambda self, inputs, mask: seen.append(mask.clone()) or forward(self, inputs, mask))
+    monkeypatch.setattr(
+        MultimodalModel, "forward", lambda self, inputs, mask: seen.append(mask.clone()) or forward(self, inputs, mask)
+    )
     firsts = []
     for name in ("first", "second"):
         seen.clear()
@@ -393,16 +475,28 @@ def test_modality_dropout_of_a_dp_round_is_not_a_function_of_the_runs_public_par
 
 # --- an empty Poisson batch: a noised, accounted step, whatever the mode ----------------------------------
 
+
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 def test_an_empty_poisson_batch_takes_a_noised_accounted_step_in_every_grad_sample_mode(mode):
     # Prepare: a small model wrapped for DP-SGD with noise on; an empty batch (no record sampled)
     data = synthetic.generate(8, seed=5)
     model = MultimodalModel(data.schema, ModelConfig("attention", 16, 16), seed=1)
     before = flat_parameters(model)
-    private = private_training(model, len(data), accountant="prv", noise_multiplier=1.0, max_grad_norm=C,
-                               batch_size=4, lr=0.1, momentum=0.0, grad_sample_mode=mode,
-                               randomness=RoundRandomness(KEY), sample_rate=0.5, steps_per_epoch=2,
-                               expected_batch_size=4.0)
+    private = private_training(
+        model,
+        len(data),
+        accountant="prv",
+        noise_multiplier=1.0,
+        max_grad_norm=C,
+        batch_size=4,
+        lr=0.1,
+        momentum=0.0,
+        grad_sample_mode=mode,
+        randomness=RoundRandomness(KEY),
+        sample_rate=0.5,
+        steps_per_epoch=2,
+        expected_batch_size=4.0,
+    )
     # Execute
     try:
         with warnings.catch_warnings():
@@ -422,8 +516,17 @@ def test_an_empty_poisson_batch_takes_a_noised_accounted_step_in_every_grad_samp
 def test_private_training_without_a_plan_uses_the_one_definition_of_q(n, batch_size):
     # Without sample_rate (benchmarks, tools): q, steps and the expected batch are sampling_plan's on the count n
     model = MultimodalModel(tabular(1).schema, ModelConfig("concat", 8, 8))
-    private = private_training(model, n, accountant="prv", noise_multiplier=1.0, max_grad_norm=C,
-                               batch_size=batch_size, lr=0.1, momentum=0.0, grad_sample_mode="flat")
+    private = private_training(
+        model,
+        n,
+        accountant="prv",
+        noise_multiplier=1.0,
+        max_grad_norm=C,
+        batch_size=batch_size,
+        lr=0.1,
+        momentum=0.0,
+        grad_sample_mode="flat",
+    )
     private.close()
     q, steps = sampling_plan(n, batch_size, 1)
     assert (private.sample_rate, private.sampler.steps_per_epoch) == (q, steps)

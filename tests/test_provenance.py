@@ -60,13 +60,16 @@ def test_a_fab_with_modified_client_code_is_refused(tmp_path):
         ReviewedApp(ROOT).check(fab)
 
 
-@pytest.mark.parametrize("name, data, problem", [
-    ("common/exfiltrate.py", b"import os\n", "common/exfiltrate.py: code this site does not have"),
-    ("opacus.py", b"", "opacus.py: code this site does not have"),  # would shadow a library
-    ("client/_speedups.so", b"\x7fELF", "client/_speedups.so: not a file type"),
-    ("evil.pth", b"import os", "evil.pth: not a file type"),
-    ("../outside.py", b"", "../outside.py: a path outside the app"),
-])
+@pytest.mark.parametrize(
+    "name, data, problem",
+    [
+        ("common/exfiltrate.py", b"import os\n", "common/exfiltrate.py: code this site does not have"),
+        ("opacus.py", b"", "opacus.py: code this site does not have"),  # would shadow a library
+        ("client/_speedups.so", b"\x7fELF", "client/_speedups.so: not a file type"),
+        ("evil.pth", b"import os", "evil.pth: not a file type"),
+        ("../outside.py", b"", "../outside.py: a path outside the app"),
+    ],
+)
 def test_code_the_site_does_not_have_is_refused(genuine, name, data, problem):
     problems = ReviewedApp(ROOT).problems(with_file(genuine, name, data))
     assert any(problem in p for p in problems), problems
@@ -75,8 +78,9 @@ def test_code_the_site_does_not_have_is_refused(genuine, name, data, problem):
 def test_a_fab_naming_another_client_app_is_refused(tmp_path):
     app = app_copy(tmp_path / "app")
     pyproject = app / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('clientapp = "client.client_app:app"',
-                                                       'clientapp = "server.server_app:app"'))
+    pyproject.write_text(
+        pyproject.read_text().replace('clientapp = "client.client_app:app"', 'clientapp = "server.server_app:app"')
+    )
     problems = ReviewedApp(ROOT).problems(build_fab_from_disk(app))
     assert problems == ["pyproject.toml: [tool.flwr.app.components] names other apps"]
 

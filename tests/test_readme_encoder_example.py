@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common.model.validation import check_encoder, site_refusal
 from common.data import synthetic
+from common.model.validation import check_encoder, site_refusal
 from fedfuse.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -19,7 +19,7 @@ FACTORY = "my_encoders:small_cnn"
 
 def readme_section() -> str:
     text = README.read_text()
-    return text[text.index("### Worked example"):text.index("### Transfer learning")]
+    return text[text.index("### Worked example") : text.index("### Transfer learning")]
 
 
 def example_module(folder: Path, *, batch_norm: bool = False) -> Path:
@@ -36,6 +36,7 @@ def example_module(folder: Path, *, batch_norm: bool = False) -> Path:
 @pytest.fixture
 def importable(monkeypatch):
     """Put a folder first on sys.path (and PYTHONPATH, for Ray's workers); forget my_encoders afterwards."""
+
     def add(folder: Path) -> None:
         monkeypatch.syspath_prepend(str(folder))
         monkeypatch.setenv("PYTHONPATH", str(folder))
@@ -56,8 +57,17 @@ def test_the_example_encoder_passes_the_checks_under_hooks(tmp_path, importable)
 def test_the_batch_norm_variant_is_refused_with_the_readme_text(tmp_path, importable, capsys):
     importable(example_module(tmp_path / "bn", batch_norm=True))
     quoted = re.search(r"```\n(fedfuse simulate: error: .*?)\n```", readme_section(), re.S).group(1)
-    status = main(["simulate", "--set", f'model.encoder.image="{FACTORY}"', "--set", 'train.grad-sample-mode="hooks"',
-                   "--out", str(tmp_path / "run")])
+    status = main(
+        [
+            "simulate",
+            "--set",
+            f'model.encoder.image="{FACTORY}"',
+            "--set",
+            'train.grad-sample-mode="hooks"',
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert status == 2 and capsys.readouterr().err.strip() == quoted
     assert not (tmp_path / "run").exists()  # refused before anything started
 
@@ -71,10 +81,26 @@ def test_the_allowlist_refusal_is_the_readme_text():
 def test_a_simulation_trains_with_the_example_encoder_end_to_end(tmp_path, importable):
     importable(example_module(tmp_path / "ok"))
     out = tmp_path / "run"
-    status = main(["simulate", "--quiet", "--out", str(out), "--set", f'model.encoder.image="{FACTORY}"',
-                   "--set", 'train.grad-sample-mode="hooks"', "--set", "num-server-rounds=1",
-                   "--set", "data.num-clients=2", "--set", "data.samples-per-client=120",
-                   "--set", 'data.groups="image+signal;image"'])
+    status = main(
+        [
+            "simulate",
+            "--quiet",
+            "--out",
+            str(out),
+            "--set",
+            f'model.encoder.image="{FACTORY}"',
+            "--set",
+            'train.grad-sample-mode="hooks"',
+            "--set",
+            "num-server-rounds=1",
+            "--set",
+            "data.num-clients=2",
+            "--set",
+            "data.samples-per-client=120",
+            "--set",
+            'data.groups="image+signal;image"',
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert status == 0 and results["status"] == "completed"
     assert results["config"]["model.encoder"] == f"image={FACTORY}"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from common.errors import SchemaError
 from common.data.schema import DatasetSchema, ModalitySpec
+from common.errors import SchemaError
 
 
 def test_round_trip_through_dict():

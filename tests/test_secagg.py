@@ -23,24 +23,31 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
+from simulate_helpers import checkpoint_reached, simulate
 
 from client.handlers import handle_train
 from client.secagg import encode_update, handle_secure_train
 from common import messages as M
-from fedfuse.cli import main
 from common.config import RunConfig, parse_run_config
-from common.errors import ConfigError, NonFiniteError
-from common.privacy.ledger import Ledger, verify_chain
-from common.model.multimodal import ModelConfig, global_head_template
 from common.data.partition import federation_space
+from common.errors import ConfigError, NonFiniteError
+from common.model.multimodal import ModelConfig, global_head_template
+from common.privacy.ledger import Ledger, verify_chain
+from fedfuse.cli import main
 from server.aggregation import Contribution, weighted_average
 from server.optimizer import build_optimizer
 from server.replies import ReplyRejected
 from server.run_folder import RunFolder
-from server.secagg import (SumRejected, _SecAggPlus, decode_average, expected_weights, parse_clear_reply,
-                           quantization_range, run_secure)
+from server.secagg import (
+    SumRejected,
+    _SecAggPlus,
+    decode_average,
+    expected_weights,
+    parse_clear_reply,
+    quantization_range,
+    run_secure,
+)
 from server.strategy import FedFuse, RunState
-from simulate_helpers import checkpoint_reached, simulate
 
 MODALITIES = ("image", "signal", "tabular")
 
@@ -70,6 +77,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 # --- the encoding: per-block weighted averages from sums ---------------------------------------------------
 
+
 def test_quantization_range_is_the_largest_power_of_two_that_cannot_wrap():
     assert [quantization_range(n) for n in (2, 3, 4, 7, 8, 100)] == [2**30, 2**30, 2**29, 2**29, 2**28, 2**25]
     for n in range(2, 300):
@@ -96,8 +104,10 @@ def test_encode_sends_changes_for_held_keys_and_zeros_elsewhere():
 def test_decode_of_exact_sums_equals_plain_per_block_weighted_averaging():
     # Prepare: four clients, different modalities and sizes; SecAgg+ outputs sum(r_i v_i) / sum(r_i), r_i = n_i / W
     reference, layout, gen = head(), sorted(head()), torch.Generator().manual_seed(3)
-    clients = [(client_update(reference, mods, gen), n) for mods, n in
-               ((("image", "signal"), 320), (("signal",), 75), (("image",), 960), (("signal", "tabular"), 512))]
+    clients = [
+        (client_update(reference, mods, gen), n)
+        for mods, n in ((("image", "signal"), 320), (("signal",), 75), (("image",), 960), (("signal", "tabular"), 512))
+    ]
     W = 10000
     vectors = [encode_update(u, reference, layout, weight=n / W, clipping_range=8.0) for u, n in clients]
     total = sum(n / W for _, n in clients)
@@ -142,6 +152,7 @@ def test_encode_refuses_what_secagg_cannot_sum_correctly(change, fragment, error
 
 
 # --- the real SecAgg+ protocol, in process -----------------------------------------------------------------
+
 
 class LoopbackGrid(Grid):
     """Delivers each message to an in-process ClientApp function, copying contents as the wire would."""
@@ -222,8 +233,13 @@ def legacy_context(strategy) -> LegacyContext:
 def test_secaggplus_sums_the_encoded_updates_within_its_rounding():
     # Prepare: five clients with realistic heads and example counts; each sends its encoded update through SecAgg+
     reference, layout, gen = head(), sorted(head()), torch.Generator().manual_seed(7)
-    specs = [(("image", "signal", "tabular"), 960), (("image",), 320), (("signal",), 48), (("tabular", "signal"), 700),
-             (("image", "tabular"), 1200)]
+    specs = [
+        (("image", "signal", "tabular"), 960),
+        (("image",), 320),
+        (("signal",), 48),
+        (("tabular", "signal"), 700),
+        (("image", "tabular"), 1200),
+    ]
     clients = {10 + i: (client_update(reference, mods, gen), n) for i, (mods, n) in enumerate(specs)}
     W, c = 10000, 8.0
 
@@ -242,7 +258,9 @@ def test_secaggplus_sums_the_encoded_updates_within_its_rounding():
     strategy = MeanOnly(grid, list(clients))
     T = quantization_range(len(clients))
     # Execute: Flower's own workflow, all four stages
-    _SecAggPlus(1.0, 0.67, max_weight=float(W), clipping_range=c, quantization_range=T, modulus_range=2**32)(grid, legacy_context(strategy))
+    _SecAggPlus(1.0, 0.67, max_weight=float(W), clipping_range=c, quantization_range=T, modulus_range=2**32)(
+        grid, legacy_context(strategy)
+    )
     # Assert: four message phases per client, no reply carrying an array (only SecAgg+'s masked bytes)
     assert [t for _, t, _ in grid.sent].count("train") == 4 * len(clients)
     assert all(count == 0 for _, count in grid.replies)
@@ -256,6 +274,7 @@ def test_secaggplus_sums_the_encoded_updates_within_its_rounding():
 
 
 # --- the clear part of a secure reply -----------------------------------------------------------------------
+
 
 def clear_fitres(weight=320, status=M.STATUS_OK, **metric_overrides) -> FitRes:
     identity = {M.CLIENT_ID: "client-01", M.MODALITIES: ["image"], M.STATUS: status, M.REASON: "", M.LEDGER: []}
@@ -271,7 +290,9 @@ def test_the_clear_part_is_validated_like_a_plain_reply():
         parse_clear_reply(clear_fitres(weight=500), node_id=3)
     with pytest.raises(ReplyRejected, match="does not match its status 'budget-exhausted'"):
         parse_clear_reply(clear_fitres(status=M.STATUS_BUDGET_EXHAUSTED), node_id=3)
-    assert parse_clear_reply(clear_fitres(weight=0, status=M.STATUS_BUDGET_EXHAUSTED), node_id=3).status == M.STATUS_BUDGET_EXHAUSTED
+    assert (
+        parse_clear_reply(clear_fitres(weight=0, status=M.STATUS_BUDGET_EXHAUSTED), node_id=3).status == M.STATUS_BUDGET_EXHAUSTED
+    )
     with pytest.raises(ReplyRejected, match="'epsilon' must be a number"):
         parse_clear_reply(clear_fitres(epsilon=math.nan), node_id=3)
     broken = clear_fitres()
@@ -281,6 +302,7 @@ def test_the_clear_part_is_validated_like_a_plain_reply():
 
 
 # --- configuration ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "overrides, key, fragment",
@@ -299,17 +321,35 @@ def test_configurations_secure_aggregation_cannot_serve_are_refused(overrides, k
 
 
 def test_everything_else_combines_with_secure_aggregation():
-    for overrides in ({"strategy": "fedadam"}, {"strategy": "fedprox"}, {"dp.epsilon": 1.0}, {"model.fusion": "late"},
-                      {"release.train-metrics": True}, {"fraction-train": 0.5}):
+    for overrides in (
+        {"strategy": "fedadam"},
+        {"strategy": "fedprox"},
+        {"dp.epsilon": 1.0},
+        {"model.fusion": "late"},
+        {"release.train-metrics": True},
+        {"fraction-train": 0.5},
+    ):
         assert parse_run_config({"secagg.enabled": True} | overrides).secagg.enabled
 
 
 # --- the real handlers and FedFuse, one round in process: secure equals plain -----------------------------
 
+
 def run_config(tmp_path, **overrides):
-    return RunConfig().to_flat() | {"out-dir": str(tmp_path), "data.num-clients": 3, "data.samples-per-client": 200,
-                                    "data.groups": "image+signal;signal;image+tabular", "dp.epsilon": math.inf,
-                                    "train.batch-size": 50, "num-server-rounds": 2, "fraction-evaluate": 0.0} | overrides
+    return (
+        RunConfig().to_flat()
+        | {
+            "out-dir": str(tmp_path),
+            "data.num-clients": 3,
+            "data.samples-per-client": 200,
+            "data.groups": "image+signal;signal;image+tabular",
+            "dp.epsilon": math.inf,
+            "train.batch-size": 50,
+            "num-server-rounds": 2,
+            "fraction-evaluate": 0.0,
+        }
+        | overrides
+    )
 
 
 def federation(flat, tmp_path, app, *, partitions=3, extra=None):
@@ -324,8 +364,10 @@ def federation(flat, tmp_path, app, *, partitions=3, extra=None):
     state = RunState(folder.open_run(config.to_flat()), config.server.num_server_rounds, 0, global_state)
     fed = FedFuse(config, state, build_optimizer("fedavg", 0.05), folder, {"modalities": list(modalities)})
     nodes = {100 + i: (app, {"partition-id": i, "num-partitions": 3}) for i in range(partitions)} | (extra or {})
-    contexts = {n: Context(run_id=5, node_id=n, node_config=node_config, state=RecordDict(), run_config=flat)
-                for n, (_, node_config) in nodes.items()}
+    contexts = {
+        n: Context(run_id=5, node_id=n, node_config=node_config, state=RecordDict(), run_config=flat)
+        for n, (_, node_config) in nodes.items()
+    }
     return fed, LoopbackGrid({n: a for n, (a, _) in nodes.items()}, contexts)
 
 
@@ -344,8 +386,11 @@ def secure_round(flat, tmp_path, app=None, **kwargs):
 
 
 def secure_app(msg, context):
-    return secaggplus_mod(msg, context, handle_secure_train) if "secaggplus_configs" in msg.content.config_records \
+    return (
+        secaggplus_mod(msg, context, handle_secure_train)
+        if "secaggplus_configs" in msg.content.config_records
         else handle_train(msg, context)
+    )
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -355,8 +400,12 @@ def test_one_secure_round_gives_the_plain_round_head(tmp_path):
     # Execute: one plain round through FedFuse; one secure round through SecAgg+
     plain = plain_round(flat_plain, tmp_path / "plain")
     secure, secure_grid = federation(flat_secure, tmp_path / "secure", secure_app)
-    run_secure(secure, secure_grid, Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=flat_secure),
-               num_rounds=1)
+    run_secure(
+        secure,
+        secure_grid,
+        Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=flat_secure),
+        num_rounds=1,
+    )
     # Assert: equal heads (measured: 9e-7); every client trained once and its ledger reached the server in the clear
     assert max_difference(plain.state.global_state, secure.state.global_state) < 1e-5
     assert secure.state.rounds[0]["train"]["trained"] == ["client-00", "client-01", "client-02"]
@@ -373,8 +422,13 @@ def refusing_site(tmp_path) -> dict:
 
     data = synthetic.generate(100, seed=5).restrict(("image",))
     folder = write_site(tmp_path / "site-x", data, ["train"] * 80 + ["test"] * 20, name="site-x")
-    return {"data-dir": str(folder), "state-dir": str(tmp_path / "state-x"), "client-id": "site-x", "max-epsilon": 1.0,
-            "num-train-examples": 80}
+    return {
+        "data-dir": str(folder),
+        "state-dir": str(tmp_path / "state-x"),
+        "client-id": "site-x",
+        "max-epsilon": 1.0,
+        "num-train-examples": 80,
+    }
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -416,11 +470,14 @@ def test_a_site_above_max_weight_is_refused_before_it_trains(tmp_path):
     flat = run_config(tmp_path, **{"secagg.enabled": True, "secagg.max-weight": 100})
     reference = head()
     layout = sorted(reference)
-    fitins = FitIns(ndarrays_to_parameters([reference[k].numpy() for k in layout]),
-                    {M.SERVER_ROUND: 1, M.RUN_ID: "r", M.PLANNED_ROUNDS: 2, M.LAYOUT: json.dumps(layout)})
+    fitins = FitIns(
+        ndarrays_to_parameters([reference[k].numpy() for k in layout]),
+        {M.SERVER_ROUND: 1, M.RUN_ID: "r", M.PLANNED_ROUNDS: 2, M.LAYOUT: json.dumps(layout)},
+    )
     msg = Message(compat.fitins_to_recorddict(fitins, True), dst_node_id=100, message_type="train")
-    context = Context(run_id=5, node_id=100, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
-                      run_config=flat)
+    context = Context(
+        run_id=5, node_id=100, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config=flat
+    )
     with pytest.raises(ConfigError, match="more than secagg.max-weight = 100; .*Set secagg.max-weight >= 160"):
         handle_secure_train(msg, context)
     assert not (tmp_path / "clients").exists()  # nothing trained, nothing spent
@@ -429,8 +486,18 @@ def test_a_site_above_max_weight_is_refused_before_it_trains(tmp_path):
 # --- end to end: real Flower simulations (Ray) and a real deployment -----------------------------------------
 
 # Deterministic: no DP noise, a fixed seed (two plain runs give bit-identical heads, checked below)
-DETERMINISTIC = ["--set", "num-server-rounds=3", "--set", "data.num-clients=4", "--set", "data.samples-per-client=400",
-                 "--set", 'data.groups="image+signal;signal;image;signal+tabular"', "--set", "dp.epsilon=inf"]
+DETERMINISTIC = [
+    "--set",
+    "num-server-rounds=3",
+    "--set",
+    "data.num-clients=4",
+    "--set",
+    "data.samples-per-client=400",
+    "--set",
+    'data.groups="image+signal;signal;image;signal+tabular"',
+    "--set",
+    "dp.epsilon=inf",
+]
 SECURE = ["--set", "secagg.enabled=true"]
 TOLERANCE = 1e-4  # measured: 5e-6 after three rounds (README, Secure aggregation)
 

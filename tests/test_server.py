@@ -8,10 +8,10 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from common import messages as M
-from common.errors import ConfigError
 from common.config import RunConfig, parse_run_config
-from common.privacy.ledger import Ledger, LedgerKey, encode_entry, entry_fields
+from common.errors import ConfigError
 from common.model.multimodal import ModelConfig, global_head_template
+from common.privacy.ledger import Ledger, LedgerKey, encode_entry, entry_fields
 from server.aggregation import Contribution, weighted_average
 from server.optimizer import FedAdam, FedYogi, ServerOptimizer, build_optimizer
 from server.replies import EvaluateReply, mean_metrics
@@ -48,9 +48,10 @@ def client_update(strategy, modalities, value):
 
 def reply(node, arrays, *, client, modalities, n=10, status=M.STATUS_OK, ledger=None, metrics=None):
     request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type="train")
-    content = {M.METRICS: MetricRecord({M.NUM_EXAMPLES: n, M.EPSILON: 1.0, M.BUDGET: 8.0} | (metrics or {})),
-               M.CLIENT: ConfigRecord({M.CLIENT_ID: client, M.MODALITIES: modalities, M.STATUS: status,
-                                       M.LEDGER: ledger or []})}
+    content = {
+        M.METRICS: MetricRecord({M.NUM_EXAMPLES: n, M.EPSILON: 1.0, M.BUDGET: 8.0} | (metrics or {})),
+        M.CLIENT: ConfigRecord({M.CLIENT_ID: client, M.MODALITIES: modalities, M.STATUS: status, M.LEDGER: ledger or []}),
+    }
     if arrays is not None:
         content.update(M.pack_arrays(arrays))
     return Message(RecordDict(content), reply_to=request)
@@ -95,8 +96,9 @@ def test_unsafe_replies_are_rejected_and_the_round_goes_on(tmp_path, mutate, fra
     bad = client_update(strategy, MODALITIES, 100.0)
     mutate(bad)
     good = client_update(strategy, MODALITIES, 1.0)
-    arrays, _ = strategy.aggregate_train(1, [reply(1, bad, client="bad", modalities=MODALITIES),
-                                             reply(2, good, client="good", modalities=MODALITIES)])
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(1, bad, client="bad", modalities=MODALITIES), reply(2, good, client="good", modalities=MODALITIES)]
+    )
     assert fragment in strategy.round_record["train"]["rejected"]["bad"]
     assert strategy.round_record["train"]["trained"] == ["good"]
     assert all(torch.allclose(v, torch.ones_like(v)) for v in arrays.to_torch_state_dict().values())
@@ -117,8 +119,9 @@ def test_a_reply_whose_packing_does_not_fit_its_array_is_rejected(tmp_path):
 def test_a_client_that_raised_does_not_stop_the_round(tmp_path):
     strategy = make_strategy(tmp_path)
     request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=3, message_type="train")
-    failed = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="ClientApp raised NonFiniteError"),
-                     reply_to=request)
+    failed = Message(
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="ClientApp raised NonFiniteError"), reply_to=request
+    )
     good = reply(2, client_update(strategy, MODALITIES, 1.0), client="good", modalities=MODALITIES)
     arrays, _ = strategy.aggregate_train(1, [failed, good])
     assert strategy.round_record["train"]["failed"] == {"node 3": M.FAILURE_SITE} and arrays is not None
@@ -126,8 +129,13 @@ def test_a_client_that_raised_does_not_stop_the_round(tmp_path):
 
 def test_budget_exhausted_clients_are_excluded_from_later_rounds(tmp_path):
     strategy = make_strategy(tmp_path, **{"min-clients": 1})
-    strategy.aggregate_train(1, [reply(1, None, client="spent", modalities=MODALITIES, n=0, status=M.STATUS_BUDGET_EXHAUSTED),
-                                 reply(2, client_update(strategy, MODALITIES, 1.0), client="ok", modalities=MODALITIES)])
+    strategy.aggregate_train(
+        1,
+        [
+            reply(1, None, client="spent", modalities=MODALITIES, n=0, status=M.STATUS_BUDGET_EXHAUSTED),
+            reply(2, client_update(strategy, MODALITIES, 1.0), client="ok", modalities=MODALITIES),
+        ],
+    )
     assert strategy.state.excluded == {"spent"}
     assert strategy.state.clients["spent"]["status"] == "excluded: budget-exhausted"
     messages = list(strategy.configure_train(2, None, ConfigRecord(), FakeGrid([1, 2])))
@@ -138,9 +146,16 @@ def test_budget_exhausted_clients_are_excluded_from_later_rounds(tmp_path):
 
 def test_a_client_whose_round_diverged_stays_in_the_federation(tmp_path):
     strategy = make_strategy(tmp_path, **{"min-clients": 1})
-    strategy.aggregate_train(1, [reply(1, None, client="nan", modalities=MODALITIES, n=0, status=M.STATUS_DISCARDED),
-                                 reply(2, client_update(strategy, MODALITIES, 1.0), client="ok", modalities=MODALITIES)])
-    assert strategy.round_record["train"]["refused"] == {"nan": M.STATUS_DISCARDED} and strategy.round_record["train"]["trained"] == ["ok"]
+    strategy.aggregate_train(
+        1,
+        [
+            reply(1, None, client="nan", modalities=MODALITIES, n=0, status=M.STATUS_DISCARDED),
+            reply(2, client_update(strategy, MODALITIES, 1.0), client="ok", modalities=MODALITIES),
+        ],
+    )
+    assert strategy.round_record["train"]["refused"] == {"nan": M.STATUS_DISCARDED} and strategy.round_record["train"][
+        "trained"
+    ] == ["ok"]
     assert strategy.state.excluded == set() and strategy.state.clients["nan"]["status"] == "active"
     assert sorted(m.metadata.dst_node_id for m in strategy.configure_train(2, None, ConfigRecord(), FakeGrid([1, 2]))) == [1, 2]
 
@@ -151,17 +166,35 @@ def test_the_federation_keeps_a_verified_copy_of_each_ledger(tmp_path):
     update = client_update(strategy, MODALITIES, 1.0)
 
     def entry(r, digest):
-        return own.append(entry_fields(run_id="run-x", client_id="c", round=r, status="trained", noise_multiplier=1.0,
-                                       sample_rate=0.1, steps=10, max_grad_norm=1.0, delta=1e-5, accountant="prv",
-                                       epsilon=float(r), budget=8.0, update_hash=digest), key)
+        return own.append(
+            entry_fields(
+                run_id="run-x",
+                client_id="c",
+                round=r,
+                status="trained",
+                noise_multiplier=1.0,
+                sample_rate=0.1,
+                steps=10,
+                max_grad_norm=1.0,
+                delta=1e-5,
+                accountant="prv",
+                epsilon=float(r),
+                budget=8.0,
+                update_hash=digest,
+            ),
+            key,
+        )
+
     entry(1, M.update_digest(update))
-    strategy.aggregate_train(1, [reply(1, update, client="c", modalities=MODALITIES,
-                                       ledger=[encode_entry(e) for e in own.entries()])])
+    strategy.aggregate_train(
+        1, [reply(1, update, client="c", modalities=MODALITIES, ledger=[encode_entry(e) for e in own.entries()])]
+    )
     assert len(Ledger(tmp_path / "ledgers" / "c.jsonl").entries()) == 1
     # an update that differs from what the ledger says was sent is rejected
     entry(2, "0" * 64)
-    strategy.aggregate_train(2, [reply(1, update, client="c", modalities=MODALITIES,
-                                       ledger=[encode_entry(e) for e in own.entries()])])
+    strategy.aggregate_train(
+        2, [reply(1, update, client="c", modalities=MODALITIES, ledger=[encode_entry(e) for e in own.entries()])]
+    )
     assert "does not match the hash" in strategy.round_record["train"]["rejected"]["c"]
     # a ledger that drops an entry the federation holds is rejected
     strategy.aggregate_train(3, [reply(1, update, client="c", modalities=MODALITIES, ledger=[])])
@@ -175,9 +208,24 @@ def test_a_train_request_says_how_much_ledger_the_server_holds_and_a_delta_must_
     update = client_update(strategy, MODALITIES, 1.0)
 
     def entry(r):
-        return own.append(entry_fields(run_id="run-x", client_id="c", round=r, status="trained", noise_multiplier=1.0,
-                                       sample_rate=0.1, steps=10, max_grad_norm=1.0, delta=1e-5, accountant="prv",
-                                       epsilon=float(r), budget=8.0, update_hash=M.update_digest(update)), key)
+        return own.append(
+            entry_fields(
+                run_id="run-x",
+                client_id="c",
+                round=r,
+                status="trained",
+                noise_multiplier=1.0,
+                sample_rate=0.1,
+                steps=10,
+                max_grad_norm=1.0,
+                delta=1e-5,
+                accountant="prv",
+                epsilon=float(r),
+                budget=8.0,
+                update_hash=M.update_digest(update),
+            ),
+            key,
+        )
 
     def sent(entries):
         return [encode_entry(e) for e in entries]
@@ -202,8 +250,7 @@ def test_a_train_request_says_how_much_ledger_the_server_holds_and_a_delta_must_
     assert "start at 5" in strategy._round["train"]["rejected"]["c"] and len(copy.entries()) == 4
     # a delta whose first entry is not the head the copy holds (a rewritten history) is refused
     forged = dict(own.entries()[3], epsilon=0.5)
-    strategy.aggregate_train(6, [reply(1, update, client="c", modalities=MODALITIES,
-                                       ledger=sent([forged, *own.entries()[4:]]))])
+    strategy.aggregate_train(6, [reply(1, update, client="c", modalities=MODALITIES, ledger=sent([forged, *own.entries()[4:]]))])
     assert "truncated or rewritten" in strategy._round["train"]["rejected"]["c"] and len(copy.entries()) == 4
     # a node not yet known gets no ledger figures: its client sends its whole ledger
     assert M.LEDGER_HELD not in messages[2].content[M.CONFIG]
@@ -252,11 +299,23 @@ def test_a_sampled_federation_plans_each_clients_share_and_samples_no_client_bey
 
 
 def test_evaluation_means_are_weighted_per_subset():
-    a = EvaluateReply(1, "a", 10, {"accuracy": 1.0, "macro-f1": 1.0, "loss": 0.0},
-                      {"image": {"accuracy": 1.0, "macro-f1": 1.0, "num-examples": 10}})
-    b = EvaluateReply(2, "b", 30, {"accuracy": 0.5, "macro-f1": 0.5, "loss": 1.0},
-                      {"image": {"accuracy": 0.0, "macro-f1": 0.0, "num-examples": 10},
-                       "signal": {"accuracy": 0.6, "macro-f1": 0.6, "num-examples": 30}})
+    a = EvaluateReply(
+        1,
+        "a",
+        10,
+        {"accuracy": 1.0, "macro-f1": 1.0, "loss": 0.0},
+        {"image": {"accuracy": 1.0, "macro-f1": 1.0, "num-examples": 10}},
+    )
+    b = EvaluateReply(
+        2,
+        "b",
+        30,
+        {"accuracy": 0.5, "macro-f1": 0.5, "loss": 1.0},
+        {
+            "image": {"accuracy": 0.0, "macro-f1": 0.0, "num-examples": 10},
+            "signal": {"accuracy": 0.6, "macro-f1": 0.6, "num-examples": 30},
+        },
+    )
     out = mean_metrics([a, b])
     assert out["accuracy"] == pytest.approx(0.625) and out["num_examples"] == 40
     assert out["by_modalities"]["image"]["accuracy"] == pytest.approx(0.5)
@@ -298,8 +357,8 @@ def test_a_run_started_before_a_config_key_existed_resumes_while_the_key_holds_i
 
 def test_heldout_sites_are_scored_per_site_and_pooled(tmp_path):
     from common.data import synthetic
-    from common.model.multimodal import MultimodalModel
     from common.data.site_folders import write_site
+    from common.model.multimodal import MultimodalModel
     from server.heldout import HeldoutEvaluator
 
     data = synthetic.generate(30, seed=5)
@@ -307,7 +366,9 @@ def test_heldout_sites_are_scored_per_site_and_pooled(tmp_path):
     write_site(tmp_path / "b", data, ["test"] * 30, name="b")
     write_site(tmp_path / "c", data.restrict(["image"]), ["test"] * 30, name="c")
     config = parse_run_config(RunConfig().to_flat() | {"encoders": "federated", "data.server-test": str(tmp_path)})
-    model = MultimodalModel(data.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim), seed=0)
+    model = MultimodalModel(
+        data.schema, ModelConfig(config.model.fusion, config.model.embed_dim, config.model.hidden_dim), seed=0
+    )
     report = HeldoutEvaluator(config)(model.state_dict())
     assert report["num_examples"] == 60 and set(report["clients"]) == {"b", "c"}
     assert report["pooled"]["num_examples"] == 60
@@ -333,8 +394,7 @@ def test_the_run_log_names_idle_sites_and_knobs_that_alter_real_data(tmp_path, c
     assert "the run alters the sites' real data: data.missing-rate = 0.2" in caplog.text
     assert _data_notes(parse_run_config(RunConfig().to_flat())) == {}  # synthetic data: nothing to say
     # a plan that drowns the signal is warned about before the first round
-    tiny = parse_run_config(RunConfig().to_flat() | {"data.dataset": str(tmp_path), "dp.epsilon": 0.5,
-                                                     "num-server-rounds": 50})
+    tiny = parse_run_config(RunConfig().to_flat() | {"data.dataset": str(tmp_path), "dp.epsilon": 0.5, "num-server-rounds": 50})
     with caplog.at_level("WARNING", logger="fedfuse.server"):
         assert "drown the signal at 1 of 1 site(s)" in _data_notes(tiny)["plan_warning"]
     assert "`fedfuse plan` suggests" in caplog.text
@@ -349,9 +409,13 @@ def evaluate_reply(node, *, client, metrics, status=M.STATUS_OK):
 def test_a_site_that_refused_the_run_adds_nothing_to_the_evaluation(tmp_path):
     strategy = make_strategy(tmp_path)
     scored = {M.NUM_EXAMPLES: 20, M.ACCURACY: 0.5, M.MACRO_F1: 0.4, M.LOSS: 1.0}
-    strategy.aggregate_evaluate(1, [evaluate_reply(1, client="ok", metrics=scored),
-                                    evaluate_reply(2, client="refuser", metrics={M.NUM_EXAMPLES: 0},
-                                                   status=M.STATUS_POLICY_REFUSED)])
+    strategy.aggregate_evaluate(
+        1,
+        [
+            evaluate_reply(1, client="ok", metrics=scored),
+            evaluate_reply(2, client="refuser", metrics={M.NUM_EXAMPLES: 0}, status=M.STATUS_POLICY_REFUSED),
+        ],
+    )
     summary, outcome = strategy.round_record["evaluate"], strategy.round_record["evaluate_replies"]
     assert set(summary["clients"]) == {"ok"} and summary["num_examples"] == 20
     assert outcome == {"evaluated": ["ok"], "refused": {"refuser": M.STATUS_POLICY_REFUSED}, "rejected": {}, "failed": {}}
@@ -368,13 +432,19 @@ def test_failures_are_recorded_by_site_name_with_a_category(tmp_path):
     request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=6, message_type="train")
     silent = Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason="no reply within 5 s"), reply_to=request)
     request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=7, message_type="train")
-    untrusted = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                              reason="<class 'UntrustedAppError'>:<'fedfuse-untrusted-app: ...'>"), reply_to=request)
+    untrusted = Message(
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="<class 'UntrustedAppError'>:<'fedfuse-untrusted-app: ...'>"),
+        reply_to=request,
+    )
     strategy.node_clients[6] = "paris"  # known from an earlier reply
     good = reply(2, client_update(strategy, MODALITIES, 1.0), client="good", modalities=MODALITIES)
     strategy.aggregate_train(1, [failed, anonymous, silent, untrusted, good])
-    assert strategy.round_record["train"]["failed"] == {"berlin": M.FAILURE_SITE, "node 5": M.FAILURE_SITE,
-                                                  "node 7": M.FAILURE_APP_REFUSED, "paris": M.FAILURE_NO_REPLY}
+    assert strategy.round_record["train"]["failed"] == {
+        "berlin": M.FAILURE_SITE,
+        "node 5": M.FAILURE_SITE,
+        "node 7": M.FAILURE_APP_REFUSED,
+        "paris": M.FAILURE_NO_REPLY,
+    }
     assert strategy.round_record["train"]["trained"] == ["good"] and strategy.state.excluded == set()
     assert "berlin" not in strategy.state.clients  # a failure is no privacy record
 
@@ -385,9 +455,11 @@ def test_a_deployed_serverapp_shows_fedfuse_progress_even_after_a_library_config
 
     # Prepare: a fresh process as Flower's flwr-serverapp starts one (nothing configures logging); importing the
     # ServerApp imports Opacus, whose logging.basicConfig puts a WARNING handler on the root logger
-    code = ("import logging, server.server_app as s; assert logging.getLogger().handlers; s._show_progress(); "
-            "logging.getLogger('fedfuse.server').info('round 1/1 | progress'); "
-            "logging.getLogger('fedfuse.server').warning('a warning')")
+    code = (
+        "import logging, server.server_app as s; assert logging.getLogger().handlers; s._show_progress(); "
+        "logging.getLogger('fedfuse.server').info('round 1/1 | progress'); "
+        "logging.getLogger('fedfuse.server').warning('a warning')"
+    )
     # Execute
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     # Assert: fedfuse's INFO line reaches stderr (the run's log), and a warning is printed once

@@ -6,22 +6,28 @@ import json
 from pathlib import Path
 
 import pytest
-
-from common.privacy.accounting import PrivacyHistory
-from common import messages as M
-from fedfuse.cli import main
-from common.privacy.ledger import Ledger, verify_chain
 from simulate_helpers import checkpoint_reached, simulate
+
+from common import messages as M
+from common.privacy.accounting import PrivacyHistory
+from common.privacy.ledger import Ledger, verify_chain
+from fedfuse.cli import main
 
 pytestmark = pytest.mark.slow
 
 SCENARIO = [
-    "--set", "num-server-rounds=3",
-    "--set", "data.num-clients=4",
-    "--set", "data.samples-per-client=400",
-    "--set", 'data.groups="image+signal;signal;image;signal+tabular"',
-    "--set", "train.local-epochs=2",
-    "--set", "dp.epsilon=6",
+    "--set",
+    "num-server-rounds=3",
+    "--set",
+    "data.num-clients=4",
+    "--set",
+    "data.samples-per-client=400",
+    "--set",
+    'data.groups="image+signal;signal;image;signal+tabular"',
+    "--set",
+    "train.local-epochs=2",
+    "--set",
+    "dp.epsilon=6",
 ]
 
 

@@ -11,13 +11,13 @@ import pytest
 
 from client.preflight import check_start, node_config_from_args
 from client.site import resolve_site
+from client.state import PRIVACY_FILE, ClientRecord, ClientState
+from common.config import RunConfig
+from common.data.synthetic_sites import write_synthetic_sites
 from common.privacy.accounting import PrivacyHistory
+from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, entry_fields
 from fedfuse.cli import main
 from fedfuse.commands.site import connection_hint
-from common.config import RunConfig
-from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, entry_fields
-from client.state import PRIVACY_FILE, ClientRecord, ClientState
-from common.data.synthetic_sites import write_synthetic_sites
 
 
 @pytest.fixture
@@ -30,13 +30,34 @@ def site(tmp_path: Path) -> dict:
 def _trained_state(folder: Path, client_id: str = "berlin", modalities=("image", "signal")) -> LedgerKey:
     """A state folder as a site leaves it after one round: privacy record, signed ledger entry, ledger key."""
     folder.mkdir(parents=True, exist_ok=True)
-    ClientState(folder).save_record(ClientRecord(client_id, tuple(modalities), PrivacyHistory(
-        accountant="prv", delta=1e-5, entries=[(1.0, 0.1, 10)], runs=["r"]), [["r", 1]]))
+    ClientState(folder).save_record(
+        ClientRecord(
+            client_id,
+            tuple(modalities),
+            PrivacyHistory(accountant="prv", delta=1e-5, entries=[(1.0, 0.1, 10)], runs=["r"]),
+            [["r", 1]],
+        )
+    )
     key = LedgerKey.load_or_create(folder / KEY_FILE)
-    Ledger(folder / LEDGER_FILE).append(entry_fields(
-        run_id="r", client_id=client_id, round=1, status="trained", noise_multiplier=1.0, sample_rate=0.1, steps=10,
-        max_grad_norm=1.0, delta=1e-5, accountant="prv", epsilon=0.5, budget=8.0, update_hash="0" * 64,
-        modalities=list(modalities)), key)
+    Ledger(folder / LEDGER_FILE).append(
+        entry_fields(
+            run_id="r",
+            client_id=client_id,
+            round=1,
+            status="trained",
+            noise_multiplier=1.0,
+            sample_rate=0.1,
+            steps=10,
+            max_grad_norm=1.0,
+            delta=1e-5,
+            accountant="prv",
+            epsilon=0.5,
+            budget=8.0,
+            update_hash="0" * 64,
+            modalities=list(modalities),
+        ),
+        key,
+    )
     return key
 
 
@@ -78,14 +99,17 @@ def test_a_broken_data_folder_is_reported_with_every_problem(site):
     assert any(p.startswith(f"{data}signal.npy") for p in problems)
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("other-client", "belongs to client 'paris', not 'berlin'"),
-    ("other-modalities", "holds encoders for ['image'], but the client now has ['image', 'signal']"),
-    ("unreadable-record", f"{PRIVACY_FILE} is unreadable"),
-    ("tampered-ledger", "content does not match its entry_hash"),
-    ("other-key", f"{LEDGER_FILE} was signed with another key than {KEY_FILE}"),
-    ("missing-key", f"{LEDGER_FILE} has 1 entries but {KEY_FILE} is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("other-client", "belongs to client 'paris', not 'berlin'"),
+        ("other-modalities", "holds encoders for ['image'], but the client now has ['image', 'signal']"),
+        ("unreadable-record", f"{PRIVACY_FILE} is unreadable"),
+        ("tampered-ledger", "content does not match its entry_hash"),
+        ("other-key", f"{LEDGER_FILE} was signed with another key than {KEY_FILE}"),
+        ("missing-key", f"{LEDGER_FILE} has 1 entries but {KEY_FILE} is missing"),
+    ],
+)
 def test_a_state_folder_that_is_unreadable_or_not_this_sites_is_refused(site, damage, expected):
     state = Path(site["state-dir"])
     if damage == "other-client":
@@ -109,12 +133,15 @@ def test_a_state_folder_that_is_unreadable_or_not_this_sites_is_refused(site, da
     assert any(p.startswith(f"state-dir {state}: ") and expected in p for p in problems), problems
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"data-dir": None}, "the node config names no data"),
-    ({"state-dir": None}, "node config key 'state-dir' is required"),
-    ({"max-epsilon": -1.0}, "'max-epsilon' must be a number > 0"),
-    ({"colour": "red"}, "unknown node config key(s) ['colour']"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"data-dir": None}, "the node config names no data"),
+        ({"state-dir": None}, "node config key 'state-dir' is required"),
+        ({"max-epsilon": -1.0}, "'max-epsilon' must be a number > 0"),
+        ({"colour": "red"}, "unknown node config key(s) ['colour']"),
+    ],
+)
 def test_a_bad_node_config_is_refused(site, change, expected):
     config = {k: v for k, v in (site | change).items() if v is not None}
     assert any(expected in p for p in check_start(config).problems)
@@ -142,16 +169,28 @@ def test_site_supernode_refuses_to_start_flower_and_prints_the_report(site, caps
 
 
 def _facts(**kw):
-    return argparse.Namespace(**({"superlink": "link.example.org:9093", "root_certificates": "ca.crt",
-                                  "auth_supernode_private_key": "auth.key", "insecure": False} | kw))
+    return argparse.Namespace(
+        **(
+            {
+                "superlink": "link.example.org:9093",
+                "root_certificates": "ca.crt",
+                "auth_supernode_private_key": "auth.key",
+                "insecure": False,
+            }
+            | kw
+        )
+    )
 
 
-@pytest.mark.parametrize("detail, first", [
-    (["[code: 2004] Failed to activate SuperNode."], "key is not registered"),  # what Flower 1.42 prints for it
-    (["[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate"], "wrong CA"),
-    (["[Errno 111] Connection refused"], "SuperLink is down or the address is wrong"),
-    (["All connection attempts failed"], "key is not registered"),  # nothing to go by: every cause, the usual order
-])
+@pytest.mark.parametrize(
+    "detail, first",
+    [
+        (["[code: 2004] Failed to activate SuperNode."], "key is not registered"),  # what Flower 1.42 prints for it
+        (["[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate"], "wrong CA"),
+        (["[Errno 111] Connection refused"], "SuperLink is down or the address is wrong"),
+        (["All connection attempts failed"], "key is not registered"),  # nothing to go by: every cause, the usual order
+    ],
+)
 def test_a_connection_failure_names_every_likely_cause_the_indicated_one_first(detail, first):
     hint = connection_hint(_facts(), detail).splitlines()
     assert hint[0] == "flower-supernode could not connect to the SuperLink at link.example.org:9093. Likely causes:"
@@ -171,11 +210,13 @@ def test_without_tls_or_a_node_key_only_the_possible_causes_are_named():
 def test_fedfuse_sites_shows_each_registered_site_by_name_and_how_many_are_online():
     from fedfuse.commands.sites import format_sites
 
-    table = format_sites([
-        {"name": "berlin", "node_id": 11, "status": "online", "since": "2026-11-30T13:40:02.123+00:00"},
-        {"name": "paris", "node_id": 12, "status": "registered", "since": "2026-11-30T13:30:00+00:00"},
-        {"name": None, "node_id": 13, "status": "offline", "since": None},
-    ]).splitlines()
+    table = format_sites(
+        [
+            {"name": "berlin", "node_id": 11, "status": "online", "since": "2026-11-30T13:40:02.123+00:00"},
+            {"name": "paris", "node_id": 12, "status": "registered", "since": "2026-11-30T13:30:00+00:00"},
+            {"name": None, "node_id": 13, "status": "offline", "since": None},
+        ]
+    ).splitlines()
     assert table[0].split() == ["site", "node", "id", "status", "since"]
     assert table[1].split() == ["berlin", "11", "online", "2026-11-30", "13:40:02"]
     assert table[2].split()[:3] == ["paris", "12", "registered"] and "(never connected)" in table[2]

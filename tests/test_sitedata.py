@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from common.data import site_folders as sitedata
-from fedfuse.cli import main
 from common.data.samples import MultimodalData
-from common.errors import DataError, SchemaError
 from common.data.schema import DatasetSchema, ModalitySpec
 from common.data.site_folders import (
     Problem,
@@ -23,6 +21,8 @@ from common.data.site_folders import (
     validate_site,
     write_site,
 )
+from common.errors import DataError, SchemaError
+from fedfuse.cli import main
 
 LABELS = ("cat", "dog", "eel")
 IMAGE = ModalitySpec("image", "image", (1, 2, 2))
@@ -260,8 +260,7 @@ def test_schema_errors_each_reported(site: Path) -> None:
     # Execute
     problems = validate_site(site)
     # Assert
-    assert where(problems) == {("schema.json", "modalities.image"), ("schema.json", "modalities.text"),
-                               ("schema.json", "labels")}
+    assert where(problems) == {("schema.json", "modalities.image"), ("schema.json", "modalities.text"), ("schema.json", "labels")}
     assert "unknown kind 'photo'" in str(problems[0])
 
 
@@ -362,9 +361,7 @@ def test_sample_with_no_modality(site: Path) -> None:
     edit_index(site, 1, "text", "0")  # sample 1 already lacks the image
     np.save(site / "text.npy", np.where(np.arange(6)[:, None] == 1, 0, np.load(site / "text.npy")))
     problems = validate_site(site)
-    assert [str(p) for p in problems] == [
-        "index.csv, row 1: sample has no modality present; drop it or mark a modality present"
-    ]
+    assert [str(p) for p in problems] == ["index.csv, row 1: sample has no modality present; drop it or mark a modality present"]
 
 
 def test_array_for_undeclared_modality(site: Path) -> None:
@@ -486,8 +483,12 @@ def test_federation_schema_conflicts(tmp_path: Path) -> None:
     # Prepare
     a = load_site(write_site(tmp_path / "a", make_data(), SPLIT, name="a"))
     other_labels = make_data()
-    other_labels = MultimodalData(DatasetSchema(other_labels.schema.modalities, ("x", "y", "z")),
-                                  other_labels.inputs, other_labels.mask, other_labels.labels)
+    other_labels = MultimodalData(
+        DatasetSchema(other_labels.schema.modalities, ("x", "y", "z")),
+        other_labels.inputs,
+        other_labels.mask,
+        other_labels.labels,
+    )
     b = load_site(write_site(tmp_path / "b", other_labels, SPLIT, name="b"))
     wide = ModalitySpec("text", "text", (3,), dtype="int64", vocab_size=9)
     c = load_site(write_site(tmp_path / "c", make_data(specs=(wide,)), ["train"] * 6, name="c"))
@@ -526,7 +527,7 @@ def test_cli_validate_folder_of_sites(tmp_path: Path, capsys: pytest.CaptureFixt
     edit_index(bad, 0, "split", "dev")
     assert main(["data", "validate", "--json", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    report = json.loads(out[out.index('{\n  "problems"'):])
+    report = json.loads(out[out.index('{\n  "problems"') :])
     assert report["problems"]["b"][0]["field"] == "row 0, column 'split'"
 
 

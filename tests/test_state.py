@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.privacy.accounting import PrivacyHistory
 from client.state import ClientRecord, ClientState, StateError
+from common.privacy.accounting import PrivacyHistory
 
 
 def test_record_round_trip(tmp_path):
@@ -64,9 +64,22 @@ def _ledger_of_one_round(folder, *, client_id="client-00", key=None):
     from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, entry_fields
 
     key = key or LedgerKey.load_or_create(folder / KEY_FILE)
-    fields = entry_fields(run_id="run", client_id=client_id, round=1, status="trained", noise_multiplier=1.1,
-                          sample_rate=0.1, steps=10, max_grad_norm=1.0, delta=1e-5, accountant="prv", epsilon=0.5,
-                          budget=8.0, update_hash=None, modalities=["image"])
+    fields = entry_fields(
+        run_id="run",
+        client_id=client_id,
+        round=1,
+        status="trained",
+        noise_multiplier=1.1,
+        sample_rate=0.1,
+        steps=10,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        accountant="prv",
+        epsilon=0.5,
+        budget=8.0,
+        update_hash=None,
+        modalities=["image"],
+    )
     Ledger(folder / LEDGER_FILE).append(fields, key)
     return folder / LEDGER_FILE
 

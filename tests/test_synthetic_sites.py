@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fedfuse.cli import main
-from common.errors import DataError
 from common.data.site_folders import load_site, validate_site
 from common.data.synthetic_sites import parse_sites, write_synthetic_sites
+from common.errors import DataError
+from fedfuse.cli import main
 
 SPEC = "berlin=image+signal,paris=signal,rome=tabular+image"
 
@@ -18,16 +18,19 @@ def test_parse_sites_keeps_site_order_and_puts_modalities_in_schema_order():
     assert parse_sites(SPEC) == {"berlin": ("image", "signal"), "paris": ("signal",), "rome": ("image", "tabular")}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "--sites is empty"),
-    ("berlin", "'berlin' names no modalities"),
-    ("berlin=", "'berlin=' names no modalities"),
-    ("berlin=photo", "unknown modality 'photo'; the synthetic dataset has image, signal, tabular"),
-    ("berlin=image+image", "names a modality twice"),
-    ("berlin=image,berlin=signal", "site 'berlin' is given twice"),
-    ("../x=image", "site name '../x' must start with a letter or digit"),
-    (".hidden=image", "site name '.hidden'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "--sites is empty"),
+        ("berlin", "'berlin' names no modalities"),
+        ("berlin=", "'berlin=' names no modalities"),
+        ("berlin=photo", "unknown modality 'photo'; the synthetic dataset has image, signal, tabular"),
+        ("berlin=image+image", "names a modality twice"),
+        ("berlin=image,berlin=signal", "site 'berlin' is given twice"),
+        ("../x=image", "site name '../x' must start with a letter or digit"),
+        (".hidden=image", "site name '.hidden'"),
+    ],
+)
 def test_parse_sites_refuses_a_bad_spec_and_says_why(spec, message):
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace("+", r"\+")):
         parse_sites(spec)

@@ -5,14 +5,13 @@ import math
 import pytest
 import torch
 
+from common.config import parse_run_config
 from common.data import synthetic
-from common.privacy.accounting import PrivacyHistory, compute_epsilon
-from common.data.samples import MultimodalData
+from common.data.samples import MultimodalData, hide_modalities
 from common.errors import BudgetExhaustedError, ConfigError, DataError, NonFiniteError, PrivacyParameterError
 from common.model.multimodal import ModelConfig, MultimodalModel
-from common.data.samples import hide_modalities
+from common.privacy.accounting import PrivacyHistory, compute_epsilon
 from common.privacy.randomness import RoundRandomness
-from common.config import parse_run_config
 from common.privacy.training import FiniteRowsDPOptimizer, local_training, scheduled_lr, train_round
 from tests.round_helpers import settings
 
@@ -54,8 +53,21 @@ def test_noise_is_added_even_to_an_encoder_no_sample_in_the_batch_uses(synth_tra
     model = MultimodalModel(data.schema, CONFIG)
     before = state(model)
     # Execute: one DP-SGD step with plain SGD (lr = 1, no momentum)
-    result = train_round(model, data, PrivacyHistory(), **settings(target_epsilon=2.0, delta=1e-5, max_grad_norm=1.0,
-                         planned_rounds=1, local_epochs=1, batch_size=100, lr=1.0, momentum=0.0))
+    result = train_round(
+        model,
+        data,
+        PrivacyHistory(),
+        **settings(
+            target_epsilon=2.0,
+            delta=1e-5,
+            max_grad_norm=1.0,
+            planned_rounds=1,
+            local_epochs=1,
+            batch_size=100,
+            lr=1.0,
+            momentum=0.0,
+        ),
+    )
     # Assert: its gradient is exactly zero, so its update is pure noise of std sigma * C / expected batch
     assert result.steps == 1 and result.sample_rate == 1.0
     update = torch.cat([(model.state_dict()[k] - before[k]).flatten() for k in before if k.startswith("encoders.signal.")])
@@ -126,8 +138,17 @@ def test_a_new_run_is_calibrated_against_the_remaining_budget(synth_train):
     assert second.epsilon <= 4.0
 
 
-@pytest.mark.parametrize("bad", [dict(target_epsilon=0.0), dict(delta=1.5), dict(max_grad_norm=-1.0),
-                                 dict(batch_size=0), dict(local_epochs=0), dict(planned_rounds=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(target_epsilon=0.0),
+        dict(delta=1.5),
+        dict(max_grad_norm=-1.0),
+        dict(batch_size=0),
+        dict(local_epochs=0),
+        dict(planned_rounds=0),
+    ],
+)
 def test_invalid_parameters_train_nothing(synth_train, bad):
     data = synth_train.subset(range(50))
     model = MultimodalModel(data.schema, CONFIG)
@@ -173,8 +194,10 @@ def test_modality_dropout_keeps_at_least_one_present_modality():
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand((1000, 3), generator=gen) < 0.7
     mask[~mask.any(1), 0] = True
-    for dropped in (hide_modalities(mask, 0.9, gen),
-                    RoundRandomness().hide_modalities(0, torch.arange(1000), mask, 0.9, num_examples=1000)):
+    for dropped in (
+        hide_modalities(mask, 0.9, gen),
+        RoundRandomness().hide_modalities(0, torch.arange(1000), mask, 0.9, num_examples=1000),
+    ):
         assert dropped.any(dim=1).all()
         assert not (dropped & ~mask).any()  # never adds a modality
         assert dropped.sum() < 0.5 * mask.sum()
@@ -186,9 +209,16 @@ def test_fusion_beats_every_single_modality_on_the_synthetic_data():
     train, test = synthetic.generate(1200, seed=1), synthetic.generate(600, seed=2)
     model = MultimodalModel(train.schema, ModelConfig())
     # Execute: non-private, with modality dropout so that single modalities are learned too
-    train_round(model, train, PrivacyHistory(), **settings(**DP | dict(target_epsilon=math.inf, local_epochs=15, batch_size=32,
-                lr=0.1, momentum=0.9, modality_dropout=0.5)))
+    train_round(
+        model,
+        train,
+        PrivacyHistory(),
+        **settings(
+            **DP | dict(target_epsilon=math.inf, local_epochs=15, batch_size=32, lr=0.1, momentum=0.9, modality_dropout=0.5)
+        ),
+    )
     from common.model.evaluation import evaluate
+
     report = evaluate(model, test)
     # Assert: about 1/2 for one modality, 5/6 for two, ~1 for all three
     singles = [report["by_modalities"][m]["accuracy"] for m in ("image", "signal", "tabular")]

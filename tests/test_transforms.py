@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from common.privacy.accounting import PrivacyHistory
 from common.config import parse_run_config
 from common.data.samples import MultimodalData
+from common.data.schema import DatasetSchema, ModalitySpec
 from common.errors import ConfigError
 from common.model.multimodal import ModelConfig, MultimodalModel
-from common.data.schema import DatasetSchema, ModalitySpec
-from common.privacy.training import DPRequest, LocalTraining, train_round
 from common.model.transforms import RecordTransform, check_modalities, parse_transforms
+from common.privacy.accounting import PrivacyHistory
+from common.privacy.training import DPRequest, LocalTraining, train_round
 
 ACC = ModalitySpec("acc", "signal", (3, 128))
 SCHEMA = DatasetSchema((ACC, ModalitySpec("gyro", "signal", (3, 128)), ModalitySpec("tab", "tabular", (4,))), ("a", "b"))
@@ -64,15 +64,18 @@ def test_a_record_is_transformed_alone_whatever_else_is_in_the_batch(text):
     torch.testing.assert_close(transform(first[:1])[0], transform(first)[0])
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("acc=lowpass", "unknown transform 'lowpass' for modality 'acc'; known: gravity, magnitude, scale"),
-    ("acc", "expected 'modality=transform+transform'"),
-    ("acc=scale", "'scale' for modality 'acc' needs a number"),
-    ("acc=magnitude(2)", "'magnitude' for modality 'acc' takes no number"),
-    ("acc=gravity(0.7)", "must lie in (0, 0.5)"),
-    ("acc=scale(x)", "'x' is not a number"),
-    ("acc=magnitude;acc=gravity", "modality 'acc' is named twice"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("acc=lowpass", "unknown transform 'lowpass' for modality 'acc'; known: gravity, magnitude, scale"),
+        ("acc", "expected 'modality=transform+transform'"),
+        ("acc=scale", "'scale' for modality 'acc' needs a number"),
+        ("acc=magnitude(2)", "'magnitude' for modality 'acc' takes no number"),
+        ("acc=gravity(0.7)", "must lie in (0, 0.5)"),
+        ("acc=scale(x)", "'x' is not a number"),
+        ("acc=magnitude;acc=gravity", "modality 'acc' is named twice"),
+    ],
+)
 def test_malformed_chains_are_refused_with_what_to_write(text, fragment):
     with pytest.raises(ConfigError) as err:
         parse_transforms(text)
@@ -99,13 +102,25 @@ def test_the_encoder_sees_the_transformed_record_and_a_private_round_trains():
     assert not any("transform" in k for k in model.state_dict())
     g = torch.Generator().manual_seed(1)
     n = 120
-    data = MultimodalData(SCHEMA, {"acc": torch.randn(n, 3, 128, generator=g), "gyro": torch.randn(n, 3, 128, generator=g),
-                                   "tab": torch.randn(n, 4, generator=g)},
-                          torch.ones(n, 3, dtype=torch.bool), torch.randint(0, 2, (n,), generator=g))
+    data = MultimodalData(
+        SCHEMA,
+        {
+            "acc": torch.randn(n, 3, 128, generator=g),
+            "gyro": torch.randn(n, 3, 128, generator=g),
+            "tab": torch.randn(n, 4, generator=g),
+        },
+        torch.ones(n, 3, dtype=torch.bool),
+        torch.randint(0, 2, (n,), generator=g),
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # Execute
-    result = train_round(model, data, PrivacyHistory(), dp=DPRequest(4.0, 1e-5, 1.0, planned_rounds=1),
-                         training=LocalTraining(local_epochs=1, batch_size=40))
+    result = train_round(
+        model,
+        data,
+        PrivacyHistory(),
+        dp=DPRequest(4.0, 1e-5, 1.0, planned_rounds=1),
+        training=LocalTraining(local_epochs=1, batch_size=40),
+    )
     # Assert: trained privately; every encoder moved; a fresh model with the same config loads the state
     assert result.private and result.steps == 3
     assert all(not torch.equal(model.state_dict()[k], before[k]) for k in before if k.endswith("conv1.weight"))

@@ -6,18 +6,20 @@ import pytest
 import torch
 
 from common.data import synthetic
-from fedfuse.cli import main
-from common.errors import SchemaError
-from common.model.multimodal import ModelConfig, MultimodalModel
 from common.data.schema import DatasetSchema, ModalitySpec
 from common.data.site_folders import federation_schema, load_site, validate_site, write_site
 from common.data.value_ranges import modality_ranges, range_notes
+from common.errors import SchemaError
+from common.model.multimodal import ModelConfig, MultimodalModel
+from fedfuse.cli import main
 
 
 def with_scaling(data, name, offset, scale):
     """The same samples under a schema declaring ``name``'s scaling."""
-    specs = tuple(ModalitySpec(s.name, s.kind, s.shape, s.dtype, s.vocab_size, (offset, scale) if s.name == name else None)
-                  for s in data.schema.modalities)
+    specs = tuple(
+        ModalitySpec(s.name, s.kind, s.shape, s.dtype, s.vocab_size, (offset, scale) if s.name == name else None)
+        for s in data.schema.modalities
+    )
     return type(data)(DatasetSchema(specs, data.schema.labels), data.inputs, data.mask, data.labels)
 
 
@@ -25,8 +27,11 @@ def test_scaling_is_read_written_and_checked():
     spec = ModalitySpec.from_dict("depth", {"kind": "tabular", "shape": [4], "scaling": {"offset": 500, "scale": 1000}})
     assert spec.scaling == (500.0, 1000.0)
     assert ModalitySpec.from_dict("depth", spec.to_dict()) == spec
-    for bad, message in (({"offset": 0, "scale": 0}, "scale > 0"), ({"scale": 2}, "must be"),
-                         ({"offset": float("nan"), "scale": 1}, "finite offset")):
+    for bad, message in (
+        ({"offset": 0, "scale": 0}, "scale > 0"),
+        ({"scale": 2}, "must be"),
+        ({"offset": float("nan"), "scale": 1}, "finite offset"),
+    ):
         with pytest.raises(SchemaError, match=message):
             ModalitySpec.from_dict("depth", {"kind": "tabular", "shape": [4], "scaling": bad})
     with pytest.raises(SchemaError, match="not to token ids"):

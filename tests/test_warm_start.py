@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from client.handlers import _model
-from client.state import ClientState
 from client.site import resolve_site
+from client.state import ClientState
 from common.config import RunConfig, parse_run_config
 from common.data import synthetic
 from common.data.site_folders import write_site
@@ -27,17 +27,32 @@ IMAGE = synthetic.schema().modalities[0]
 def public_site(tmp_path_factory):
     """A small public site folder: the synthetic dataset's images only (120 train, 30 test)."""
     data = synthetic.generate(150, seed=7)
-    images = type(data)(type(data.schema)((IMAGE,), data.schema.labels), {"image": data.inputs["image"]},
-                        data.mask[:, :1], data.labels)
-    return write_site(tmp_path_factory.mktemp("public") / "images", images, ["train"] * 120 + ["test"] * 30,
-                      name="public-images")
+    images = type(data)(
+        type(data.schema)((IMAGE,), data.schema.labels), {"image": data.inputs["image"]}, data.mask[:, :1], data.labels
+    )
+    return write_site(tmp_path_factory.mktemp("public") / "images", images, ["train"] * 120 + ["test"] * 30, name="public-images")
 
 
 @pytest.fixture(scope="module")
 def pretrained(public_site, tmp_path_factory):
     out = tmp_path_factory.mktemp("weights") / "image-cnn.safetensors"
-    status = main(["pretrain", "--data", str(public_site), "--modality", "image", "--out", str(out),
-                   "--embed-dim", "16", "--epochs", "4", "--lr", "0.01"])
+    status = main(
+        [
+            "pretrain",
+            "--data",
+            str(public_site),
+            "--modality",
+            "image",
+            "--out",
+            str(out),
+            "--embed-dim",
+            "16",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.01",
+        ]
+    )
     assert status == 0
     return out
 
@@ -48,7 +63,9 @@ def test_pretrain_writes_weights_and_a_description_that_learned_something(pretra
     described = json.loads((pretrained.parent / (pretrained.name + ".json")).read_text())
     assert described["modality"] == "image" and described["embed_dim"] == 16 and described["private"] is False
     assert described["trained_on"] == {"site": "public-images", "train_samples": 120, "labels": list(synthetic.schema().labels)}
-    assert described["test_samples"] == 30 and described["test_accuracy"] > 1 / 6 + 0.1  # above chance (the image alone carries part of the label)
+    assert (
+        described["test_samples"] == 30 and described["test_accuracy"] > 1 / 6 + 0.1
+    )  # above chance (the image alone carries part of the label)
 
 
 def test_pretrain_refuses_to_overwrite_and_unknown_modalities(public_site, pretrained, capsys):
@@ -61,8 +78,12 @@ def test_pretrain_refuses_to_overwrite_and_unknown_modalities(public_site, pretr
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_fresh_client_starts_from_the_file_and_a_restored_one_keeps_its_state(pretrained, tmp_path):
-    flat = RunConfig().to_flat() | {"out-dir": str(tmp_path), "data.samples-per-client": 200,
-                                    "model.embed-dim": 16, "model.init": f"image={pretrained}"}
+    flat = RunConfig().to_flat() | {
+        "out-dir": str(tmp_path),
+        "data.samples-per-client": 200,
+        "model.embed-dim": 16,
+        "model.init": f"image={pretrained}",
+    }
     config = parse_run_config(flat)
     site = resolve_site({"partition-id": 0, "num-partitions": 6}, config, 1)
     (tmp_path / "state").mkdir()
@@ -89,9 +110,14 @@ def test_files_that_do_not_fit_are_refused_with_the_reason(tmp_path):
             warm_start({"image": build_encoder(IMAGE, 16)}, {"image": str(path)})
 
     state = {k: v.clone() for k, v in encoder.state_dict().items()}
-    refused(state | {"proj.weight": torch.zeros(8, state["proj.weight"].shape[1])},
-            r"'proj.weight' has shape \(8, \d+\), the encoder of modality 'image' \(16, \d+\)")
-    refused({k: v for k, v in state.items() if k != "proj.bias"}, r"keys do not match the encoder of modality 'image' \(missing \['proj.bias'\]\)")
+    refused(
+        state | {"proj.weight": torch.zeros(8, state["proj.weight"].shape[1])},
+        r"'proj.weight' has shape \(8, \d+\), the encoder of modality 'image' \(16, \d+\)",
+    )
+    refused(
+        {k: v for k, v in state.items() if k != "proj.bias"},
+        r"keys do not match the encoder of modality 'image' \(missing \['proj.bias'\]\)",
+    )
     refused(state | {"extra": torch.zeros(1)}, r"\(unexpected \['extra'\]\)")
     refused(state | {"proj.bias": torch.full((16,), float("nan"))}, "'proj.bias' holds NaN or infinite values")
     (tmp_path / "text.safetensors").write_text("not weights")
@@ -102,6 +128,6 @@ def test_files_that_do_not_fit_are_refused_with_the_reason(tmp_path):
 
 
 def test_a_simulation_checks_init_files_before_it_starts(tmp_path, capsys):
-    flat = ["--set", "model.init.image=\"" + str(tmp_path / "missing.safetensors") + "\"", "--out", str(tmp_path / "run")]
+    flat = ["--set", 'model.init.image="' + str(tmp_path / "missing.safetensors") + '"', "--out", str(tmp_path / "run")]
     assert main(["simulate", *flat]) == 2
     assert "model.init.image" in capsys.readouterr().err and not (tmp_path / "run").exists()

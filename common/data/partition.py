@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import synthetic
 from common.config import RunConfig
+from common.data import synthetic
 from common.data.samples import MultimodalData, hide_modalities
-from common.errors import ConfigError, DataError
 from common.data.schema import DatasetSchema
+from common.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +40,6 @@ class ClientPartition:
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
 
 
 def _declared_splits(site: Path) -> list[str] | None:
@@ -64,9 +63,11 @@ def not_training(site: Path) -> str:
     if splits is None or TRAIN_SPLIT in splits:
         return ""
     hint = split_hint(splits)
-    return (f"no '{TRAIN_SPLIT}' split (it declares {splits})" + (f"; {hint}" if hint else "")
-            + (f"; its '{TEST_SPLIT}' samples can serve as server-side test data (data.server-test)"
-               if TEST_SPLIT in splits else ""))
+    return (
+        f"no '{TRAIN_SPLIT}' split (it declares {splits})"
+        + (f"; {hint}" if hint else "")
+        + (f"; its '{TEST_SPLIT}' samples can serve as server-side test data (data.server-test)" if TEST_SPLIT in splits else "")
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -76,8 +77,10 @@ def _site_paths(folder: str) -> tuple[Path, ...]:
 
     paths = tuple(p for p in site_folders(folder) if _has_train_split(p))
     if not paths:
-        raise DataError(f"data.dataset '{folder}' holds no site folders with a 'train' split (one folder per "
-                        "client; fedfuse trains on the samples whose split is 'train' and evaluates on 'test')")
+        raise DataError(
+            f"data.dataset '{folder}' holds no site folders with a 'train' split (one folder per "
+            "client; fedfuse trains on the samples whose split is 'train' and evaluates on 'test')"
+        )
     return paths
 
 
@@ -97,14 +100,20 @@ def real_data_changes(config: RunConfig) -> list[str]:
         return []
     out = []
     if data.effective_assignment == "groups":
-        out.append(f"data.assignment = \"groups\": site i keeps only the modalities of group i mod "
-                   f"{len(data.group_list)} of data.groups ({data.groups!r})")
+        out.append(
+            f'data.assignment = "groups": site i keeps only the modalities of group i mod '
+            f"{len(data.group_list)} of data.groups ({data.groups!r})"
+        )
     elif data.effective_assignment == "dropout":
-        out.append(f"data.assignment = \"dropout\": each site drops each of its modalities with probability "
-                   f"{data.modality_drop_prob:g} (data.modality-drop-prob)")
+        out.append(
+            f'data.assignment = "dropout": each site drops each of its modalities with probability '
+            f"{data.modality_drop_prob:g} (data.modality-drop-prob)"
+        )
     if data.effective_missing_rate > 0:
-        out.append(f"data.missing-rate = {data.effective_missing_rate:g}: each present modality of each sample is "
-                   "hidden with this probability, in the sites' training and test splits")
+        out.append(
+            f"data.missing-rate = {data.effective_missing_rate:g}: each present modality of each sample is "
+            "hidden with this probability, in the sites' training and test splits"
+        )
     return out
 
 
@@ -135,8 +144,10 @@ def federation_space(config: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...
         modalities = tuple(m.strip() for m in fed.modalities.split(",") if m.strip())
         labels = tuple(x.strip() for x in fed.labels.split(",") if x.strip())
         if not modalities or len(labels) < 2:
-            raise ConfigError("run config keys 'federation.modalities' and 'federation.labels' go together: name "
-                              "the head's modalities (e.g. \"acc,gyro\") and at least two labels")
+            raise ConfigError(
+                "run config keys 'federation.modalities' and 'federation.labels' go together: name "
+                'the head\'s modalities (e.g. "acc,gyro") and at least two labels'
+            )
         return modalities, labels
     schema = dataset_schema(config)
     return schema.names, schema.labels
@@ -193,9 +204,7 @@ def _budget(config: RunConfig, group: int | None) -> float:
     if group is None:
         raise ConfigError("run config key 'dp.group-epsilon' needs data.assignment = 'groups' (or 'auto' on synthetic data)")
     if len(budgets) != len(config.data.group_list):
-        raise ConfigError(
-            f"run config key 'dp.group-epsilon': {len(budgets)} budgets for {len(config.data.group_list)} groups"
-        )
+        raise ConfigError(f"run config key 'dp.group-epsilon': {len(budgets)} budgets for {len(config.data.group_list)} groups")
     return budgets[group]
 
 

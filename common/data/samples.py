@@ -7,14 +7,14 @@ has at least one modality present.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Iterable, Sequence
 
 import torch
 
-from common.errors import DataError
 from common.data.schema import DatasetSchema
+from common.errors import DataError
 
 _TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
@@ -56,8 +56,7 @@ class MultimodalData:
             raise DataError(f"labels must lie in [0, {schema.num_classes}), found values in [{lo}, {hi}]")
         if self.mask.dtype != torch.bool or tuple(self.mask.shape) != (n, len(schema.names)):
             raise DataError(
-                f"mask must be a bool tensor of shape ({n}, {len(schema.names)}), got "
-                f"{self.mask.dtype} {tuple(self.mask.shape)}"
+                f"mask must be a bool tensor of shape ({n}, {len(schema.names)}), got {self.mask.dtype} {tuple(self.mask.shape)}"
             )
         empty = (~self.mask.any(dim=1)).nonzero().flatten()
         if len(empty):
@@ -71,8 +70,7 @@ class MultimodalData:
                 raise DataError(f"modality '{spec.name}': expected a tensor, got {type(x).__name__}")
             if tuple(x.shape) != (n, *spec.shape):
                 raise DataError(
-                    f"modality '{spec.name}': expected shape {(n, *spec.shape)} (N x {list(spec.shape)}), "
-                    f"got {tuple(x.shape)}"
+                    f"modality '{spec.name}': expected shape {(n, *spec.shape)} (N x {list(spec.shape)}), got {tuple(x.shape)}"
                 )
             if x.dtype != torch_dtype(spec.dtype):
                 raise DataError(f"modality '{spec.name}': expected dtype {spec.dtype}, got {x.dtype}")
@@ -99,7 +97,7 @@ class MultimodalData:
         }
 
     @classmethod
-    def from_samples(cls, schema: DatasetSchema, samples: Sequence[dict]) -> "MultimodalData":
+    def from_samples(cls, schema: DatasetSchema, samples: Sequence[dict]) -> MultimodalData:
         """Build from per-sample dicts ``{"inputs": {name: tensor}, "label": int}``.
 
         A modality missing from a sample's ``inputs`` is absent for that sample.
@@ -114,8 +112,7 @@ class MultimodalData:
             unknown = set(s["inputs"]) - set(names)
             if unknown:
                 raise DataError(
-                    f"sample {i} declares modalities {sorted(unknown)} that the schema does not have "
-                    f"(schema: {list(names)})"
+                    f"sample {i} declares modalities {sorted(unknown)} that the schema does not have (schema: {list(names)})"
                 )
             for name, x in s["inputs"].items():
                 spec = schema[name]
@@ -129,11 +126,11 @@ class MultimodalData:
             labels[i] = int(s["label"])
         return cls(schema, inputs, mask, labels)
 
-    def subset(self, indices: torch.Tensor | Sequence[int]) -> "MultimodalData":
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> MultimodalData:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return MultimodalData(self.schema, {n: x[idx] for n, x in self.inputs.items()}, self.mask[idx], self.labels[idx])
 
-    def restrict(self, names: Iterable[str]) -> "MultimodalData":
+    def restrict(self, names: Iterable[str]) -> MultimodalData:
         """Keep only the modalities ``names``; samples left with none are dropped."""
         schema = self.schema.restrict(list(names))
         cols = [self.schema.index(n) for n in schema.names]
@@ -141,9 +138,7 @@ class MultimodalData:
         keep = mask.any(dim=1).nonzero().flatten()
         if len(keep) == 0:
             raise DataError(f"no sample has any of the modalities {list(schema.names)}")
-        return MultimodalData(
-            schema, {n: self.inputs[n][keep] for n in schema.names}, mask[keep], self.labels[keep]
-        )
+        return MultimodalData(schema, {n: self.inputs[n][keep] for n in schema.names}, mask[keep], self.labels[keep])
 
     def presence(self) -> dict[str, int]:
         """Number of samples that have each modality."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from common.errors import SchemaError
 
@@ -35,17 +36,14 @@ class ModalitySpec:
         where = f"modality '{self.name}'"
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise SchemaError(
-                f"{where}: name must be lower-case letters, digits or '_' (start with a letter, "
-                "at most 32 characters)"
+                f"{where}: name must be lower-case letters, digits or '_' (start with a letter, at most 32 characters)"
             )
         if self.kind not in KINDS:
             raise SchemaError(f"{where}: unknown kind '{self.kind}'; known kinds: {sorted(KINDS)}")
         ndim, dtypes = KINDS[self.kind]
         shape = tuple(self.shape)
         if len(shape) != ndim or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise SchemaError(
-                f"{where}: kind '{self.kind}' needs a shape of {ndim} positive integers, got {list(self.shape)}"
-            )
+            raise SchemaError(f"{where}: kind '{self.kind}' needs a shape of {ndim} positive integers, got {list(self.shape)}")
         object.__setattr__(self, "shape", shape)
         if self.dtype not in dtypes:
             raise SchemaError(f"{where}: kind '{self.kind}' needs dtype {' or '.join(dtypes)}, got '{self.dtype}'")
@@ -58,10 +56,13 @@ class ModalitySpec:
             offset, scale = self.scaling
             if self.kind == "text":
                 raise SchemaError(f"{where}: scaling applies to numeric kinds, not to token ids")
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (offset, scale)) \
-                    or scale <= 0:
-                raise SchemaError(f"{where}: scaling needs a finite offset and a scale > 0, got offset {offset!r}, "
-                                  f"scale {scale!r}")
+            if (
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (offset, scale))
+                or scale <= 0
+            ):
+                raise SchemaError(
+                    f"{where}: scaling needs a finite offset and a scale > 0, got offset {offset!r}, scale {scale!r}"
+                )
             object.__setattr__(self, "scaling", (float(offset), float(scale)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,7 +74,7 @@ class ModalitySpec:
         return out
 
     @classmethod
-    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "ModalitySpec":
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> ModalitySpec:
         if not isinstance(data, Mapping):
             raise SchemaError(f"modality '{name}': expected a table with kind, shape, dtype")
         unknown = set(data) - {"kind", "shape", "dtype", "vocab_size", "scaling"}
@@ -100,8 +101,10 @@ def _scaling(name: str, value: Any) -> tuple[float, float] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping) or set(value) != {"offset", "scale"}:
-        raise SchemaError(f"modality '{name}': scaling must be {{\"offset\": number, \"scale\": number}} (the model "
-                          f"sees (x - offset) / scale), got {value!r}")
+        raise SchemaError(
+            f'modality \'{name}\': scaling must be {{"offset": number, "scale": number}} (the model '
+            f"sees (x - offset) / scale), got {value!r}"
+        )
     return value["offset"], value["scale"]
 
 
@@ -151,7 +154,7 @@ class DatasetSchema:
         self[name]  # raises a clear error for unknown names
         return self._index[name]
 
-    def restrict(self, names: "tuple[str, ...] | list[str]") -> "DatasetSchema":
+    def restrict(self, names: tuple[str, ...] | list[str]) -> DatasetSchema:
         """The same schema with only ``names`` (kept in this schema's order)."""
         wanted = set(names)
         for n in wanted:
@@ -162,7 +165,7 @@ class DatasetSchema:
         return {"modalities": {m.name: m.to_dict() for m in self.modalities}, "labels": list(self.labels)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DatasetSchema":
+    def from_dict(cls, data: Mapping[str, Any]) -> DatasetSchema:
         if not isinstance(data, Mapping):
             raise SchemaError("a schema must be a table with 'modalities' and 'labels'")
         for key in ("modalities", "labels"):

@@ -21,17 +21,18 @@ import re
 import secrets
 import shutil
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from common.data.samples import MultimodalData
+from common.data.schema import DatasetSchema, ModalitySpec
 from common.errors import DataError, SchemaError
 from common.fileio import fsync_dir
-from common.data.schema import DatasetSchema, ModalitySpec
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,16 @@ _PRESENCE, _UNKNOWN = {"1": 1, "0": 0}, 2  # presence cell -> code; _UNKNOWN: ne
 _SPLIT_ORDER = {"train": 0, "test": 2}  # order of "splits" in schema.json: train, others, test
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"  # the split names fedfuse uses; samples of other splits are not used
 SPLIT_ROLES = {TRAIN_SPLIT: "training", TEST_SPLIT: "held-out evaluation"}
-_NEAR_SPLITS = {"training": TRAIN_SPLIT, "trn": TRAIN_SPLIT, "testing": TEST_SPLIT, "tst": TEST_SPLIT,
-                "eval": TEST_SPLIT, "evaluation": TEST_SPLIT, "heldout": TEST_SPLIT, "held-out": TEST_SPLIT}
+_NEAR_SPLITS = {
+    "training": TRAIN_SPLIT,
+    "trn": TRAIN_SPLIT,
+    "testing": TEST_SPLIT,
+    "tst": TEST_SPLIT,
+    "eval": TEST_SPLIT,
+    "evaluation": TEST_SPLIT,
+    "heldout": TEST_SPLIT,
+    "held-out": TEST_SPLIT,
+}
 
 
 @dataclass(frozen=True)
@@ -265,8 +274,12 @@ def _check_schema(path: Path, out: _Problems, parsed: _Parsed) -> None:
         out.add(f, "format", f"unknown format {doc['format']!r}; expected {FORMAT!r}")
     if "version" in doc and (type(doc["version"]) is not int or doc["version"] != VERSION):
         newer = type(doc["version"]) is int and doc["version"] > VERSION
-        out.add(f, "version", f"unsupported version {doc['version']!r}; this fedfuse reads version {VERSION}"
-                + (" (the folder was written by a newer fedfuse: upgrade)" if newer else ""))
+        out.add(
+            f,
+            "version",
+            f"unsupported version {doc['version']!r}; this fedfuse reads version {VERSION}"
+            + (" (the folder was written by a newer fedfuse: upgrade)" if newer else ""),
+        )
     if "name" in doc and (not isinstance(doc["name"], str) or not doc["name"].strip()):
         out.add(f, "name", f"must be a non-empty string, got {doc['name']!r}")
     if "splits" in doc:
@@ -341,8 +354,7 @@ def _check_index(path: Path, out: _Problems, parsed: _Parsed) -> None:
             i = -1
             try:
                 for i, row in enumerate(reader):
-                    _check_row(i, row, header, columns, schema, splits, first_row, out,
-                               ids, split_of, labels, present)
+                    _check_row(i, row, header, columns, schema, splits, first_row, out, ids, split_of, labels, present)
             except csv.Error as exc:
                 out.add(f, f"row {i + 1}", f"malformed CSV (line {reader.line_num}): {exc}; later rows were not read")
                 return
@@ -385,9 +397,18 @@ def _check_header(header: list[str], schema: DatasetSchema | None, out: _Problem
 
 
 def _check_row(
-    i: int, row: list[str], header: list[str], columns: dict[str, int], schema: DatasetSchema | None,
-    splits: tuple[str, ...] | None, first_row: dict[str, int], out: _Problems,
-    ids: list[str], split_of: list[str], labels: list[int], present: dict[str, bytearray],
+    i: int,
+    row: list[str],
+    header: list[str],
+    columns: dict[str, int],
+    schema: DatasetSchema | None,
+    splits: tuple[str, ...] | None,
+    first_row: dict[str, int],
+    out: _Problems,
+    ids: list[str],
+    split_of: list[str],
+    labels: list[int],
+    present: dict[str, bytearray],
 ) -> None:
     f = INDEX_FILE
     if len(row) != len(header):
@@ -398,14 +419,19 @@ def _check_row(
     if not sample:
         out.add(f, f"row {i}, column 'sample'", "empty sample id", kind="empty sample id")
     elif sample in first_row:
-        out.add(f, f"row {i}, column 'sample'", f"sample id {sample!r} already used in row {first_row[sample]}",
-                kind="duplicate sample id")
+        out.add(
+            f,
+            f"row {i}, column 'sample'",
+            f"sample id {sample!r} already used in row {first_row[sample]}",
+            kind="duplicate sample id",
+        )
     else:
         first_row[sample] = i
     # Split
     if splits is not None and split not in splits:
-        out.add(f, f"row {i}, column 'split'", f"unknown split {split!r}; schema.json declares {list(splits)}",
-                kind="unknown split")
+        out.add(
+            f, f"row {i}, column 'split'", f"unknown split {split!r}; schema.json declares {list(splits)}", kind="unknown split"
+        )
     # Label
     value = -1
     if not _INT.fullmatch(label):
@@ -413,8 +439,12 @@ def _check_row(
     else:
         value = int(label)
         if schema is not None and not 0 <= value < schema.num_classes:
-            out.add(f, f"row {i}, column 'label'", f"label {value} is out of range [0, {schema.num_classes})",
-                    kind="label out of range")
+            out.add(
+                f,
+                f"row {i}, column 'label'",
+                f"label {value} is out of range [0, {schema.num_classes})",
+                kind="label out of range",
+            )
     # Presence
     any_present = False
     for m, c in columns.items():
@@ -424,8 +454,7 @@ def _check_row(
         any_present |= v == "1"
         present[m].append(_PRESENCE.get(v, _UNKNOWN))
     if columns and not any_present and all(row[c] in ("0", "1") for c in columns.values()):
-        out.add(f, f"row {i}", "sample has no modality present; drop it or mark a modality present",
-                kind="no modality present")
+        out.add(f, f"row {i}", "sample has no modality present; drop it or mark a modality present", kind="no modality present")
     ids.append(sample)
     split_of.append(split)
     labels.append(value)
@@ -488,8 +517,12 @@ def _check_array(path: Path, spec: ModalitySpec, n: int | None, presence: np.nda
                 out.add(f, f"row {a + j}", "NaN or infinite value(s) in a present sample", kind="non-finite value")
         stray = absent & (x != 0).any(axis=1)
         for j in np.flatnonzero(stray):
-            out.add(f, f"row {a + j}", "non-zero values in a row whose sample lacks the modality (must be zeros)",
-                    kind="non-zero absent row")
+            out.add(
+                f,
+                f"row {a + j}",
+                "non-zero values in a row whose sample lacks the modality (must be zeros)",
+                kind="non-zero absent row",
+            )
 
 
 def split_role(split: str) -> str:
@@ -499,8 +532,11 @@ def split_role(split: str) -> str:
 
 def split_hint(splits: Sequence[str]) -> str:
     """A hint for split names that look like 'train' or 'test' but are not ("" if none)."""
-    return "; ".join(f"'{s}' is not used (did you mean '{_NEAR_SPLITS[s.lower()]}'?)" for s in splits
-                     if s.lower() in _NEAR_SPLITS and s != _NEAR_SPLITS[s.lower()])
+    return "; ".join(
+        f"'{s}' is not used (did you mean '{_NEAR_SPLITS[s.lower()]}'?)"
+        for s in splits
+        if s.lower() in _NEAR_SPLITS and s != _NEAR_SPLITS[s.lower()]
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -565,9 +601,7 @@ def load_federation(path: str | os.PathLike) -> list[Site]:
     """Every site in the folder ``path`` (one sub-folder per site, sorted by folder name)."""
     path = Path(path)
     if (path / SCHEMA_FILE).exists():
-        raise DataError(
-            f"{path} is a single site folder (it has {SCHEMA_FILE}); pass the folder that contains the sites"
-        )
+        raise DataError(f"{path} is a single site folder (it has {SCHEMA_FILE}); pass the folder that contains the sites")
     folders = site_folders(path)
     if not folders:
         raise DataError(f"{path} has no site folders; expected one sub-folder per site (see docs/site-format.md)")

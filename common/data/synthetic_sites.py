@@ -37,15 +37,18 @@ def parse_sites(spec: str) -> dict[str, tuple[str, ...]]:
         if not eq or not mods:
             raise DataError(f"--sites: '{part}' names no modalities; write {SPEC_HELP}")
         if not _NAME.fullmatch(name):
-            raise DataError(f"--sites: site name '{name}' must start with a letter or digit and contain only "
-                            "letters, digits, '.', '_' and '-' (it becomes a folder name)")
+            raise DataError(
+                f"--sites: site name '{name}' must start with a letter or digit and contain only "
+                "letters, digits, '.', '_' and '-' (it becomes a folder name)"
+            )
         if name in sites:
             raise DataError(f"--sites: site '{name}' is given twice")
         modalities = tuple(m.strip() for m in mods.split("+"))
         unknown = [m for m in modalities if m not in known]
         if unknown:
-            raise DataError(f"--sites: site '{name}': unknown modality {unknown[0]!r}; the synthetic dataset has "
-                            f"{', '.join(known)}")
+            raise DataError(
+                f"--sites: site '{name}': unknown modality {unknown[0]!r}; the synthetic dataset has {', '.join(known)}"
+            )
         if len(set(modalities)) != len(modalities):
             raise DataError(f"--sites: site '{name}' names a modality twice ({mods})")
         sites[name] = tuple(m for m in known if m in modalities)  # schema order
@@ -54,8 +57,9 @@ def parse_sites(spec: str) -> dict[str, tuple[str, ...]]:
     return sites
 
 
-def write_synthetic_sites(out: str | os.PathLike[str], sites: dict[str, tuple[str, ...]], *, samples: int = 240,
-                          seed: int = 0) -> dict[str, Path]:
+def write_synthetic_sites(
+    out: str | os.PathLike[str], sites: dict[str, tuple[str, ...]], *, samples: int = 240, seed: int = 0
+) -> dict[str, Path]:
     """Write one synthetic site folder per site under ``out`` (new or empty); returns name -> folder."""
     from common.data import synthetic
     from common.data.site_folders import write_site

@@ -51,8 +51,20 @@ def modality_ranges(site: Site) -> list[Range]:
             x = (x - spec.scaling[0]) / spec.scaling[1]
         sample = x[:: max(1, len(x) // SAMPLE_VALUES)]
         p01, p99 = np.percentile(sample, [1, 99])
-        out.append(Range(spec.name, len(rows), float(x.min()), float(x.max()), float(x.mean()), float(x.std()),
-                         float(p01), float(p99), float(np.percentile(np.abs(sample), 99)), spec.scaling is not None))
+        out.append(
+            Range(
+                spec.name,
+                len(rows),
+                float(x.min()),
+                float(x.max()),
+                float(x.mean()),
+                float(x.std()),
+                float(p01),
+                float(p99),
+                float(np.percentile(np.abs(sample), 99)),
+                spec.scaling is not None,
+            )
+        )
     return out
 
 
@@ -62,10 +74,12 @@ def range_notes(ranges: dict[str, list[Range]]) -> list[str]:
     for site, rs in ranges.items():
         for r in rs:
             if r.typical > LARGE:
-                notes.append(f"{site}/{r.modality}: values of order {r.typical:.4g} (99th percentile of |x|) reach the "
-                             "encoder; it expects values of order 1. If these are raw units (millimetres, raw counts), "
-                             "declare a fixed \"scaling\" for the modality in schema.json, from the sensor's documented "
-                             "units and range (docs/site-format.md)")
+                notes.append(
+                    f"{site}/{r.modality}: values of order {r.typical:.4g} (99th percentile of |x|) reach the "
+                    "encoder; it expects values of order 1. If these are raw units (millimetres, raw counts), "
+                    'declare a fixed "scaling" for the modality in schema.json, from the sensor\'s documented '
+                    "units and range (docs/site-format.md)"
+                )
             elif r.std == 0:
                 notes.append(f"{site}/{r.modality}: every present value is {r.min:.4g}: the modality carries no information")
     by_modality: dict[str, list[tuple[str, float]]] = {}
@@ -76,6 +90,8 @@ def range_notes(ranges: dict[str, list[Range]]) -> list[str]:
     for modality, values in by_modality.items():
         (lo_site, lo), (hi_site, hi) = min(values, key=lambda v: v[1]), max(values, key=lambda v: v[1])
         if hi / lo >= UNIT_RATIO:
-            notes.append(f"{modality}: values of order {hi:.4g} at {hi_site} but {lo:.4g} at {lo_site}: the sites may "
-                         "record it in different units (e.g. millimetres and metres); convert to one unit")
+            notes.append(
+                f"{modality}: values of order {hi:.4g} at {hi_site} but {lo:.4g} at {lo_site}: the sites may "
+                "record it in different units (e.g. millimetres and metres); convert to one unit"
+            )
     return notes

@@ -20,7 +20,9 @@ from common.model.multimodal import MultimodalModel
 
 
 @torch.no_grad()
-def attention_sums(model: MultimodalModel, data: MultimodalData, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor] | None:
+def attention_sums(
+    model: MultimodalModel, data: MultimodalData, batch_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(sums, counts)``, both (M, K): summed attention weight and number of samples, per modality and true
     class, over samples with at least two modalities present; None when the head has no attention."""
     if not isinstance(model.head, AttentionFusion):
@@ -33,7 +35,7 @@ def attention_sums(model: MultimodalModel, data: MultimodalData, batch_size: int
         sl = slice(start, start + batch_size)
         mask = data.mask[sl]
         weights = model.head.attention(model.embed({n: x[sl] for n, x in data.inputs.items()}, mask), mask)  # (B, M)
-        used = (mask & (mask.sum(dim=1, keepdim=True) >= 2))  # (B, M)
+        used = mask & (mask.sum(dim=1, keepdim=True) >= 2)  # (B, M)
         sums += (weights.double() * used).T @ onehot[sl].double()  # (M, K)
         counts += used.long().T @ onehot[sl]
     return sums, counts
@@ -56,7 +58,7 @@ def attention_metrics(model: MultimodalModel, data: MultimodalData) -> dict[str,
 
 def parse_key(key: str) -> tuple[str, int, str]:
     """``attention.<modality>.<class>.<sum|count>`` -> (modality, class, field); ValueError otherwise."""
-    modality, c, name = key[len(M.ATTENTION_PREFIX):].rsplit(".", 2)
+    modality, c, name = key[len(M.ATTENTION_PREFIX) :].rsplit(".", 2)
     if not modality or name not in (M.ATTENTION_SUM, M.ATTENTION_COUNT) or not c.isdigit():
         raise ValueError(f"bad attention metric '{key}'")
     return modality, int(c), name
@@ -77,4 +79,3 @@ def pool(reports: Iterable[Mapping[str, float]]) -> dict[str, dict[str, dict[str
         if n > 0:
             out.setdefault(modality, {})[str(c)] = {"mean": total / n, "samples": int(n)}
     return out
-

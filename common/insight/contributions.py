@@ -67,8 +67,12 @@ class Attribution:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "modalities": list(self.players), "full": self.full, "empty": self.empty, "exact": self.exact,
-            "alone": dict(self.alone), "shapley": dict(self.shapley),
+            "modalities": list(self.players),
+            "full": self.full,
+            "empty": self.empty,
+            "exact": self.exact,
+            "alone": dict(self.alone),
+            "shapley": dict(self.shapley),
             "interactions": {f"{i}+{j}": v for (i, j), v in self.interactions.items()},
         }
         if not self.exact:
@@ -93,6 +97,7 @@ def _game(players: Sequence[str], values: Mapping[frozenset, float] | Game, empt
             return float(values[s])
         except KeyError:
             raise IncompleteGame(f"no score for the coalition {'+'.join(p for p in players if p in s)}") from None
+
     return v
 
 
@@ -158,8 +163,15 @@ def _sampled(players: tuple[str, ...], v: Game, samples: int, rng: random.Random
     return shapley, interactions, stderr, istderr
 
 
-def attribute(players: Iterable[str], values: Mapping[frozenset, float] | Game, *, empty: float,
-              exact_max: int = EXACT_MAX, samples: int = SAMPLES, seed: int = SEED) -> Attribution:
+def attribute(
+    players: Iterable[str],
+    values: Mapping[frozenset, float] | Game,
+    *,
+    empty: float,
+    exact_max: int = EXACT_MAX,
+    samples: int = SAMPLES,
+    seed: int = SEED,
+) -> Attribution:
     """Shapley values and interaction indices of the game ``values`` (coalition -> score; v(∅) = ``empty``).
 
     Exact for up to ``exact_max`` players; beyond, estimated from ``samples`` random orders, with
@@ -179,8 +191,7 @@ def attribute(players: Iterable[str], values: Mapping[frozenset, float] | Game, 
     if samples < 2:
         raise ValueError("the sampled estimate needs at least 2 samples")
     shapley, interactions, stderr, istderr = _sampled(players, v, samples, random.Random(seed))
-    return Attribution(players, full, empty, shapley, interactions, alone, exact=False, stderr=stderr,
-                       interaction_stderr=istderr)
+    return Attribution(players, full, empty, shapley, interactions, alone, exact=False, stderr=stderr, interaction_stderr=istderr)
 
 
 # --- from results.json --------------------------------------------------------------------------
@@ -204,8 +215,11 @@ def subset_figures(evaluation: Mapping[str, Any]) -> tuple[Mapping[str, Any], Ma
 def coalition_scores(evaluation: Mapping[str, Any], metric: str) -> tuple[dict[frozenset, float], str]:
     """``({coalition: score}, source)`` for ``metric`` from one round's ``evaluate`` entry (see :func:`subset_figures`)."""
     by, _, source = subset_figures(evaluation)
-    scores = {frozenset(s.split("+")): float(m[metric]) for s, m in by.items()
-              if isinstance(m, Mapping) and isinstance(m.get(metric), (int, float))}
+    scores = {
+        frozenset(s.split("+")): float(m[metric])
+        for s, m in by.items()
+        if isinstance(m, Mapping) and isinstance(m.get(metric), (int, float))
+    }
     return scores, source
 
 
@@ -257,8 +271,10 @@ def _attribute_or_reason(scores: Mapping[frozenset, float], players: tuple[str, 
     if len(players) <= EXACT_MAX:
         missing = missing_coalitions(players, scores)
         if missing:
-            return {"modalities": list(players),
-                    "error": f"no held-out score for {', '.join(missing)}: no evaluated sample has those modalities together"}
+            return {
+                "modalities": list(players),
+                "error": f"no held-out score for {', '.join(missing)}: no evaluated sample has those modalities together",
+            }
     try:
         return attribute(players, scores, empty=chance).to_json()
     except IncompleteGame as exc:
@@ -272,8 +288,10 @@ def modality_contributions(evaluation: Mapping[str, Any], *, modalities: Sequenc
     with any unimodal-collapse warnings.
     """
     chance = 1.0 / len(labels)
-    out: dict[str, Any] = {"empty_value": chance,
-                           "empty_value_means": f"chance level 1/K = 1/{len(labels)}: guessing without any modality"}
+    out: dict[str, Any] = {
+        "empty_value": chance,
+        "empty_value_means": f"chance level 1/K = 1/{len(labels)}: guessing without any modality",
+    }
     overall: dict[str, Any] = {}
     for metric in METRICS:
         scores, source = coalition_scores(evaluation, metric)
@@ -283,24 +301,30 @@ def modality_contributions(evaluation: Mapping[str, Any], *, modalities: Sequenc
     per_class = class_scores(subset_figures(evaluation)[0], len(labels))
     if per_class["accuracy"]:
         out["per_class"] = {
-            metric: {labels[c]: _attribute_or_reason(s, _players(s, modalities), chance)
-                     for c, s in enumerate(per_class[metric]) if s}
+            metric: {
+                labels[c]: _attribute_or_reason(s, _players(s, modalities), chance) for c, s in enumerate(per_class[metric]) if s
+            }
             for metric in METRICS
         }
     clients = {}
     for cid, figures in sorted((evaluation.get("clients") or {}).items()):
         entry = {}
         for metric in METRICS:
-            scores = {frozenset(s.split("+")): float(m[metric]) for s, m in (figures.get("by_modalities") or {}).items()
-                      if isinstance(m.get(metric), (int, float))}
+            scores = {
+                frozenset(s.split("+")): float(m[metric])
+                for s, m in (figures.get("by_modalities") or {}).items()
+                if isinstance(m.get(metric), (int, float))
+            }
             entry[metric] = _attribute_or_reason(scores, _players(scores, modalities), chance)
         clients[cid] = entry
     if clients:
         out["clients"] = clients
     if evaluation.get("attention"):
         # {modality: {class index: {"mean", "samples"}}} (common/insight/attention.py) -> {modality: {label: mean weight}}
-        out["attention"] = {m: {labels[int(c)]: v["mean"] for c, v in per.items() if int(c) < len(labels)}
-                            for m, per in evaluation["attention"].items()}
+        out["attention"] = {
+            m: {labels[int(c)]: v["mean"] for c, v in per.items() if int(c) < len(labels)}
+            for m, per in evaluation["attention"].items()
+        }
     out["warnings"] = _collapse(overall, evaluation.get("attention"), chance)
     return out
 
@@ -318,7 +342,8 @@ def collapse_warnings(alone: Mapping[str, float], shares: Mapping[str, float], c
                 f"unimodal collapse: {m} takes {share:.0%} of the {measure}, although "
                 + ", ".join(f"{o} alone reaches {alone[o]:.2f}" for o in strong)
                 + f" held-out accuracy (chance {chance:.2f}); the model leans on {m} and ignores evidence it could "
-                "use (try train.modality-dropout, or check the other modalities' encoders and scaling)")
+                "use (try train.modality-dropout, or check the other modalities' encoders and scaling)"
+            )
     return warnings
 
 
@@ -329,8 +354,10 @@ def _collapse(overall: Mapping[str, Any], attention: Mapping[str, Mapping[str, A
     if len(alone) < 2:
         return []
     if attention:  # the head's own weights: mean over every sample it weighed
-        totals = {m: (sum(v["mean"] * v["samples"] for v in per.values()), sum(v["samples"] for v in per.values()))
-                  for m, per in attention.items()}
+        totals = {
+            m: (sum(v["mean"] * v["samples"] for v in per.values()), sum(v["samples"] for v in per.values()))
+            for m, per in attention.items()
+        }
         shares = {m: s / n for m, (s, n) in totals.items() if n}
         return collapse_warnings(alone, shares, chance, measure="attention fusion's mean attention weight")
     gain = acc["full"] - acc["empty"]

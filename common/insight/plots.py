@@ -23,14 +23,27 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     subsets = shown_subsets(last)
     for subset in subsets:
         pts = [(x, e["by_modalities"][subset]["accuracy"]) for x, e in rounds if subset in e["by_modalities"]]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, linestyle="--" if "+" not in subset else "-", label=subset)
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            markersize=3,
+            linestyle="--" if "+" not in subset else "-",
+            label=subset,
+        )
     ax.set_xlabel("round")
     ax.set_ylabel("held-out accuracy (pooled over the clients' test splits)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     hidden = len(last) - len(subsets)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
-              title=f"+ {hidden} more in results.json" if hidden > 0 else None, title_fontsize=7)
+    ax.legend(
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        borderaxespad=0,
+        title=f"+ {hidden} more in results.json" if hidden > 0 else None,
+        title_fontsize=7,
+    )
     ax.set_title("Accuracy per round, by modalities present at test time")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -47,7 +60,7 @@ def plot_epsilon(results: dict[str, Any], path: Path) -> Path:
     for client in clients:
         pts = [(r["round"], r["epsilon"][client]) for r in results["rounds"] if (r.get("epsilon") or {}).get(client) is not None]
         if pts:
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=client)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=client)
             budget = results["privacy"]["clients"].get(client, {}).get("budget")
             if budget is not None and math.isfinite(budget):
                 ax.axhline(budget, color=line.get_color(), linestyle=":", linewidth=1)
@@ -89,8 +102,9 @@ def contributions_figure(overall: dict[str, Any], *, width: float = 7) -> Any:
     ax.axvline(0, color="black", linewidth=0.8)
     lo, hi = min(0.0, *values), max(0.05, *values)
     ax.set_xlim(lo - 0.2 * (hi - lo) if lo < 0 else 0, hi + 0.2 * (hi - lo))
-    ax.set_xlabel(f"Shapley value: held-out score the modality adds over chance ({games[0][2]['empty']:.3f}), "
-                  "averaged over join orders")
+    ax.set_xlabel(
+        f"Shapley value: held-out score the modality adds over chance ({games[0][2]['empty']:.3f}), averaged over join orders"
+    )
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.set_title("Modality contributions, final round")
@@ -110,6 +124,9 @@ def plot_contributions(results: dict[str, Any], path: Path) -> Path | None:
 
 def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """Draw accuracy.png, epsilon.png and (when the run has them) contributions.png into ``out_dir``."""
-    drawn = [plot_accuracy(results, out_dir / "accuracy.png"), plot_epsilon(results, out_dir / "epsilon.png"),
-             plot_contributions(results, out_dir / "contributions.png")]
+    drawn = [
+        plot_accuracy(results, out_dir / "accuracy.png"),
+        plot_epsilon(results, out_dir / "epsilon.png"),
+        plot_contributions(results, out_dir / "contributions.png"),
+    ]
     return [p for p in drawn if p is not None]

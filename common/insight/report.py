@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.insight.contributions import METRICS, class_scores, modality_contributions, subset_figures
 from common.errors import FedfuseError
+from common.insight.contributions import METRICS, class_scores, modality_contributions, subset_figures
 from common.insight.plots import COLORS, contributions_figure
 
 REPORT_FILE = "report.html"
@@ -126,15 +126,19 @@ def signed(value: Any, digits: int = 3) -> str:
     return "–" if not isinstance(value, (int, float)) else f"{value:+.{digits}f}"
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: Sequence[int] = (),
-          row_classes: Sequence[str] | None = None) -> str:
+def table(
+    header: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: Sequence[int] = (), row_classes: Sequence[str] | None = None
+) -> str:
     """An HTML table; cells are HTML already (escape them first); columns in ``numeric`` right-aligned."""
     head = "".join(f'<th class="n">{esc(h)}</th>' if i in numeric else f"<th>{esc(h)}</th>" for i, h in enumerate(header))
     body = []
     for r, row in enumerate(rows):
         cls = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
-        body.append(f"<tr{cls}>" + "".join(f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>"
-                                           for i, c in enumerate(row)) + "</tr>")
+        body.append(
+            f"<tr{cls}>"
+            + "".join(f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(row))
+            + "</tr>"
+        )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
@@ -146,7 +150,7 @@ def svg(fig: Any) -> str:
     with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "fedfuse-report"}):
         fig.savefig(buf, format="svg", bbox_inches="tight")
     text = buf.getvalue()
-    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text[text.index("<svg"):], flags=re.S)  # creator, date
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text[text.index("<svg") :], flags=re.S)  # creator, date
     return f'<div class="chart">{text}</div>'
 
 
@@ -192,25 +196,40 @@ def _header(results: Mapping[str, Any], run: Mapping[str, Any], run_dir: Path) -
         f"fusion <code>{esc(config.get('model.fusion', '?'))}</code>",
         f"strategy <code>{esc(config.get('strategy', '?'))}</code>",
         f"encoders <code>{esc(config.get('encoders', '?'))}</code>",
-        "budget " + ("ε = ∞ (non-private)" if config.get("dp.epsilon") is None
-                     else f"(ε = {num(config.get('dp.epsilon'), 2)}, δ = {esc(config.get('dp.delta'))}) per client"),
+        "budget "
+        + (
+            "ε = ∞ (non-private)"
+            if config.get("dp.epsilon") is None
+            else f"(ε = {num(config.get('dp.epsilon'), 2)}, δ = {esc(config.get('dp.delta'))}) per client"
+        ),
     ]
     error = results.get("error")
     collapse = ((results.get("final") or {}).get("modality_contributions") or {}).get("warnings") or []
-    notes = "".join(f'<div class="note"><b>Warning</b>{_round_of(w)}: {esc(w.get("message") if isinstance(w, Mapping) else w)}</div>'
-                    for w in [*(results.get("warnings") or []), *collapse])
-    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [
-        ("scores", "held-out scores"), ("contributions", "modality contributions"), ("confusion", "confusion matrices"),
-        ("clients", "clients and privacy"), ("rounds", "rounds"), ("config", "configuration")])
+    notes = "".join(
+        f'<div class="note"><b>Warning</b>{_round_of(w)}: {esc(w.get("message") if isinstance(w, Mapping) else w)}</div>'
+        for w in [*(results.get("warnings") or []), *collapse]
+    )
+    nav = "".join(
+        f'<a href="#{a}">{t}</a>'
+        for a, t in [
+            ("scores", "held-out scores"),
+            ("contributions", "modality contributions"),
+            ("confusion", "confusion matrices"),
+            ("clients", "clients and privacy"),
+            ("rounds", "rounds"),
+            ("config", "configuration"),
+        ]
+    )
     return (
         f'<header class="top"><h1>fedfuse run <code>{esc(results.get("run_id", "?"))}</code> '
         f'<span class="badge {cls}">{esc(status)}</span></h1>'
-        f'<p class="muted small">{esc(run_dir.resolve())}'
-        + (f" · started {esc(created)}" if created else "") + "</p>"
+        f'<p class="muted small">{esc(run_dir.resolve())}' + (f" · started {esc(created)}" if created else "") + "</p>"
         f'<p class="small">{" · ".join(facts)}</p>'
-        + (f'<div class="error"><b>The run failed:</b> {esc(error)}</div>' if error else "") + notes
-        + '<div class="cards">' + "".join(f'<div class="card"><div class="v">{v}</div><div class="k">{esc(k)}</div></div>'
-                                         for k, v in cards) + "</div>"
+        + (f'<div class="error"><b>The run failed:</b> {esc(error)}</div>' if error else "")
+        + notes
+        + '<div class="cards">'
+        + "".join(f'<div class="card"><div class="v">{v}</div><div class="k">{esc(k)}</div></div>' for k, v in cards)
+        + "</div>"
         + f"<nav>{nav}</nav></header>"
     )
 
@@ -223,13 +242,20 @@ def _scores(results: Mapping[str, Any], modalities: Sequence[str]) -> str:
     rounds = [r for r in results.get("rounds") or [] if r.get("evaluate")]
     out = ['<section id="scores"><h2>Held-out scores per round, by modalities present at test time</h2>']
     if not rounds:
-        return out[0] + '<p class="muted">No round was evaluated (evaluation off, <code>release.eval-metrics = false</code>, ' \
-                        "or the run stopped before its first evaluation).</p></section>"
+        return (
+            out[0] + '<p class="muted">No round was evaluated (evaluation off, <code>release.eval-metrics = false</code>, '
+            "or the run stopped before its first evaluation).</p></section>"
+        )
     by, overall, source = subset_figures(rounds[-1]["evaluate"])
-    how = ("pooled over every held-out prediction" if source == "pooled"
-           else "the mean of the clients’ own scores, weighted by their test examples")
-    out.append('<p class="small muted">For a subset S the global model sees only the modalities in S, on the held-out '
-               f"samples that have all of them. Figures: {how}. Black line: every sample with the modalities it has.</p>")
+    how = (
+        "pooled over every held-out prediction"
+        if source == "pooled"
+        else "the mean of the clients’ own scores, weighted by their test examples"
+    )
+    out.append(
+        '<p class="small muted">For a subset S the global model sees only the modalities in S, on the held-out '
+        f"samples that have all of them. Figures: {how}. Black line: every sample with the modalities it has.</p>"
+    )
     final_acc = {s: f["accuracy"] for s, f in by.items() if isinstance(f.get("accuracy"), (int, float))}
     shown = _chart_subsets(final_acc, modalities)
     from matplotlib.figure import Figure
@@ -243,8 +269,15 @@ def _scores(results: Mapping[str, Any], modalities: Sequence[str]) -> str:
         for i, subset in enumerate(shown):
             pts = [(x, (f[0].get(subset) or {}).get(metric)) for x, f in zip(xs, figures)]
             pts = [p for p in pts if p[1] is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3.5, color=COLORS[i % len(COLORS)],
-                    linestyle="--" if "+" not in subset else "-", label=subset)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                markersize=3.5,
+                color=COLORS[i % len(COLORS)],
+                linestyle="--" if "+" not in subset else "-",
+                label=subset,
+            )
         ax.set_title(f"held-out {METRIC_NAMES[metric]}", fontsize=11)
         ax.set_xlabel("round")
         ax.set_ylim(0, 1.02)
@@ -256,9 +289,17 @@ def _scores(results: Mapping[str, Any], modalities: Sequence[str]) -> str:
     fig.tight_layout(rect=(0, 0.1 if len(names) <= 5 else 0.16, 1, 1))
     out.append(svg(fig))
     if len(final_acc) > len(shown):
-        out.append(f'<p class="small muted">The chart shows {len(shown)} of {len(final_acc)} subsets; the table has them all.</p>')
-    rows = [["<b>each sample’s own modalities</b>", num(overall.get("accuracy")), num(overall.get("macro_f1")),
-             num(overall.get("num_examples"))]]
+        out.append(
+            f'<p class="small muted">The chart shows {len(shown)} of {len(final_acc)} subsets; the table has them all.</p>'
+        )
+    rows = [
+        [
+            "<b>each sample’s own modalities</b>",
+            num(overall.get("accuracy")),
+            num(overall.get("macro_f1")),
+            num(overall.get("num_examples")),
+        ]
+    ]
     for subset in _subset_order(by):
         f = by[subset]
         rows.append([esc(subset), num(f.get("accuracy")), num(f.get("macro_f1")), num(f.get("num_examples"))])
@@ -307,9 +348,16 @@ def _class_table(per_class: Mapping[str, Any], metric: str, modalities: Sequence
             rows.append([esc(label)] + ["–"] * len(modalities) + [esc(game.get("error", ""))])
             continue
         top = max(game["shapley"].values())  # bold: the largest value (every one of them on a tie)
-        rows.append([esc(label)] + [f'<span class="top1">{signed(game["shapley"][m])}</span>'
-                                     if abs(game["shapley"].get(m, -math.inf) - top) < 1e-9 else signed(game["shapley"].get(m))
-                                     for m in modalities] + [num(game["full"])])
+        rows.append(
+            [esc(label)]
+            + [
+                f'<span class="top1">{signed(game["shapley"][m])}</span>'
+                if abs(game["shapley"].get(m, -math.inf) - top) < 1e-9
+                else signed(game["shapley"].get(m))
+                for m in modalities
+            ]
+            + [num(game["full"])]
+        )
     header = ["class"] + list(modalities) + [f"{CLASS_METRIC_NAMES[metric]} with all"]
     return table(header, rows, numeric=tuple(range(1, len(modalities) + 2)))
 
@@ -329,34 +377,57 @@ def _contributions(results: Mapping[str, Any], modalities: Sequence[str], labels
         "when it joins, averaged over every order in which the modalities could join; the values add up to the score "
         "with every modality minus chance. A pair’s <b>interaction</b> is positive when the two are worth more together "
         "than apart (each tells apart what the other cannot) and negative when they are redundant. "
-        f"Source: {esc(mc.get('source', '?'))} held-out figures.</p>")
+        f"Source: {esc(mc.get('source', '?'))} held-out figures.</p>"
+    )
     for warning in mc.get("warnings") or []:
         out.append(f'<div class="note"><b>Warning:</b> {esc(warning)}</div>')
     acc, f1 = overall.get("accuracy") or {}, overall.get("macro_f1") or {}
     if "shapley" not in acc:
-        out.append(f'<div class="note">No attribution for the federation: {esc(acc.get("error", "no per-subset scores"))}. '
-                   "Per-client attributions below use each client’s own subsets.</div>")
+        out.append(
+            f'<div class="note">No attribution for the federation: {esc(acc.get("error", "no per-subset scores"))}. '
+            "Per-client attributions below use each client’s own subsets.</div>"
+        )
     else:
         bars = _contribution_bars(overall)
         if bars:
             out.append(bars)
         if not acc.get("exact", True):
-            out.append('<p class="small muted">More modalities than the exact computation covers: values estimated from '
-                       "random join orders; error bars are ±1.96 standard errors (about 95 % confidence).</p>")
+            out.append(
+                '<p class="small muted">More modalities than the exact computation covers: values estimated from '
+                "random join orders; error bars are ±1.96 standard errors (about 95 % confidence).</p>"
+            )
         attention = mc.get("attention") or {}
         gain = acc["full"] - acc["empty"]
         rows = []
         for m in acc["shapley"]:
             weights = list((attention.get(m) or {}).values())
-            rows.append([f"<b>{esc(m)}</b>", num(acc.get("alone", {}).get(m)), signed(acc["shapley"][m]),
-                         f"{acc['shapley'][m] / gain:.0%}" if gain > 1e-12 else "–",
-                         signed((f1.get("shapley") or {}).get(m))]
-                        + ([num(sum(weights) / len(weights)) if weights else "–"] if attention else []))
-        out.append(table(["modality", "accuracy alone", "Shapley (accuracy)", "share of gain", "Shapley (macro-F1)"]
-                         + (["mean attention weight"] if attention else []), rows, numeric=(1, 2, 3, 4, 5)))
-        out.append(f'<p class="small muted">Accuracy with every modality: {num(acc["full"])}; chance: {num(acc["empty"])}.'
-                   + (" Mean attention weight: over held-out samples with two or more modalities, averaged over classes."
-                      if attention else "") + "</p>")
+            rows.append(
+                [
+                    f"<b>{esc(m)}</b>",
+                    num(acc.get("alone", {}).get(m)),
+                    signed(acc["shapley"][m]),
+                    f"{acc['shapley'][m] / gain:.0%}" if gain > 1e-12 else "–",
+                    signed((f1.get("shapley") or {}).get(m)),
+                ]
+                + ([num(sum(weights) / len(weights)) if weights else "–"] if attention else [])
+            )
+        out.append(
+            table(
+                ["modality", "accuracy alone", "Shapley (accuracy)", "share of gain", "Shapley (macro-F1)"]
+                + (["mean attention weight"] if attention else []),
+                rows,
+                numeric=(1, 2, 3, 4, 5),
+            )
+        )
+        out.append(
+            f'<p class="small muted">Accuracy with every modality: {num(acc["full"])}; chance: {num(acc["empty"])}.'
+            + (
+                " Mean attention weight: over held-out samples with two or more modalities, averaged over classes."
+                if attention
+                else ""
+            )
+            + "</p>"
+        )
         pairs = acc.get("interactions") or {}
         if pairs:
             rows = []
@@ -375,8 +446,11 @@ def _contributions(results: Mapping[str, Any], modalities: Sequence[str], labels
         out.append("<h3>Per class: Shapley values of the class’s recall</h3>")
         out.append('<p class="small muted">Bold: the modality that contributes most to telling that class apart.</p>')
         out.append(_class_table(per_class, "accuracy", present))
-        out.append("<details><summary>Per class: Shapley values of the class’s F1</summary>"
-                   + _class_table(per_class, "macro_f1", present) + "</details>")
+        out.append(
+            "<details><summary>Per class: Shapley values of the class’s F1</summary>"
+            + _class_table(per_class, "macro_f1", present)
+            + "</details>"
+        )
     else:
         out.append('<p class="small muted">Per-class contributions need per-class counts in results.json; this run has none.</p>')
     attention = mc.get("attention")
@@ -388,8 +462,10 @@ def _contributions(results: Mapping[str, Any], modalities: Sequence[str], labels
             best = max((m for m in mods if ws[m] is not None), key=lambda m: ws[m], default=None)
             rows.append([esc(label)] + [f'<span class="top1">{num(ws[m])}</span>' if m == best else num(ws[m]) for m in mods])
         out.append("<h3>Attention fusion: mean attention weight per class</h3>")
-        out.append('<p class="small muted">Over held-out samples of the class with two or more modalities present '
-                   "(a modality’s weight where it is present).</p>")
+        out.append(
+            '<p class="small muted">Over held-out samples of the class with two or more modalities present '
+            "(a modality’s weight where it is present).</p>"
+        )
         out.append(table(["class"] + mods, rows, numeric=tuple(range(1, len(mods) + 1))))
     clients = mc.get("clients") or {}
     if clients:
@@ -398,10 +474,20 @@ def _contributions(results: Mapping[str, Any], modalities: Sequence[str], labels
             game = games.get("accuracy") or {}
             if "shapley" in game:
                 parts = ", ".join(f"{esc(m)} {signed(v)}" for m, v in game["shapley"].items())
-                inter = ", ".join(f"{esc(p.replace('+', ' × '))} {signed(v)}" for p, v in (game.get("interactions") or {}).items())
+                inter = ", ".join(
+                    f"{esc(p.replace('+', ' × '))} {signed(v)}" for p, v in (game.get("interactions") or {}).items()
+                )
                 rows.append([esc(cid), esc("+".join(game["modalities"])), parts, inter or "–", num(game["full"])])
             else:
-                rows.append([esc(cid), esc("+".join(game.get("modalities", []))), f'<span class="muted">{esc(game.get("error", ""))}</span>', "–", "–"])
+                rows.append(
+                    [
+                        esc(cid),
+                        esc("+".join(game.get("modalities", []))),
+                        f'<span class="muted">{esc(game.get("error", ""))}</span>',
+                        "–",
+                        "–",
+                    ]
+                )
         out.append("<h3>Per client, over the modalities each client holds (accuracy)</h3>")
         out.append(table(["client", "modalities", "Shapley values", "interactions", "accuracy with all"], rows, numeric=(4,)))
     return "".join(out) + "</section>"
@@ -435,10 +521,14 @@ def _confusion(results: Mapping[str, Any], modalities: Sequence[str], labels: Se
                     cells.append(f'<td style="background:{color};color:{ink}">{v}</td>')
                 rows.append(f"<tr><th>{short[i] if i < len(short) else i}</th>{''.join(cells)}</tr>")
             header = "".join(f"<th>{c}</th>" for c in short[: len(m)])
-            blocks.append(f'<div><h3>{esc(subset)}</h3><table class="cm"><tr><th>true ↓ / predicted →</th>{header}</tr>'
-                          f"{''.join(rows)}</table></div>")
-        out.append('<p class="small muted">Final round, held-out counts; rows: true class, columns: predicted. Blue: the '
-                   "share of the row predicted right; red: confusions.</p>" + f'<div class="cms">{"".join(blocks)}</div>')
+            blocks.append(
+                f'<div><h3>{esc(subset)}</h3><table class="cm"><tr><th>true ↓ / predicted →</th>{header}</tr>'
+                f"{''.join(rows)}</table></div>"
+            )
+        out.append(
+            '<p class="small muted">Final round, held-out counts; rows: true class, columns: predicted. Blue: the '
+            "share of the row predicted right; red: confusions.</p>" + f'<div class="cms">{"".join(blocks)}</div>'
+        )
     if recall:
         subsets = _subset_order(s for s in by if any(frozenset(s.split("+")) in per for per in recall))
         if len(subsets) > MAX_SUBSET_LINES:
@@ -469,12 +559,12 @@ def _clients(results: Mapping[str, Any], audit: Mapping[str, Any], audit_error: 
             spend = "ε = ∞ (non-private)" if p or a else "–"
             bar = ""
         else:
-            spend = f"<span class=\"nw\">(ε = {eps:.2f}, δ = {esc(p.get('delta', a.get('delta')))})</span>"
+            spend = f'<span class="nw">(ε = {eps:.2f}, δ = {esc(p.get("delta", a.get("delta")))})</span>'
             frac = eps / budget if isinstance(budget, (int, float)) and budget > 0 else 0
             bar = f'<div class="bar{" over" if frac > 1 else ""}"><span style="width:{min(frac, 1) * 100:.1f}%"></span></div>'
         budget_text = "∞" if budget is None else num(budget, 2)
         if a:
-            verdict = ('<span class="ok">verified</span>' if a.get("ok") else f'<span class="bad">{esc(a.get("status"))}</span>')
+            verdict = '<span class="ok">verified</span>' if a.get("ok") else f'<span class="bad">{esc(a.get("status"))}</span>'
             if a.get("recomputed_epsilon") is not None:
                 verdict += f'<div class="small muted nw">recomputed ε = {a["recomputed_epsilon"]:.2f}</div>'
             if a.get("problems"):
@@ -484,16 +574,44 @@ def _clients(results: Mapping[str, Any], audit: Mapping[str, Any], audit_error: 
         status = p.get("status", "–")
         rounds = str(p.get("rounds_trained", a.get("rounds", 0)))
         extra = [f"{a[k]} {w}" for k, w in (("refused_rounds", "refused"), ("discarded_rounds", "discarded")) if a.get(k)]
-        rows.append([f"<b>{esc(cid)}</b>", esc("+".join(p.get("modalities") or a.get("modalities") or [])),
-                     num(p.get("train_examples")), num(t.get("num_examples")), rounds + (f' <span class="small muted">({", ".join(extra)})</span>' if extra else ""),
-                     spend + bar, budget_text, esc(status), verdict])
+        rows.append(
+            [
+                f"<b>{esc(cid)}</b>",
+                esc("+".join(p.get("modalities") or a.get("modalities") or [])),
+                num(p.get("train_examples")),
+                num(t.get("num_examples")),
+                rounds + (f' <span class="small muted">({", ".join(extra)})</span>' if extra else ""),
+                spend + bar,
+                budget_text,
+                esc(status),
+                verdict,
+            ]
+        )
         classes.append("problem" if (a and not a.get("ok")) or str(status).startswith("excluded") else "")
     if rows:
-        out.append(table(["client", "modalities", "train examples", "test examples", "rounds trained", "privacy spend",
-                          "budget ε", "status", "ledger audit"], rows, numeric=(2, 3, 4), row_classes=classes))
-        out.append('<p class="small muted">Privacy spend: each client’s cumulative (ε, δ) over its whole history; bar: '
-                   "spend against budget. Ledger audit: <code>fedfuse audit</code>’s verdict on the run folder’s ledgers "
-                   "(signatures, hash chain, client and federation copies, ε re-accounted independently).</p>")
+        out.append(
+            table(
+                [
+                    "client",
+                    "modalities",
+                    "train examples",
+                    "test examples",
+                    "rounds trained",
+                    "privacy spend",
+                    "budget ε",
+                    "status",
+                    "ledger audit",
+                ],
+                rows,
+                numeric=(2, 3, 4),
+                row_classes=classes,
+            )
+        )
+        out.append(
+            '<p class="small muted">Privacy spend: each client’s cumulative (ε, δ) over its whole history; bar: '
+            "spend against budget. Ledger audit: <code>fedfuse audit</code>’s verdict on the run folder’s ledgers "
+            "(signatures, hash chain, client and federation copies, ε re-accounted independently).</p>"
+        )
     else:
         out.append('<p class="muted">No client took part.</p>')
     return "".join(out) + "</section>"
@@ -520,26 +638,43 @@ def _rounds(results: Mapping[str, Any]) -> str:
         ev = r.get("evaluate") or {}
         trained = tr.get("trained") or []
         refused, rejected, failed = tr.get("refused") or {}, tr.get("rejected") or {}, tr.get("failed") or []
-        rows.append([str(r.get("round")), f"{len(trained)} / {tr.get('sampled', 0)}",
-                     _who(refused) or "–", _who(rejected) or "–", _who(failed) or "–",
-                     num(subset_figures(ev)[1].get("accuracy")) if ev else "–", num(r.get("max_epsilon"), 2),
-                     num(r.get("seconds"), 1)])
+        rows.append(
+            [
+                str(r.get("round")),
+                f"{len(trained)} / {tr.get('sampled', 0)}",
+                _who(refused) or "–",
+                _who(rejected) or "–",
+                _who(failed) or "–",
+                num(subset_figures(ev)[1].get("accuracy")) if ev else "–",
+                num(r.get("max_epsilon"), 2),
+                num(r.get("seconds"), 1),
+            ]
+        )
         classes.append("problem" if refused or rejected or failed else "")
     head = '<section id="rounds"><h2>Rounds</h2>'
     if not rows:
         return head + '<p class="muted">No round completed.</p></section>'
-    return (head + '<p class="small muted">Refused: a client declined to train (budget exhausted, site policy, a round '
-            "already trained, a diverged round); rejected: the server refused a reply it could not trust; failed: the "
-            "client raised or did not answer in time.</p>"
-            + table(["round", "trained / sampled", "refused", "rejected", "failed", "accuracy", "max ε", "seconds"],
-                    rows, numeric=(0, 1, 5, 6, 7), row_classes=classes) + "</section>")
+    return (
+        head + '<p class="small muted">Refused: a client declined to train (budget exhausted, site policy, a round '
+        "already trained, a diverged round); rejected: the server refused a reply it could not trust; failed: the "
+        "client raised or did not answer in time.</p>"
+        + table(
+            ["round", "trained / sampled", "refused", "rejected", "failed", "accuracy", "max ε", "seconds"],
+            rows,
+            numeric=(0, 1, 5, 6, 7),
+            row_classes=classes,
+        )
+        + "</section>"
+    )
 
 
 def _config(results: Mapping[str, Any]) -> str:
     config = results.get("config") or {}
     rows = [[f"<code>{esc(k)}</code>", esc("∞ / unset" if v is None else v)] for k, v in sorted(config.items())]
-    return ('<section id="config"><h2>Configuration</h2><details><summary>All run-config keys '
-            f"({len(rows)})</summary>{table(['key', 'value'], rows)}</details></section>")
+    return (
+        '<section id="config"><h2>Configuration</h2><details><summary>All run-config keys '
+        f"({len(rows)})</summary>{table(['key', 'value'], rows)}</details></section>"
+    )
 
 
 def render(run_dir: str | Path) -> str:
@@ -551,26 +686,29 @@ def render(run_dir: str | Path) -> str:
     modalities = list(federation.get("modalities") or sorted({m for s in by for m in s.split("+")}))
     labels = list(federation.get("labels") or overall.get("labels") or [])
     if not labels:
-        raise FedfuseError(f"{run_dir / 'results.json'} names no class labels (its 'federation' entry is missing); "
-                           "was it written by fedfuse?")
+        raise FedfuseError(
+            f"{run_dir / 'results.json'} names no class labels (its 'federation' entry is missing); was it written by fedfuse?"
+        )
     audit, audit_error = _audit(run_dir)
     title = f"fedfuse run {results.get('run_id', '')} – {results.get('status', '')}"
-    generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    body = "".join([
-        _header(results, run, run_dir),
-        _scores(results, modalities),
-        _contributions(results, modalities, labels),
-        _confusion(results, modalities, labels),
-        _clients(results, audit, audit_error),
-        _rounds(results),
-        _config(results),
-    ])
+    generated = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    body = "".join(
+        [
+            _header(results, run, run_dir),
+            _scores(results, modalities),
+            _contributions(results, modalities, labels),
+            _confusion(results, modalities, labels),
+            _clients(results, audit, audit_error),
+            _rounds(results),
+            _config(results),
+        ]
+    )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head>"
-        f"<body><main>{body}<p class=\"small muted\">Drawn from the run folder’s results.json and ledgers by "
+        f'<body><main>{body}<p class="small muted">Drawn from the run folder’s results.json and ledgers by '
         f"<code>fedfuse report</code>, {esc(generated)}.</p></main></body></html>\n"
     )
 

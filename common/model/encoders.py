@@ -15,14 +15,14 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from opacus.layers import DPLSTM
 from torch import nn
 
-from common.errors import EncoderError
 from common.data.schema import ModalitySpec
+from common.errors import EncoderError
 
 
 class ImageEncoder(nn.Module):
@@ -222,11 +222,15 @@ def check_choice(modality: str, choice: str) -> None:
     if choice == DEFAULT or choice in BUILTINS:
         return
     if not is_factory_ref(choice):
-        raise EncoderError(f"model.encoder.{modality} = {choice!r}: not a built-in encoder ({[DEFAULT, *BUILTINS]}) "
-                           "nor a factory \"package.module:function\"")
+        raise EncoderError(
+            f"model.encoder.{modality} = {choice!r}: not a built-in encoder ({[DEFAULT, *BUILTINS]}) "
+            'nor a factory "package.module:function"'
+        )
     if not _FACTORY_REF.match(choice):
-        raise EncoderError(f"model.encoder.{modality} = {choice!r}: a factory is named \"package.module:function\" "
-                           "(dotted module path, one colon, a function name)")
+        raise EncoderError(
+            f'model.encoder.{modality} = {choice!r}: a factory is named "package.module:function" '
+            "(dotted module path, one colon, a function name)"
+        )
 
 
 def load_factory(choice: str) -> EncoderFactory:
@@ -235,8 +239,10 @@ def load_factory(choice: str) -> EncoderFactory:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001  (any import failure is the factory's problem, reported as such)
-        raise EncoderError(f"encoder factory {choice!r}: cannot import module '{module_name}' "
-                           f"({type(exc).__name__}: {exc}); is it installed where fedfuse runs?") from None
+        raise EncoderError(
+            f"encoder factory {choice!r}: cannot import module '{module_name}' "
+            f"({type(exc).__name__}: {exc}); is it installed where fedfuse runs?"
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise EncoderError(f"encoder factory {choice!r}: module '{module_name}' has no callable '{attr}'")
@@ -251,8 +257,10 @@ def encoder_factory(spec: ModalitySpec, choice: str = DEFAULT) -> EncoderFactory
     if choice in BUILTINS:
         kind, factory = BUILTINS[choice]
         if kind != spec.kind:
-            raise EncoderError(f"model.encoder.{spec.name} = {choice!r}: the built-in '{choice}' encodes kind "
-                               f"'{kind}', but modality '{spec.name}' is of kind '{spec.kind}'")
+            raise EncoderError(
+                f"model.encoder.{spec.name} = {choice!r}: the built-in '{choice}' encodes kind "
+                f"'{kind}', but modality '{spec.name}' is of kind '{spec.kind}'"
+            )
         return factory
     return load_factory(choice)
 

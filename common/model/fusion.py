@@ -20,7 +20,7 @@ attention weight, whatever the encoder produced.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -7,11 +7,11 @@ import hashlib
 import torch
 from torch import nn
 
-from common.model.encoders import build_encoder
 from common.config import ModelConfig  # the run config's model section is the architecture: one definition
-from common.errors import GlobalParametersError
-from common.model.fusion import build_head
 from common.data.schema import DatasetSchema
+from common.errors import GlobalParametersError
+from common.model.encoders import build_encoder
+from common.model.fusion import build_head
 from common.model.transforms import RecordTransform, parse_transforms
 
 HEAD_PREFIX = "head."
@@ -36,8 +36,9 @@ class MultimodalModel(nn.Module):
         encoder_specs = [self.transforms[m.name].output if m.name in self.transforms else m for m in schema.modalities]
         # With a seed, each encoder's initial weights depend only on (seed, modality), so clients holding
         # different subsets still start a modality's encoder identically (needed to average encoders).
-        self.encoders = nn.ModuleDict({m.name: _seeded(build_encoder, seed, m.name, m, config.embed_dim, config.encoder_for(m.name))
-                                       for m in encoder_specs})
+        self.encoders = nn.ModuleDict(
+            {m.name: _seeded(build_encoder, seed, m.name, m, config.embed_dim, config.encoder_for(m.name)) for m in encoder_specs}
+        )
         self.head = build_head(
             config.fusion,
             schema.names,
@@ -87,7 +88,7 @@ class MultimodalModel(nn.Module):
 MAX_GLOBAL_MAGNITUDE = 1e4  # no trained fedfuse parameter comes near this; beyond it a head can only make losses overflow
 
 
-def check_global_parameters(model: "MultimodalModel", received: dict[str, torch.Tensor], keys: list[str]) -> None:
+def check_global_parameters(model: MultimodalModel, received: dict[str, torch.Tensor], keys: list[str]) -> None:
     """Refuse the server's parameters unless they fit this client's model: fedfuse names, every shared head
     key present, the model's shapes, finite, and no value beyond :data:`MAX_GLOBAL_MAGNITUDE`.
 
@@ -100,23 +101,27 @@ def check_global_parameters(model: "MultimodalModel", received: dict[str, torch.
         raise GlobalParametersError(f"the server sent parameters that are not part of a fedfuse model: {unknown[:3]}")
     missing = sorted(k for k in keys if k.startswith(HEAD_PREFIX) and k not in received)
     if missing:
-        raise GlobalParametersError(f"the server's head lacks {len(missing)} of this client's parameters "
-                                    f"(first: '{missing[0]}'); {hint}")
+        raise GlobalParametersError(
+            f"the server's head lacks {len(missing)} of this client's parameters (first: '{missing[0]}'); {hint}"
+        )
     own = model.state_dict()
     for key in keys:
         value = received.get(key)
         if value is None:  # an encoder the federation has no global value for yet
             continue
         if tuple(value.shape) != tuple(own[key].shape):
-            raise GlobalParametersError(f"the server's '{key}' has shape {tuple(value.shape)}, this client's model "
-                                        f"{tuple(own[key].shape)}; {hint}")
+            raise GlobalParametersError(
+                f"the server's '{key}' has shape {tuple(value.shape)}, this client's model {tuple(own[key].shape)}; {hint}"
+            )
         if not value.is_floating_point() or not torch.isfinite(value).all():
             raise GlobalParametersError(f"the server's '{key}' holds NaN or infinite values; refused before training")
         largest = float(value.abs().max()) if value.numel() else 0.0
         if largest > MAX_GLOBAL_MAGNITUDE:
-            raise GlobalParametersError(f"the server's '{key}' holds values up to {largest:.3g}, beyond the "
-                                        f"{MAX_GLOBAL_MAGNITUDE:g} that trained fedfuse parameters stay within; "
-                                        "refused before training")
+            raise GlobalParametersError(
+                f"the server's '{key}' holds values up to {largest:.3g}, beyond the "
+                f"{MAX_GLOBAL_MAGNITUDE:g} that trained fedfuse parameters stay within; "
+                "refused before training"
+            )
 
 
 def _seeded(factory, seed: int | None, name: str, *args):
@@ -128,7 +133,11 @@ def _seeded(factory, seed: int | None, name: str, *args):
         return factory(*args)
 
 
-def global_head_template(modalities: list[str] | tuple[str, ...], num_classes: int, config: ModelConfig) -> dict[str, torch.Tensor]:
+def global_head_template(
+    modalities: list[str] | tuple[str, ...], num_classes: int, config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """Initial parameters of the federation's head over all ``modalities`` (server side)."""
-    head = build_head(config.fusion, modalities, embed_dim=config.embed_dim, num_classes=num_classes, hidden_dim=config.hidden_dim)
+    head = build_head(
+        config.fusion, modalities, embed_dim=config.embed_dim, num_classes=num_classes, hidden_dim=config.hidden_dim
+    )
     return {HEAD_PREFIX + k: v.detach().clone() for k, v in head.state_dict().items()}

@@ -49,8 +49,9 @@ def _inputs(data: MultimodalData, modality: str) -> tuple[torch.Tensor, torch.Te
     return x, data.labels[present]
 
 
-def pretrain_encoder(train: MultimodalData, test: MultimodalData | None, modality: str,
-                     config: PretrainConfig) -> tuple[nn.Module, dict[str, Any]]:
+def pretrain_encoder(
+    train: MultimodalData, test: MultimodalData | None, modality: str, config: PretrainConfig
+) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``modality``'s encoder + a linear classifier on ``train``; the encoder and a description of it."""
     if modality not in train.schema.names:
         raise ConfigError(f"pretrain: the site folder has no modality '{modality}' (it has {', '.join(train.schema.names)})")
@@ -79,9 +80,12 @@ def pretrain_encoder(train: MultimodalData, test: MultimodalData | None, modalit
         log.info("pretrain %s: epoch %d/%d, training loss %.4f", modality, epoch + 1, config.epochs, total / len(y))
     model.eval()
     description: dict[str, Any] = {
-        "format": FORMAT, "modality": modality, "spec": spec.to_dict(), **asdict(config),
-        "private": False, "trained_on": {"site": "", "train_samples": int(len(y)),
-                                         "labels": list(train.schema.labels)},
+        "format": FORMAT,
+        "modality": modality,
+        "spec": spec.to_dict(),
+        **asdict(config),
+        "private": False,
+        "trained_on": {"site": "", "train_samples": int(len(y)), "labels": list(train.schema.labels)},
         "seconds": round(time.perf_counter() - start, 1),
     }
     if test is not None and modality in test.schema.names:

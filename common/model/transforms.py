@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 from scipy import signal as sps
 
-from common.errors import ConfigError
 from common.data.schema import ModalitySpec
+from common.errors import ConfigError
 
 GRAVITY_CUTOFF = 0.3 / 50  # cycles per sample: UCI HAR's 0.3 Hz low-pass at 50 Hz
 _ITEM = re.compile(r"^([a-z]+)(?:\(([^()]*)\))?$")
@@ -64,8 +64,10 @@ def parse_transforms(text: str) -> dict[str, tuple[Transform, ...]]:
             continue
         modality, eq, chain = (s.strip() for s in part.partition("="))
         if not eq or not modality or not chain:
-            raise ConfigError(f"model.transforms: expected 'modality=transform+transform', got '{part}' "
-                              "(e.g. \"acc=gravity+magnitude;gyro=magnitude\")")
+            raise ConfigError(
+                f"model.transforms: expected 'modality=transform+transform', got '{part}' "
+                '(e.g. "acc=gravity+magnitude;gyro=magnitude")'
+            )
         if modality in chains:
             raise ConfigError(f"model.transforms: modality '{modality}' is named twice; give it one chain")
         chains[modality] = tuple(_parse_item(modality, item.strip()) for item in chain.split("+"))
@@ -76,8 +78,10 @@ def _parse_item(modality: str, item: str) -> Transform:
     match = _ITEM.match(item)
     name = match.group(1) if match else item
     if match is None or name not in KNOWN:
-        raise ConfigError(f"model.transforms: unknown transform '{item}' for modality '{modality}'; known: "
-                          f"{', '.join(sorted(KNOWN))} (a number in brackets where one applies, e.g. scale(9.81))")
+        raise ConfigError(
+            f"model.transforms: unknown transform '{item}' for modality '{modality}'; known: "
+            f"{', '.join(sorted(KNOWN))} (a number in brackets where one applies, e.g. scale(9.81))"
+        )
     _, takes, required = KNOWN[name]
     raw = match.group(2)
     if raw is None:
@@ -91,8 +95,10 @@ def _parse_item(modality: str, item: str) -> Transform:
     except ValueError:
         raise ConfigError(f"model.transforms: '{item}' for modality '{modality}': '{raw}' is not a number") from None
     if name == "gravity" and not 0 < value < 0.5:
-        raise ConfigError(f"model.transforms: gravity's cut-off for modality '{modality}' is in cycles per sample "
-                          f"and must lie in (0, 0.5), got {value:g} (UCI HAR: 0.3 Hz / 50 Hz = 0.006)")
+        raise ConfigError(
+            f"model.transforms: gravity's cut-off for modality '{modality}' is in cycles per sample "
+            f"and must lie in (0, 0.5), got {value:g} (UCI HAR: 0.3 Hz / 50 Hz = 0.006)"
+        )
     if name == "scale" and not (math.isfinite(value) and value != 0):
         raise ConfigError(f"model.transforms: scale for modality '{modality}' needs a finite non-zero factor, got {raw}")
     return Transform(name, value)
@@ -103,8 +109,9 @@ def check_modalities(chains: Mapping[str, Iterable[Transform]], modalities: Iter
     known = list(modalities)
     unknown = sorted(set(chains) - set(known))
     if unknown:
-        raise ConfigError(f"model.transforms names modalities the federation does not have: {unknown}; "
-                          f"its modalities are {known}")
+        raise ConfigError(
+            f"model.transforms names modalities the federation does not have: {unknown}; its modalities are {known}"
+        )
 
 
 def output_spec(spec: ModalitySpec, chain: Iterable[Transform]) -> ModalitySpec:
@@ -112,15 +119,17 @@ def output_spec(spec: ModalitySpec, chain: Iterable[Transform]) -> ModalitySpec:
     for t in chain:
         kinds = KNOWN[t.name][0]
         if spec.kind not in kinds:
-            raise ConfigError(f"model.transforms: '{t}' applies to {' or '.join(kinds)} modalities; "
-                              f"'{spec.name}' is of kind '{spec.kind}'")
+            raise ConfigError(
+                f"model.transforms: '{t}' applies to {' or '.join(kinds)} modalities; '{spec.name}' is of kind '{spec.kind}'"
+            )
         if t.name == "gravity":
             spec = replace(spec, shape=(2 * spec.shape[0], *spec.shape[1:]), scaling=None)
         elif t.name == "magnitude":
             channels = spec.shape[0]
             if channels % 3:
-                raise ConfigError(f"model.transforms: 'magnitude' needs 3-axis channels (a multiple of 3); "
-                                  f"'{spec.name}' has {channels} here")
+                raise ConfigError(
+                    f"model.transforms: 'magnitude' needs 3-axis channels (a multiple of 3); '{spec.name}' has {channels} here"
+                )
             spec = replace(spec, shape=(channels + channels // 3, *spec.shape[1:]), scaling=None)
         else:
             spec = replace(spec, scaling=None)
@@ -134,8 +143,11 @@ class RecordTransform:
     def __init__(self, spec: ModalitySpec, chain: Iterable[Transform]):
         self.chain = tuple(chain)
         self.output = output_spec(spec, self.chain)  # checks kinds and shapes now, before any data
-        self._sos = {t.arg or GRAVITY_CUTOFF: sps.butter(3, 2 * (t.arg or GRAVITY_CUTOFF), output="sos")
-                     for t in self.chain if t.name == "gravity"}
+        self._sos = {
+            t.arg or GRAVITY_CUTOFF: sps.butter(3, 2 * (t.arg or GRAVITY_CUTOFF), output="sos")
+            for t in self.chain
+            if t.name == "gravity"
+        }
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for t in self.chain:

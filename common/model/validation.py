@@ -27,10 +27,10 @@ from opacus.grad_sample import prepare_module
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from common.model.encoders import DEFAULT, build_encoder, check_choice, is_factory_ref
-from common.errors import EncoderError
-from common.privacy.grad_samplers import FlatGradSample
 from common.data.schema import ModalitySpec
+from common.errors import EncoderError
+from common.model.encoders import DEFAULT, build_encoder, check_choice, is_factory_ref
+from common.privacy.grad_samplers import FlatGradSample
 
 ALLOWLIST_KEY = "allowed-encoders"  # node config: the factories this site may import, comma-separated
 BATCH = 4  # synthetic samples: three random, one zero-filled (an absent modality)
@@ -41,8 +41,10 @@ def allowlist(node_config: Mapping[str, Any]) -> tuple[str, ...]:
     """The factories a deployed site's node config allows (``allowed-encoders = "pkg.mod:fn,other.mod:fn"``)."""
     raw = node_config.get(ALLOWLIST_KEY, "")
     if not isinstance(raw, str):
-        raise EncoderError(f"node config key '{ALLOWLIST_KEY}' must be a string of comma-separated factories "
-                           f"(\"package.module:function,...\"), got {raw!r}")
+        raise EncoderError(
+            f"node config key '{ALLOWLIST_KEY}' must be a string of comma-separated factories "
+            f'("package.module:function,..."), got {raw!r}'
+        )
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
@@ -57,13 +59,16 @@ def site_refusal(encoders: Mapping[str, str], node_config: Mapping[str, Any]) ->
     refused = sorted({choice for choice in encoders.values() if is_factory_ref(choice) and choice not in allowed})
     if not refused:
         return None
-    return (f"this site does not allow the encoder factory {', '.join(repr(r) for r in refused)}: a site imports "
-            f"only the factories its node config lists under '{ALLOWLIST_KEY}' "
-            f"({', '.join(sorted(allowed)) or 'none'})")
+    return (
+        f"this site does not allow the encoder factory {', '.join(repr(r) for r in refused)}: a site imports "
+        f"only the factories its node config lists under '{ALLOWLIST_KEY}' "
+        f"({', '.join(sorted(allowed)) or 'none'})"
+    )
 
 
-def check_model_encoders(specs: tuple[ModalitySpec, ...], encoders: Mapping[str, str], embed_dim: int,
-                         grad_sample_mode: str) -> None:
+def check_model_encoders(
+    specs: tuple[ModalitySpec, ...], encoders: Mapping[str, str], embed_dim: int, grad_sample_mode: str
+) -> None:
     """Check every encoder the run config names for one of ``specs`` (EncoderError on the first refusal)."""
     for spec in specs:
         choice = encoders.get(spec.name, DEFAULT)
@@ -71,8 +76,9 @@ def check_model_encoders(specs: tuple[ModalitySpec, ...], encoders: Mapping[str,
             check_encoder(spec, embed_dim, choice, grad_sample_mode)
 
 
-def check_run_encoders(specs: tuple[ModalitySpec, ...], encoders: Mapping[str, str], inits: Mapping[str, str],
-                       embed_dim: int, grad_sample_mode: str) -> None:
+def check_run_encoders(
+    specs: tuple[ModalitySpec, ...], encoders: Mapping[str, str], inits: Mapping[str, str], embed_dim: int, grad_sample_mode: str
+) -> None:
     """Before a simulation starts: every modality named in ``model.encoder.*`` / ``model.init.*`` exists, every
     named encoder passes its checks, every init file fits its encoder (EncoderError otherwise)."""
     from common.model.warm_start import read_encoder_weights
@@ -81,8 +87,9 @@ def check_run_encoders(specs: tuple[ModalitySpec, ...], encoders: Mapping[str, s
     for key, named in (("model.encoder", encoders), ("model.init", inits)):
         unknown = sorted(set(named) - set(names))
         if unknown:
-            raise EncoderError(f"{key}.{unknown[0]}: the federation has no modality '{unknown[0]}' "
-                               f"(its modalities: {', '.join(sorted(names))})")
+            raise EncoderError(
+                f"{key}.{unknown[0]}: the federation has no modality '{unknown[0]}' (its modalities: {', '.join(sorted(names))})"
+            )
     check_model_encoders(tuple(specs), encoders, embed_dim, grad_sample_mode)
     for modality, path in inits.items():
         encoder = build_encoder(names[modality], embed_dim, encoders.get(modality, DEFAULT))
@@ -117,7 +124,7 @@ def synthetic_batch(spec: ModalitySpec, batch: int = BATCH) -> torch.Tensor:
     if spec.kind == "text":
         assert spec.vocab_size is not None
         x = torch.randint(1, spec.vocab_size, (batch, *spec.shape), generator=g)
-        x[0, spec.shape[0] // 2:] = 0  # one sample padded halfway
+        x[0, spec.shape[0] // 2 :] = 0  # one sample padded halfway
     else:
         x = torch.randn((batch, *spec.shape), generator=g)
     x[-1] = 0
@@ -127,9 +134,11 @@ def synthetic_batch(spec: ModalitySpec, batch: int = BATCH) -> torch.Tensor:
 def _check_opacus(module: nn.Module, where: str) -> None:
     norms = [f"'{name}' ({type(m).__name__})" for name, m in module.named_modules() if isinstance(m, _BATCH_NORMS)]
     if norms:
-        raise EncoderError(f"{where}: layer {', '.join(norms)} normalises over the batch, so one sample's output "
-                           "depends on the other samples and per-sample clipping no longer bounds one record's "
-                           "influence; use torch.nn.GroupNorm (or LayerNorm), which normalises each sample alone")
+        raise EncoderError(
+            f"{where}: layer {', '.join(norms)} normalises over the batch, so one sample's output "
+            "depends on the other samples and per-sample clipping no longer bounds one record's "
+            "influence; use torch.nn.GroupNorm (or LayerNorm), which normalises each sample alone"
+        )
     errors = ModuleValidator.validate(module, strict=False)
     if errors:
         raise EncoderError(f"{where}: Opacus's ModuleValidator refuses it: {'; '.join(str(e) for e in errors)}")
@@ -142,26 +151,33 @@ def _run(module: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
         with torch.no_grad():
             return module(x)
     except Exception as exc:  # noqa: BLE001  (the encoder's own failure on a well-formed input)
-        raise EncoderError(f"{where}: it fails on a synthetic batch of shape {tuple(x.shape)} "
-                           f"({type(exc).__name__}: {exc})") from None
+        raise EncoderError(
+            f"{where}: it fails on a synthetic batch of shape {tuple(x.shape)} ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _check_output(module: nn.Module, x: torch.Tensor, embed_dim: int, where: str) -> None:
     out = _run(module, x, where)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], embed_dim):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise EncoderError(f"{where}: it must map a batch of shape {tuple(x.shape)} to ({x.shape[0]}, {embed_dim}) "
-                           f"(batch, model.embed-dim), got {shape}")
+        raise EncoderError(
+            f"{where}: it must map a batch of shape {tuple(x.shape)} to ({x.shape[0]}, {embed_dim}) "
+            f"(batch, model.embed-dim), got {shape}"
+        )
     if not torch.isfinite(out).all():
-        raise EncoderError(f"{where}: its output is not finite on a synthetic batch (a zero-filled input is how an "
-                           "absent modality arrives: it must give a finite embedding too)")
+        raise EncoderError(
+            f"{where}: its output is not finite on a synthetic batch (a zero-filled input is how an "
+            "absent modality arrives: it must give a finite embedding too)"
+        )
 
 
 def _check_deterministic(module: nn.Module, x: torch.Tensor, where: str) -> None:
     if not torch.equal(_run(module, x, where), _run(module, x, where)):
-        raise EncoderError(f"{where}: its output is random in training mode (e.g. nn.Dropout): randomness drawn per "
-                           "batch position is neither secret nor per record, so one record would change what happens "
-                           "to the others; remove it")
+        raise EncoderError(
+            f"{where}: its output is random in training mode (e.g. nn.Dropout): randomness drawn per "
+            "batch position is neither secret nor per record, so one record would change what happens "
+            "to the others; remove it"
+        )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -175,9 +191,11 @@ def _check_independent(module: nn.Module, x: torch.Tensor, spec: ModalitySpec, w
     changed[0] = synthetic_batch(spec, 2)[1] if spec.kind == "text" else -x[0] + 1.0
     others = _run(module, changed, where)[1:]
     if not _close(batched, alone) or not _close(others, batched[1:]):
-        raise EncoderError(f"{where}: it mixes samples: one sample's output depends on the other samples of the batch "
-                           "(batch statistics, attention or pooling across the batch dimension); under DP-SGD each "
-                           "record's gradient must depend on that record alone")
+        raise EncoderError(
+            f"{where}: it mixes samples: one sample's output depends on the other samples of the batch "
+            "(batch statistics, attention or pooling across the batch dimension); under DP-SGD each "
+            "record's gradient must depend on that record alone"
+        )
 
 
 def _loss_weights(out_shape: torch.Size) -> torch.Tensor:
@@ -201,7 +219,7 @@ def _check_grad_samples(module: nn.Module, x: torch.Tensor, mode: str, where: st
     names = {p: n for n, p in model.named_parameters()}
     expected = dict(zip(params, _reference_grads(model, x, params)))
     w = _loss_weights(torch.Size((x.shape[0], *model(x[:1]).shape[1:])))
-    unsupported = f"{where}: train.grad-sample-mode = \"{mode}\" cannot compute its per-sample gradients"
+    unsupported = f'{where}: train.grad-sample-mode = "{mode}" cannot compute its per-sample gradients'
     if mode == "flat":
         try:
             flat = FlatGradSample(model)
@@ -231,5 +249,7 @@ def _check_grad_samples(module: nn.Module, x: torch.Tensor, mode: str, where: st
             raise EncoderError(f"{unsupported}: parameter '{names[p]}' gets none (does it take part in the output?)")
         if tuple(g.shape) != tuple(expected[p].shape) or not _close(g, expected[p]):
             diff = float((g - expected[p]).abs().max()) if g.shape == expected[p].shape else float("nan")
-            raise EncoderError(f"{unsupported} exactly: parameter '{names[p]}' differs from a loop over single samples "
-                               f"by up to {diff:.3g}; use another train.grad-sample-mode or other layers")
+            raise EncoderError(
+                f"{unsupported} exactly: parameter '{names[p]}' differs from a loop over single samples "
+                f"by up to {diff:.3g}; use another train.grad-sample-mode or other layers"
+            )

@@ -51,17 +51,22 @@ def read_encoder_weights(path: str | Path, encoder: nn.Module, modality: str) ->
         raise EncoderError(f"{where}: not a readable safetensors file ({exc})") from None
     own = encoder.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    hint = ("pretrain it for this modality's encoder (the same model.encoder choice, kind, shape and "
-            "model.embed-dim)")
+    hint = "pretrain it for this modality's encoder (the same model.encoder choice, kind, shape and model.embed-dim)"
     if missing or unexpected:
-        differences = [f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"
-                       for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise EncoderError(f"{where}: its keys do not match the encoder of modality '{modality}' "
-                           f"({', '.join(differences)}); {hint}")
+        differences = [
+            f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        raise EncoderError(
+            f"{where}: its keys do not match the encoder of modality '{modality}' ({', '.join(differences)}); {hint}"
+        )
     for key, value in weights.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise EncoderError(f"{where}: '{key}' has shape {tuple(value.shape)}, the encoder of modality "
-                               f"'{modality}' {tuple(own[key].shape)}; {hint}")
+            raise EncoderError(
+                f"{where}: '{key}' has shape {tuple(value.shape)}, the encoder of modality "
+                f"'{modality}' {tuple(own[key].shape)}; {hint}"
+            )
         if value.dtype != own[key].dtype:
             raise EncoderError(f"{where}: '{key}' is {value.dtype}, the encoder expects {own[key].dtype}")
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -69,7 +74,7 @@ def read_encoder_weights(path: str | Path, encoder: nn.Module, modality: str) ->
     return weights
 
 
-def warm_start(encoders: Mapping[str, nn.Module], inits: Mapping[str, str]) -> list[str]:
+def warm_start(encoders: Mapping[str, nn.Module] | nn.ModuleDict, inits: Mapping[str, str]) -> list[str]:
     """Load each ``inits[modality]`` file into ``encoders[modality]`` (modalities this model lacks are skipped);
     every file is checked before any is loaded. Returns the modalities warm-started."""
     checked = {m: read_encoder_weights(path, encoders[m], m) for m, path in inits.items() if m in encoders}

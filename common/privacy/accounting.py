@@ -111,8 +111,7 @@ def calibrate_noise(
 
     def exhausted(spent: float) -> BudgetExhaustedError:
         return BudgetExhaustedError(
-            f"no noise level fits {steps} more steps into the budget ε = {target_epsilon:g}: "
-            f"ε = {spent:.4g} is already spent",
+            f"no noise level fits {steps} more steps into the budget ε = {target_epsilon:g}: ε = {spent:.4g} is already spent",
             epsilon_now=spent,
             epsilon_after=math.inf,
             budget=target_epsilon,
@@ -128,8 +127,15 @@ def calibrate_noise(
     hi = 1.0
     if accountant == "prv":
         try:
-            hi = calibrate_noise(history=history, sample_rate=sample_rate, steps=steps,
-                                 target_epsilon=target_epsilon, delta=delta, accountant="rdp", tolerance=tolerance)
+            hi = calibrate_noise(
+                history=history,
+                sample_rate=sample_rate,
+                steps=steps,
+                target_epsilon=target_epsilon,
+                delta=delta,
+                accountant="rdp",
+                tolerance=tolerance,
+            )
         except BudgetExhaustedError:
             hi = 1.0
     e_hi = eps(hi)
@@ -185,14 +191,21 @@ def calibrate_run(
     cap): the larger of the two calibrated noise multipliers satisfies both. Raises BudgetExhaustedError when
     a budget is spent.
     """
-    sigma = calibrate_noise(history=list(run_history or []), sample_rate=sample_rate, steps=steps,
-                            target_epsilon=run_budget, delta=delta, accountant=accountant)
+    sigma = calibrate_noise(
+        history=list(run_history or []),
+        sample_rate=sample_rate,
+        steps=steps,
+        target_epsilon=run_budget,
+        delta=delta,
+        accountant=accountant,
+    )
     if math.isinf(lifetime_budget) or (not merge_history(history) and lifetime_budget >= run_budget):
         return sigma  # a fresh client under a cap no tighter than the run's: the run's budget decides alone
     if compute_epsilon(history + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant) <= lifetime_budget:
         return sigma  # the run's noise keeps the lifetime cap too: one evaluation instead of a calibration
-    lifetime = calibrate_noise(history=history, sample_rate=sample_rate, steps=steps, target_epsilon=lifetime_budget,
-                               delta=delta, accountant=accountant)
+    lifetime = calibrate_noise(
+        history=history, sample_rate=sample_rate, steps=steps, target_epsilon=lifetime_budget, delta=delta, accountant=accountant
+    )
     return max(sigma, lifetime)
 
 
@@ -275,8 +288,10 @@ class PrivacyHistory:
         would reach."""
         self.refuse_if_non_private(budget=run_budget if math.isfinite(run_budget) else budget)
         after, run_after = self.epsilon(extra=[mechanism]), self.run_epsilon(extra=[mechanism])
-        for what, value, limit, now in (("in total", after, budget, self.epsilon),
-                                         ("in this run", run_after, run_budget, self.run_epsilon)):
+        for what, value, limit, now in (
+            ("in total", after, budget, self.epsilon),
+            ("in this run", run_after, run_budget, self.run_epsilon),
+        ):
             if value > limit:
                 spent = now()
                 raise BudgetExhaustedError(
@@ -312,7 +327,7 @@ class PrivacyHistory:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PrivacyHistory":
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyHistory:
         """Load and validate; a malformed history raises PrivacyParameterError (never trains on it)."""
         try:
             if data.get("format") != HISTORY_FORMAT:
@@ -335,7 +350,7 @@ class PrivacyHistory:
             raise PrivacyParameterError(f"malformed privacy history: {exc}") from exc
 
     @classmethod
-    def from_json(cls, text: str) -> "PrivacyHistory":
+    def from_json(cls, text: str) -> PrivacyHistory:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

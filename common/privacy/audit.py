@@ -27,7 +27,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from common.privacy.spend import format_spend
 from common.privacy.ledger import (
     ACCOUNTING,
     CORRUPT,
@@ -42,6 +41,7 @@ from common.privacy.ledger import (
     load_public_key_hex,
     read_ledger,
 )
+from common.privacy.spend import format_spend
 
 RESULTS_FILE = "results.json"  # a run folder's results (server/run_folder.py): its privacy.clients is the roster
 TRAIN_LOG = "train_log.jsonl"  # a site's training log beside its ledger (client/state.py): not a ledger
@@ -71,8 +71,9 @@ def allowance(recomputed: float, tolerance: float) -> float:
 
 
 @lru_cache(maxsize=4096)
-def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str, fine: bool = False,
-             legacy: bool = False) -> float:
+def _epsilon(
+    history: tuple[tuple[float, float, int], ...], delta: float, accountant: str, fine: bool = False, legacy: bool = False
+) -> float:
     # Imported here, not at module level: dp_accounting takes seconds to import (`fedfuse audit --help` stays fast).
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
@@ -85,8 +86,7 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
             step = dp_accounting.PoissonSampledDpEvent(q, step)
         events.append(dp_accounting.SelfComposedDpEvent(step, steps))
     if accountant == "prv":
-        acc = pld_privacy_accountant.PLDAccountant(
-            value_discretization_interval=PLD_FINE_INTERVAL if fine else PLD_INTERVAL)
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_FINE_INTERVAL if fine else PLD_INTERVAL)
     elif legacy:  # format-1 "rdp" entries: dp-accounting's default orders, as they were audited
         acc = rdp_privacy_accountant.RdpAccountant()
     else:
@@ -95,8 +95,9 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     return float(acc.get_epsilon(delta))
 
 
-def epsilon_from_history(history: list[tuple[float, float, int]], *, delta: float, accountant: str,
-                         fine: bool = False, legacy: bool = False) -> float:
+def epsilon_from_history(
+    history: list[tuple[float, float, int]], *, delta: float, accountant: str, fine: bool = False, legacy: bool = False
+) -> float:
     """Epsilon of a (noise_multiplier, sample_rate, steps) history with dp-accounting (PLD for "prv", RDP for "rdp").
 
     Mechanisms are composed in any order (composition commutes), identical ones merged first.
@@ -140,9 +141,13 @@ class ClientReport:
     @property
     def private(self) -> bool:
         """False once any entry trained without DP: the client's epsilon is infinite from then on."""
-        trained_non_private = any(e.get("private") is False and isinstance(e.get("mechanism"), dict)
-                                  and isinstance(e["mechanism"].get("steps"), int) and e["mechanism"]["steps"] > 0
-                                  for e in self.entries)
+        trained_non_private = any(
+            e.get("private") is False
+            and isinstance(e.get("mechanism"), dict)
+            and isinstance(e["mechanism"].get("steps"), int)
+            and e["mechanism"]["steps"] > 0
+            for e in self.entries
+        )
         return not trained_non_private and self.last.get("private") is not False
 
     @property
@@ -260,13 +265,15 @@ class AuditReport:
         return min(codes) if codes else EXIT_OK
 
     def tolerance_text(self) -> str:
-        return (f"one-sided: an under-report (recorded ε below recomputed) fails beyond the independent accountant's "
-                f"own error ('prv': {UNDER_REPORT_SLACK:g} against dp-accounting PLD at interval "
-                f"{PLD_FINE_INTERVAL:g}; 'rdp': float rounding, dp-accounting RDP over integer orders 2-256); an "
-                f"over-report fails beyond {self.tolerance:g} × max(1, ε_recomputed); recorded or recomputed ε over "
-                f"a budget fails with no slack. Lifetime ε is checked against the site's cap, run ε (format 2) "
-                f"against the run's allowance. Format-1 'rdp' entries keep the symmetric ±{self.tolerance:g} × "
-                f"max(1, ε) of format 1")
+        return (
+            f"one-sided: an under-report (recorded ε below recomputed) fails beyond the independent accountant's "
+            f"own error ('prv': {UNDER_REPORT_SLACK:g} against dp-accounting PLD at interval "
+            f"{PLD_FINE_INTERVAL:g}; 'rdp': float rounding, dp-accounting RDP over integer orders 2-256); an "
+            f"over-report fails beyond {self.tolerance:g} × max(1, ε_recomputed); recorded or recomputed ε over "
+            f"a budget fails with no slack. Lifetime ε is checked against the site's cap, run ε (format 2) "
+            f"against the run's allowance. Format-1 'rdp' entries keep the symmetric ±{self.tolerance:g} × "
+            f"max(1, ε) of format 1"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -302,8 +309,9 @@ def find_ledgers(path: Path) -> dict[str, dict[str, Path]]:
     if path.is_file():
         return {_client_of(path) or path.stem: {"file": path}}
     if not path.is_dir():
-        raise LedgerError(f"{path} does not exist: give a run's output folder, a site's state folder, a folder of "
-                          "ledgers or a ledger file")
+        raise LedgerError(
+            f"{path} does not exist: give a run's output folder, a site's state folder, a folder of ledgers or a ledger file"
+        )
     found: dict[str, dict[str, Path]] = {}
     for p in sorted((path / "ledgers").glob("*.jsonl")):
         found.setdefault(p.stem, {})["federation"] = p
@@ -325,8 +333,11 @@ def roster(path: Path) -> dict[str, str]:
         return {}
     try:
         clients = json.loads(results.read_text())["privacy"]["clients"]
-        return {cid: f"{RESULTS_FILE} records its privacy spend" for cid, rec in clients.items()
-                if isinstance(rec, dict) and (rec.get("rounds_trained") or rec.get("epsilon") is not None)}
+        return {
+            cid: f"{RESULTS_FILE} records its privacy spend"
+            for cid, rec in clients.items()
+            if isinstance(rec, dict) and (rec.get("rounds_trained") or rec.get("epsilon") is not None)
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise LedgerError(f"{results} is unreadable ({exc}): the audit needs its list of clients") from exc
 
@@ -347,8 +358,7 @@ def audit_client(
         _audit_client(report, tolerance, expected_public_key)
     except Exception as exc:  # a ledger must never crash the audit: report it and go on
         log.debug("auditing %s failed", client_id, exc_info=True)
-        report.findings.append(Finding(CORRUPT, f"the audit could not process this ledger ({type(exc).__name__}: "
-                                                f"{exc})"))
+        report.findings.append(Finding(CORRUPT, f"the audit could not process this ledger ({type(exc).__name__}: {exc})"))
     return report
 
 
@@ -358,26 +368,31 @@ def _audit_client(report: ClientReport, tolerance: float, expected_public_key: s
     for name, path in report.sources.items():
         entries, problems = read_ledger(path)
         found = [Finding(CORRUPT, p) for p in problems]
-        found += [f for f in check_chain(entries, expected_public_key=expected_public_key)
-                  if f.kind in (TAMPERING, CORRUPT)]
+        found += [f for f in check_chain(entries, expected_public_key=expected_public_key) if f.kind in (TAMPERING, CORRUPT)]
         first = entries[0] if entries and isinstance(entries[0], dict) else {}
         if name != "file" and first and first.get("client_id") != report.client_id:
-            found.append(Finding(TAMPERING, f"entry 0 is for client {first.get('client_id')!r}, but the ledger "
-                                            f"is filed as {report.client_id!r}"))
+            found.append(
+                Finding(
+                    TAMPERING,
+                    f"entry 0 is for client {first.get('client_id')!r}, but the ledger is filed as {report.client_id!r}",
+                )
+            )
         report.findings += [f._replace(message=f"{name} copy: {f.message}") for f in found]
         copies[name] = entries
         integrity[name] = len(found)
     if "client" in copies and "federation" in copies:
-        report.findings += [Finding(TAMPERING, f"copies differ: {p}")
-                            for p in compare_copies(copies["client"], copies["federation"])]
+        report.findings += [
+            Finding(TAMPERING, f"copies differ: {p}") for p in compare_copies(copies["client"], copies["federation"])
+        ]
     if not copies:
         return
     # Account the copy with the fewest integrity problems, then the longest, then the client's own.
     order = {name: i for i, name in enumerate(COPIES)}
     best = min(copies, key=lambda n: (integrity[n], -len(copies[n]), order[n]))
     report.accounted_copy, report.entries = best, [e for e in copies[best] if isinstance(e, dict)]
-    report.findings += [f._replace(message=f"{best} copy: {f.message}")
-                        for f in check_chain(report.entries) if f.kind == ACCOUNTING]
+    report.findings += [
+        f._replace(message=f"{best} copy: {f.message}") for f in check_chain(report.entries) if f.kind == ACCOUNTING
+    ]
     _account(report, tolerance)
 
 
@@ -406,11 +421,17 @@ def _account(report: ClientReport, tolerance: float) -> None:
         # A refused round trains nothing and sends nothing.
         refused = e.get("status") == "refused-budget"
         if accountable and refused and (steps != 0 or e.get("update_hash") is not None):
-            report.findings.append(Finding(OVER_BUDGET, f"{where}: refused for budget but records {steps!r} steps "
-                                                        f"and {'an' if e.get('update_hash') else 'no'} update"))
+            report.findings.append(
+                Finding(
+                    OVER_BUDGET,
+                    f"{where}: refused for budget but records {steps!r} steps "
+                    f"and {'an' if e.get('update_hash') else 'no'} update",
+                )
+            )
         if accountable and e.get("status") == "discarded" and e.get("update_hash") is not None:
-            report.findings.append(Finding(ACCOUNTING, f"{where}: recorded as discarded (nothing sent) but records "
-                                                       "an update hash"))
+            report.findings.append(
+                Finding(ACCOUNTING, f"{where}: recorded as discarded (nothing sent) but records an update hash")
+            )
         if not accountable:
             report.recomputed.append(None)
             continue
@@ -422,41 +443,100 @@ def _account(report: ClientReport, tolerance: float) -> None:
         delta, accountant = e["delta"], e["accountant"]
         recomputed = epsilon_from_history(history, delta=delta, accountant=accountant, legacy=legacy)
         report.recomputed.append(recomputed)
-        _check_epsilon(report, where, "ε", _number(e["epsilon"]), recomputed, history, delta=delta,
-                       accountant=accountant, legacy=legacy, tolerance=tolerance)
+        _check_epsilon(
+            report,
+            where,
+            "ε",
+            _number(e["epsilon"]),
+            recomputed,
+            history,
+            delta=delta,
+            accountant=accountant,
+            legacy=legacy,
+            tolerance=tolerance,
+        )
         trained = e.get("status") in ("trained", "discarded")
-        _check_budget(report, where, "ε", _number(e["epsilon"]), recomputed, _number(e["budget"]),
-                      trained=trained, legacy=legacy, tolerance=tolerance, what="the site's lifetime budget")
+        _check_budget(
+            report,
+            where,
+            "ε",
+            _number(e["epsilon"]),
+            recomputed,
+            _number(e["budget"]),
+            trained=trained,
+            legacy=legacy,
+            tolerance=tolerance,
+            what="the site's lifetime budget",
+        )
         if v2:  # this run's own mechanisms against the run's allowance
             own = runs.get(e.get("run_id"), [])
             run_recomputed = epsilon_from_history(own, delta=delta, accountant=accountant)
             report.run_recomputed[i] = run_recomputed
-            _check_epsilon(report, where, "run ε", _number(e["run_epsilon"]), run_recomputed, own, delta=delta,
-                           accountant=accountant, legacy=False, tolerance=tolerance)
-            _check_budget(report, where, "run ε", _number(e["run_epsilon"]), run_recomputed,
-                          _number(e["run_budget"]), trained=trained, legacy=False, tolerance=tolerance,
-                          what="the run's allowance")
+            _check_epsilon(
+                report,
+                where,
+                "run ε",
+                _number(e["run_epsilon"]),
+                run_recomputed,
+                own,
+                delta=delta,
+                accountant=accountant,
+                legacy=False,
+                tolerance=tolerance,
+            )
+            _check_budget(
+                report,
+                where,
+                "run ε",
+                _number(e["run_epsilon"]),
+                run_recomputed,
+                _number(e["run_budget"]),
+                trained=trained,
+                legacy=False,
+                tolerance=tolerance,
+                what="the run's allowance",
+            )
 
 
-def _check_epsilon(report: ClientReport, where: str, name: str, recorded: float, recomputed: float,
-                   history: list[tuple[float, float, int]], *, delta: float, accountant: str, legacy: bool,
-                   tolerance: float) -> None:
+def _check_epsilon(
+    report: ClientReport,
+    where: str,
+    name: str,
+    recorded: float,
+    recomputed: float,
+    history: list[tuple[float, float, int]],
+    *,
+    delta: float,
+    accountant: str,
+    legacy: bool,
+    tolerance: float,
+) -> None:
     """Recorded against recomputed epsilon: an under-report only within the independent accountant's error."""
     with_ = RECOMPUTED_WITH[accountant]
     if math.isinf(recomputed):
         if math.isfinite(recorded):
-            report.findings.append(Finding(ACCOUNTING, f"{where}: records {name} = {recorded:.4g}, but an earlier "
-                                                       f"round trained without noise: {name} is infinite"))
+            report.findings.append(
+                Finding(
+                    ACCOUNTING,
+                    f"{where}: records {name} = {recorded:.4g}, but an earlier round trained without noise: {name} is infinite",
+                )
+            )
         return
     if math.isinf(recorded):
-        report.findings.append(Finding(ACCOUNTING, f"{where}: records {name} = ∞, but its mechanisms give "
-                                                   f"{name} = {recomputed:.4f} with {with_}"))
+        report.findings.append(
+            Finding(ACCOUNTING, f"{where}: records {name} = ∞, but its mechanisms give {name} = {recomputed:.4f} with {with_}")
+        )
         return
     if legacy:  # format-1 "rdp": symmetric, as format 1 was audited
         if abs(recorded - recomputed) > allowance(recomputed, tolerance):
-            report.findings.append(Finding(ACCOUNTING, f"{where}: records {name} = {recorded:.4f}, recomputed "
-                                                       f"{recomputed:.4f} with {with_} (format 1, symmetric "
-                                                       f"tolerance {allowance(recomputed, tolerance):.4f})"))
+            report.findings.append(
+                Finding(
+                    ACCOUNTING,
+                    f"{where}: records {name} = {recorded:.4f}, recomputed "
+                    f"{recomputed:.4f} with {with_} (format 1, symmetric "
+                    f"tolerance {allowance(recomputed, tolerance):.4f})",
+                )
+            )
         return
     if recorded < recomputed:
         if accountant == "prv":  # the first pass may be up to 0.03 high: compare with the fine interval
@@ -465,39 +545,65 @@ def _check_epsilon(report: ClientReport, where: str, name: str, recorded: float,
         else:
             slack = BUDGET_SLACK * max(1.0, recomputed)
         if recorded < recomputed - slack:
-            report.findings.append(Finding(ACCOUNTING, f"{where}: records {name} = {recorded:.4f}, below "
-                                                       f"{name} = {recomputed:.4f} recomputed with {with_} (spend "
-                                                       f"under-reported by {recomputed - recorded:.4f} > "
-                                                       f"{slack:.4g}, the independent accountant's own error)"))
+            report.findings.append(
+                Finding(
+                    ACCOUNTING,
+                    f"{where}: records {name} = {recorded:.4f}, below "
+                    f"{name} = {recomputed:.4f} recomputed with {with_} (spend "
+                    f"under-reported by {recomputed - recorded:.4f} > "
+                    f"{slack:.4g}, the independent accountant's own error)",
+                )
+            )
     elif recorded - recomputed > allowance(recomputed, tolerance):
-        report.findings.append(Finding(ACCOUNTING, f"{where}: records {name} = {recorded:.4f}, above "
-                                                   f"{name} = {recomputed:.4f} recomputed with {with_} (by "
-                                                   f"{recorded - recomputed:.4f} > {allowance(recomputed, tolerance):.4f}: "
-                                                   "the recorded mechanisms do not explain the recorded value)"))
+        report.findings.append(
+            Finding(
+                ACCOUNTING,
+                f"{where}: records {name} = {recorded:.4f}, above "
+                f"{name} = {recomputed:.4f} recomputed with {with_} (by "
+                f"{recorded - recomputed:.4f} > {allowance(recomputed, tolerance):.4f}: "
+                "the recorded mechanisms do not explain the recorded value)",
+            )
+        )
 
 
-def _check_budget(report: ClientReport, where: str, name: str, recorded: float, recomputed: float, budget: float,
-                  *, trained: bool, legacy: bool, tolerance: float, what: str) -> None:
+def _check_budget(
+    report: ClientReport,
+    where: str,
+    name: str,
+    recorded: float,
+    recomputed: float,
+    budget: float,
+    *,
+    trained: bool,
+    legacy: bool,
+    tolerance: float,
+    what: str,
+) -> None:
     """No slack: neither the recorded nor the recomputed epsilon of a round that trained may exceed its budget."""
     if math.isinf(budget):
         return
     if math.isinf(recomputed) or math.isinf(recorded):
         if trained:
-            report.findings.append(Finding(OVER_BUDGET, f"{where}: trained under its budget ε = {budget:g} ({what}) "
-                                                        f"although {name} is infinite (an earlier round trained "
-                                                        "without noise)"))
+            report.findings.append(
+                Finding(
+                    OVER_BUDGET,
+                    f"{where}: trained under its budget ε = {budget:g} ({what}) "
+                    f"although {name} is infinite (an earlier round trained "
+                    "without noise)",
+                )
+            )
         return
     if recorded > budget + BUDGET_SLACK:
-        report.findings.append(Finding(OVER_BUDGET, f"{where}: records {name} = {recorded:.4f}, over its budget "
-                                                    f"ε = {budget:g} ({what})"))
+        report.findings.append(
+            Finding(OVER_BUDGET, f"{where}: records {name} = {recorded:.4f}, over its budget ε = {budget:g} ({what})")
+        )
     elif recomputed > budget + (allowance(recomputed, tolerance) if legacy else BUDGET_SLACK):
-        report.findings.append(Finding(OVER_BUDGET, f"{where}: recomputed {name} = {recomputed:.4f} is over its "
-                                                    f"budget ε = {budget:g} ({what})"))
+        report.findings.append(
+            Finding(OVER_BUDGET, f"{where}: recomputed {name} = {recomputed:.4f} is over its budget ε = {budget:g} ({what})")
+        )
 
 
-def audit_path(
-    path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, keys: str | Path | None = None
-) -> AuditReport:
+def audit_path(path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, keys: str | Path | None = None) -> AuditReport:
     """Audit every ledger under ``path`` (run folder, folder of ledgers, or one ledger file).
 
     ``keys``: a folder of pinned public keys, ``<client_id>.pem`` (``fedfuse certs`` writes
@@ -526,8 +632,7 @@ def audit_path(
     for cid, why in expected.items():
         if cid not in found:
             report = ClientReport(client_id=cid, sources={})
-            report.findings.append(Finding(TAMPERING, f"no ledger at all, though {why}: every copy of it is missing "
-                                                      "(deleted?)"))
+            report.findings.append(Finding(TAMPERING, f"no ledger at all, though {why}: every copy of it is missing (deleted?)"))
             clients[cid] = report
     for cid, sources in sorted(found.items()):
         pinned = None
@@ -554,16 +659,19 @@ def format_report(report: AuditReport) -> str:
         last = c.last
         rec = c.recomputed[-1] if c.recomputed else None
         budget = last.get("budget")
-        rows.append([
-            cid,
-            ",".join(c.modalities) or "-",
-            f"{c.rounds}" + (f" (+{c.refused_rounds} refused)" if c.refused_rounds else "")
-            + (f" (+{c.discarded_rounds} discarded)" if c.discarded_rounds else ""),
-            "-" if not c.entries else format_spend(last.get("epsilon") if c.private else None, last.get("delta")),
-            "-" if rec is None else ("∞" if math.isinf(rec) else f"{rec:.2f}"),
-            "∞" if not c.private else (f"{budget:g}" if isinstance(budget, (int, float)) else "-"),
-            c.status.upper() if c.findings else c.status,
-        ])
+        rows.append(
+            [
+                cid,
+                ",".join(c.modalities) or "-",
+                f"{c.rounds}"
+                + (f" (+{c.refused_rounds} refused)" if c.refused_rounds else "")
+                + (f" (+{c.discarded_rounds} discarded)" if c.discarded_rounds else ""),
+                "-" if not c.entries else format_spend(last.get("epsilon") if c.private else None, last.get("delta")),
+                "-" if rec is None else ("∞" if math.isinf(rec) else f"{rec:.2f}"),
+                "∞" if not c.private else (f"{budget:g}" if isinstance(budget, (int, float)) else "-"),
+                c.status.upper() if c.findings else c.status,
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -573,8 +681,7 @@ def format_report(report: AuditReport) -> str:
             lines.append(f"{cid}: {len(c.findings)} problem(s)")
             lines += [f"  [{f.kind}] {f.message}" for f in c.findings]
     lines += ["", f"tolerance: {report.tolerance_text()}"]
-    lines.append("result: " + ("all ledgers verify and agree" if report.ok
-                               else f"FAILED (exit status {report.exit_status})"))
+    lines.append("result: " + ("all ledgers verify and agree" if report.ok else f"FAILED (exit status {report.exit_status})"))
     return "\n".join(lines)
 
 
@@ -597,8 +704,13 @@ def plot_report(report: AuditReport, path: str | Path) -> None:
             continue
         ax.plot(xs, [c.entries[x - 1].get("epsilon") for x in xs], "-o", color=color, ms=3, label=f"{cid} recorded")
         rec = [c.recomputed[x - 1] for x in xs]
-        ax.plot(xs, [r if r is not None and math.isfinite(r) else float("nan") for r in rec], "--", color=color,
-                label=f"{cid} recomputed")
+        ax.plot(
+            xs,
+            [r if r is not None and math.isfinite(r) else float("nan") for r in rec],
+            "--",
+            color=color,
+            label=f"{cid} recomputed",
+        )
         budget = c.entries[xs[-1] - 1].get("budget")
         if isinstance(budget, (int, float)):
             ax.axhline(budget, color=color, ls=":", lw=1)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import ConfigError
 from common.data.schema import DatasetSchema
+from common.errors import ConfigError
 
 _ITEM = re.compile(r"^([a-z]+)\(([^()]*)\)$")
 KNOWN = {"rotate": 3}  # name -> uniforms drawn per record, copy and group
@@ -75,8 +75,10 @@ class Augmentation:
                     continue  # a modality the federation has but this client does not hold
                 spec = schema[name]
                 if spec.kind != "signal" or spec.shape[0] % 3:
-                    raise ConfigError(f"train.augmentations: '{group.name}' turns 3-axis sensor signals; '{name}' is a "
-                                      f"{spec.kind} of shape {list(spec.shape)} (needs kind signal, channels a multiple of 3)")
+                    raise ConfigError(
+                        f"train.augmentations: '{group.name}' turns 3-axis sensor signals; '{name}' is a "
+                        f"{spec.kind} of shape {list(spec.shape)} (needs kind signal, channels a multiple of 3)"
+                    )
 
     def apply(self, inputs: dict[str, torch.Tensor], draws: torch.Tensor) -> dict[str, torch.Tensor]:
         """K augmented copies of each record, record-major: (B, ...) -> (B * K, ...).
@@ -109,11 +111,14 @@ def parse_augmentations(text: str, multiplicity: int = 1) -> Augmentation:
         modalities = tuple(m.strip() for m in left.split("+") if m.strip())
         match = _ITEM.match(right)
         if not eq or not modalities or not right:
-            raise ConfigError(f"train.augmentations: expected 'modality+modality=augmentation(number)', got '{part}' "
-                              "(e.g. \"acc+gyro=rotate(15)\")")
+            raise ConfigError(
+                f"train.augmentations: expected 'modality+modality=augmentation(number)', got '{part}' "
+                '(e.g. "acc+gyro=rotate(15)")'
+            )
         if match is None or match.group(1) not in KNOWN:
-            raise ConfigError(f"train.augmentations: unknown augmentation '{right}'; known: "
-                              f"{', '.join(f'{n}(degrees)' for n in KNOWN)}")
+            raise ConfigError(
+                f"train.augmentations: unknown augmentation '{right}'; known: {', '.join(f'{n}(degrees)' for n in KNOWN)}"
+            )
         try:
             value = float(match.group(2))
         except ValueError:

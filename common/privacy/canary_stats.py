@@ -15,7 +15,8 @@ the root search follow the public reference, jax_privacy ``auditing.py`` (``_one
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.special import expit
@@ -54,9 +55,7 @@ def _check(num_canaries: int, num_guesses: int, num_correct: int, delta: float, 
         raise PrivacyParameterError(f"beta (1 - confidence) must lie in (0, 1), got {beta}")
 
 
-def epsilon_lower_bound(
-    *, num_canaries: int, num_guesses: int, num_correct: int, delta: float, beta: float = 0.05
-) -> float:
+def epsilon_lower_bound(*, num_canaries: int, num_guesses: int, num_correct: int, delta: float, beta: float = 0.05) -> float:
     """Largest epsilon that v = num_correct of r = num_guesses correct guesses refute at confidence 1 - beta.
 
     0.0 when the guesses refute no epsilon (e.g. they are no better than chance).
@@ -64,8 +63,7 @@ def epsilon_lower_bound(
     _check(num_canaries, num_guesses, num_correct, delta, beta)
 
     def refuted(eps: float) -> bool:
-        pv = p_value(num_canaries=num_canaries, num_guesses=num_guesses, num_correct=num_correct,
-                     epsilon=eps, delta=delta)
+        pv = p_value(num_canaries=num_canaries, num_guesses=num_guesses, num_correct=num_correct, epsilon=eps, delta=delta)
         return pv < beta
 
     if num_correct == 0 or not refuted(0.0):
@@ -88,7 +86,7 @@ def epsilon_lower_bound(
 def _guesses(order: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int) -> tuple[int, int]:
     """(r, v) for guessing "in" on the k_plus highest scores and "out" on the k_minus lowest."""
     top = order[:k_plus]
-    bottom = order[len(order) - k_minus:] if k_minus else order[:0]
+    bottom = order[len(order) - k_minus :] if k_minus else order[:0]
     correct = int(included[top].sum()) + int((~included[bottom]).sum())
     return k_plus + k_minus, correct
 
@@ -129,8 +127,9 @@ def audit_scores(
     pairs = [(int(k), 0) if isinstance(k, (int, np.integer)) else (int(k[0]), int(k[1])) for k in ks]
     for k_plus, k_minus in pairs:
         if k_plus < 0 or k_minus < 0 or k_plus + k_minus == 0 or k_plus + k_minus > m:
-            raise PrivacyParameterError(f"guess sizes (k+={k_plus}, k-={k_minus}) must be >= 0, not both 0, "
-                                        f"and sum to at most the {m} canaries")
+            raise PrivacyParameterError(
+                f"guess sizes (k+={k_plus}, k-={k_minus}) must be >= 0, not both 0, and sum to at most the {m} canaries"
+            )
     beta_each = beta / len(pairs)
     order = np.argsort(-scores, kind="stable")  # highest score first
     tried = []
@@ -152,4 +151,3 @@ def audit_scores(
         "beta_per_guess_size": beta_each,
         "tried": tried,
     }
-

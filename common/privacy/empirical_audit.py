@@ -59,14 +59,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.data import synthetic
-from common.privacy.accounting import ACCOUNTANTS, PrivacyHistory, validate_privacy_parameters
-from common.privacy.canary_stats import audit_scores
 from common.config import TrainSection
+from common.data import synthetic
 from common.data.samples import MultimodalData
+from common.data.schema import DatasetSchema, ModalitySpec
 from common.errors import PrivacyParameterError
 from common.model.multimodal import ModelConfig, MultimodalModel
-from common.data.schema import DatasetSchema, ModalitySpec
+from common.privacy.accounting import ACCOUNTANTS, PrivacyHistory, validate_privacy_parameters
+from common.privacy.canary_stats import audit_scores
 from common.privacy.training import DPRequest, LocalTraining, RoundResult, train_round
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,7 @@ class EmpiricalAuditConfig:
             raise PrivacyParameterError(f"real_samples must be a positive integer, got {self.real_samples!r}")
         if not 0 < self.sample_rate <= 1 or abs(1 / self.sample_rate - round(1 / self.sample_rate)) > 1e-9:
             raise PrivacyParameterError(
-                f"sample_rate must be 1/k for a whole number k of steps per epoch (e.g. 0.02 = 1/50), "
-                f"got {self.sample_rate}"
+                f"sample_rate must be 1/k for a whole number k of steps per epoch (e.g. 0.02 = 1/50), got {self.sample_rate}"
             )
         if self.steps % self.steps_per_epoch:
             raise PrivacyParameterError(
@@ -174,7 +173,7 @@ def build_audit_data(real: MultimodalData, included: np.ndarray, *, steps_per_ep
     inputs[CANARY_MODALITY] = canary  # (N, m)
     mask = torch.zeros((n, len(schema.names)), dtype=torch.bool)
     mask[: len(real), :-1] = real.mask
-    mask[len(real):, -1] = True  # canary slots and blanks: the canary modality only
+    mask[len(real) :, -1] = True  # canary slots and blanks: the canary modality only
     labels = torch.cat([real.labels, torch.full((extra,), CANARY_CLASS, dtype=torch.int64)])
     return MultimodalData(schema, inputs, mask, labels)
 
@@ -188,8 +187,9 @@ def step_gradients(trace: list[torch.Tensor], *, lr: float, momentum: float) -> 
     return grads.numpy()
 
 
-def canary_units(trace: list[torch.Tensor], result: RoundResult, *, lr: float, momentum: float,
-                 max_grad_norm: float) -> np.ndarray:
+def canary_units(
+    trace: list[torch.Tensor], result: RoundResult, *, lr: float, momentum: float, max_grad_norm: float
+) -> np.ndarray:
     """Each step's noisy gradient on each canary coordinate (T, m), in units of C / expected batch, signed so that
     an included canary adds +1 when sampled (its clipped gradient is -C e_i). The expected batch is the one the
     round's optimizer divided the noised sum by: q times the declared size, the float training uses."""
@@ -225,11 +225,18 @@ def run_empirical_audit(config: EmpiricalAuditConfig = EmpiricalAuditConfig()) -
     batch_size = len(data) // config.steps_per_epoch
     history = PrivacyHistory(accountant=config.accountant)
     result = train_round(
-        model, data, history,  # type: ignore[arg-type]  (a MultimodalModel plus the canary block)
+        model,  # type: ignore[arg-type]  # a MultimodalModel plus the canary block
+        data,
+        history,
         dp=DPRequest(config.epsilon, config.delta, config.max_grad_norm, planned_rounds=1),
-        training=LocalTraining(local_epochs=config.steps // config.steps_per_epoch, batch_size=batch_size, lr=train.lr,
-                               momentum=train.momentum, modality_dropout=train.modality_dropout,
-                               grad_sample_mode=train.grad_sample_mode),
+        training=LocalTraining(
+            local_epochs=config.steps // config.steps_per_epoch,
+            batch_size=batch_size,
+            lr=train.lr,
+            momentum=train.momentum,
+            modality_dropout=train.modality_dropout,
+            grad_sample_mode=train.grad_sample_mode,
+        ),
         run_id="empirical-audit",
     )
     trace = model.trace + [model.canary.weight.detach()[0].clone()]
@@ -266,8 +273,9 @@ def run_empirical_audit(config: EmpiricalAuditConfig = EmpiricalAuditConfig()) -
         "seconds": round(time.perf_counter() - start, 3),
         "config": asdict(config),
     }
-    log.info("empirical audit: claimed ε = %.3f, lower bound %.3f (%s)", claimed, audit["epsilon_lb"],
-             "passed" if passed else "FAILED")
+    log.info(
+        "empirical audit: claimed ε = %.3f, lower bound %.3f (%s)", claimed, audit["epsilon_lb"], "passed" if passed else "FAILED"
+    )
     return report
 
 
@@ -293,7 +301,9 @@ def format_empirical_report(report: dict[str, Any]) -> str:
     if report["passed"]:
         lines.append("result: passed (the lower bound does not exceed the claimed ε)")
     else:
-        lines.append(f"result: FAILED: the lower bound ε ≥ {report['epsilon_lb']:.3f} exceeds the claimed "
-                     f"ε = {report['claimed_epsilon']:.3f}: training leaks more than its accounting says (check the "
-                     "noise, clipping and sampling in common/privacy/training.py)")
+        lines.append(
+            f"result: FAILED: the lower bound ε ≥ {report['epsilon_lb']:.3f} exceeds the claimed "
+            f"ε = {report['claimed_epsilon']:.3f}: training leaks more than its accounting says (check the "
+            "noise, clipping and sampling in common/privacy/training.py)"
+        )
     return "\n".join(lines)

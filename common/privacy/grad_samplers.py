@@ -22,8 +22,8 @@ Exactness against a per-sample loop: tests/test_bench_dp.py. Cost: ``fedfuse ben
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -190,8 +190,10 @@ class FlatGradSample(nn.Module):
         params = [p for m in self._layers for p in (m.weight, getattr(m, "bias", None)) if p is not None]
         trainable = [p for p in model.parameters() if p.requires_grad]  # each shared parameter once
         if len(set(params)) != len(params) or set(params) != set(trainable):
-            raise ValueError("grad_sample_mode 'flat' needs every trainable parameter to belong to exactly one layer "
-                             "(no shared or tied weights); use grad_sample_mode 'hooks' for this model")
+            raise ValueError(
+                "grad_sample_mode 'flat' needs every trainable parameter to belong to exactly one layer "
+                "(no shared or tied weights); use grad_sample_mode 'hooks' for this model"
+            )
         self._params = params
         self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
         self._slices: dict[nn.Parameter, tuple[int, int]] = {}

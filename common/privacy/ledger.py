@@ -17,8 +17,9 @@ import math
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -88,7 +89,7 @@ def decode_entry(text: str) -> dict[str, Any]:
 
 def utc_now() -> str:
     """Current UTC time, ISO 8601 with a Z suffix, microseconds."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -276,8 +277,9 @@ def format_problems(entry: Any, *, signed: bool = True) -> list[str]:
     need("round", _is_int(g("round")) and g("round") >= 0, "an integer >= 0")
     need("status", g("status") in STATUSES, f"one of {list(STATUSES)}")
     need("private", isinstance(g("private"), bool), "true or false")
-    need("modalities", isinstance(g("modalities"), list) and all(isinstance(m, str) for m in g("modalities")),
-         "a list of strings")
+    need(
+        "modalities", isinstance(g("modalities"), list) and all(isinstance(m, str) for m in g("modalities")), "a list of strings"
+    )
     need("time", isinstance(g("time"), str), "an ISO 8601 string")
     need("update_hash", g("update_hash") is None or _is_hex(g("update_hash"), 32), "null or 64 lower-case hex digits")
     mech = g("mechanism")
@@ -288,8 +290,9 @@ def format_problems(entry: Any, *, signed: bool = True) -> list[str]:
         sigma = m("noise_multiplier")
         noised = private and g("status") != "refused-budget"  # a refusal ran nothing: its noise may be 0
         if not (_is_num(sigma) and (sigma > 0 if noised else sigma >= 0)):
-            out.append(f"mechanism.noise_multiplier must be a number {'> 0' if noised else '>= 0'}, "
-                       f"got {m('noise_multiplier')!r}")
+            out.append(
+                f"mechanism.noise_multiplier must be a number {'> 0' if noised else '>= 0'}, got {m('noise_multiplier')!r}"
+            )
         if not (_is_num(m("sample_rate")) and 0 < m("sample_rate") <= 1):
             out.append(f"mechanism.sample_rate must lie in (0, 1], got {m('sample_rate')!r}")
         if not (_is_int(m("steps")) and m("steps") >= 0):
@@ -356,42 +359,72 @@ def check_chain(entries: list[Any], *, expected_public_key: str | None = None, v
             actual = None
             found.append(Finding(CORRUPT, f"{where}: cannot be hashed ({exc})", i))
         if actual is not None and _is_hex(recorded, 32) and recorded != actual:
-            found.append(Finding(TAMPERING, f"{where}: content does not match its entry_hash (edited after signing)",
-                                 i))
+            found.append(Finding(TAMPERING, f"{where}: content does not match its entry_hash (edited after signing)", i))
         key = e.get("public_key")
         if _is_hex(recorded, 32) and _is_hex(key, 32) and _is_hex(e.get("signature"), 64):
             if not verify_signature(key, bytes.fromhex(recorded), e["signature"]):
-                found.append(Finding(TAMPERING, f"{where}: signature does not verify with the entry's public_key "
-                                                "(forged or edited)", i))
+                found.append(
+                    Finding(TAMPERING, f"{where}: signature does not verify with the entry's public_key (forged or edited)", i)
+                )
         if ref_key is None and _is_hex(key, 32):
             ref_key, ref_from = key, f"entry {i}"
         if _is_hex(key, 32) and key != ref_key:
-            found.append(Finding(TAMPERING, f"{where}: signed by key {key[:16]}..., not {ref_from}'s "
-                                            f"{ref_key[:16]}... (forged entry or replaced key)", i))
+            found.append(
+                Finding(
+                    TAMPERING,
+                    f"{where}: signed by key {key[:16]}..., not {ref_from}'s {ref_key[:16]}... (forged entry or replaced key)",
+                    i,
+                )
+            )
         if _is_int(e.get("index")) and e["index"] != i:
-            found.append(Finding(TAMPERING, f"{where}: its index is {e.get('index')!r} (entries reordered, dropped "
-                                            "or inserted)", i))
+            found.append(
+                Finding(TAMPERING, f"{where}: its index is {e.get('index')!r} (entries reordered, dropped or inserted)", i)
+            )
         want_prev = GENESIS_HASH if i == 0 else (prev.get("entry_hash") if prev is not None else None)
         if _is_hex(e.get("prev_hash"), 32) and (i == 0 or _is_hex(want_prev, 32)) and e["prev_hash"] != want_prev:
-            found.append(Finding(TAMPERING, f"{where}: prev_hash does not match "
-                                            f"{'the genesis value' if i == 0 else f'entry {i - 1}'} "
-                                            "(an entry was dropped, reordered or inserted)", i))
+            found.append(
+                Finding(
+                    TAMPERING,
+                    f"{where}: prev_hash does not match "
+                    f"{'the genesis value' if i == 0 else f'entry {i - 1}'} "
+                    "(an entry was dropped, reordered or inserted)",
+                    i,
+                )
+            )
         # Consistency with the previous entry: same client, rounds increase within a run, epsilon never falls.
         if prev is not None:
             if e.get("client_id") != prev.get("client_id"):
-                found.append(Finding(TAMPERING, f"{where}: client_id {e.get('client_id')!r} differs from "
-                                                f"{prev.get('client_id')!r} in entry {i - 1}", i))
+                found.append(
+                    Finding(
+                        TAMPERING,
+                        f"{where}: client_id {e.get('client_id')!r} differs from {prev.get('client_id')!r} in entry {i - 1}",
+                        i,
+                    )
+                )
             same_run = e.get("run_id") == prev.get("run_id")
             r, pr = e.get("round"), prev.get("round")
             if same_run and _is_int(r) and _is_int(pr) and r <= pr:
-                found.append(Finding(TAMPERING, f"{where}: round {r} does not follow round {pr} of run "
-                                                f"{e.get('run_id')!r} (replayed or reordered)", i))
-            comparable = all(e.get(k) == prev.get(k) for k in ("delta", "accountant")) and e.get("private") is True \
+                found.append(
+                    Finding(
+                        TAMPERING,
+                        f"{where}: round {r} does not follow round {pr} of run {e.get('run_id')!r} (replayed or reordered)",
+                        i,
+                    )
+                )
+            comparable = (
+                all(e.get(k) == prev.get(k) for k in ("delta", "accountant"))
+                and e.get("private") is True
                 and prev.get("private") is True
+            )
             ep, pp = e.get("epsilon"), prev.get("epsilon")
             if comparable and _is_num(ep) and _is_num(pp) and ep < pp:
-                found.append(Finding(ACCOUNTING, f"{where}: epsilon fell from {pp:.6g} to {ep:.6g} (epsilon is "
-                                                 "cumulative: was the accountant reset?)", i))
+                found.append(
+                    Finding(
+                        ACCOUNTING,
+                        f"{where}: epsilon fell from {pp:.6g} to {ep:.6g} (epsilon is cumulative: was the accountant reset?)",
+                        i,
+                    )
+                )
         prev = e
     return found
 
@@ -418,11 +451,14 @@ def compare_copies(client_entries: list[Any], server_entries: list[Any]) -> list
             out.append(f"entry {i} differs between the client's copy and the federation's copy")
     nc, ns = len(client_entries), len(server_entries)
     if ns < nc:
-        out.append(f"the federation's copy has {ns} entries, the client's copy {nc}: the federation's copy is "
-                   "truncated (or the client's last replies never reached the server)")
+        out.append(
+            f"the federation's copy has {ns} entries, the client's copy {nc}: the federation's copy is "
+            "truncated (or the client's last replies never reached the server)"
+        )
     elif nc < ns:
-        out.append(f"the client's copy has {nc} entries, the federation's copy {ns}: the client's copy is "
-                   "truncated or was rolled back")
+        out.append(
+            f"the client's copy has {nc} entries, the federation's copy {ns}: the client's copy is truncated or was rolled back"
+        )
     return out
 
 
@@ -444,8 +480,10 @@ def _parse(data: bytes, name: str) -> tuple[list[Any], list[str]]:
     problems: list[str] = []
     lines = data.split(b"\n")
     if lines[-1] != b"":
-        problems.append(f"{name}: line {len(lines)} has no line end: a partial last line (a write was cut short, "
-                        "or the file was truncated); it was ignored")
+        problems.append(
+            f"{name}: line {len(lines)} has no line end: a partial last line (a write was cut short, "
+            "or the file was truncated); it was ignored"
+        )
     for n, raw in enumerate(lines[:-1], start=1):
         try:
             entry = json.loads(raw.decode("utf-8"))
@@ -505,8 +543,9 @@ class Ledger:
             bad.append("a discarded round sends no update: update_hash must be null")
         if bad:
             raise LedgerError(f"cannot append to {self.path}: " + "; ".join(bad))
-        entry.update(index=len(entries), prev_hash=entries[-1]["entry_hash"] if entries else GENESIS_HASH,
-                     public_key=key.public_hex)
+        entry.update(
+            index=len(entries), prev_hash=entries[-1]["entry_hash"] if entries else GENESIS_HASH, public_key=key.public_hex
+        )
         entry["entry_hash"] = entry_hash(entry)
         entry["signature"] = key.sign(bytes.fromhex(entry["entry_hash"])).hex()
         self._check_extends(entries, [entry], expected_public_key=None)
@@ -521,8 +560,7 @@ class Ledger:
         """
         return self.extend_signed([entry], expected_public_key=expected_public_key)[-1]
 
-    def extend_signed(self, new: list[Mapping[str, Any]], *, expected_public_key: str | None = None
-                      ) -> list[dict[str, Any]]:
+    def extend_signed(self, new: list[Mapping[str, Any]], *, expected_public_key: str | None = None) -> list[dict[str, Any]]:
         """Append entries signed elsewhere, in chain order, with one read, one verification and one write.
 
         The entries may start at any position up to the copy's length (each carries its ``index``): those
@@ -538,11 +576,15 @@ class Ledger:
             if _is_int(idx) and idx < held:
                 if entries[idx] == entry:
                     continue
-                raise LedgerError(f"{self.path}: a different entry {idx} is already recorded: the client's ledger has "
-                                  "forked (a rewritten history); nothing was recorded")
+                raise LedgerError(
+                    f"{self.path}: a different entry {idx} is already recorded: the client's ledger has "
+                    "forked (a rewritten history); nothing was recorded"
+                )
             if _is_int(idx) and idx > pos:
-                raise LedgerError(f"{self.path} holds entries 0..{pos - 1}, got entry {idx}: the client must send "
-                                  f"entries {pos}..{idx - 1} first; nothing was recorded")
+                raise LedgerError(
+                    f"{self.path} holds entries 0..{pos - 1}, got entry {idx}: the client must send "
+                    f"entries {pos}..{idx - 1} first; nothing was recorded"
+                )
             if _is_int(idx) and idx < pos:
                 raise LedgerError(f"{self.path}: entry {idx} was sent twice; nothing was recorded")
             added.append(entry)
@@ -566,14 +608,18 @@ class Ledger:
         entries, problems = _parse(data, str(self.path))
         integrity = [f.message for f in check_chain(entries) if f.kind in (TAMPERING, CORRUPT)]
         if problems or integrity:
-            raise LedgerError(f"the ledger {self.path} does not verify, nothing was appended: "
-                              + "; ".join(problems + integrity) + ". Run `fedfuse audit` on it and keep it as evidence")
+            raise LedgerError(
+                f"the ledger {self.path} does not verify, nothing was appended: "
+                + "; ".join(problems + integrity)
+                + ". Run `fedfuse audit` on it and keep it as evidence"
+            )
         if _stat_key(self.path) == stat:  # unchanged while it was read: what was verified is the file
             self._verified = (stat, data, list(entries))
         return data, entries
 
-    def _check_extends(self, entries: list[dict[str, Any]], new: list[dict[str, Any]], *,
-                       expected_public_key: str | None) -> None:
+    def _check_extends(
+        self, entries: list[dict[str, Any]], new: list[dict[str, Any]], *, expected_public_key: str | None
+    ) -> None:
         """Refuse ``new`` unless it continues ``entries`` (verified by :meth:`_load`: only the new ones are checked)."""
         found = check_chain(entries + new, expected_public_key=expected_public_key, verified=len(entries))
         integrity = [f.message for f in found if f.kind in (TAMPERING, CORRUPT)]

@@ -25,9 +25,9 @@ import functools
 import math
 from dataclasses import dataclass
 
-from common.privacy.accounting import calibrate_run
 from common.config import RunConfig
 from common.errors import BudgetExhaustedError
+from common.privacy.accounting import calibrate_run
 from common.privacy.training import sampling_plan
 
 # A site's per-round NSR above this is flagged. Set between measured runs (README, Data): HAPT's 21 training
@@ -89,34 +89,47 @@ def noise_multiplier(*, sample_rate: float, steps: int, epsilon: float, delta: f
     if math.isinf(epsilon):
         return 0.0
     try:
-        return calibrate_run(history=[], sample_rate=sample_rate, steps=steps, run_budget=epsilon,
-                             lifetime_budget=epsilon, delta=delta, accountant=accountant)
+        return calibrate_run(
+            history=[],
+            sample_rate=sample_rate,
+            steps=steps,
+            run_budget=epsilon,
+            lifetime_budget=epsilon,
+            delta=delta,
+            accountant=accountant,
+        )
     except BudgetExhaustedError:
         return math.inf
 
 
-def plan_site(site: str, n: int, params: int, setting: Setting, *, epsilon: float, delta: float,
-              accountant: str = "prv") -> SitePlan:
+def plan_site(
+    site: str, n: int, params: int, setting: Setting, *, epsilon: float, delta: float, accountant: str = "prv"
+) -> SitePlan:
     """σ and the noise-to-signal ratios of one site under ``setting`` (see the module docstring)."""
     q, steps = sampling_plan(n, setting.batch_size, setting.local_epochs)
-    sigma = noise_multiplier(sample_rate=q, steps=steps * setting.rounds, epsilon=epsilon, delta=delta,
-                             accountant=accountant)
+    sigma = noise_multiplier(sample_rate=q, steps=steps * setting.rounds, epsilon=epsilon, delta=delta, accountant=accountant)
     b = q * n
     nsr_step = sigma * math.sqrt(params) / b
-    return SitePlan(site, n, params, q, b, steps, None if math.isinf(epsilon) else sigma, nsr_step,
-                    nsr_step / math.sqrt(steps))
+    return SitePlan(site, n, params, q, b, steps, None if math.isinf(epsilon) else sigma, nsr_step, nsr_step / math.sqrt(steps))
 
 
-def plan(sites: dict[str, tuple[int, int]], head_params: int, setting: Setting, *, epsilon: float | dict[str, float],
-         delta: float, accountant: str = "prv") -> Plan:
+def plan(
+    sites: dict[str, tuple[int, int]],
+    head_params: int,
+    setting: Setting,
+    *,
+    epsilon: float | dict[str, float],
+    delta: float,
+    accountant: str = "prv",
+) -> Plan:
     """Every site (name -> (n, parameters)) under ``setting``; ``epsilon`` per site or one for all."""
     budget = epsilon if isinstance(epsilon, dict) else {s: epsilon for s in sites}
-    rows = tuple(plan_site(s, n, p, setting, epsilon=budget[s], delta=delta, accountant=accountant)
-                 for s, (n, p) in sites.items())
+    rows = tuple(
+        plan_site(s, n, p, setting, epsilon=budget[s], delta=delta, accountant=accountant) for s, (n, p) in sites.items()
+    )
     total = sum(r.n for r in rows)
     weights = [r.n / total for r in rows]
-    noise = sum(w * w * r.steps_per_round * ((r.noise_multiplier or 0.0) / r.expected_batch) ** 2
-                for w, r in zip(weights, rows))
+    noise = sum(w * w * r.steps_per_round * ((r.noise_multiplier or 0.0) / r.expected_batch) ** 2 for w, r in zip(weights, rows))
     signal = sum(w * r.steps_per_round for w, r in zip(weights, rows))
     return Plan(setting, rows, head_params, math.sqrt(head_params) * math.sqrt(noise) / signal)
 
@@ -147,8 +160,8 @@ def suggest(plans: list[Plan], base: Setting) -> Plan:
 
 def federation_sizes(config: RunConfig) -> tuple[dict[str, tuple[int, int]], dict[str, float], int]:
     """Per client: (training examples, parameters it trains); its budget; the head's parameter count."""
-    from common.model.multimodal import MultimodalModel, global_head_template
     from common.data.partition import client_partition, federation_space, num_clients
+    from common.model.multimodal import MultimodalModel, global_head_template
 
     model_config = config.model
     sites, budgets = {}, {}
@@ -171,7 +184,9 @@ def drowning_warning(config: RunConfig) -> str | None:
     if not p.drowned:
         return None
     worst = max(p.sites, key=lambda s: s.nsr_round)
-    return (f"the privacy noise will drown the signal at {len(p.drowned)} of {len(p.sites)} site(s): at {worst.site} "
-            f"(n = {worst.n}) σ = {worst.noise_multiplier:.2f} and the noise-to-signal ratio of a round's update is "
-            f"{worst.nsr_round:.3g} (> {DROWNING:g}). Expect chance-level accuracy; `fedfuse plan` suggests a "
-            "batch size and number of rounds")
+    return (
+        f"the privacy noise will drown the signal at {len(p.drowned)} of {len(p.sites)} site(s): at {worst.site} "
+        f"(n = {worst.n}) σ = {worst.noise_multiplier:.2f} and the noise-to-signal ratio of a round's update is "
+        f"{worst.nsr_round:.3g} (> {DROWNING:g}). Expect chance-level accuracy; `fedfuse plan` suggests a "
+        "batch size and number of rounds"
+    )

@@ -48,8 +48,7 @@ class RoundRandomness:
         u = self._stream(_Purpose.POISSON, step).random(num_examples)  # u[i] is record i's draw
         return torch.from_numpy(np.flatnonzero(u < sample_rate)).to(torch.int64)
 
-    def hide_modalities(self, step: int, idx: torch.Tensor, mask: torch.Tensor, p: float, *,
-                        num_examples: int) -> torch.Tensor:
+    def hide_modalities(self, step: int, idx: torch.Tensor, mask: torch.Tensor, p: float, *, num_examples: int) -> torch.Tensor:
         """Modality dropout for the records ``idx`` (rows of ``mask``) at step ``step``, drawn per record."""
         if p <= 0:
             return mask
@@ -59,8 +58,7 @@ class RoundRandomness:
         rows = torch.from_numpy(draws[idx.numpy()]).to(torch.float32) if len(idx) else torch.empty(0, 2 * m)
         return hide_modalities_per_record(mask, p, rows)
 
-    def augmentation_draws(self, step: int, idx: torch.Tensor, *, copies: int, width: int,
-                           num_examples: int) -> torch.Tensor:
+    def augmentation_draws(self, step: int, idx: torch.Tensor, *, copies: int, width: int, num_examples: int) -> torch.Tensor:
         """Uniforms (len(idx), copies, width) for the augmented copies of the records ``idx`` at step ``step``.
 
         Drawn for every record of the dataset, row i = record i's, so a record's copies never depend on the batch.

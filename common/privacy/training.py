@@ -20,8 +20,8 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +31,13 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 
-from common.privacy.accounting import NoisePlan, PrivacyHistory, calibrate_run, validate_privacy_parameters
-from common.privacy.augmentation import Augmentation, parse_augmentations
 from common.config import GRAD_SAMPLE_MODES, LR_SCHEDULES, TrainSection
 from common.data.samples import MultimodalData
 from common.errors import DataError, NonFiniteError, PrivacyParameterError
-from common.privacy.grad_samplers import FlatGradSample
 from common.model.multimodal import MultimodalModel
+from common.privacy.accounting import NoisePlan, PrivacyHistory, calibrate_run, validate_privacy_parameters
+from common.privacy.augmentation import Augmentation, parse_augmentations
+from common.privacy.grad_samplers import FlatGradSample
 from common.privacy.randomness import RoundRandomness
 
 log = logging.getLogger(__name__)
@@ -170,10 +170,15 @@ def scheduled_lr(lr: float, schedule: str, server_round: int, total_rounds: int)
 def local_training(train: TrainSection, *, server_round: int = 1, total_rounds: int = 1) -> LocalTraining:
     """The run config's ``[train]`` section as round ``server_round``'s :class:`LocalTraining` (the schedule's lr)."""
     lr = scheduled_lr(train.lr, train.lr_schedule, server_round, total_rounds)
-    return LocalTraining(local_epochs=train.local_epochs, batch_size=train.batch_size, lr=lr,
-                         momentum=train.momentum, modality_dropout=train.modality_dropout,
-                         grad_sample_mode=train.grad_sample_mode,
-                         augmentation=parse_augmentations(train.augmentations, train.multiplicity))
+    return LocalTraining(
+        local_epochs=train.local_epochs,
+        batch_size=train.batch_size,
+        lr=lr,
+        momentum=train.momentum,
+        modality_dropout=train.modality_dropout,
+        grad_sample_mode=train.grad_sample_mode,
+        augmentation=parse_augmentations(train.augmentations, train.multiplicity),
+    )
 
 
 def train_round(
@@ -211,7 +216,9 @@ def train_round(
     """
     # Everything else was checked when dp and training were built; the data last, before touching it.
     if not isinstance(dp, DPRequest) or not isinstance(training, LocalTraining):
-        raise TypeError(f"train_round needs a DPRequest and a LocalTraining, got {type(dp).__name__} and {type(training).__name__}")
+        raise TypeError(
+            f"train_round needs a DPRequest and a LocalTraining, got {type(dp).__name__} and {type(training).__name__}"
+        )
     target_epsilon, delta, max_grad_norm, planned_rounds = dp.epsilon, dp.delta, dp.max_grad_norm, dp.planned_rounds
     max_epsilon = dp.cap
     local_epochs, batch_size, lr, momentum = training.local_epochs, training.batch_size, training.lr, training.momentum
@@ -229,10 +236,19 @@ def train_round(
     if math.isinf(target_epsilon):
         # Charged before the data is touched, like a private round: its data leaves without DP, for good.
         history.record((0.0, sample_rate, steps), run_id=run_id)
-        loss = _train_non_private(model, data, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                                  modality_dropout=modality_dropout, augmentation=augmentation, randomness=randomness,
-                                  snapshot=snapshot,
-                                  proximal=_proximal(model, proximal_mu, proximal_reference, lr))
+        loss = _train_non_private(
+            model,
+            data,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            modality_dropout=modality_dropout,
+            augmentation=augmentation,
+            randomness=randomness,
+            snapshot=snapshot,
+            proximal=_proximal(model, proximal_mu, proximal_reference, lr),
+        )
         return RoundResult(False, math.inf, None, None, sample_rate, steps, None, n, loss, time.perf_counter() - start)
 
     # Refuse a private request on a history that is already non-private, before anything else.
@@ -243,15 +259,31 @@ def train_round(
             f"delta {delta:g} differs from the delta {history.delta:g} of this client's earlier rounds; "
             "one client's history must use one delta"
         )
-    plan_params = dict(run_id=run_id, sample_rate=sample_rate, steps_per_round=steps, planned_rounds=planned_rounds,
-                       target_epsilon=target_epsilon, delta=delta, max_grad_norm=max_grad_norm)
+    plan_params = dict(
+        run_id=run_id,
+        sample_rate=sample_rate,
+        steps_per_round=steps,
+        planned_rounds=planned_rounds,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        max_grad_norm=max_grad_norm,
+    )
     plan = history.plan
     if plan is None or plan.run_id != run_id:
-        sigma = calibrate_run(history=history.entries, sample_rate=sample_rate, steps=steps * planned_rounds,
-                              run_budget=target_epsilon, lifetime_budget=max_epsilon, delta=delta,
-                              accountant=history.accountant, run_history=history.run_entries(run_id))
+        sigma = calibrate_run(
+            history=history.entries,
+            sample_rate=sample_rate,
+            steps=steps * planned_rounds,
+            run_budget=target_epsilon,
+            lifetime_budget=max_epsilon,
+            delta=delta,
+            accountant=history.accountant,
+            run_history=history.run_entries(run_id),
+        )
         plan = NoisePlan(noise_multiplier=sigma, **plan_params)
-        log.info("calibrated noise multiplier %.4f for %d rounds x %d steps at q = %.4f", sigma, planned_rounds, steps, sample_rate)
+        log.info(
+            "calibrated noise multiplier %.4f for %d rounds x %d steps at q = %.4f", sigma, planned_rounds, steps, sample_rate
+        )
     elif not plan.matches(**plan_params):
         raise PrivacyParameterError(
             f"the privacy parameters changed during run '{run_id}' (planned {plan}, now {plan_params}); "
@@ -268,19 +300,43 @@ def train_round(
 
     # From here on the data is used: the round is charged to the history even if it fails.
     try:
-        loss = _train_dp(model, data, history, noise_multiplier=plan.noise_multiplier * _noise_scale,
-                         sample_rate=sample_rate, max_grad_norm=max_grad_norm, local_epochs=local_epochs,
-                         batch_size=batch_size, lr=lr,
-                         momentum=momentum, modality_dropout=modality_dropout, grad_sample_mode=grad_sample_mode,
-                         augmentation=augmentation, randomness=randomness, expected_steps=steps, expected_batch_size=sample_rate * n,
-                         proximal=_proximal(model, proximal_mu, proximal_reference, lr))
+        loss = _train_dp(
+            model,
+            data,
+            history,
+            noise_multiplier=plan.noise_multiplier * _noise_scale,
+            sample_rate=sample_rate,
+            max_grad_norm=max_grad_norm,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            modality_dropout=modality_dropout,
+            grad_sample_mode=grad_sample_mode,
+            augmentation=augmentation,
+            randomness=randomness,
+            expected_steps=steps,
+            expected_batch_size=sample_rate * n,
+            proximal=_proximal(model, proximal_mu, proximal_reference, lr),
+        )
     except BaseException:
         model.load_state_dict(snapshot)
         raise
     finally:
         history.record(mechanism, run_id=run_id)
-    return RoundResult(True, epsilon_after, delta, plan.noise_multiplier, sample_rate, steps, max_grad_norm, n, loss,
-                       time.perf_counter() - start, run_epsilon_after)
+    return RoundResult(
+        True,
+        epsilon_after,
+        delta,
+        plan.noise_multiplier,
+        sample_rate,
+        steps,
+        max_grad_norm,
+        n,
+        loss,
+        time.perf_counter() - start,
+        run_epsilon_after,
+    )
 
 
 def _round_randomness(target_epsilon: float, non_private_key: int | None) -> RoundRandomness:
@@ -412,17 +468,24 @@ def private_training(
         if flat is None:
             ModuleValidator.validate(module, strict=True)
         optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum)
-        sampler = PoissonSampler(num_examples, sample_rate, steps_per_epoch,
-                                 randomness if randomness is not None else RoundRandomness())
-        dp_model = prepare_module(module, grad_sample_mode="no_op" if flat is not None else grad_sample_mode,
-                                  batch_first=True, loss_reduction="mean")
+        sampler = PoissonSampler(
+            num_examples, sample_rate, steps_per_epoch, randomness if randomness is not None else RoundRandomness()
+        )
+        dp_model = prepare_module(
+            module, grad_sample_mode="no_op" if flat is not None else grad_sample_mode, batch_first=True, loss_reduction="mean"
+        )
         dp_model.forbid_grad_accumulation()  # one backward per step: a Poisson batch is one logical batch
         # The noised sum is divided by the expected batch of the public plan (q * declared size), never by a
         # function of the private record count (Opacus's make_private would use int(len(dataset) * q)).
         dp_optimizer = FiniteRowsDPOptimizer(
-            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction="mean",
-            generator=sampler.randomness.noise_generator(), secure_mode=False)
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=sampler.randomness.noise_generator(),
+            secure_mode=False,
+        )
         counter = create_accountant(mechanism=accountant)
         dp_optimizer.attach_step_hook(counter.get_optimizer_hook_fn(sample_rate=sample_rate))
     except BaseException:
@@ -466,8 +529,9 @@ def dp_step(
         return None
     inputs, mask, labels = _batch(data, idx)
     mask = private.randomness.hide_modalities(step, idx, mask, modality_dropout, num_examples=private.num_examples)
-    inputs, mask, labels, copies = _augment(augmentation, private.randomness, step, idx, inputs, mask, labels,
-                                            num_examples=private.num_examples)
+    inputs, mask, labels, copies = _augment(
+        augmentation, private.randomness, step, idx, inputs, mask, labels, num_examples=private.num_examples
+    )
     loss, value = _batch_loss(private.model(inputs, mask), labels)
     loss.backward()
     if copies > 1:
@@ -501,8 +565,10 @@ def _average_copies(params: list[torch.nn.Parameter], copies: int) -> None:
     for p in params:
         rows = p.grad_sample
         if not isinstance(rows, torch.Tensor):  # Opacus keeps a list only when gradients accumulate over batches
-            raise RuntimeError("augmentation multiplicity needs one per-sample gradient tensor per step; got "
-                               f"{type(rows).__name__} (accumulated batches are not supported)")
+            raise RuntimeError(
+                "augmentation multiplicity needs one per-sample gradient tensor per step; got "
+                f"{type(rows).__name__} (accumulated batches are not supported)"
+            )
         p.grad_sample = rows.reshape(rows.shape[0] // copies, copies, *rows.shape[1:]).mean(dim=1)  # (B*K, ...) -> (B, ...)
 
 
@@ -523,26 +589,40 @@ def _train_dp(
     randomness: RoundRandomness,
     expected_steps: int,
     expected_batch_size: float,
-    proximal: "Callable[[], None]",
+    proximal: Callable[[], None],
     augmentation: Augmentation | None = None,
 ) -> float:
-    private = private_training(model, len(data), accountant=history.accountant, noise_multiplier=noise_multiplier,
-                               max_grad_norm=max_grad_norm, batch_size=batch_size, lr=lr, momentum=momentum,
-                               grad_sample_mode=grad_sample_mode, randomness=randomness, sample_rate=sample_rate,
-                               steps_per_epoch=expected_steps // local_epochs, expected_batch_size=expected_batch_size)
+    private = private_training(
+        model,
+        len(data),
+        accountant=history.accountant,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        grad_sample_mode=grad_sample_mode,
+        randomness=randomness,
+        sample_rate=sample_rate,
+        steps_per_epoch=expected_steps // local_epochs,
+        expected_batch_size=expected_batch_size,
+    )
     steps = private.sampler.steps(local_epochs)
     if (len(steps), private.sample_rate) != (expected_steps, sample_rate):  # before any data is touched
         private.close()
-        raise RuntimeError(f"the sampler would take {len(steps)} steps at q = {private.sample_rate}, "
-                           f"the accountant is charged {expected_steps} at q = {sample_rate}")
+        raise RuntimeError(
+            f"the sampler would take {len(steps)} steps at q = {private.sample_rate}, "
+            f"the accountant is charged {expected_steps} at q = {sample_rate}"
+        )
     total, batches = 0.0, 0
     model.train()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for step in steps:
-                loss = dp_step(private, data, private.batch(step), modality_dropout=modality_dropout, step=step,
-                               augmentation=augmentation)
+                loss = dp_step(
+                    private, data, private.batch(step), modality_dropout=modality_dropout, step=step, augmentation=augmentation
+                )
                 if loss is not None:
                     total, batches = total + loss, batches + 1
                 proximal()
@@ -551,7 +631,9 @@ def _train_dp(
     counted = private.steps_counted()
     rates = {q for _, q, _ in private.accountant.history}
     if counted != expected_steps or rates != {sample_rate}:  # defence in depth: the accountant saw every step
-        raise RuntimeError(f"Opacus counted {counted} steps at q in {sorted(rates)}, expected {expected_steps} at q = {sample_rate}")
+        raise RuntimeError(
+            f"Opacus counted {counted} steps at q in {sorted(rates)}, expected {expected_steps} at q = {sample_rate}"
+        )
     _check_finite_params(model)  # decided from the noised parameters only (a DP output)
     return total / max(batches, 1)
 
@@ -594,7 +676,7 @@ def _train_non_private(
     modality_dropout: float,
     randomness: RoundRandomness,
     snapshot: dict[str, torch.Tensor],
-    proximal: "Callable[[], None]",
+    proximal: Callable[[], None],
     augmentation: Augmentation | None = None,
 ) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -608,9 +690,16 @@ def _train_non_private(
             if start + batch_size > n:
                 epoch, start = epoch + 1, 0
                 order = randomness.permutation(epoch, n)
-            loss = non_private_step(model, optimizer, data, order[start : start + batch_size],
-                                    modality_dropout=modality_dropout, randomness=randomness, step=step,
-                                    augmentation=augmentation)
+            loss = non_private_step(
+                model,
+                optimizer,
+                data,
+                order[start : start + batch_size],
+                modality_dropout=modality_dropout,
+                randomness=randomness,
+                step=step,
+                augmentation=augmentation,
+            )
             start += batch_size
             if loss is not None:
                 total, batches = total + loss, batches + 1
@@ -622,7 +711,7 @@ def _train_non_private(
     return total / max(batches, 1)
 
 
-def _proximal(model: torch.nn.Module, mu: float, reference: dict[str, torch.Tensor] | None, lr: float) -> "Callable[[], None]":
+def _proximal(model: torch.nn.Module, mu: float, reference: dict[str, torch.Tensor] | None, lr: float) -> Callable[[], None]:
     """FedProx's pull ``w -= lr * mu * (w - w_global)`` on the parameters in ``reference``."""
     if mu <= 0 or not reference:
         return lambda: None

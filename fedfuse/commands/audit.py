@@ -7,10 +7,18 @@ import argparse
 import json
 from pathlib import Path
 
-from common.privacy.audit import (DEFAULT_TOLERANCE, EXIT_CODES, EXIT_EMPIRICAL, EXIT_OK, audit_path, format_report, plot_report,
-                          report_json)
 from common.config import ACCOUNTANTS
 from common.errors import ConfigError
+from common.privacy.audit import (
+    DEFAULT_TOLERANCE,
+    EXIT_CODES,
+    EXIT_EMPIRICAL,
+    EXIT_OK,
+    audit_path,
+    format_report,
+    plot_report,
+    report_json,
+)
 from common.privacy.ledger import ACCOUNTING, CORRUPT, OVER_BUDGET, TAMPERING, LedgerError
 
 # --empirical options, named as EmpiricalAuditConfig's fields (the defaults are there).
@@ -60,16 +68,26 @@ def _tolerance(text: str) -> float:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("path", metavar="PATH", type=Path, nargs="?",
-                        help="run output folder, site state folder, folder of ledgers, or a ledger (not with --empirical)")
+    parser.add_argument(
+        "path",
+        metavar="PATH",
+        type=Path,
+        nargs="?",
+        help="run output folder, site state folder, folder of ledgers, or a ledger (not with --empirical)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--plot", metavar="FILE", type=Path, help="write a PNG of epsilon per round per client")
     parser.add_argument(
-        "--keys", metavar="DIR", type=Path,
+        "--keys",
+        metavar="DIR",
+        type=Path,
         help="pinned ledger public keys, DIR/<client_id>.pem (e.g. superlink/ledger-keys from `fedfuse certs`)",
     )
     parser.add_argument(
-        "--tolerance", metavar="X", type=_tolerance, default=None,
+        "--tolerance",
+        metavar="X",
+        type=_tolerance,
+        default=None,
         help=f"recorded and recomputed epsilon agree within X * max(1, recomputed) (default {DEFAULT_TOLERANCE})",
     )
     emp = parser.add_argument_group("empirical audit (--empirical; defaults: the setup in docs/ledger-format.md)")
@@ -78,8 +96,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     emp.add_argument("--delta", type=float, help="delta of the claim and of the lower bound (default 1e-5)")
     emp.add_argument("--canaries", type=int, metavar="M", help="number of canaries, each included w.p. 1/2 (default 1000)")
     emp.add_argument("--steps", type=int, help="DP-SGD steps, a multiple of 1/sample-rate (default 200)")
-    emp.add_argument("--sample-rate", type=float, metavar="Q",
-                     help="Poisson sampling rate, 1/k for a whole k (default 0.02)")
+    emp.add_argument("--sample-rate", type=float, metavar="Q", help="Poisson sampling rate, 1/k for a whole k (default 0.02)")
     emp.add_argument("--real-samples", type=int, metavar="N", help="real synthetic samples trained alongside (default 500)")
     emp.add_argument("--accountant", choices=ACCOUNTANTS, help="accountant that calibrates and claims (default prv)")
     emp.add_argument("--seed", type=int, help="canary inclusion, real data, initial weights; never the DP noise (default 0)")
@@ -88,8 +105,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     given = [f"--{o.replace('_', '-')}" for o in EMPIRICAL_OPTIONS if getattr(args, o) is not None]
     if args.empirical:
-        ledger_only = [name for name, value in (("PATH", args.path), ("--plot", args.plot), ("--keys", args.keys),
-                                                ("--tolerance", args.tolerance)) if value is not None]
+        ledger_only = [
+            name
+            for name, value in (
+                ("PATH", args.path),
+                ("--plot", args.plot),
+                ("--keys", args.keys),
+                ("--tolerance", args.tolerance),
+            )
+            if value is not None
+        ]
         if ledger_only:
             raise ConfigError(f"--empirical is an audit run of its own: drop {', '.join(ledger_only)}")
         return _run_empirical(args)

@@ -30,9 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the credentials and print which files go to which machine."""
-    creds = make_credentials(
-        args.out, server_names=args.server_names, sites=args.sites, days=args.days, force=args.force
-    )
+    creds = make_credentials(args.out, server_names=args.server_names, sites=args.sites, days=args.days, force=args.force)
     print(creds.manifest.read_text(encoding="utf-8"), end="")
     print(f"(this list is also in {creds.manifest})")
     return 0

@@ -28,10 +28,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     h = which.add_parser("hapt", help="HAPT (UCI): acc + gyro windows, one site per subject")
     h.add_argument("--source", type=Path, required=True, help="the HAPT folder (with RawData/, Train/, Test/)")
     h.add_argument("--out", type=Path, required=True, help="folder to write the site folders into")
-    h.add_argument("--classes", type=int, choices=(6, 12), default=6,
-                   help="6: the UCI HAR activities; 12: with the postural transitions (default 6)")
-    h.add_argument("--holdout", type=float, default=0.2,
-                   help="share of each training subject's windows marked 'test' (every 5th for 0.2)")
+    h.add_argument(
+        "--classes",
+        type=int,
+        choices=(6, 12),
+        default=6,
+        help="6: the UCI HAR activities; 12: with the postural transitions (default 6)",
+    )
+    h.add_argument(
+        "--holdout", type=float, default=0.2, help="share of each training subject's windows marked 'test' (every 5th for 0.2)"
+    )
     h.add_argument("--overwrite", action="store_true", help="replace existing site folders")
     a = which.add_parser("av-digits", help="FSDD audio + MNIST images, one site per speaker")
     a.add_argument("--fsdd", type=Path, required=True, help="the FSDD folder (with recordings/)")
@@ -39,8 +45,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--out", type=Path, required=True, help="folder to write the site folders into")
     a.add_argument("--seed", type=int, default=0, help="seed of the clip-to-image pairing (default 0)")
     a.add_argument("--overwrite", action="store_true", help="replace existing site folders")
-    u = which.add_parser("mnist-unpaired", help="the MNIST images AV-Digits does not use, as one public site folder "
-                         "(to pretrain an image encoder: fedfuse pretrain)")
+    u = which.add_parser(
+        "mnist-unpaired",
+        help="the MNIST images AV-Digits does not use, as one public site folder "
+        "(to pretrain an image encoder: fedfuse pretrain)",
+    )
     u.add_argument("--fsdd", type=Path, required=True, help="the FSDD folder (with recordings/)")
     u.add_argument("--mnist", type=Path, required=True, help="folder with the MNIST t10k IDX .gz files")
     u.add_argument("--out", type=Path, required=True, help="folder to write the site folder 'mnist-unpaired' into")
@@ -49,9 +58,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     from common.data.synthetic_sites import SPEC_HELP
 
-    s = sub.add_parser("synth", help="write site folders of the synthetic dataset (demos, trying a deployment)",
-                       description="Write one site folder per site, each holding only the modalities named, with "
-                       "'train' (80 %) and 'test' (20 %) samples of the embedded synthetic dataset.")
+    s = sub.add_parser(
+        "synth",
+        help="write site folders of the synthetic dataset (demos, trying a deployment)",
+        description="Write one site folder per site, each holding only the modalities named, with "
+        "'train' (80 %) and 'test' (20 %) samples of the embedded synthetic dataset.",
+    )
     s.add_argument("--out", type=Path, required=True, help="a new (or empty) folder to write the site folders into")
     s.add_argument("--sites", required=True, metavar="SPEC", help=SPEC_HELP)
     s.add_argument("--samples", type=int, default=240, help="samples per site (default 240)")
@@ -93,8 +105,10 @@ def _synth(args: argparse.Namespace) -> int:
     for name, path in paths.items():
         print(f"{name}: {path} ({'+'.join(sites[name])}, {args.samples} samples)")
     used = [m for m in synthetic.schema().names if any(m in mods for mods in sites.values())]
-    print(f"wrote {len(paths)} site folder(s) under {args.out}; a run over them needs "
-          f"federation.modalities = \"{','.join(used)}\" and federation.labels = \"{','.join(synthetic.LABELS)}\"")
+    print(
+        f"wrote {len(paths)} site folder(s) under {args.out}; a run over them needs "
+        f'federation.modalities = "{",".join(used)}" and federation.labels = "{",".join(synthetic.LABELS)}"'
+    )
     return 0
 
 
@@ -124,8 +138,13 @@ def _inspect(path: Path, *, as_json: bool) -> int:
         table.add_column(column, justify="left" if column in ("site", "modality", "scaling") else "right")
     for site, rs in ranges.items():
         for r in rs:
-            table.add_row(site, r.modality, str(r.present), *(f"{v:.4g}" for v in (r.min, r.p01, r.mean, r.std, r.p99, r.max)),
-                          "declared" if r.scaled else "none")
+            table.add_row(
+                site,
+                r.modality,
+                str(r.present),
+                *(f"{v:.4g}" for v in (r.min, r.p01, r.mean, r.std, r.p99, r.max)),
+                "declared" if r.scaled else "none",
+            )
     Console(width=None if sys.stdout.isatty() else 140).print(table)
     for note in notes:
         print(f"note: {note}")
@@ -179,8 +198,10 @@ def _format_summary(s: dict) -> str:
     classes = ", ".join(f"{k} {v}" for k, v in s["classes"].items())
     lines = [f"{s['name']}: {s['samples']} samples ({splits})", f"  splits: {roles}"]
     if TRAIN_SPLIT not in s["splits"]:
-        lines.append(f"  note: no '{TRAIN_SPLIT}' samples: in a simulation this site takes no part in training"
-                     + (f" ({hint})" if (hint := split_hint(list(s["splits"]))) else ""))
+        lines.append(
+            f"  note: no '{TRAIN_SPLIT}' samples: in a simulation this site takes no part in training"
+            + (f" ({hint})" if (hint := split_hint(list(s["splits"]))) else "")
+        )
     elif hint := split_hint(list(s["splits"])):
         lines.append(f"  note: {hint}")
     if s["splits"].get(TRAIN_SPLIT):

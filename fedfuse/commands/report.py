@@ -34,14 +34,21 @@ def print_contributions(results: dict[str, Any]) -> None:
             console.print(f"Modality contributions: none for the federation ({acc['error']})")
         return
     attention = mc.get("attention") or {}
-    table = Table(title=f"Modality contributions (Shapley values over chance = {mc['empty_value']:.3f}, "
-                        f"{mc.get('source', '')} held-out figures)")
+    table = Table(
+        title=f"Modality contributions (Shapley values over chance = {mc['empty_value']:.3f}, "
+        f"{mc.get('source', '')} held-out figures)"
+    )
     for column in ("modality", "accuracy alone", "Shapley accuracy", "Shapley macro-F1", "mean attention"):
         table.add_column(column, justify="left" if column == "modality" else "right")
     for m, phi in acc["shapley"].items():
         weights = list((attention.get(m) or {}).values())
-        table.add_row(m, f"{acc['alone'][m]:.3f}", f"{phi:+.3f}", f"{(f1.get('shapley') or {}).get(m, float('nan')):+.3f}",
-                      f"{sum(weights) / len(weights):.3f}" if weights else "-")
+        table.add_row(
+            m,
+            f"{acc['alone'][m]:.3f}",
+            f"{phi:+.3f}",
+            f"{(f1.get('shapley') or {}).get(m, float('nan')):+.3f}",
+            f"{sum(weights) / len(weights):.3f}" if weights else "-",
+        )
     console.print(table)
     pairs = ", ".join(f"{p.replace('+', ' × ')} {v:+.3f}" for p, v in (acc.get("interactions") or {}).items())
     if pairs:

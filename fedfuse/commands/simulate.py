@@ -23,18 +23,36 @@ log = logging.getLogger("fedfuse.simulate")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", type=Path, help="scenario TOML file (run-config keys; see simulations/scenarios/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one run-config key, e.g. --set dp.epsilon=4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key, e.g. --set dp.epsilon=4 (repeatable)",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: runs/<date-time>)")
-    parser.add_argument("--resume", type=Path, metavar="DIR",
-                        help="continue an interrupted run from its last completed round, with its stored configuration")
-    parser.add_argument("--cpus-per-client", type=float, default=1.0,
-                        help="CPU cores reserved per simulated client (default 1: one client per core)")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue an interrupted run from its last completed round, with its stored configuration",
+    )
+    parser.add_argument(
+        "--cpus-per-client",
+        type=float,
+        default=1.0,
+        help="CPU cores reserved per simulated client (default 1: one client per core)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-round progress lines")
-    parser.add_argument("--ray-address", metavar="HOST:PORT", default=os.environ.get("RAY_ADDRESS") or None,
-                        help="join this running Ray cluster (`ray start --head` prints it) instead of starting Ray "
-                        "here; the output folder must be on storage every node sees at the same path (default: "
-                        "$RAY_ADDRESS, else a Ray of this machine)")
+    parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="join this running Ray cluster (`ray start --head` prints it) instead of starting Ray "
+        "here; the output folder must be on storage every node sees at the same path (default: "
+        "$RAY_ADDRESS, else a Ray of this machine)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,15 +83,22 @@ def run(args: argparse.Namespace) -> int:
     # The run's encoders and warm-start files, checked once on synthetic inputs before any client starts.
     from common.model.validation import check_run_encoders
 
-    check_run_encoders(tuple(specs.values()), config.model.encoders, config.model.inits, config.model.embed_dim,
-                       config.train.grad_sample_mode)
+    check_run_encoders(
+        tuple(specs.values()), config.model.encoders, config.model.inits, config.model.embed_dim, config.train.grad_sample_mode
+    )
     setup_logging(args.quiet, verbose=args.verbose)
     log.info("simulating %d clients for %d rounds; output in %s", clients, config.server.num_server_rounds, out)
     bar = sys.stderr.isatty() and not args.quiet and not args.verbose  # plain lines in a log file, a pipe or with -v
     try:
         with round_progress(config.server.num_server_rounds, enabled=bar):
-            seconds = runner.run(flat, num_clients=clients, out_dir=out, cpus_per_client=args.cpus_per_client,
-                                 verbose=args.verbose, ray_address=args.ray_address)
+            seconds = runner.run(
+                flat,
+                num_clients=clients,
+                out_dir=out,
+                cpus_per_client=args.cpus_per_client,
+                verbose=args.verbose,
+                ray_address=args.ray_address,
+            )
     except KeyboardInterrupt:
         print(f"interrupted; continue with: fedfuse simulate --resume {out}", file=sys.stderr)
         return 130
@@ -91,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"report: {write_report(out)}")
     except Exception as exc:  # noqa: BLE001  (the run's results are written; a report failure must not hide them)
-        print(f"could not write the run report ({type(exc).__name__}: {exc}); retry with: fedfuse report {out}",
-              file=sys.stderr)
+        print(f"could not write the run report ({type(exc).__name__}: {exc}); retry with: fedfuse report {out}", file=sys.stderr)
     if results.get("status") != "completed":
         print(f"the run did not complete; continue with: fedfuse simulate --resume {out}", file=sys.stderr)
         return 1
@@ -110,8 +134,9 @@ def print_summary(results: dict[str, Any], seconds: float) -> None:
     console.print(privacy_table(results["privacy"]["clients"]))
     for warning in results.get("warnings", []):
         console.print(f"[bold yellow]warning:[/] round {warning['round']}: {warning['message']}")
-    console.print(f"{len(results['rounds'])} rounds in {seconds:.0f} s. Results, plots, checkpoints: "
-                  f"{Path(results['config']['out-dir'])}")
+    console.print(
+        f"{len(results['rounds'])} rounds in {seconds:.0f} s. Results, plots, checkpoints: {Path(results['config']['out-dir'])}"
+    )
 
 
 MAX_CLIENT_ROWS = 20  # more clients than this: one row per group of clients alike (every client is in results.json)
@@ -134,22 +159,35 @@ def privacy_table(clients: dict[str, dict[str, Any]]) -> Any:
         for column in ("client", "modalities", "rounds", "spend", "budget", "status"):
             table.add_column(column)
         for cid, c in sorted(clients.items()):
-            table.add_row(cid, "+".join(c.get("modalities", [])), str(c.get("rounds_trained", 0)),
-                          format_spend(spend(c), c.get("delta")), budget(c), c.get("status", ""))
+            table.add_row(
+                cid,
+                "+".join(c.get("modalities", [])),
+                str(c.get("rounds_trained", 0)),
+                format_spend(spend(c), c.get("delta")),
+                budget(c),
+                c.get("status", ""),
+            )
         return table
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for c in clients.values():
         groups.setdefault(("+".join(c.get("modalities", [])), budget(c), c.get("status", "")), []).append(c)
-    table = Table(title=f"Privacy spend of {len(clients)} clients, by modalities, budget and status",
-                  caption="every client's figures: results.json, privacy.clients")
+    table = Table(
+        title=f"Privacy spend of {len(clients)} clients, by modalities, budget and status",
+        caption="every client's figures: results.json, privacy.clients",
+    )
     for column in ("modalities", "budget", "status", "clients", "rounds", "highest spend"):
         table.add_column(column, justify="right" if column in ("clients", "rounds") else "left")
     for (modalities, budget_, status), members in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0])):
         rounds = sorted(c.get("rounds_trained", 0) for c in members)
         top = max(members, key=spend)
-        table.add_row(modalities, budget_, status, str(len(members)),
-                      str(rounds[0]) if rounds[0] == rounds[-1] else f"{rounds[0]}-{rounds[-1]}",
-                      format_spend(spend(top), top.get("delta")))
+        table.add_row(
+            modalities,
+            budget_,
+            status,
+            str(len(members)),
+            str(rounds[0]) if rounds[0] == rounds[-1] else f"{rounds[0]}-{rounds[-1]}",
+            format_spend(spend(top), top.get("delta")),
+        )
     return table
 
 
@@ -165,8 +203,13 @@ def final_table(final: dict[str, Any], last_round: int) -> Any:
     pooled, mean = final.get("pooled"), final["client_mean"]
     head = pooled or mean
     title = f"Final held-out scores, round {last_round}" + ("" if pooled else " (mean of the clients' own scores)")
-    table = Table(title=title, caption="pooled: every client's test examples together; client mean: each client's own "
-                  "macro-F1, weighted by its test examples" if pooled else None)
+    table = Table(
+        title=title,
+        caption="pooled: every client's test examples together; client mean: each client's own "
+        "macro-F1, weighted by its test examples"
+        if pooled
+        else None,
+    )
     columns = ["modalities at test time", "accuracy", "macro-F1"] + (["macro-F1 (client mean)"] if pooled else []) + ["examples"]
     for column in columns:
         table.add_column(column, justify="left" if column.startswith("mod") else "right")

@@ -37,25 +37,52 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``fedfuse site supernode`` and ``fedfuse site executor``."""
     sub = parser.add_subparsers(dest="site_command", metavar="COMMAND", required=True)
     node = sub.add_parser(
-        "supernode", help="flower-supernode --isolation process + the warm executor (takes flower-supernode's options)",
+        "supernode",
+        help="flower-supernode --isolation process + the warm executor (takes flower-supernode's options)",
         description="Start flower-supernode with the given options plus --isolation process, and the warm executor "
         "beside it. Every option not listed here goes to flower-supernode unchanged (see flower-supernode --help).",
     )
     _executor_options(node)
-    node.add_argument("--pull-wait", type=float, default=None, metavar="S",
-                      help="seconds the SuperNode waits after a pull that found no message (default: 0.2; Flower's: 3)")
-    node.add_argument("--reply-wait", type=float, default=None, metavar="S",
-                      help="seconds between its checks for a ClientApp's reply (default: 0.05; Flower's: 0.5)")
-    node.add_argument("flower_args", nargs=argparse.REMAINDER, metavar="-- FLOWER_SUPERNODE_OPTIONS",
-                      help="after `--`: flower-supernode's options (--superlink, --root-certificates, ...)")
+    node.add_argument(
+        "--pull-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds the SuperNode waits after a pull that found no message (default: 0.2; Flower's: 3)",
+    )
+    node.add_argument(
+        "--reply-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between its checks for a ClientApp's reply (default: 0.05; Flower's: 0.5)",
+    )
+    node.add_argument(
+        "flower_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- FLOWER_SUPERNODE_OPTIONS",
+        help="after `--`: flower-supernode's options (--superlink, --root-certificates, ...)",
+    )
     node.set_defaults(_run=_run_supernode)
     exe = sub.add_parser("executor", help="the warm executor alone, for a running flower-supernode --isolation process")
-    exe.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
-                     help="the SuperNode's Runtime API (its --host:--port, default 127.0.0.1:9094)")
-    exe.add_argument("--root-certificates", type=Path, metavar="PEM",
-                     help="CA of the Runtime API's TLS certificate (when the SuperNode has --ssl-* files)")
-    exe.add_argument("--superexec-auth-secret-file", type=Path, metavar="FILE",
-                     help="the same secret file as the SuperNode's --superexec-auth-secret-file")
+    exe.add_argument(
+        "--runtime-api-address",
+        required=True,
+        metavar="HOST:PORT",
+        help="the SuperNode's Runtime API (its --host:--port, default 127.0.0.1:9094)",
+    )
+    exe.add_argument(
+        "--root-certificates",
+        type=Path,
+        metavar="PEM",
+        help="CA of the Runtime API's TLS certificate (when the SuperNode has --ssl-* files)",
+    )
+    exe.add_argument(
+        "--superexec-auth-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="the same secret file as the SuperNode's --superexec-auth-secret-file",
+    )
     _executor_options(exe)
     exe.set_defaults(_run=_run_executor)
 
@@ -63,10 +90,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _executor_options(parser: argparse.ArgumentParser) -> None:
     from client.executor import DEFAULT_PRELOAD, POLL_INTERVAL
 
-    parser.add_argument("--poll", type=float, default=POLL_INTERVAL,
-                        help=f"seconds between task requests (default: {POLL_INTERVAL})")
-    parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD), metavar="MODULES",
-                        help="comma-separated modules imported once before any task (default: %(default)s)")
+    parser.add_argument(
+        "--poll", type=float, default=POLL_INTERVAL, help=f"seconds between task requests (default: {POLL_INTERVAL})"
+    )
+    parser.add_argument(
+        "--preload",
+        default=",".join(DEFAULT_PRELOAD),
+        metavar="MODULES",
+        help="comma-separated modules imported once before any task (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,8 +111,9 @@ def _run_executor(args: argparse.Namespace) -> int:
     from client.executor import WarmExecutor, preload
 
     secret = args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
-    executor = WarmExecutor(args.runtime_api_address, root_certificates=args.root_certificates,
-                            auth_secret=secret, poll=args.poll)
+    executor = WarmExecutor(
+        args.runtime_api_address, root_certificates=args.root_certificates, auth_secret=secret, poll=args.poll
+    )
     log.info("preloaded %s in %.1f s", args.preload, preload(_modules(args.preload)))
     executor.serve()
     return 0
@@ -104,8 +137,10 @@ def _supernode_facts(flower_args: list[str]) -> argparse.Namespace:
     p.add_argument("--insecure", action="store_true")
     known, _ = p.parse_known_args(flower_args)
     if known.isolation not in (None, "process"):
-        raise ConfigError(f"fedfuse site supernode runs flower-supernode with --isolation process; remove "
-                          f"--isolation {known.isolation} (or run flower-supernode yourself)")
+        raise ConfigError(
+            f"fedfuse site supernode runs flower-supernode with --isolation process; remove "
+            f"--isolation {known.isolation} (or run flower-supernode yourself)"
+        )
     return known
 
 
@@ -145,8 +180,10 @@ def _run_supernode(args: argparse.Namespace) -> int:
     if flower_args[:1] == ["--"]:
         flower_args = flower_args[1:]
     if not flower_args:
-        raise ConfigError("give flower-supernode's options after `--`, e.g. fedfuse site supernode -- --superlink "
-                          "HOST:9093 --root-certificates ca.crt --auth-supernode-private-key auth.key --node-config ...")
+        raise ConfigError(
+            "give flower-supernode's options after `--`, e.g. fedfuse site supernode -- --superlink "
+            "HOST:9093 --root-certificates ca.crt --auth-supernode-private-key auth.key --node-config ..."
+        )
     check_flower_version()
     reviewed = ReviewedApp.installed()  # the app code this site accepts (refuses to start without a checkout)
     facts = _supernode_facts(flower_args)
@@ -172,17 +209,25 @@ def _run_supernode(args: argparse.Namespace) -> int:
     pull = PULL_WAIT if args.pull_wait is None else args.pull_wait
     reply = REPLY_WAIT if args.reply_wait is None else args.reply_wait
     shorten_waits(pull=pull, reply=reply)  # the same checks as in the SuperNode's process: refuse here, early
-    command = [sys.executable, "-m", "client.supernode", "--pull-wait", str(pull), "--reply-wait", str(reply),
-               "--", *flower_args]
-    proc = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    command = [sys.executable, "-m", "client.supernode", "--pull-wait", str(pull), "--reply-wait", str(reply), "--", *flower_args]
+    proc = subprocess.Popen(
+        command,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
     watch = _OutputWatch(proc.stdout, sys.stderr)  # its log goes on to ours; a connection failure is spotted
     log.info("started flower-supernode (pid %d) with --isolation process; Runtime API %s", proc.pid, address)
     try:
-        executor = WarmExecutor(address, auth_secret=secret_file.read_bytes(),
-                                root_certificates=Path(facts.ssl_ca_certfile) if facts.ssl_ca_certfile else None,
-                                poll=args.poll, reviewed=reviewed)
+        executor = WarmExecutor(
+            address,
+            auth_secret=secret_file.read_bytes(),
+            root_certificates=Path(facts.ssl_ca_certfile) if facts.ssl_ca_certfile else None,
+            poll=args.poll,
+            reviewed=reviewed,
+        )
         log.info("preloaded %s in %.1f s", args.preload, preload(_modules(args.preload)))
         executor.serve(keep_going=lambda: proc.poll() is None)
     finally:
@@ -203,8 +248,10 @@ def _check_site_folders(flower_args: list[str]) -> None:
 
     report = check_start(node_config_from_args(flower_args))
     if report.problems:
-        raise ConfigError(f"this site is not ready to start ({len(report.problems)} problem(s)); flower-supernode was "
-                          "not started:\n  " + "\n  ".join(report.problems))
+        raise ConfigError(
+            f"this site is not ready to start ({len(report.problems)} problem(s)); flower-supernode was "
+            "not started:\n  " + "\n  ".join(report.problems)
+        )
     for fact in report.facts:
         log.info("checked %s", fact)
 
@@ -249,28 +296,45 @@ def connection_hint(facts: argparse.Namespace, detail: list[str]) -> str:
     causes = {
         # An unknown key gets "[code: 2004] Failed to activate SuperNode." (HTTP 412); so does a site restarted after
         # a crash while the SuperLink still counts it online
-        "key": (("failed to activate", "code: 2004", "412", "no supernode found", "public key", "not registered"),
-                f"this site's key is not registered at the SuperLink: the operator registers its public key "
-                f"(`fedfuse sites register <site>.pub` or `flwr supernode register <site>.pub <connection> --name "
-                f"<site>`; `fedfuse certs` wrote it to superlink/supernode-keys/)"
-                + (f"; this site signs with {key}" if key else "")
-                + ". (After a crash the SuperLink also refuses the site until it has marked it offline, under a "
-                "minute: then start it again.)"),
-        "ca": (("certificate", "ssl", "tls", "handshake"),
-               f"wrong CA certificate: --root-certificates ({facts.root_certificates or 'not given'}) must be the "
-               f"ca.crt that `fedfuse certs` wrote for this federation, and the SuperLink's certificate must name "
-               f"the host in --superlink"),
-        "down": (("connection refused", "connecterror", "connect error", "timed out", "timeout", "name or service",
-                  "nodename", "unreachable", "no route"),
-                 f"the SuperLink is down or the address is wrong: is flower-superlink running and reachable at "
-                 f"{address} (--superlink HOST:PORT)?"),
+        "key": (
+            ("failed to activate", "code: 2004", "412", "no supernode found", "public key", "not registered"),
+            "this site's key is not registered at the SuperLink: the operator registers its public key "
+            "(`fedfuse sites register <site>.pub` or `flwr supernode register <site>.pub <connection> --name "
+            "<site>`; `fedfuse certs` wrote it to superlink/supernode-keys/)"
+            + (f"; this site signs with {key}" if key else "")
+            + ". (After a crash the SuperLink also refuses the site until it has marked it offline, under a "
+            "minute: then start it again.)",
+        ),
+        "ca": (
+            ("certificate", "ssl", "tls", "handshake"),
+            f"wrong CA certificate: --root-certificates ({facts.root_certificates or 'not given'}) must be the "
+            f"ca.crt that `fedfuse certs` wrote for this federation, and the SuperLink's certificate must name "
+            f"the host in --superlink",
+        ),
+        "down": (
+            (
+                "connection refused",
+                "connecterror",
+                "connect error",
+                "timed out",
+                "timeout",
+                "name or service",
+                "nodename",
+                "unreachable",
+                "no route",
+            ),
+            f"the SuperLink is down or the address is wrong: is flower-superlink running and reachable at "
+            f"{address} (--superlink HOST:PORT)?",
+        ),
     }
     if facts.insecure:  # no TLS, no node authentication: neither a key nor a CA can be the cause
         causes = {"down": causes["down"]}
     elif not key:
         del causes["key"]
     order = sorted(causes, key=lambda c: not any(w in text for w in causes[c][0]))  # the cause the message points to first
-    lines = [f"flower-supernode could not connect to the SuperLink at {address}. "
-             + ("Likely causes:" if len(order) > 1 else "Likely cause:")]
+    lines = [
+        f"flower-supernode could not connect to the SuperLink at {address}. "
+        + ("Likely causes:" if len(order) > 1 else "Likely cause:")
+    ]
     lines += [f"  - {causes[c][1]}" for c in order]
     return "\n".join(lines)

@@ -30,17 +30,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the sites as JSON")
     parser.add_argument("--all", action="store_true", help="also list unregistered (removed) SuperNodes")
     sub = parser.add_subparsers(dest="sites_command", metavar="ACTION")
-    reg = sub.add_parser("register", help="register SuperNode public keys, each under its file name (flwr supernode register)",
-                         description="Register each public key at the SuperLink with `flwr supernode register`, named "
-                         "after its file (berlin.pub -> berlin) unless --name is given.")
+    reg = sub.add_parser(
+        "register",
+        help="register SuperNode public keys, each under its file name (flwr supernode register)",
+        description="Register each public key at the SuperLink with `flwr supernode register`, named "
+        "after its file (berlin.pub -> berlin) unless --name is given.",
+    )
     reg.add_argument("keys", type=Path, nargs="+", metavar="KEY.pub", help="public keys (superlink/supernode-keys/<site>.pub)")
     reg.add_argument("--name", help="the site's name (one key only; default: the key file's name without .pub)")
     _connection_option(reg, argparse.SUPPRESS)
 
 
 def _connection_option(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument("--federation", metavar="NAME", default=default,
-                        help="the SuperLink connection in $FLWR_HOME/config.toml (as for `flwr`; default: its default)")
+    parser.add_argument(
+        "--federation",
+        metavar="NAME",
+        default=default,
+        help="the SuperLink connection in $FLWR_HOME/config.toml (as for `flwr`; default: its default)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,8 +87,9 @@ def list_nodes(federation: str | None, *, quiet: bool = False) -> list[dict[str,
 
 
 def _node(info: Any) -> dict[str, Any]:
-    since = {"online": info.last_activated_at, "offline": info.last_deactivated_at,
-             "unregistered": info.unregistered_at}.get(info.status) or info.registered_at
+    since = {"online": info.last_activated_at, "offline": info.last_deactivated_at, "unregistered": info.unregistered_at}.get(
+        info.status
+    ) or info.registered_at
     return {"name": info.name or None, "node_id": int(info.node_id), "status": info.status, "since": since or None}
 
 
@@ -96,8 +104,10 @@ def format_sites(nodes: list[dict[str, Any]]) -> str:
     online = sum(n["status"] == "online" for n in nodes)
     lines.append(f"{online} of {len(nodes)} site(s) online")
     if any(n["name"] is None for n in nodes):
-        lines.append("(no name): registered without --name; unregister it (flwr supernode unregister) and register "
-                     "it again with `fedfuse sites register KEY.pub` or `flwr supernode register ... --name SITE`")
+        lines.append(
+            "(no name): registered without --name; unregister it (flwr supernode unregister) and register "
+            "it again with `fedfuse sites register KEY.pub` or `flwr supernode register ... --name SITE`"
+        )
     return "\n".join(lines)
 
 
@@ -110,11 +120,20 @@ def _register(keys: list[Path], federation: str | None, name: str | None) -> int
     failed = 0
     for key in keys:
         site = name or key.name.removesuffix(".pub")
-        command = [flwr, "supernode", "register", str(key), *([federation] if federation else []), "--name", site,
-                   "--format", "json"]
+        command = [
+            flwr,
+            "supernode",
+            "register",
+            str(key),
+            *([federation] if federation else []),
+            "--name",
+            site,
+            "--format",
+            "json",
+        ]
         done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         try:
-            reply = json.loads(done.stdout[done.stdout.index("{"):])
+            reply = json.loads(done.stdout[done.stdout.index("{") :])
         except ValueError:
             reply = {}
         if done.returncode == 0 and reply.get("success"):

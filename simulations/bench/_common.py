@@ -12,9 +12,10 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from common.errors import ConfigError, FedfuseError
 
@@ -34,16 +35,31 @@ class Cell:
 
 def add_common_arguments(parser: Any, *, scenario: str) -> None:
     """The options every real-data benchmark takes."""
-    parser.add_argument("--data", type=Path, required=True,
-                        help="the shared data root (with the dataset's folders) or the dataset's own folder")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output folder: imported data cache, one run folder per simulation, results JSON + table")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="the shared data root (with the dataset's folders) or the dataset's own folder"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder: imported data cache, one run folder per simulation, results JSON + table",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3; mean and std over them)")
-    parser.add_argument("--scenario", type=Path, default=SCENARIOS / scenario,
-                        help=f"scenario TOML with the tuned hyperparameters (default simulations/scenarios/{scenario})")
+    parser.add_argument(
+        "--scenario",
+        type=Path,
+        default=SCENARIOS / scenario,
+        help=f"scenario TOML with the tuned hyperparameters (default simulations/scenarios/{scenario})",
+    )
     parser.add_argument("--rounds", type=int, help="override num-server-rounds of the scenario (e.g. a quick look)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one run-config key for every simulation (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key for every simulation (repeatable)",
+    )
 
 
 def epsilon_list(text: str) -> list[float]:
@@ -67,15 +83,22 @@ def eps_tag(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def run_cells(cells: Sequence[Cell], *, scenario: Path, common: list[str], rounds: int | None, runs_dir: Path,
-              progress: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+def run_cells(
+    cells: Sequence[Cell],
+    *,
+    scenario: Path,
+    common: list[str],
+    rounds: int | None,
+    runs_dir: Path,
+    progress: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
     """Run each cell as one in-process Flower simulation (reusing a completed run folder); name -> results.json."""
-    from simulations.scenario import build_config
     from common.config import parse_run_config
-    from common.fileio import atomic_write_json
     from common.data.partition import num_clients
+    from common.fileio import atomic_write_json
     from server.run_folder import RUN_FILE, config_differences
     from simulations import runner
+    from simulations.scenario import build_config
 
     out: dict[str, dict[str, Any]] = {}
     for i, cell in enumerate(cells, 1):
@@ -97,8 +120,9 @@ def run_cells(cells: Sequence[Cell], *, scenario: Path, common: list[str], round
         # A folder with an interrupted run of this configuration is resumed; another configuration is refused.
         run_file = folder / RUN_FILE
         if run_file.exists() and (differences := config_differences(json.loads(run_file.read_text()).get("config", {}), flat)):
-            raise ConfigError(f"{folder} holds a run with another configuration ({'; '.join(differences)}); delete it "
-                              "or choose another --out")
+            raise ConfigError(
+                f"{folder} holds a run with another configuration ({'; '.join(differences)}); delete it or choose another --out"
+            )
         clients = num_clients(parse_run_config(flat))
         progress(f"[{i}/{len(cells)}] {cell.name}: {clients} clients, {flat['num-server-rounds']} rounds ...")
         start = time.perf_counter()
@@ -109,7 +133,9 @@ def run_cells(cells: Sequence[Cell], *, scenario: Path, common: list[str], round
         done["bench_seconds"] = round(time.perf_counter() - start, 1)
         atomic_write_json(results_path, done)  # results.json as the server wrote it, plus the bench's timing
         if done.get("status") != "completed":
-            raise FedfuseError(f"the simulation {cell.name} did not complete (status {done.get('status')}); see {folder}; run the same command again to resume it")
+            raise FedfuseError(
+                f"the simulation {cell.name} did not complete (status {done.get('status')}); see {folder}; run the same command again to resume it"
+            )
         _write_report(folder)
         progress(f"    done in {done['bench_seconds']:.0f} s")
         out[cell.name] = done
@@ -194,9 +220,14 @@ def hardware() -> dict[str, Any]:
     except AttributeError:
         cores = os.cpu_count() or 0
     return {
-        "cpu": cpu, "cores": cores, "load_average": [round(x, 2) for x in os.getloadavg()],
-        "gpu": "none used (CPU simulation)", "python": platform.python_version(), "torch": torch.__version__,
-        "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "?", "opacus": opacus.__version__,
+        "cpu": cpu,
+        "cores": cores,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "gpu": "none used (CPU simulation)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "?",
+        "opacus": opacus.__version__,
         "os": platform.platform(),
     }
 
@@ -218,13 +249,19 @@ def write_outputs(out: Path, stem: str, payload: dict[str, Any], markdown: str) 
     return json_path, md_path
 
 
-def finish(out: Path, name: str, title: str, *, started: float, runs: dict[str, dict[str, Any]], body: str,
-           payload: dict[str, Any]) -> int:
+def finish(
+    out: Path, name: str, title: str, *, started: float, runs: dict[str, dict[str, Any]], body: str, payload: dict[str, Any]
+) -> int:
     """Write ``<out>/<name>-results.{json,md}``, print the tables; exit status 1 if any client overspent."""
     hw = hardware()
-    payload = {"benchmark": name, "command": command_line(), "hardware": hw,
-               "wall_seconds": round(time.perf_counter() - started, 1),
-               "reports": {run: f"runs/{run}/{REPORT_FILE}" for run in runs}, **payload}  # relative to <out>
+    payload = {
+        "benchmark": name,
+        "command": command_line(),
+        "hardware": hw,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "reports": {run: f"runs/{run}/{REPORT_FILE}" for run in runs},
+        **payload,
+    }  # relative to <out>
     json_path, md_path = write_outputs(out, f"{name}-results", payload, header(title, started, hw, runs) + body)
     print(body)
     print(f"\nwall time {(time.perf_counter() - started) / 60:.1f} min; results: {json_path}, {md_path}")
@@ -249,24 +286,33 @@ def _json_safe(value: Any) -> Any:
 def header(title: str, started: float, hw: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     """The markdown preamble: what, when, the command, the machine, the wall time and the simulations' time."""
     simulated = sum(r.get("bench_seconds") or 0.0 for r in runs.values())
-    return "\n".join([
-        f"# {title}",
-        "",
-        f"- command: `{command_line()}`",
-        f"- finished: {datetime.datetime.now().isoformat(timespec='seconds')}, wall time {(time.perf_counter() - started) / 60:.1f} min "
-        f"(the {len(runs)} simulations took {simulated / 60:.1f} min when they ran; completed runs are reused)",
-        f"- machine: {hw['cpu']}, {hw['cores']} cores (load average at the end {hw['load_average']}), {hw['gpu']}; "
-        f"python {hw['python']}, torch {hw['torch']}, flwr {hw['flwr']}, opacus {hw['opacus']}",
-        "- run reports (scores, modality contributions, privacy): "
-        + ", ".join(f"[{name}](runs/{name}/{REPORT_FILE})" for name in runs),
-        "",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"- command: `{command_line()}`",
+            f"- finished: {datetime.datetime.now().isoformat(timespec='seconds')}, wall time {(time.perf_counter() - started) / 60:.1f} min "
+            f"(the {len(runs)} simulations took {simulated / 60:.1f} min when they ran; completed runs are reused)",
+            f"- machine: {hw['cpu']}, {hw['cores']} cores (load average at the end {hw['load_average']}), {hw['gpu']}; "
+            f"python {hw['python']}, torch {hw['torch']}, flwr {hw['flwr']}, opacus {hw['opacus']}",
+            "- run reports (scores, modality contributions, privacy): "
+            + ", ".join(f"[{name}](runs/{name}/{REPORT_FILE})" for name in runs),
+            "",
+            "",
+        ]
+    )
 
 
-def run_benchmark(args: Any, *, name: str, label: str, title: str, importer: Callable[[Path, Path], Path],
-                  cells: Callable[[Path], list[Cell]],
-                  report: Callable[[dict[str, dict[str, Any]], list[Cell], Path, Path], tuple[str, dict[str, Any]]]) -> int:
+def run_benchmark(
+    args: Any,
+    *,
+    name: str,
+    label: str,
+    title: str,
+    importer: Callable[[Path, Path], Path],
+    cells: Callable[[Path], list[Cell]],
+    report: Callable[[dict[str, dict[str, Any]], list[Cell], Path, Path], tuple[str, dict[str, Any]]],
+) -> int:
     """A real-data benchmark from start to end: import the data into ``<out>/cache/<name>`` (once), run its
     cells (reusing finished runs), then ``report(runs, cells, cache, runs_dir) -> (body, payload fields)``."""
     from common.logs import setup_logging
@@ -279,8 +325,21 @@ def run_benchmark(args: Any, *, name: str, label: str, title: str, importer: Cal
     todo = cells(cache)
     common = ["data.dataset=" + _toml(str(cache)), *args.overrides]
     print(f"{label} benchmark: {len(todo)} simulations ({args.seeds} seed(s)); runs in {out / 'runs'}", flush=True)
-    runs = run_cells(todo, scenario=args.scenario, common=common, rounds=args.rounds, runs_dir=out / "runs",
-                     progress=lambda s: print(s, flush=True))
+    runs = run_cells(
+        todo,
+        scenario=args.scenario,
+        common=common,
+        rounds=args.rounds,
+        runs_dir=out / "runs",
+        progress=lambda s: print(s, flush=True),
+    )
     body, fields = report(runs, todo, cache, out / "runs")
-    return finish(out, name, title, started=started, runs=runs, body=body,
-                  payload={"scenario": str(args.scenario), "overrides": common, **fields})
+    return finish(
+        out,
+        name,
+        title,
+        started=started,
+        runs=runs,
+        body=body,
+        payload={"scenario": str(args.scenario), "overrides": common, **fields},
+    )

@@ -32,16 +32,20 @@ def run_contributions(results: Mapping[str, Any], source: str = "final") -> dict
     found = evaluation.get("modality_contributions")
     if found is None:
         federation = results.get("federation") or {}
-        found = modality_contributions(evaluation, modalities=federation.get("modalities") or [],
-                                       labels=federation.get("labels") or [])
+        found = modality_contributions(
+            evaluation, modalities=federation.get("modalities") or [], labels=federation.get("labels") or []
+        )
     return found
 
 
 def warned_rounds(results: Mapping[str, Any], source: str = "final") -> list[int]:
     """The rounds whose held-out figures (of ``source``'s kind) raised a unimodal-collapse warning."""
     key = ROUND_KEYS[source]
-    return [r["round"] for r in results.get("rounds") or []
-            if ((r.get(key) or {}).get("modality_contributions") or {}).get("warnings")]
+    return [
+        r["round"]
+        for r in results.get("rounds") or []
+        if ((r.get(key) or {}).get("modality_contributions") or {}).get("warnings")
+    ]
 
 
 def _stat(values: Sequence[float]) -> dict[str, Any]:
@@ -59,10 +63,14 @@ def aggregate_game(games: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {"runs": 0, "failed": len(games), "errors": errors}
     modalities = list(dict.fromkeys(m for g in ok for m in g["modalities"]))
     pairs = list(dict.fromkeys(p for g in ok for p in g.get("interactions", {})))
-    shares = {m: [g["shapley"][m] / (g["full"] - g["empty"]) for g in ok
-                  if m in g["shapley"] and g["full"] - g["empty"] > 1e-12] for m in modalities}
+    shares = {
+        m: [g["shapley"][m] / (g["full"] - g["empty"]) for g in ok if m in g["shapley"] and g["full"] - g["empty"] > 1e-12]
+        for m in modalities
+    }
     out: dict[str, Any] = {
-        "modalities": modalities, "runs": len(ok), "empty": ok[0]["empty"],
+        "modalities": modalities,
+        "runs": len(ok),
+        "empty": ok[0]["empty"],
         "full": _stat([g["full"] for g in ok]),
         "alone": {m: _stat([g["alone"][m] for g in ok if m in g.get("alone", {})]) for m in modalities},
         "shapley": {m: _stat([g["shapley"][m] for g in ok if m in g["shapley"]]) for m in modalities},
@@ -89,23 +97,37 @@ def aggregate(runs: Mapping[str, Mapping[str, Any]], source: str = "final") -> d
         return None
     entries = [mc for _, _, mc in found]
     out: dict[str, Any] = {
-        "runs": len(entries), "source": source, "figures": entries[0].get("source"),
-        "empty_value": entries[0].get("empty_value"), "empty_value_means": entries[0].get("empty_value_means"),
+        "runs": len(entries),
+        "source": source,
+        "figures": entries[0].get("source"),
+        "empty_value": entries[0].get("empty_value"),
+        "empty_value_means": entries[0].get("empty_value_means"),
         "overall": {m: aggregate_game([(mc.get("overall") or {}).get(m) or {} for mc in entries]) for m in METRICS},
     }
     labels = list(dict.fromkeys(label for mc in entries for label in ((mc.get("per_class") or {}).get("accuracy") or {})))
     if labels:
-        out["per_class"] = {m: {label: aggregate_game([g for mc in entries
-                                                      if (g := ((mc.get("per_class") or {}).get(m) or {}).get(label))])
-                                for label in labels} for m in METRICS}
+        out["per_class"] = {
+            m: {
+                label: aggregate_game([g for mc in entries if (g := ((mc.get("per_class") or {}).get(m) or {}).get(label))])
+                for label in labels
+            }
+            for m in METRICS
+        }
     clients = sorted({c for mc in entries for c in mc.get("clients") or {}})
     if clients:
-        out["clients"] = {c: {m: aggregate_game([g for mc in entries if (g := ((mc.get("clients") or {}).get(c) or {}).get(m))])
-                              for m in METRICS} for c in clients}
+        out["clients"] = {
+            c: {
+                m: aggregate_game([g for mc in entries if (g := ((mc.get("clients") or {}).get(c) or {}).get(m))])
+                for m in METRICS
+            }
+            for c in clients
+        }
     attention = [mc["attention"] for mc in entries if mc.get("attention")]
     if attention:
-        out["attention"] = {m: {label: _stat([a[m][label] for a in attention if label in a.get(m, {})])
-                                for label in attention[0][m]} for m in attention[0]}
+        out["attention"] = {
+            m: {label: _stat([a[m][label] for a in attention if label in a.get(m, {})]) for label in attention[0][m]}
+            for m in attention[0]
+        }
     out["warnings"] = {
         "final": sorted({w for mc in entries for w in mc.get("warnings") or []}),
         "runs_warned_final": sum(1 for mc in entries if mc.get("warnings")),
@@ -114,8 +136,9 @@ def aggregate(runs: Mapping[str, Mapping[str, Any]], source: str = "final") -> d
     return out
 
 
-def by_setting(runs: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Sequence[str]],
-               source: str | Mapping[str, str] = "final") -> dict[str, dict[str, Any]]:
+def by_setting(
+    runs: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Sequence[str]], source: str | Mapping[str, str] = "final"
+) -> dict[str, dict[str, Any]]:
     """``{setting: aggregate(...)}`` for ``settings`` (setting -> its run names); ``source`` per setting or for all."""
     out = {}
     for key, names in settings.items():
@@ -144,17 +167,31 @@ def overall_table(rows: Sequence[tuple[str, Mapping[str, Any]]], metric: str = "
     modalities = list(dict.fromkeys(m for _, _, g in games for m in g.get("modalities", [])))
     pairs = list(dict.fromkeys(p for _, _, g in games for p in g.get("interactions", {})))
     name = METRIC_NAMES[metric]
-    header = ["setting", f"{name}, all modalities", *[f"{m} alone" for m in modalities],
-              *[f"Shapley {m}" for m in modalities], *[f"interaction {p}" for p in pairs],
-              "collapse warnings (final / any round)", "seeds"]
+    header = [
+        "setting",
+        f"{name}, all modalities",
+        *[f"{m} alone" for m in modalities],
+        *[f"Shapley {m}" for m in modalities],
+        *[f"interaction {p}" for p in pairs],
+        "collapse warnings (final / any round)",
+        "seeds",
+    ]
     body = []
     for label, agg, g in games:
         if not g.get("runs"):
             body.append([label, "-", *["-"] * (2 * len(modalities) + len(pairs)), _warnings(agg), "; ".join(g.get("errors", []))])
             continue
-        body.append([label, pm(g["full"], signed=False), *[pm(g["alone"].get(m), signed=False) for m in modalities],
-                     *[pm(g["shapley"].get(m)) for m in modalities], *[pm(g["interactions"].get(p)) for p in pairs],
-                     _warnings(agg), str(g["runs"])])
+        body.append(
+            [
+                label,
+                pm(g["full"], signed=False),
+                *[pm(g["alone"].get(m), signed=False) for m in modalities],
+                *[pm(g["shapley"].get(m)) for m in modalities],
+                *[pm(g["interactions"].get(p)) for p in pairs],
+                _warnings(agg),
+                str(g["runs"]),
+            ]
+        )
     return C.markdown_table(header, body)
 
 
@@ -175,10 +212,25 @@ def class_table(agg: Mapping[str, Any], metric: str = "accuracy") -> str:
         if not g.get("runs"):
             body.append([label, *["-"] * (len(modalities) + len(pairs) + 1), "; ".join(g.get("errors", []))])
             continue
-        body.append([label, *[pm(g["shapley"].get(m)) for m in modalities],
-                     *[pm(g["interactions"].get(p)) for p in pairs], pm(g["full"], signed=False), leans_on(g)])
-    return C.markdown_table(["class", *[f"Shapley {m}" for m in modalities], *[f"interaction {p}" for p in pairs],
-                             f"{name}, all modalities", "leans on"], body)
+        body.append(
+            [
+                label,
+                *[pm(g["shapley"].get(m)) for m in modalities],
+                *[pm(g["interactions"].get(p)) for p in pairs],
+                pm(g["full"], signed=False),
+                leans_on(g),
+            ]
+        )
+    return C.markdown_table(
+        [
+            "class",
+            *[f"Shapley {m}" for m in modalities],
+            *[f"interaction {p}" for p in pairs],
+            f"{name}, all modalities",
+            "leans on",
+        ],
+        body,
+    )
 
 
 def leans_on(game: Mapping[str, Any]) -> str:
@@ -204,8 +256,14 @@ def warnings_text(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
 # --- plot -----------------------------------------------------------------------------------------
 
 
-def plot(rows: Sequence[tuple[str, Mapping[str, Any]]], path: Path, *, per_class: tuple[str, Mapping[str, Any]] | None = None,
-         metric: str = "accuracy", title: str = "Modality contributions") -> Path | None:
+def plot(
+    rows: Sequence[tuple[str, Mapping[str, Any]]],
+    path: Path,
+    *,
+    per_class: tuple[str, Mapping[str, Any]] | None = None,
+    metric: str = "accuracy",
+    title: str = "Modality contributions",
+) -> Path | None:
     """Bars of each setting's Shapley values and interactions (mean, error bar: std over seeds); with ``per_class``,
     a second panel with that setting's per-class values (recall). None when no setting has an attribution."""
     from matplotlib.figure import Figure
@@ -227,8 +285,9 @@ def plot(rows: Sequence[tuple[str, Mapping[str, Any]]], path: Path, *, per_class
         axes[1].set_title(f"per class, {per_class[0]} ({CLASS_METRIC_NAMES[metric]})", fontsize=10)
     fig.tight_layout()
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4), fontsize=8.5,
-               frameon=False)
+    fig.legend(
+        handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4), fontsize=8.5, frameon=False
+    )
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
@@ -243,9 +302,17 @@ def _bars(ax: Any, games: Sequence[tuple[str, Mapping[str, Any]]], colors: Seque
         interaction = k >= len(series)
         stats = [(g["interactions"] if interaction else g["shapley"]).get(key) for _, g in games]
         ys = [i + (k - (n - 1) / 2) * height for i in range(len(games))]
-        ax.barh(ys, [s["mean"] if s else 0.0 for s in stats], height=height, xerr=[s["std"] if s else 0.0 for s in stats],
-                color="white" if interaction else colors[k % len(colors)], edgecolor="dimgray" if interaction else None,
-                hatch="//" if interaction else None, label=f"interaction {key}" if interaction else key, error_kw={"lw": 0.8})
+        ax.barh(
+            ys,
+            [s["mean"] if s else 0.0 for s in stats],
+            height=height,
+            xerr=[s["std"] if s else 0.0 for s in stats],
+            color="white" if interaction else colors[k % len(colors)],
+            edgecolor="dimgray" if interaction else None,
+            hatch="//" if interaction else None,
+            label=f"interaction {key}" if interaction else key,
+            error_kw={"lw": 0.8},
+        )
     ax.set_yticks(range(len(games)), [label for label, _ in games], fontsize=8.5)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)

@@ -66,18 +66,28 @@ def measure(name: str, folder: Path, rounds: int) -> dict:
     from simulations import deployment as helpers
 
     isolation, poll, evaluate_each_round, site_options = VARIANTS[name]
-    config = {"num-server-rounds": rounds, "evaluate-every": 1 if evaluate_each_round else rounds,
-              "dp.epsilon": 8.0, "round-timeout": 300.0}
+    config = {
+        "num-server-rounds": rounds,
+        "evaluate-every": 1 if evaluate_each_round else rounds,
+        "dp.epsilon": 8.0,
+        "round-timeout": 300.0,
+    }
     load_before = _load()
-    with helpers.deployment(folder, isolation=isolation, superlink_env={"FEDFUSE_REPLY_POLL_INTERVAL": str(poll)},
-                            site_options=site_options) as dep:
+    with helpers.deployment(
+        folder, isolation=isolation, superlink_env={"FEDFUSE_REPLY_POLL_INTERVAL": str(poll)}, site_options=site_options
+    ) as dep:
         load_ready = _load()
         run = dep.run(config, timeout=120 + 120 * rounds)
     seconds = [r["seconds"] for r in run.results["rounds"]]
-    return {"variant": name, "description": DESCRIPTIONS[name], "round_seconds": seconds,
-            "median": statistics.median(seconds[1:] if len(seconds) > 1 else seconds),
-            "mean": statistics.fmean(seconds), "run_seconds": round(run.seconds, 1),
-            "load": [round(load_before, 2), round(load_ready, 2), round(_load(), 2)]}
+    return {
+        "variant": name,
+        "description": DESCRIPTIONS[name],
+        "round_seconds": seconds,
+        "median": statistics.median(seconds[1:] if len(seconds) > 1 else seconds),
+        "mean": statistics.fmean(seconds),
+        "run_seconds": round(run.seconds, 1),
+        "load": [round(load_before, 2), round(load_ready, 2), round(_load(), 2)],
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,8 +107,11 @@ def run(args: argparse.Namespace) -> int:
             started = time.monotonic()
             figures.append(measure(name, base / name, args.rounds))
             f = figures[-1]
-            print(f"{name}: rounds {f['round_seconds']} s, median {f['median']:.1f} s, load {f['load']} "
-                  f"({time.monotonic() - started:.0f} s)", flush=True)
+            print(
+                f"{name}: rounds {f['round_seconds']} s, median {f['median']:.1f} s, load {f['load']} "
+                f"({time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
 
     print()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}")
@@ -106,10 +119,14 @@ def run(args: argparse.Namespace) -> int:
     print("3 sites (image+signal, signal, tabular+image), default model, TLS + SuperNode auth, loopback")
     print(f"{'variant':<10} {'median s/round':>15} {'mean':>6} {'run s':>6}  {'load (start, ready, end)':<25} rounds")
     for f in figures:
-        print(f"{f['variant']:<10} {f['median']:>15.1f} {f['mean']:>6.1f} {f['run_seconds']:>6.1f}  "
-              f"{str(f['load']):<25} {f['round_seconds']}")
-    print("median over rounds 2..N (round 1 also calibrates each site's noise); " +
-          "; ".join(f"{f['variant']} = {f['description']}" for f in figures))
+        print(
+            f"{f['variant']:<10} {f['median']:>15.1f} {f['mean']:>6.1f} {f['run_seconds']:>6.1f}  "
+            f"{str(f['load']):<25} {f['round_seconds']}"
+        )
+    print(
+        "median over rounds 2..N (round 1 also calibrates each site's noise); "
+        + "; ".join(f"{f['variant']} = {f['description']}" for f in figures)
+    )
     if args.json:
         args.json.write_text(json.dumps({"rounds": args.rounds, "variants": figures}, indent=2) + "\n")
     return 0

@@ -22,20 +22,27 @@ import statistics
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from common.data import synthetic
 from common.config import TrainSection
+from common.data import synthetic
 from common.errors import ConfigError
 from common.model.multimodal import ModelConfig, MultimodalModel
 from common.privacy.randomness import RoundRandomness
-from common.privacy.training import (GRAD_SAMPLE_MODES, PoissonSampler, PrivateTraining, _batch, dp_step, non_private_step,
-                             sampling_plan,
-                             private_training)
+from common.privacy.training import (
+    GRAD_SAMPLE_MODES,
+    PoissonSampler,
+    PrivateTraining,
+    _batch,
+    dp_step,
+    non_private_step,
+    private_training,
+    sampling_plan,
+)
 
 EXTRA_MODES = ("ghost",)  # Opacus modes the training loop does not offer, measured for comparison only
 NON_PRIVATE = "non-private"
@@ -47,16 +54,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1000, help="timed steps per variant (default 1000)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps per variant first (default 30)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--modes", default=GRAD_SAMPLE_MODES[0],
-                        help=f"comma-separated grad-sample modes to time against the non-private step ({modes}); "
-                             f"the first one's ratio is printed last (default {GRAD_SAMPLE_MODES[0]})")
+    parser.add_argument(
+        "--modes",
+        default=GRAD_SAMPLE_MODES[0],
+        help=f"comma-separated grad-sample modes to time against the non-private step ({modes}); "
+        f"the first one's ratio is printed last (default {GRAD_SAMPLE_MODES[0]})",
+    )
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma (default 1.0; does not change the cost)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C (default 1.0)")
-    parser.add_argument("--poisson", action="store_true",
-                        help="DP steps draw their batch from the real Poisson sampler (expected size --batch-size; "
-                             "the draw is timed); the non-private step of the same repeat uses a batch of that size")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print where each variant's step time goes (phases; per-sample gradients by layer type)")
+    parser.add_argument(
+        "--poisson",
+        action="store_true",
+        help="DP steps draw their batch from the real Poisson sampler (expected size --batch-size; "
+        "the draw is timed); the non-private step of the same repeat uses a batch of that size",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print where each variant's step time goes (phases; per-sample gradients by layer type)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,14 +92,18 @@ def run(args: argparse.Namespace) -> int:
     init = MultimodalModel(data.schema, config).state_dict()
     batches = _fixed_batches(len(data), args.batch_size, count=50)
 
-    print(f"machine: {_cpu_name()} ({os.cpu_count()} CPUs), load average {_load()}, {platform.python_implementation()} "
-          f"{platform.python_version()}, torch {torch.__version__}, opacus {_opacus_version()}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"machine: {_cpu_name()} ({os.cpu_count()} CPUs), load average {_load()}, {platform.python_implementation()} "
+        f"{platform.python_version()}, torch {torch.__version__}, opacus {_opacus_version()}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"command: {_command(args)}")
-    print(f"model: synthetic schema ({', '.join(data.schema.names)}), {config}, "
-          f"{sum(v.numel() for v in init.values())} parameters; batch {args.batch_size}"
-          f"{' (Poisson, expected)' if args.poisson else ''}; lr {train.lr}, momentum {train.momentum}, "
-          f"modality dropout {train.modality_dropout}; sigma {args.noise_multiplier}, C {args.max_grad_norm}")
+    print(
+        f"model: synthetic schema ({', '.join(data.schema.names)}), {config}, "
+        f"{sum(v.numel() for v in init.values())} parameters; batch {args.batch_size}"
+        f"{' (Poisson, expected)' if args.poisson else ''}; lr {train.lr}, momentum {train.momentum}, "
+        f"modality dropout {train.modality_dropout}; sigma {args.noise_multiplier}, C {args.max_grad_norm}"
+    )
 
     # Build every variant from the same weights.
     variants: dict[str, _Variant] = {NON_PRIVATE: _non_private(data, init, config, train)}
@@ -114,21 +134,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'variant':<16}{'median ms':>10}{'p25 ms':>9}{'p75 ms':>9}{'CPU ms':>9}")
     for name, ts in times.items():
         q = _quartiles(ts)
-        print(f"{_label(name):<16}{statistics.median(ts) * 1e3:>10.3f}{q[0] * 1e3:>9.3f}{q[1] * 1e3:>9.3f}"
-              f"{statistics.median(cpu[name]) * 1e3:>9.3f}")
+        print(
+            f"{_label(name):<16}{statistics.median(ts) * 1e3:>10.3f}{q[0] * 1e3:>9.3f}{q[1] * 1e3:>9.3f}"
+            f"{statistics.median(cpu[name]) * 1e3:>9.3f}"
+        )
     print(f"load average after: {_load()}")
     measured = [m for m in modes if m in times]
     for mode in measured[1:] + measured[:1]:  # the first requested mode last
         cpu_ratios = [d / n for d, n in zip(cpu[mode], cpu[NON_PRIVATE])]
         q = _quartiles(cpu_ratios)
-        print(f"dp-{mode} ratio of CPU times (median of {len(cpu_ratios)} pairs; p25 {q[0]:.2f}, p75 {q[1]:.2f}): "
-              f"{statistics.median(cpu_ratios):.2f}")
+        print(
+            f"dp-{mode} ratio of CPU times (median of {len(cpu_ratios)} pairs; p25 {q[0]:.2f}, p75 {q[1]:.2f}): "
+            f"{statistics.median(cpu_ratios):.2f}"
+        )
     for mode in measured[1:] + measured[:1]:
         ratios = [d / n for d, n in zip(times[mode], times[NON_PRIVATE])]
         q = _quartiles(ratios)
         label = "dp-overhead ratio" if mode == measured[0] else f"dp-{mode} ratio"
-        print(f"{label} [mode {mode}, wall clock; pairs p25 {q[0]:.2f}, p75 {q[1]:.2f}] "
-              f"(median of {len(ratios)} pairs): {statistics.median(ratios):.2f}")
+        print(
+            f"{label} [mode {mode}, wall clock; pairs p25 {q[0]:.2f}, p75 {q[1]:.2f}] "
+            f"(median of {len(ratios)} pairs): {statistics.median(ratios):.2f}"
+        )
     return 0 if measured else 1
 
 
@@ -152,8 +178,9 @@ def _non_private(data, init, config: ModelConfig, train: TrainSection) -> _Varia
     count, randomness = itertools.count(), RoundRandomness()
 
     def step(idx: torch.Tensor) -> None:
-        non_private_step(model, optimizer, data, idx, modality_dropout=train.modality_dropout, randomness=randomness,
-                         step=next(count))
+        non_private_step(
+            model, optimizer, data, idx, modality_dropout=train.modality_dropout, randomness=randomness, step=next(count)
+        )
 
     return _Variant(model, optimizer, step=step)
 
@@ -164,9 +191,17 @@ def _private(mode: str, data, init, config: ModelConfig, train: TrainSection, ar
     model.train()
     if mode == "ghost":
         return _ghost(model, data, train, args)
-    private = private_training(model, len(data), accountant="prv", noise_multiplier=args.noise_multiplier,
-                               max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, lr=train.lr,
-                               momentum=train.momentum, grad_sample_mode=mode)
+    private = private_training(
+        model,
+        len(data),
+        accountant="prv",
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
+        batch_size=args.batch_size,
+        lr=train.lr,
+        momentum=train.momentum,
+        grad_sample_mode=mode,
+    )
     count = itertools.count()
 
     def step(idx: torch.Tensor) -> None:
@@ -187,11 +222,23 @@ def _ghost(model, data, train: TrainSection, args: argparse.Namespace) -> _Varia
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="prv")
         dp_model, dp_optimizer, criterion, _ = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=torch.nn.CrossEntropyLoss(),
-            noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm, poisson_sampling=True,
-            grad_sample_mode="ghost", noise_generator=randomness.noise_generator())
-    private = PrivateTraining(dp_model, dp_optimizer, engine.accountant, dp_model._close,
-                              PoissonSampler(len(data), *sampling_plan(len(data), args.batch_size, 1), randomness))
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=torch.nn.CrossEntropyLoss(),
+            noise_multiplier=args.noise_multiplier,
+            max_grad_norm=args.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="ghost",
+            noise_generator=randomness.noise_generator(),
+        )
+    private = PrivateTraining(
+        dp_model,
+        dp_optimizer,
+        engine.accountant,
+        dp_model._close,
+        PoissonSampler(len(data), *sampling_plan(len(data), args.batch_size, 1), randomness),
+    )
 
     def step(idx: torch.Tensor) -> None:
         inputs, mask, labels = _batch(data, idx)
@@ -216,8 +263,9 @@ def _poisson_batches(variant: _Variant) -> Iterator[torch.Tensor]:
         yield variant.private.batch(step)
 
 
-def _time_rotated(variants: dict[str, _Variant], batches: list[torch.Tensor], generator: torch.Generator, *,
-                  repeats: int, poisson: bool) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def _time_rotated(
+    variants: dict[str, _Variant], batches: list[torch.Tensor], generator: torch.Generator, *, repeats: int, poisson: bool
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per variant, ``repeats`` step times (wall clock, and this thread's CPU time); in repeat r the variants
     run in the order rotated by r. With ``poisson``, each DP variant's time includes drawing its batch from its
     Poisson sampler, and the non-private step gets a batch as large as the first DP variant's."""
@@ -257,6 +305,7 @@ def _timed_samplers(spent: dict[str, float]) -> Iterator[None]:
             start = time.thread_time()
             fn(*args)
             spent[kind] += time.thread_time() - start
+
         return wrapper
 
     for layer_type, fn in original.items():
@@ -293,8 +342,14 @@ def _profile(variants: dict[str, _Variant], data, batches: list[torch.Tensor], *
                 t.append(time.thread_time())
                 if opacus_steps:
                     opt = v.optimizer
-                    for phase in (opt.clip_and_accumulate, opt.add_noise, opt.scale_grad, lambda: opt.step_hook(opt),  # noqa: B023 (called in this iteration)
-                                  opt.original_optimizer.step, lambda: opt.zero_grad(set_to_none=True)):  # noqa: B023
+                    for phase in (
+                        opt.clip_and_accumulate,
+                        opt.add_noise,
+                        opt.scale_grad,
+                        lambda: opt.step_hook(opt),  # noqa: B023 (called in this iteration)
+                        opt.original_optimizer.step,
+                        lambda: opt.zero_grad(set_to_none=True),  # noqa: B023
+                    ):
                         phase()
                         t.append(time.thread_time())
                     labels_ = ("clip (norms, sum)", "noise", "scale", "accountant hook", "SGD step", "zero_grad")
@@ -310,8 +365,10 @@ def _profile(variants: dict[str, _Variant], data, batches: list[torch.Tensor], *
                 if name == "flat":
                     for layer_type in SAMPLERS:
                         phases[f"  per-sample {layer_type.__name__}"].append(spent[layer_type.__name__])
-        print(f"profile {_label(name)} (median CPU ms over {repeats} steps): "
-              + ", ".join(f"{k.strip()} {statistics.median(x) * 1e3:.3f}" for k, x in phases.items()))
+        print(
+            f"profile {_label(name)} (median CPU ms over {repeats} steps): "
+            + ", ".join(f"{k.strip()} {statistics.median(x) * 1e3:.3f}" for k, x in phases.items())
+        )
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -329,9 +386,11 @@ def _command(args: argparse.Namespace) -> str:
     """The full command that reproduces this run (every option spelled out)."""
     nice = f"nice -n {os.nice(0)} " if os.nice(0) > 0 else ""
     flags = "".join(f" --{f}" for f in ("poisson", "profile") if getattr(args, f))
-    return (f"{nice}fedfuse bench dp-overhead --batch-size {args.batch_size} --repeats {args.repeats} "
-            f"--warmup {args.warmup} --threads {args.threads} --modes {shlex.quote(args.modes)} "
-            f"--noise-multiplier {args.noise_multiplier} --max-grad-norm {args.max_grad_norm}{flags}")
+    return (
+        f"{nice}fedfuse bench dp-overhead --batch-size {args.batch_size} --repeats {args.repeats} "
+        f"--warmup {args.warmup} --threads {args.threads} --modes {shlex.quote(args.modes)} "
+        f"--noise-multiplier {args.noise_multiplier} --max-grad-norm {args.max_grad_norm}{flags}"
+    )
 
 
 def _cpu_name() -> str:

@@ -31,14 +31,20 @@ TARGETS = {"non_private_f1": 0.88, "eps8_gap": 0.05, "dropout_gap": 0.03}
 
 def configure(parser: argparse.ArgumentParser) -> None:
     C.add_common_arguments(parser, scenario="hapt.toml")
-    parser.add_argument("--epsilons", default="inf,8,3,1",
-                        help="budgets at p = 0 with federated encoders (default inf,8,3,1; inf = non-private)")
-    parser.add_argument("--drop-probs", default="0,0.3,0.5",
-                        help="missing-modality rates p (default 0,0.3,0.5); p > 0 runs at --dropout-epsilon")
-    parser.add_argument("--dropout-epsilon", type=float, default=8.0,
-                        help="the budget of the p > 0 runs (default 8: the best private setting)")
-    parser.add_argument("--local-epsilons", default="inf,8",
-                        help="budgets of the personalised runs with local encoders at p = 0 (default inf,8; '' = none)")
+    parser.add_argument(
+        "--epsilons", default="inf,8,3,1", help="budgets at p = 0 with federated encoders (default inf,8,3,1; inf = non-private)"
+    )
+    parser.add_argument(
+        "--drop-probs", default="0,0.3,0.5", help="missing-modality rates p (default 0,0.3,0.5); p > 0 runs at --dropout-epsilon"
+    )
+    parser.add_argument(
+        "--dropout-epsilon", type=float, default=8.0, help="the budget of the p > 0 runs (default 8: the best private setting)"
+    )
+    parser.add_argument(
+        "--local-epsilons",
+        default="inf,8",
+        help="budgets of the personalised runs with local encoders at p = 0 (default inf,8; '' = none)",
+    )
 
 
 def source_folder(data: Path) -> Path:
@@ -46,8 +52,10 @@ def source_folder(data: Path) -> Path:
     for candidate in (data, data / "hapt"):
         if all((candidate / f).exists() for f in SOURCE_FILES):
             return candidate
-    raise ConfigError(f"--data {data}: neither it nor {data / 'hapt'} holds the HAPT layout "
-                      f"({', '.join(SOURCE_FILES)}, RawData/acc_expXX_userYY.txt, ...)")
+    raise ConfigError(
+        f"--data {data}: neither it nor {data / 'hapt'} holds the HAPT layout "
+        f"({', '.join(SOURCE_FILES)}, RawData/acc_expXX_userYY.txt, ...)"
+    )
 
 
 def imported(data: Path, cache: Path) -> Path:
@@ -70,13 +78,20 @@ def cells(args: argparse.Namespace, cache: Path) -> list[C.Cell]:
     for seed in range(args.seeds):
         fed = {"encoders": "federated", "data.server-test": str(cache)}
         for eps in epsilons:
-            out.append(C.Cell(f"fed-p0-eps{C.eps_tag(eps)}-s{seed}", seed, fed | {"data.modality-drop-prob": 0.0, "dp.epsilon": eps}))
+            out.append(
+                C.Cell(f"fed-p0-eps{C.eps_tag(eps)}-s{seed}", seed, fed | {"data.modality-drop-prob": 0.0, "dp.epsilon": eps})
+            )
         for p in (p for p in probs if p > 0):
             name = f"fed-p{p:g}-eps{C.eps_tag(args.dropout_epsilon)}-s{seed}"
             out.append(C.Cell(name, seed, fed | {"data.modality-drop-prob": p, "dp.epsilon": args.dropout_epsilon}))
         for eps in local:
-            out.append(C.Cell(f"local-p0-eps{C.eps_tag(eps)}-s{seed}", seed,
-                              {"encoders": "local", "data.server-test": "", "data.modality-drop-prob": 0.0, "dp.epsilon": eps}))
+            out.append(
+                C.Cell(
+                    f"local-p0-eps{C.eps_tag(eps)}-s{seed}",
+                    seed,
+                    {"encoders": "local", "data.server-test": "", "data.modality-drop-prob": 0.0, "dp.epsilon": eps},
+                )
+            )
     return out
 
 
@@ -84,11 +99,11 @@ def pooled_test_f1(run_dir: Path, cache: Path, config: dict[str, Any]) -> float:
     """Macro-F1 of the final global model over the pooled windows of all test subjects (FedMultimodal's measure)."""
     import torch
 
-    from common.model.evaluation import macro_f1, predict
-    from common.model.multimodal import ENCODER_PREFIX, ModelConfig, MultimodalModel
-    from common.data.partition import heldout_sites
     from common.config import parse_run_config
+    from common.data.partition import heldout_sites
     from common.data.site_folders import federation_schema, load_site
+    from common.model.evaluation import macro_f1, predict
+    from common.model.multimodal import ENCODER_PREFIX, MultimodalModel
     from server.run_folder import RunFolder
 
     state = RunFolder(run_dir).load_checkpoint().global_state
@@ -112,14 +127,24 @@ def summarize(runs: dict[str, dict[str, Any]], cells_: list[C.Cell], cache: Path
         res = runs[cell.name]
         final = (res.get("final") or {}).get("client_mean") or {}  # each client's own held-out windows, mean
         server = (res.get("final_server_evaluate") or {}).get("client_mean") or {}  # per test subject, mean
-        row = {"seed": cell.seed, "encoders": res["config"]["encoders"], "p": res["config"]["data.modality-drop-prob"],
-               "budget": cell.overrides["dp.epsilon"], "max_epsilon": C.max_epsilon(res), "epsilon_ok": C.epsilon_ok(res),
-               "client_macro_f1": final.get("macro_f1"), "client_accuracy": final.get("accuracy"),
-               "seconds": res.get("bench_seconds")}
+        row = {
+            "seed": cell.seed,
+            "encoders": res["config"]["encoders"],
+            "p": res["config"]["data.modality-drop-prob"],
+            "budget": cell.overrides["dp.epsilon"],
+            "max_epsilon": C.max_epsilon(res),
+            "epsilon_ok": C.epsilon_ok(res),
+            "client_macro_f1": final.get("macro_f1"),
+            "client_accuracy": final.get("accuracy"),
+            "seconds": res.get("bench_seconds"),
+        }
         if server:
-            row |= {"test_macro_f1_per_subject": server["macro_f1"], "test_accuracy": server["accuracy"],
-                    "test_by_modalities": {k: v["macro_f1"] for k, v in server["by_modalities"].items()},
-                    "test_macro_f1": pooled_test_f1(runs_dir / cell.name, cache, res["config"])}
+            row |= {
+                "test_macro_f1_per_subject": server["macro_f1"],
+                "test_accuracy": server["accuracy"],
+                "test_by_modalities": {k: v["macro_f1"] for k, v in server["by_modalities"].items()},
+                "test_macro_f1": pooled_test_f1(runs_dir / cell.name, cache, res["config"]),
+            }
         per_run[cell.name] = row
     settings: dict[str, dict[str, Any]] = {}
     for name, row in per_run.items():
@@ -148,35 +173,74 @@ def tables(summary: dict[str, Any], args: argparse.Namespace) -> tuple[str, list
     for eps in C.epsilon_list(args.epsilons):
         fed, loc = f"fed-p0-eps{C.eps_tag(eps)}", f"local-p0-eps{C.eps_tag(eps)}"
         spent = _vals(st, fed, "max_epsilon") or _vals(st, loc, "max_epsilon")
-        rows.append([C.fmt_eps(eps), C.pm(_vals(st, fed, "test_macro_f1")), C.pm(_vals(st, fed, "test_macro_f1_per_subject")),
-                     C.pm(_vals(st, fed, "test_accuracy")), C.pm(_vals(st, loc, "client_macro_f1")),
-                     "∞" if not spent or math.isinf(max(spent)) else f"{max(spent):.2f}", str(len(_vals(st, fed, "test_macro_f1")))])
+        rows.append(
+            [
+                C.fmt_eps(eps),
+                C.pm(_vals(st, fed, "test_macro_f1")),
+                C.pm(_vals(st, fed, "test_macro_f1_per_subject")),
+                C.pm(_vals(st, fed, "test_accuracy")),
+                C.pm(_vals(st, loc, "client_macro_f1")),
+                "∞" if not spent or math.isinf(max(spent)) else f"{max(spent):.2f}",
+                str(len(_vals(st, fed, "test_macro_f1"))),
+            ]
+        )
     privacy = C.markdown_table(
-        ["budget ε (δ = 1e-5)", "test subjects macro-F1 (pooled)", "test macro-F1 (mean over subjects)",
-         "test accuracy", "personalised macro-F1 (local encoders)", "max ε spent", "seeds"], rows)
+        [
+            "budget ε (δ = 1e-5)",
+            "test subjects macro-F1 (pooled)",
+            "test macro-F1 (mean over subjects)",
+            "test accuracy",
+            "personalised macro-F1 (local encoders)",
+            "max ε spent",
+            "seeds",
+        ],
+        rows,
+    )
     deps, dtag = C.fmt_eps(args.dropout_epsilon), C.eps_tag(args.dropout_epsilon)
     rows = []
     for p in [float(x) for x in args.drop_probs.split(",") if x.strip()]:
         key = f"fed-p0-eps{dtag}" if p == 0 else f"fed-p{p:g}-eps{dtag}"
         runs = [summary["runs"][n] for n in st.get(key, {}).get("runs", [])]
         by = {m: [r["test_by_modalities"].get(m) for r in runs if r.get("test_by_modalities")] for m in ("acc", "gyro")}
-        rows.append([f"{p:g}", C.pm(_vals(st, key, "test_macro_f1")), C.pm(_vals(st, key, "test_accuracy")),
-                     C.pm([v for v in by["acc"] if v is not None]), C.pm([v for v in by["gyro"] if v is not None]),
-                     C.pm(_vals(st, key, "client_macro_f1")), str(len(_vals(st, key, "test_macro_f1")))])
+        rows.append(
+            [
+                f"{p:g}",
+                C.pm(_vals(st, key, "test_macro_f1")),
+                C.pm(_vals(st, key, "test_accuracy")),
+                C.pm([v for v in by["acc"] if v is not None]),
+                C.pm([v for v in by["gyro"] if v is not None]),
+                C.pm(_vals(st, key, "client_macro_f1")),
+                str(len(_vals(st, key, "test_macro_f1"))),
+            ]
+        )
     dropout = C.markdown_table(
-        [f"p (ε = {deps})", "test macro-F1 (pooled)", "test accuracy", "test macro-F1, acc only", "test macro-F1, gyro only",
-         "clients' held-out macro-F1 (global model)", "seeds"], rows)
+        [
+            f"p (ε = {deps})",
+            "test macro-F1 (pooled)",
+            "test accuracy",
+            "test macro-F1, acc only",
+            "test macro-F1, gyro only",
+            "clients' held-out macro-F1 (global model)",
+            "seeds",
+        ],
+        rows,
+    )
     verdicts = targets(st, args)
     target_rows = [[v["target"], v["measured"], {True: "met", False: "not met", None: "not run"}[v["met"]]] for v in verdicts]
-    text = "\n\n".join([
-        "## Macro-F1 by privacy budget (p = 0, complete modalities)", privacy,
-        f"## Macro-F1 by missing-modality rate p (federated encoders, ε = {deps})", dropout,
-        "## Targets", C.markdown_table(["target", "measured (mean over seeds)", "verdict"], target_rows),
-        "Figures are mean ± sample std over seeds, in percent. Test subjects: the 9 subjects of the publisher's "
-        "split, scored by the server on the final global model (federated encoders). Personalised: each client's "
-        "own encoders + the global head on its held-out windows (every 5th window; they overlap their "
-        "neighbours, so the figure is optimistic).",
-    ])
+    text = "\n\n".join(
+        [
+            "## Macro-F1 by privacy budget (p = 0, complete modalities)",
+            privacy,
+            f"## Macro-F1 by missing-modality rate p (federated encoders, ε = {deps})",
+            dropout,
+            "## Targets",
+            C.markdown_table(["target", "measured (mean over seeds)", "verdict"], target_rows),
+            "Figures are mean ± sample std over seeds, in percent. Test subjects: the 9 subjects of the publisher's "
+            "split, scored by the server on the final global model (federated encoders). Personalised: each client's "
+            "own encoders + the global head on its held-out windows (every 5th window; they overlap their "
+            "neighbours, so the figure is optimistic).",
+        ]
+    )
     return text, verdicts
 
 
@@ -187,12 +251,21 @@ def targets(st: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]
     deps, dtag = C.fmt_eps(args.dropout_epsilon), C.eps_tag(args.dropout_epsilon)
     p0, p5 = mean(f"fed-p0-eps{dtag}"), mean(f"fed-p0.5-eps{dtag}")
     out = [
-        {"target": "non-private macro-F1 >= 88 at p = 0", "measured": _pct(nonpriv),
-         "met": None if nonpriv is None else nonpriv >= TARGETS["non_private_f1"]},
-        {"target": "ε = 8 within 5 points of non-private", "measured": _gap(eps8, nonpriv),
-         "met": None if eps8 is None or nonpriv is None else nonpriv - eps8 <= TARGETS["eps8_gap"]},
-        {"target": f"p = 0.5 at most 3 points below p = 0 (ε = {deps})", "measured": _gap(p5, p0),
-         "met": None if p5 is None or p0 is None else p0 - p5 <= TARGETS["dropout_gap"]},
+        {
+            "target": "non-private macro-F1 >= 88 at p = 0",
+            "measured": _pct(nonpriv),
+            "met": None if nonpriv is None else nonpriv >= TARGETS["non_private_f1"],
+        },
+        {
+            "target": "ε = 8 within 5 points of non-private",
+            "measured": _gap(eps8, nonpriv),
+            "met": None if eps8 is None or nonpriv is None else nonpriv - eps8 <= TARGETS["eps8_gap"],
+        },
+        {
+            "target": f"p = 0.5 at most 3 points below p = 0 (ε = {deps})",
+            "measured": _gap(p5, p0),
+            "met": None if p5 is None or p0 is None else p0 - p5 <= TARGETS["dropout_gap"],
+        },
     ]
     return out
 
@@ -213,29 +286,39 @@ def setting_label(setting: dict[str, Any]) -> str:
 def contributions(runs: dict[str, dict[str, Any]], settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each setting's modality contributions over its seeds: on the test subjects (the server's evaluation) when
     its runs have one (federated encoders), else on the clients' own held-out windows (local encoders)."""
-    source = {key: "final_server_evaluate" if all(runs[n].get("final_server_evaluate") for n in s["runs"]) else "final"
-              for key, s in settings.items()}
+    source = {
+        key: "final_server_evaluate" if all(runs[n].get("final_server_evaluate") for n in s["runs"]) else "final"
+        for key, s in settings.items()
+    }
     return K.by_setting(runs, {key: s["runs"] for key, s in settings.items()}, source)
 
 
-def contribution_tables(found: dict[str, dict[str, Any]], settings: dict[str, dict[str, Any]], args: argparse.Namespace,
-                        figure: str | None) -> str:
+def contribution_tables(
+    found: dict[str, dict[str, Any]], settings: dict[str, dict[str, Any]], args: argparse.Namespace, figure: str | None
+) -> str:
     """Markdown: contributions per setting (accuracy, macro-F1), per class for the p = 0 federated settings, warnings."""
     if not found:
         return "## Modality contributions\n\nNo run has held-out figures by modality subset: nothing to attribute."
     where = {"final_server_evaluate": "test subjects", "final": "clients' held-out windows"}
     rows = [(f"{setting_label(settings[key])} ({where[agg['source']]})", agg) for key, agg in found.items()]
-    parts = ["## Modality contributions",
-             "Shapley value of each modality and the interaction of the pair, in points of the held-out score over "
-             f"chance (1/6 = {100 / 6:.1f}); the Shapley values add up to the score with both modalities minus chance. "
-             "Positive interaction: the pair is worth more together than apart. Mean ± std over seeds.",
-             "### Accuracy", K.overall_table(rows, "accuracy"), "### Macro-F1", K.overall_table(rows, "macro_f1")]
+    parts = [
+        "## Modality contributions",
+        "Shapley value of each modality and the interaction of the pair, in points of the held-out score over "
+        f"chance (1/6 = {100 / 6:.1f}); the Shapley values add up to the score with both modalities minus chance. "
+        "Positive interaction: the pair is worth more together than apart. Mean ± std over seeds.",
+        "### Accuracy",
+        K.overall_table(rows, "accuracy"),
+        "### Macro-F1",
+        K.overall_table(rows, "macro_f1"),
+    ]
     if figure:
         parts.append(f"![modality contributions]({figure})")
     for key in dict.fromkeys(["fed-p0-epsinf", f"fed-p0-eps{C.eps_tag(args.dropout_epsilon)}"]):
         if key in found and found[key].get("per_class"):
-            parts += [f"### Per class: {setting_label(settings[key])} ({where[found[key]['source']]}), recall",
-                      K.class_table(found[key], "accuracy")]
+            parts += [
+                f"### Per class: {setting_label(settings[key])} ({where[found[key]['source']]}), recall",
+                K.class_table(found[key], "accuracy"),
+            ]
     parts += ["### Unimodal-collapse warnings", K.warnings_text(rows)]
     return "\n\n".join(parts)
 
@@ -253,10 +336,21 @@ def run(args: argparse.Namespace) -> int:
         found = contributions(runs, summary["settings"])
         st = summary["settings"]
         key = per_class_setting(found, args)
-        figure = K.plot([(setting_label(st[k]), v) for k, v in found.items()], runs_dir.parent / "hapt-contributions.png",
-                        per_class=(setting_label(st[key]), found[key]) if key else None, title="HAPT")
+        figure = K.plot(
+            [(setting_label(st[k]), v) for k, v in found.items()],
+            runs_dir.parent / "hapt-contributions.png",
+            per_class=(setting_label(st[key]), found[key]) if key else None,
+            title="HAPT",
+        )
         body += "\n\n" + contribution_tables(found, st, args, figure.name if figure else None)
         return body, {"targets": verdicts, "contributions": found, **summary}
 
-    return C.run_benchmark(args, name="hapt", label="HAPT", title="HAPT: federated multimodal activity recognition",
-                           importer=imported, cells=lambda cache: cells(args, cache), report=report)
+    return C.run_benchmark(
+        args,
+        name="hapt",
+        label="HAPT",
+        title="HAPT: federated multimodal activity recognition",
+        importer=imported,
+        cells=lambda cache: cells(args, cache),
+        report=report,
+    )

@@ -23,23 +23,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--samples-per-client", type=int, default=1200)
-    parser.add_argument("--cpus-per-client", type=float, default=2.0,
-                        help="cores reserved per client (default 2: one client at a time on 2 cores)")
+    parser.add_argument(
+        "--cpus-per-client",
+        type=float,
+        default=2.0,
+        help="cores reserved per client (default 2: one client at a time on 2 cores)",
+    )
     parser.add_argument("--out", type=Path, help="keep the run here (default: a temporary folder)")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from simulations.scenario import build_config
     from client.state import ClientState
     from simulations import runner
+    from simulations.scenario import build_config
 
     with tempfile.TemporaryDirectory(prefix="fedfuse-bench-") as tmp:
         out = (args.out or Path(tmp) / "run").resolve()
-        flat = build_config(None, [f"num-server-rounds={args.rounds}", f"data.num-clients={args.clients}",
-                                   f"data.samples-per-client={args.samples_per_client}", "data.assignment=all",
-                                   f"out-dir={json.dumps(str(out))}"])
+        flat = build_config(
+            None,
+            [
+                f"num-server-rounds={args.rounds}",
+                f"data.num-clients={args.clients}",
+                f"data.samples-per-client={args.samples_per_client}",
+                "data.assignment=all",
+                f"out-dir={json.dumps(str(out))}",
+            ],
+        )
         wall = runner.run(flat, num_clients=args.clients, out_dir=out, cpus_per_client=args.cpus_per_client)
         results = json.loads((out / "results.json").read_text())
         compute: dict[int, float] = {}
@@ -48,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
                 compute[line["round"]] = compute.get(line["round"], 0.0) + line["seconds"]
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    print(f"command: fedfuse bench round-overhead --clients {args.clients} --rounds {args.rounds} "
-          f"--samples-per-client {args.samples_per_client} --cpus-per-client {args.cpus_per_client:g}")
+    print(
+        f"command: fedfuse bench round-overhead --clients {args.clients} --rounds {args.rounds} "
+        f"--samples-per-client {args.samples_per_client} --cpus-per-client {args.cpus_per_client:g}"
+    )
     print(f"whole simulation: {wall:.1f} s (Ray start-up and imports included)")
     print(f"{'round':>5} {'train wall s':>13} {'client compute s':>17} {'ratio':>7} {'round wall s':>13}")
     ratios = []

@@ -28,8 +28,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", default="100,1000", help="comma-separated client counts (default: 100,1000)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--fraction", type=float, default=0.05, help="fraction of clients training (and evaluating) "
-                        "each round (default: 0.05)")
+    parser.add_argument(
+        "--fraction", type=float, default=0.05, help="fraction of clients training (and evaluating) each round (default: 0.05)"
+    )
     parser.add_argument("--samples-per-client", type=int, default=200)
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder)")
 
@@ -84,9 +85,15 @@ class PeakMemory:
 
 def simulate(clients: int, args: argparse.Namespace, out: Path) -> dict:
     """One simulation in its own process; its per-round figures and the process tree's peak memory."""
-    sets = [f"data.num-clients={clients}", f"num-server-rounds={args.rounds}", f"fraction-train={args.fraction}",
-            f"fraction-evaluate={args.fraction}", 'encoders="federated"', "min-clients=1",
-            f"data.samples-per-client={args.samples_per_client}"]
+    sets = [
+        f"data.num-clients={clients}",
+        f"num-server-rounds={args.rounds}",
+        f"fraction-train={args.fraction}",
+        f"fraction-evaluate={args.fraction}",
+        'encoders="federated"',
+        "min-clients=1",
+        f"data.samples-per-client={args.samples_per_client}",
+    ]
     command = [str(Path(sys.executable).parent / "fedfuse"), "simulate", "--quiet", "--out", str(out)]
     for s in sets:
         command += ["--set", s]
@@ -99,11 +106,17 @@ def simulate(clients: int, args: argparse.Namespace, out: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"the simulation of {clients} clients failed (exit {proc.returncode}):\n{output[-3000:]}")
     results = json.loads((out / "results.json").read_text())
-    rounds = [{"round": r["round"], "seconds": r["seconds"], "trained": len(r["train"].get("trained", []))}
-              for r in results["rounds"]]
-    return {"clients": clients, "rounds": rounds, "peak_bytes": peak, "wall_seconds": round(wall, 1),
-            "state_folders": sum(1 for _ in (out / "clients").iterdir()) if (out / "clients").exists() else 0,
-            "sets": sets}
+    rounds = [
+        {"round": r["round"], "seconds": r["seconds"], "trained": len(r["train"].get("trained", []))} for r in results["rounds"]
+    ]
+    return {
+        "clients": clients,
+        "rounds": rounds,
+        "peak_bytes": peak,
+        "wall_seconds": round(wall, 1),
+        "state_folders": sum(1 for _ in (out / "clients").iterdir()) if (out / "clients").exists() else 0,
+        "sets": sets,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,11 +127,15 @@ def run(args: argparse.Namespace) -> int:
         for n in counts:
             print(f"simulating {n} clients ...", flush=True)
             figures.append(simulate(n, args, base / f"clients-{n}"))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{sys.version.split()[0]}, load {os.getloadavg()[0]:.1f}")
-    print(f"command: fedfuse bench scale --clients {args.clients} --rounds {args.rounds} --fraction {args.fraction:g} "
-          f"--samples-per-client {args.samples_per_client}")
-    print("synthetic data, encoders = \"federated\", DP on; round s = results.json rounds[i].seconds (train + evaluate)")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{sys.version.split()[0]}, load {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"command: fedfuse bench scale --clients {args.clients} --rounds {args.rounds} --fraction {args.fraction:g} "
+        f"--samples-per-client {args.samples_per_client}"
+    )
+    print('synthetic data, encoders = "federated", DP on; round s = results.json rounds[i].seconds (train + evaluate)')
     header = f"{'round':>5}" + "".join(f" | {f['clients']:>5} clients: s (trained)" for f in figures)
     print(header)
     for i in range(max(len(f["rounds"]) for f in figures)):

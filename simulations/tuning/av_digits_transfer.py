@@ -25,15 +25,22 @@ from common.model.evaluation import predict
 from common.model.multimodal import ModelConfig, MultimodalModel
 from common.model.warm_start import warm_start
 from common.privacy.accounting import PrivacyHistory
-from common.privacy.training import train_round
+from common.privacy.training import DPRequest, LocalTraining, train_round
 from server.aggregation import Contribution, weighted_average
+
+
+def _part(site, split: str):  # noqa: ANN001, ANN202
+    part = site.part(split)
+    if part is None:
+        raise SystemExit(f"{site.name} has no {split} split: import AV-Digits with `fedfuse data import av-digits`")
+    return part
 
 
 def run(sites: Path, *, init: Path | None, rounds: int, epsilon: float, seed: int) -> list[float]:
     """Test accuracy of the global model after each round."""
     loaded = [load_site(f) for f in site_folders(sites)]
-    trains = [s.part("train").restrict(["image"]) for s in loaded]
-    tests = [s.part("test").restrict(["image"]) for s in loaded]
+    trains = [_part(s, "train").restrict(["image"]) for s in loaded]
+    tests = [_part(s, "test").restrict(["image"]) for s in loaded]
     schema = trains[0].schema
     config = ModelConfig("concat", 64, 64)
     global_model = MultimodalModel(schema, config, seed=seed)
@@ -47,9 +54,14 @@ def run(sites: Path, *, init: Path | None, rounds: int, epsilon: float, seed: in
         updates = []
         for data, model, history in zip(trains, models, histories):
             model.load_state_dict(global_state)
-            train_round(model, data, history, target_epsilon=epsilon, delta=1e-5, max_grad_norm=1.0,
-                        planned_rounds=rounds, local_epochs=5, batch_size=256, lr=0.8, momentum=0.9,
-                        modality_dropout=0.3, run_id="tuning")
+            train_round(
+                model,
+                data,
+                history,
+                dp=DPRequest(epsilon, 1e-5, 1.0, planned_rounds=rounds),
+                training=LocalTraining(local_epochs=5, batch_size=256, lr=0.8, momentum=0.9, modality_dropout=0.3),
+                run_id="tuning",
+            )
             updates.append(Contribution(model.state_dict(), float(len(data))))
         average, _ = weighted_average(updates)
         global_state.update(average)
@@ -57,8 +69,11 @@ def run(sites: Path, *, init: Path | None, rounds: int, epsilon: float, seed: in
         truth = torch.cat([d.labels for d in tests])
         pred = torch.cat([predict(global_model, d) for d in tests])
         accuracy.append(float((pred == truth).float().mean()))
-        print(f"{'warm' if init else 'fresh'}  round {r:2d}  test accuracy {100 * accuracy[-1]:.1f} %  "
-              f"ε = {histories[0].epsilon():.2f}", flush=True)
+        print(
+            f"{'warm' if init else 'fresh'}  round {r:2d}  test accuracy {100 * accuracy[-1]:.1f} %  "
+            f"ε = {histories[0].epsilon():.2f}",
+            flush=True,
+        )
     return accuracy
 
 

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from common.privacy.accounting import PrivacyHistory
+from common.data.partition import heldout_sites
 from common.data.samples import MultimodalData
+from common.data.site_folders import federation_schema, load_site, site_folders
 from common.model.evaluation import macro_f1, predict
 from common.model.multimodal import ModelConfig, MultimodalModel
-from common.data.partition import heldout_sites
-from common.data.site_folders import federation_schema, load_site, site_folders
-from common.privacy.training import DPRequest, LocalTraining, scheduled_lr, train_round
+from common.privacy.accounting import PrivacyHistory
 from common.privacy.augmentation import parse_augmentations
+from common.privacy.training import DPRequest, LocalTraining, scheduled_lr, train_round
 from server.aggregation import Contribution, weighted_average
 from server.optimizer import build_optimizer
 
@@ -54,12 +54,12 @@ def dp_statistics(x: torch.Tensor, *, sigma: float, bound: float, modalities: in
     """
     channels = x.shape[1]
     a = x.mean(dim=2).clamp(-bound, bound) / bound
-    b = (x ** 2).mean(dim=2).clamp(0, bound ** 2) / bound ** 2
-    std = sigma * modalities ** 0.5 * (1 + 2 * channels) ** 0.5
+    b = (x**2).mean(dim=2).clamp(0, bound**2) / bound**2
+    std = sigma * modalities**0.5 * (1 + 2 * channels) ** 0.5
     n = max(len(x) + float(torch.randn(()) * std), 1.0)
     mean = (a.sum(0) + torch.randn(channels) * std) * bound / n
-    second = (b.sum(0) + torch.randn(channels) * std) * bound ** 2 / n
-    var = (second - mean ** 2).clamp(min=1e-2)
+    second = (b.sum(0) + torch.randn(channels) * std) * bound**2 / n
+    var = (second - mean**2).clamp(min=1e-2)
     return mean[None, :, None], var.sqrt()[None, :, None]
 
 
@@ -72,8 +72,9 @@ def standardise(data: MultimodalData, how: str, names: list[str], pooled: dict |
         if how == "site":
             mu, sd = x[present].mean(dim=(0, 2), keepdim=True), x[present].std(dim=(0, 2), keepdim=True) + 1e-6
         elif how.startswith("dp:"):
-            mu, sd = dp_statistics(x[present], sigma=float(how.split(":")[1]), bound=float(how.split(":")[2]),
-                                   modalities=len(names))
+            mu, sd = dp_statistics(
+                x[present], sigma=float(how.split(":")[1]), bound=float(how.split(":")[2]), modalities=len(names)
+            )
         elif how == "window":
             mu, sd = 0.0, x.std(dim=2, keepdim=True) + 1e-3
         elif how == "pooled":
@@ -94,8 +95,12 @@ def main() -> None:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="initial weights and DP-SGD sampling")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--score", choices=("validation", "test"), default="validation",
-                   help="validation: the training subjects' held-out windows (tune on this); test: the 9 test subjects")
+    p.add_argument(
+        "--score",
+        choices=("validation", "test"),
+        default="validation",
+        help="validation: the training subjects' held-out windows (tune on this); test: the 9 test subjects",
+    )
     p.add_argument("--transforms", default="", help="model.transforms, e.g. acc=gravity+magnitude;gyro=magnitude")
     p.add_argument("--augmentations", default="", help="train.augmentations, e.g. acc+gyro=rotate(15)")
     p.add_argument("--multiplicity", type=int, default=1, help="train.multiplicity")
@@ -131,10 +136,21 @@ def main() -> None:
         updates = []
         for data, model, history in zip(trains, models, histories):
             model.load_partial({k: v for k, v in global_state.items() if k in model.state_dict()})
-            train_round(model, data, history, dp=DPRequest(args.epsilon, 1e-5, 1.0, planned_rounds=args.rounds),
-                        training=LocalTraining(local_epochs=args.local_epochs, batch_size=64, momentum=0.9,
-                                               lr=scheduled_lr(args.lr, args.lr_schedule, r, args.rounds),
-                                               modality_dropout=0.3, augmentation=augmentation), run_id="tuning")
+            train_round(
+                model,
+                data,
+                history,
+                dp=DPRequest(args.epsilon, 1e-5, 1.0, planned_rounds=args.rounds),
+                training=LocalTraining(
+                    local_epochs=args.local_epochs,
+                    batch_size=64,
+                    momentum=0.9,
+                    lr=scheduled_lr(args.lr, args.lr_schedule, r, args.rounds),
+                    modality_dropout=0.3,
+                    augmentation=augmentation,
+                ),
+                run_id="tuning",
+            )
             updates.append(Contribution(model.state_dict(), float(len(data))))
         average, _ = weighted_average(updates)
         global_state = server.step(global_state, average)
@@ -143,8 +159,11 @@ def main() -> None:
             model.load_state_dict(global_state)
             truth = torch.cat([d.labels for d in tests])
             pred = torch.cat([predict(model, d) for d in tests])
-            print(f"round {r:3d}  {args.score} macro-F1 {macro_f1(truth, pred, schema.num_classes):.3f}  "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"round {r:3d}  {args.score} macro-F1 {macro_f1(truth, pred, schema.num_classes):.3f}  "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

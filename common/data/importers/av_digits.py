@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from common.data.samples import MultimodalData
-from common.errors import DataError
 from common.data.schema import DatasetSchema, ModalitySpec
 from common.data.site_folders import write_site
+from common.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,7 @@ def read_wav(path: Path) -> np.ndarray:
     except (wave.Error, EOFError) as exc:
         raise DataError(f"{path}: not a readable wav file ({exc})") from None
     if (rate, channels, width) != (SAMPLE_RATE, 1, 2):
-        raise DataError(
-            f"{path}: expected {SAMPLE_RATE} Hz mono 16-bit, got {rate} Hz, {channels} channel(s), {8 * width}-bit"
-        )
+        raise DataError(f"{path}: expected {SAMPLE_RATE} Hz mono 16-bit, got {rate} Hz, {channels} channel(s), {8 * width}-bit")
     clip = np.frombuffer(raw, dtype="<i2")
     if len(clip) == 0:
         raise DataError(f"{path}: no samples")
@@ -119,9 +117,7 @@ def read_idx(path: Path, *, magic: int, dims: int) -> np.ndarray:
         raise DataError(f"{path}: not an IDX file with magic number {magic}")
     shape = struct.unpack(f">{dims}I", raw[4:head])
     if len(raw) - head != int(np.prod(shape)):
-        raise DataError(
-            f"{path}: header says {list(shape)} ({int(np.prod(shape))} bytes) but {len(raw) - head} bytes follow"
-        )
+        raise DataError(f"{path}: header says {list(shape)} ({int(np.prod(shape))} bytes) but {len(raw) - head} bytes follow")
     return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape)
 
 
@@ -132,9 +128,7 @@ def read_mnist(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(folder / MNIST_IMAGES, magic=2051, dims=3)
     labels = read_idx(folder / MNIST_LABELS, magic=2049, dims=1)
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise DataError(
-            f"{folder}: expected N x 28 x 28 images and N labels, got {list(images.shape)} and {len(labels)}"
-        )
+        raise DataError(f"{folder}: expected N x 28 x 28 images and N labels, got {list(images.shape)} and {len(labels)}")
     return images, labels
 
 
@@ -142,9 +136,7 @@ def find_clips(fsdd: Path) -> list[tuple[int, str, int, Path]]:
     """(digit, speaker, take, path) of every FSDD recording, sorted by (speaker, digit, take)."""
     folder = fsdd / "recordings"
     if not folder.is_dir():
-        raise DataError(
-            f"FSDD folder {fsdd} has no recordings/ folder; expected recordings/{{digit}}_{{speaker}}_{{take}}.wav"
-        )
+        raise DataError(f"FSDD folder {fsdd} has no recordings/ folder; expected recordings/{{digit}}_{{speaker}}_{{take}}.wav")
     clips, other = [], 0
     for path in folder.iterdir():
         m = _CLIP_NAME.fullmatch(path.name)
@@ -168,9 +160,7 @@ def pair_images(digits: list[int], mnist_labels: np.ndarray, *, seed: int) -> np
         need = np.flatnonzero(digits_arr == d)
         pool = np.flatnonzero(mnist_labels == d)
         if len(need) > len(pool):
-            raise DataError(
-                f"{len(need)} clips of digit {d} but only {len(pool)} MNIST images of it; each image is used once"
-            )
+            raise DataError(f"{len(need)} clips of digit {d} but only {len(pool)} MNIST images of it; each image is used once")
         out[need] = rng.permutation(pool)[: len(need)]
     return out
 
@@ -242,7 +232,8 @@ def import_unpaired_mnist(
         torch.from_numpy(mnist_labels[rest].astype(np.int64)),
     )
     split = ["test" if k % test_every == 0 else "train" for k in range(len(rest))]
-    path = write_site(out / PUBLIC_SITE, data, split, name=PUBLIC_SITE, overwrite=overwrite,
-                      sample_ids=[f"t10k-{i}" for i in rest.tolist()])
+    path = write_site(
+        out / PUBLIC_SITE, data, split, name=PUBLIC_SITE, overwrite=overwrite, sample_ids=[f"t10k-{i}" for i in rest.tolist()]
+    )
     log.info("MNIST images unused by AV-Digits: %d written to %s", len(rest), path)
     return path

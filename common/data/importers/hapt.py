@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from common.data.samples import MultimodalData
-from common.errors import ConfigError, DataError
 from common.data.schema import DatasetSchema, ModalitySpec
 from common.data.site_folders import write_site
+from common.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def import_hapt(
     for seg in segments:
         by_user[seg.user].append(seg)
     # Every raw file must be there before any site is written
-    raw = sorted({f"{sensor}_exp{s.experiment:02d}_user{s.user:02d}.txt"
-                  for s in segments for sensor in ("acc", "gyro")})
+    raw = sorted({f"{sensor}_exp{s.experiment:02d}_user{s.user:02d}.txt" for s in segments for sensor in ("acc", "gyro")})
     missing = [f for f in raw if not (source / "RawData" / f).is_file()]
     if missing:
         raise DataError(
@@ -156,8 +155,10 @@ def import_hapt(
         n = len(ids)
         data = MultimodalData(
             site_schema,
-            {"acc": torch.from_numpy(np.stack(acc).astype(np.float32)),  # (N, 3, 128)
-             "gyro": torch.from_numpy(np.stack(gyro).astype(np.float32))},
+            {
+                "acc": torch.from_numpy(np.stack(acc).astype(np.float32)),  # (N, 3, 128)
+                "gyro": torch.from_numpy(np.stack(gyro).astype(np.float32)),
+            },
             torch.ones((n, 2), dtype=torch.bool),
             torch.tensor(labels, dtype=torch.int64),
         )
@@ -196,9 +197,7 @@ def read_subject_split(source: Path) -> dict[int, str]:
         ids = _read_ints(source / file, columns=1)[:, 0]
         for user in np.unique(ids).tolist():
             if user in split:
-                raise DataError(
-                    f"subject {user} is listed in both Train/subject_id_train.txt and Test/subject_id_test.txt"
-                )
+                raise DataError(f"subject {user} is listed in both Train/subject_id_train.txt and Test/subject_id_test.txt")
             split[user] = name
     return split
 

@@ -83,7 +83,8 @@ def _environment(out_dir: Path, verbose: bool = False) -> Iterator[None]:
     remove_ray_folders(out_dir)
     ray_tmp = Path(tempfile.mkdtemp(prefix=ray_tmp_prefix(out_dir), dir=RAY_TMP_ROOT))
     values = offline_environment(out_dir) | {"RAY_TMPDIR": str(ray_tmp), "FLWR_LOG_LEVEL": flower_worker_level(verbose)}
-    saved = {k: os.environ.get(k) for k in values}
+    # PYTHONPATH too: Flower's Ray backend sets it in this process and never restores it
+    saved = {k: os.environ.get(k) for k in [*values, "PYTHONPATH"]}
     os.environ.update(values)
     try:
         yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -26,8 +27,12 @@ def run_dir(tmp_path_factory) -> Path:
     """A real 2-round simulation of 3 clients, run in this process."""
     out = tmp_path_factory.mktemp("audit-e2e") / "run"
     flat = build_config(None, [*OVERRIDES, "num-server-rounds=2"]) | {"out-dir": str(out)}
+    pythonpath = os.environ.get("PYTHONPATH")
     runner.run(flat, num_clients=CLIENTS, out_dir=out)
     assert json.loads((out / "results.json").read_text())["status"] == "completed"
+    # Flower's Ray backend sets PYTHONPATH in this process: the run restores it (a later pip or subprocess sees the
+    # checkout otherwise); Ray's own driver settings (RAY_CLIENT_MODE, PYTHONBREAKPOINT, ...) stay as Ray wants them
+    assert os.environ.get("PYTHONPATH") == pythonpath
     return out
 
 

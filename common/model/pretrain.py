@@ -76,7 +76,7 @@ def pretrain_encoder(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         log.info("pretrain %s: epoch %d/%d, training loss %.4f", modality, epoch + 1, config.epochs, total / len(y))
     model.eval()
     description: dict[str, Any] = {

@@ -97,10 +97,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--score",
-        choices=("validation", "test"),
+        choices=("validation", "subjects", "test"),
         default="validation",
-        help="validation: the training subjects' held-out windows (tune on this); test: the 9 test subjects",
+        help="validation: the training subjects' held-out windows (tune on this); subjects: every window of "
+        "--val-subjects training subjects left out of training (new-subject generalisation, tune on this); "
+        "test: the 9 test subjects (report only)",
     )
+    p.add_argument("--val-subjects", type=int, default=4, help="with --score subjects: the last N training subjects")
+    p.add_argument("--encoder", default="", help="model.encoder, e.g. acc=lstm;gyro=lstm")
     p.add_argument("--transforms", default="", help="model.transforms, e.g. acc=gravity+magnitude;gyro=magnitude")
     p.add_argument("--augmentations", default="", help="train.augmentations, e.g. acc+gyro=rotate(15)")
     p.add_argument("--multiplicity", type=int, default=1, help="train.multiplicity")
@@ -114,6 +118,8 @@ def main() -> None:
     sites = [load_site(f) for f in site_folders(args.sites)]
     schema = federation_schema(sites)
     train_sites = [s for s in sites if s.path not in held_out]
+    left_out = train_sites[-args.val_subjects :] if args.score == "subjects" else []
+    train_sites = [s for s in train_sites if s not in left_out]
     pooled = None
     if args.standardise == "pooled":
         pooled = {}
@@ -121,10 +127,15 @@ def main() -> None:
             xs = torch.cat([s.part("train").inputs[m].float() for s in train_sites])
             pooled[m] = (xs.mean(dim=(0, 2), keepdim=True), xs.std(dim=(0, 2), keepdim=True))
     trains = [standardise(s.part("train"), args.standardise, schema.names, pooled) for s in train_sites]
-    scored = [s for s in sites if (s.path in held_out) == (args.score == "test") and s.part("test") is not None]
-    tests = [standardise(s.part("test"), args.standardise, schema.names, pooled) for s in scored]
+    if args.score == "subjects":  # every window (train and held-out split) of subjects never trained on
+        tests = [
+            standardise(s.part(split), args.standardise, schema.names, pooled) for s in left_out for split in ("train", "test")
+        ]
+    else:
+        scored = [s for s in sites if (s.path in held_out) == (args.score == "test") and s.part("test") is not None]
+        tests = [standardise(s.part("test"), args.standardise, schema.names, pooled) for s in scored]
 
-    config = ModelConfig("concat", 64, 64, args.transforms)  # simulations/scenarios/hapt.toml
+    config = ModelConfig("concat", 64, 64, args.transforms, args.encoder)  # simulations/scenarios/hapt.toml
     augmentation = parse_augmentations(args.augmentations, args.multiplicity)
     server = build_optimizer(args.server_opt, args.server_lr)
     torch.manual_seed(args.seed)

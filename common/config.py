@@ -135,6 +135,8 @@ class ModelConfig:
     encoder: str = ""
     # per modality "img=FILE": a safetensors file of encoder weights that fresh encoders start from (fedfuse pretrain)
     init: str = ""
+    norm: str = "none"  # built-in CNN encoders (image, signal): none | group | layer, after each convolution (never BatchNorm)
+    width: int = 0  # built-in CNN encoders: convolution channels (0 = their defaults: image 16 and 32, signal 32)
 
     def __post_init__(self) -> None:
         # here, not at import: these import torch (`fedfuse --help` stays fast)
@@ -146,7 +148,14 @@ class ModelConfig:
         parse_transforms(self.transforms)  # ConfigError naming the transform or the malformed chain
         if self.embed_dim < 1 or self.hidden_dim < 1:
             _fail("model.embed-dim" if self.embed_dim < 1 else "model.hidden-dim", "must be >= 1")
-        from common.model.encoders import check_choice
+        from common.model.encoders import NORMS, check_choice
+
+        if self.norm not in NORMS:
+            _fail(
+                "model.norm", f"must be one of {list(NORMS)} (per-sample normalisations; BatchNorm breaks DP), got '{self.norm}'"
+            )
+        if self.width < 0:
+            _fail("model.width", "must be >= 0 (0 = the built-in encoders' default channels)")
 
         for modality, choice in self.encoders.items():
             check_choice(modality, choice)

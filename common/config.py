@@ -54,6 +54,9 @@ class ServerConfig:
     proximal_mu: float = 0.01  # FedProx's proximal weight (clients pull towards the global head)
     round_timeout: float = 600.0  # seconds the server waits for replies in a message phase, and for min-clients sites
     evaluate_every: int = 1  # clients evaluate every k-th round (and always in the last): fewer message phases
+    ema_decay: float = (
+        0.0  # > 0: evaluate, checkpoint and serve the EMA of the global parameters (clients train from the raw ones)
+    )
     seed: int = 0  # partitioning, initial weights, non-private rounds' shuffling and dropout (DP rounds: OS-seeded)
     out_dir: str = ""  # run output folder ("" = ./runs/<flower run id>)
 
@@ -83,6 +86,8 @@ class ServerConfig:
             _fail("round-timeout", "must be > 0")
         if self.evaluate_every < 1:
             _fail("evaluate-every", "must be >= 1 (1 = every round; the last round always evaluates)")
+        if not 0 <= self.ema_decay < 1:
+            _fail("ema-decay", f"must lie in [0, 1) (0 = off; e.g. 0.9 averages over about 10 rounds), got {self.ema_decay}")
 
     def planned_rounds(self, total: int | None = None) -> int:
         """The rounds each client plans to train in, of ``total`` (default num-server-rounds): ``participation``,

@@ -253,9 +253,11 @@ def test_the_benchmark_runs_a_few_steps_and_prints_the_ratio_last(capsys):
 
 
 def test_the_benchmark_profile_and_poisson_options_run(capsys):
-    status, lines = run_bench(["--repeats", "2", "--warmup", "1", "--poisson", "--profile", "--batch-size", "16"], capsys)
+    argv = ["--repeats", "2", "--warmup", "1", "--poisson", "--profile", "--batch-size", "16", "--norm", "group", "--width", "8"]
+    status, lines = run_bench(argv, capsys)
     assert status == 0
-    assert any(line.startswith("profile dp-flat") and "per-sample Conv2d" in line for line in lines)
+    assert lines[1].endswith("--poisson --profile --norm group --width 8")
+    assert any(line.startswith("profile dp-flat") and "per-sample GroupNorm" in line for line in lines)
     assert lines[-1].startswith("dp-overhead ratio")
 
 

@@ -122,3 +122,46 @@ def test_a_round_without_updates_still_folds_the_unchanged_global_once(tmp_path)
     key = next(iter(strategy.state.global_state))
     # Assert: 1, 1, then 0.5 * 1 + 0.5 * 4
     assert torch.allclose(strategy.state.ema_state[key], torch.full_like(strategy.state.ema_state[key], 2.5))
+
+
+SMALL_RUN = [
+    "--set",
+    "num-server-rounds=2",
+    "--set",
+    "data.num-clients=3",
+    "--set",
+    "data.samples-per-client=200",
+    "--set",
+    'data.groups="image+signal;signal+tabular;image+tabular"',
+    "--set",
+    'encoders="federated"',
+    "--set",
+    "dp.epsilon=4",
+]
+
+
+@pytest.mark.slow
+def test_a_simulation_with_federated_encoders_serves_the_ema_at_the_same_privacy_cost(tmp_path):
+    from common.fileio import load_tensors
+    from fedfuse.cli import main
+
+    # Execute: the same small run without and with the EMA
+    runs = {}
+    for name, extra in (("plain", []), ("ema", ["--set", "ema-decay=0.5"])):
+        out = tmp_path / name
+        assert main(["simulate", "--out", str(out), "--quiet", *SMALL_RUN, *extra]) == 0
+        runs[name] = out
+    results = {name: json.loads((out / "results.json").read_text()) for name, out in runs.items()}
+    # Assert: every client spent exactly the same epsilon (the EMA is post-processing on the server)
+    spent = {name: {c: r["epsilon"] for c, r in res["privacy"]["clients"].items()} for name, res in results.items()}
+    assert spent["plain"] == spent["ema"] and len(spent["ema"]) == 3 and all(e > 0 for e in spent["ema"].values())
+    assert results["ema"]["served_model"]["parameters"] == "ema"
+    assert results["plain"]["served_model"] == {"parameters": "global"}
+    assert results["ema"]["final"]["pooled"]["num_examples"] > 0  # the clients evaluated the EMA
+    # The final checkpoint serves 0.5 * (round-1 global) + 0.5 * (round-2 global), encoders included
+    first = load_tensors(runs["ema"] / "checkpoints" / "round-0001.safetensors")
+    final = RunFolder(runs["ema"]).load_checkpoint()
+    assert any(k.startswith("encoders.") for k in final.ema_state)
+    for key, value in final.ema_state.items():
+        assert torch.allclose(value, 0.5 * first[f"global.{key}"] + 0.5 * final.global_state[key], atol=1e-6), key
+    assert not all(torch.equal(final.ema_state[k], final.global_state[k]) for k in final.ema_state)

@@ -47,7 +47,7 @@ TEXT_KEYWORDS = 3  # keyword occurrences per sentence, among 5-16 words
 
 def schema(*, text: bool = False) -> DatasetSchema:
     """The synthetic dataset's schema (with ``text``: a fourth modality, a sentence of token ids)."""
-    modalities = (
+    modalities: tuple[ModalitySpec, ...] = (
         ModalitySpec("image", "image", (1, IMAGE_SIZE, IMAGE_SIZE)),
         ModalitySpec("signal", "signal", (SIGNAL_CHANNELS, SIGNAL_LENGTH)),
         ModalitySpec("tabular", "tabular", (TABULAR_FEATURES,)),

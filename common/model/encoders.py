@@ -307,18 +307,15 @@ def encoder_factory(spec: ModalitySpec, choice: str = DEFAULT) -> EncoderFactory
     return load_factory(choice)
 
 
-# The built-in encoders that take model.norm and model.width; other encoders (and factories) keep their own.
-CNN_ENCODERS = (ImageEncoder, SignalEncoder)
-
-
 def build_encoder(spec: ModalitySpec, embed_dim: int, choice: str = DEFAULT, *, norm: str = "none", width: int = 0) -> nn.Module:
     """The encoder ``choice`` names for ``spec`` (default: its kind's), mapping (B, *spec.shape) to (B, embed_dim).
 
-    ``norm`` and ``width`` (``model.norm``, ``model.width``; 0 = the encoder's default) shape the CNN encoders
-    (:data:`CNN_ENCODERS`) only."""
+    ``norm`` and ``width`` (``model.norm``, ``model.width``; 0 = the encoder's default) shape the built-in CNN
+    encoders (:class:`ImageEncoder`, :class:`SignalEncoder`) only; other encoders and factories keep their own."""
     factory = encoder_factory(spec, choice)
-    if factory in CNN_ENCODERS:
-        module = factory(spec, embed_dim, width=width, norm=norm)  # type: ignore[call-arg]
+    module: object
+    if factory is ImageEncoder or factory is SignalEncoder:
+        module = factory(spec, embed_dim, width=width, norm=norm)
     else:
         module = factory(spec, embed_dim)
     if not isinstance(module, nn.Module):

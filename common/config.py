@@ -54,6 +54,9 @@ class ServerConfig:
     proximal_mu: float = 0.01  # FedProx's proximal weight (clients pull towards the global head)
     round_timeout: float = 600.0  # seconds the server waits for replies in a message phase, and for min-clients sites
     evaluate_every: int = 1  # clients evaluate every k-th round (and always in the last): fewer message phases
+    ema_decay: float = (
+        0.0  # > 0: evaluate, checkpoint and serve the EMA of the global parameters (clients train from the raw ones)
+    )
     seed: int = 0  # partitioning, initial weights, non-private rounds' shuffling and dropout (DP rounds: OS-seeded)
     out_dir: str = ""  # run output folder ("" = ./runs/<flower run id>)
 
@@ -83,6 +86,8 @@ class ServerConfig:
             _fail("round-timeout", "must be > 0")
         if self.evaluate_every < 1:
             _fail("evaluate-every", "must be >= 1 (1 = every round; the last round always evaluates)")
+        if not 0 <= self.ema_decay < 1:
+            _fail("ema-decay", f"must lie in [0, 1) (0 = off; e.g. 0.9 averages over about 10 rounds), got {self.ema_decay}")
 
     def planned_rounds(self, total: int | None = None) -> int:
         """The rounds each client plans to train in, of ``total`` (default num-server-rounds): ``participation``,
@@ -135,6 +140,8 @@ class ModelConfig:
     encoder: str = ""
     # per modality "img=FILE": a safetensors file of encoder weights that fresh encoders start from (fedfuse pretrain)
     init: str = ""
+    norm: str = "none"  # built-in CNN encoders (image, signal): none | group | layer, after each convolution (never BatchNorm)
+    width: int = 0  # built-in CNN encoders: convolution channels (0 = their defaults: image 16 and 32, signal 32)
 
     def __post_init__(self) -> None:
         # here, not at import: these import torch (`fedfuse --help` stays fast)
@@ -146,7 +153,14 @@ class ModelConfig:
         parse_transforms(self.transforms)  # ConfigError naming the transform or the malformed chain
         if self.embed_dim < 1 or self.hidden_dim < 1:
             _fail("model.embed-dim" if self.embed_dim < 1 else "model.hidden-dim", "must be >= 1")
-        from common.model.encoders import check_choice
+        from common.model.encoders import NORMS, check_choice
+
+        if self.norm not in NORMS:
+            _fail(
+                "model.norm", f"must be one of {list(NORMS)} (per-sample normalisations; BatchNorm breaks DP), got '{self.norm}'"
+            )
+        if self.width < 0:
+            _fail("model.width", "must be >= 0 (0 = the built-in encoders' default channels)")
 
         for modality, choice in self.encoders.items():
             check_choice(modality, choice)

@@ -3,7 +3,7 @@
 Layout::
 
     <out>/run.json                       run id, creation time, configuration (hash)
-    <out>/checkpoints/round-0003.safetensors  global blocks + server optimiser state after round 3
+    <out>/checkpoints/round-0003.safetensors  global blocks + server optimiser state (+ "ema." EMA) after round 3
     <out>/checkpoints/round-0003.json    round, config hash, results so far, per-client records
     <out>/checkpoints/latest.json        {"round": 3}: the last complete checkpoint
     <out>/results.json                   config, rounds, final, privacy (rewritten after each round)
@@ -20,7 +20,7 @@ import datetime
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 CHECKPOINTS = "checkpoints"
 LEDGERS = "ledgers"
+EMA = "ema."  # checkpoint tensor prefix of the EMA of the global blocks
 
 
 def config_hash(flat_config: dict[str, Any]) -> str:
@@ -69,6 +70,12 @@ class Checkpoint:
     global_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, torch.Tensor]
     record: dict[str, Any]  # rounds so far, per-client records, excluded clients
+    ema_state: dict[str, torch.Tensor] = field(default_factory=dict)  # ema-decay > 0: the EMA of the global blocks
+
+    @property
+    def served_state(self) -> dict[str, torch.Tensor]:
+        """The run's served model: the EMA when the run keeps one, else the global blocks."""
+        return self.ema_state or self.global_state
 
 
 class RunFolder:
@@ -118,7 +125,11 @@ class RunFolder:
         folder = self.path / CHECKPOINTS
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"round-{checkpoint.round:04d}"
-        tensors = {**{f"global.{k}": v for k, v in checkpoint.global_state.items()}, **checkpoint.optimizer_state}
+        tensors = {
+            **{f"global.{k}": v for k, v in checkpoint.global_state.items()},
+            **{f"{EMA}{k}": v for k, v in checkpoint.ema_state.items()},
+            **checkpoint.optimizer_state,
+        }
         atomic_save_tensors(folder / f"{stem}.safetensors", tensors, metadata={"round": str(checkpoint.round)})
         atomic_write_json(folder / f"{stem}.json", json_safe({"round": checkpoint.round, **checkpoint.record}))
         atomic_write_json(folder / "latest.json", {"round": checkpoint.round})
@@ -135,9 +146,10 @@ class RunFolder:
         if record.get("round") != r:
             raise FedfuseError(f"checkpoint {stem} is inconsistent: its record says round {record.get('round')}")
         global_state = {k[len("global.") :]: v for k, v in tensors.items() if k.startswith("global.")}
-        optimizer_state = {k: v for k, v in tensors.items() if not k.startswith("global.")}
+        ema_state = {k[len(EMA) :]: v for k, v in tensors.items() if k.startswith(EMA)}
+        optimizer_state = {k: v for k, v in tensors.items() if not k.startswith(("global.", EMA))}
         record.pop("round")
-        return Checkpoint(r, global_state, optimizer_state, record)
+        return Checkpoint(r, global_state, optimizer_state, record, ema_state)
 
     # --- results -------------------------------------------------------------------------------
     def write_results(self, results: dict[str, Any]) -> None:

@@ -75,7 +75,14 @@ def main(grid: Grid, context: Context) -> None:
     else:
         rec = checkpoint.record
         state = RunState(
-            run_id, total, checkpoint.round, checkpoint.global_state, rec["rounds"], rec["clients"], set(rec["excluded"])
+            run_id,
+            total,
+            checkpoint.round,
+            checkpoint.global_state,
+            rec["rounds"],
+            rec["clients"],
+            set(rec["excluded"]),
+            checkpoint.ema_state,
         )
         optimizer.load_state(checkpoint.optimizer_state)
         log.info("resuming run %s after round %d of %d", run_id, checkpoint.round, total)

@@ -8,6 +8,8 @@
   training rounds; the run goes on.
 - The federation's copy of every client's signed privacy ledger is kept in the run folder.
 - After each round: a checkpoint and results.json (see ``server/run_folder.py``).
+- With ``ema-decay`` > 0 the run evaluates, checkpoints as its served model and reports the moving average
+  of the global parameters (``server/ema.py``); clients still train from the global parameters.
 - With ``secagg.enabled``, ``server/secagg.py`` runs the rounds through SecAgg+ with these same steps.
 """
 
@@ -34,6 +36,7 @@ from common.insight.contributions import modality_contributions
 from common.model.evaluation import headline
 from common.privacy.ledger import Ledger, LedgerError
 from server.aggregation import Contribution, weighted_average
+from server.ema import ParameterEMA
 from server.grid import sample_nodes
 from server.metrics import summarize_evaluation
 from server.optimizer import ServerOptimizer
@@ -57,6 +60,7 @@ class RunState:
     rounds: list[dict[str, Any]] = field(default_factory=list)  # results.json "rounds"
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> privacy record
     excluded: set[str] = field(default_factory=set)  # client ids not asked to train again
+    ema_state: dict[str, torch.Tensor] = field(default_factory=dict)  # ema-decay > 0: the EMA after round_offset
 
 
 class FedFuse(FedAvg):
@@ -88,6 +92,21 @@ class FedFuse(FedAvg):
         self._round: dict[str, Any] = {}
         self._started = time.perf_counter()
         self._warned = len(learning_warnings(state.rounds, state.total_rounds))  # warnings logged before a resume
+        decay = config.server.ema_decay
+        self.ema = ParameterEMA(decay, state.ema_state) if decay else None
+        self._ema_round = state.round_offset  # the last round folded into the EMA
+
+    def served_state(self, server_round: int) -> dict[str, torch.Tensor]:
+        """The model the run evaluates, checkpoints as served and reports: with ``ema-decay`` > 0 the EMA of the
+        global parameters (the round's global parameters folded in once, however the round aggregated), else
+        the global parameters themselves."""
+        if self.ema is None:
+            return self.state.global_state
+        r = self.absolute(server_round)
+        if self._ema_round < r:
+            self.state.ema_state = self.ema.update(self.state.global_state)
+            self._ema_round = r
+        return self.state.ema_state
 
     def site_name(self, node: int | None, claimed: str | None = None) -> str:
         """A node as the run's log and results show it: its client id (claimed now, or known from an earlier
@@ -309,7 +328,7 @@ class FedFuse(FedAvg):
         num = max(int(len(list(grid.get_node_ids())) * self.fraction_evaluate), self.min_evaluate_nodes)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, num, wait=self.config.server.round_timeout)
         request = ConfigRecord({M.SERVER_ROUND: self.absolute(server_round), M.RUN_ID: self.state.run_id})
-        record = RecordDict({**M.pack_arrays(self.state.global_state), M.CONFIG: request})
+        record = RecordDict({**M.pack_arrays(self.served_state(server_round)), M.CONFIG: request})
         return self._construct_messages(record, node_ids, "evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -364,13 +383,15 @@ class FedFuse(FedAvg):
         self._round["epsilon"] = spend  # every known client's cumulative epsilon after this round
         self._round["max_epsilon"] = max(finite) if finite else None
         self._round.setdefault("evaluate", None)
+        served = self.served_state(server_round)
         if self.heldout is not None:
-            self._round["server_evaluate"] = self.heldout(self.state.global_state)
+            self._round["server_evaluate"] = self.heldout(served)
         self._add_contributions(r)
         # the round's wall time: from sampling its clients to the end of its evaluations (before its checkpoint)
         self._round["seconds"] = round(time.perf_counter() - self._started, 3)
         self.state.rounds.append(self._round)
-        self.folder.save_checkpoint(Checkpoint(r, self.state.global_state, self.optimizer.state(), self.record()))
+        ema = self.state.ema_state if self.ema is not None else {}
+        self.folder.save_checkpoint(Checkpoint(r, self.state.global_state, self.optimizer.state(), self.record(), ema))
         self.folder.write_results(self.results(status="running" if r < self.state.total_rounds else "completed"))
         self._log_progress(self._round)
         warnings = learning_warnings(self.state.rounds, self.state.total_rounds)
@@ -398,7 +419,14 @@ class FedFuse(FedAvg):
             "rounds": self.state.rounds,
             "clients": self.state.clients,
             "excluded": sorted(self.state.excluded),
+            "served_model": self.served_model(),
         }
+
+    def served_model(self) -> dict[str, Any]:
+        """Which parameters the evaluations, the checkpoint's served model and the results are of."""
+        if self.ema is None:
+            return {"parameters": "global"}
+        return {"parameters": "ema", "ema_decay": self.ema.decay, "clients_train_from": "global"}
 
     def results(self, status: str) -> dict[str, Any]:
         last = next((r["evaluate"] for r in reversed(self.state.rounds) if r.get("evaluate")), None)
@@ -408,6 +436,7 @@ class FedFuse(FedAvg):
             "status": status,
             "config": self.config.to_flat(),
             "federation": self.federation,
+            "served_model": self.served_model(),  # evaluations are of these parameters
             "rounds": self.state.rounds,
             "final": last,  # the last evaluated round: pooled figures, the clients' mean, each client's own
             "final_server_evaluate": server_last,

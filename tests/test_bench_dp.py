@@ -49,8 +49,17 @@ def flat_per_sample(model, inputs, mask, labels):
         flat.release()
 
 
-def test_flat_per_sample_gradients_equal_a_per_sample_loop_on_the_default_model():
-    # Prepare: the default model, a batch with absent modalities (zero-filled and masked, as in training)
+MODEL_OPTIONS = {
+    "default": {},
+    "norm-group": {"norm": "group"},
+    "norm-layer-width-12": {"norm": "layer", "width": 12},
+}
+
+
+@pytest.mark.parametrize("options", list(MODEL_OPTIONS.values()), ids=list(MODEL_OPTIONS))
+def test_flat_per_sample_gradients_equal_a_per_sample_loop_on_the_default_model(options):
+    # Prepare: the default model (and its model.norm / model.width options), a batch with absent modalities
+    # (zero-filled and masked, as in training)
     torch.manual_seed(0)
     data = synthetic.generate(24, seed=3)
     mask = data.mask.clone()
@@ -58,7 +67,7 @@ def test_flat_per_sample_gradients_equal_a_per_sample_loop_on_the_default_model(
     mask[1::4, 0] = False
     mask[2::5, 2] = False
     mask[~mask.any(dim=1), 2] = True
-    model = MultimodalModel(data.schema, ModelConfig())
+    model = MultimodalModel(data.schema, ModelConfig(**options))
     model.train()
     # Execute
     flat = flat_per_sample(model, data.inputs, mask, data.labels)
@@ -111,14 +120,15 @@ def test_flat_per_sample_gradients_are_exact_for_every_layer_kind():
     assert torch.allclose(flat, reference, atol=1e-6, rtol=1e-5)
 
 
-def test_clipped_update_equals_opacus_hooks_with_noise_off():
+@pytest.mark.parametrize("options", list(MODEL_OPTIONS.values()), ids=list(MODEL_OPTIONS))
+def test_clipped_update_equals_opacus_hooks_with_noise_off(options):
     # Prepare: one DP-SGD step (lr 1, no momentum, sigma 0) on the same batch through each engine
     data = synthetic.generate(128, seed=4)
     idx = torch.arange(64)
     updates = {}
     for mode in ("flat", "hooks"):
         torch.manual_seed(2)
-        model = MultimodalModel(data.schema, ModelConfig())
+        model = MultimodalModel(data.schema, ModelConfig(**options))
         before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
         private = private_training(
             model,
@@ -243,9 +253,11 @@ def test_the_benchmark_runs_a_few_steps_and_prints_the_ratio_last(capsys):
 
 
 def test_the_benchmark_profile_and_poisson_options_run(capsys):
-    status, lines = run_bench(["--repeats", "2", "--warmup", "1", "--poisson", "--profile", "--batch-size", "16"], capsys)
+    argv = ["--repeats", "2", "--warmup", "1", "--poisson", "--profile", "--batch-size", "16", "--norm", "group", "--width", "8"]
+    status, lines = run_bench(argv, capsys)
     assert status == 0
-    assert any(line.startswith("profile dp-flat") and "per-sample Conv2d" in line for line in lines)
+    assert lines[1].endswith("--poisson --profile --norm group --width 8")
+    assert any(line.startswith("profile dp-flat") and "per-sample GroupNorm" in line for line in lines)
     assert lines[-1].startswith("dp-overhead ratio")
 
 

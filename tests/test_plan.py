@@ -116,3 +116,32 @@ def test_a_run_that_will_drown_is_warned_about_before_it_starts(tiny_sites):
     assert "drown the signal at 2 of 2 site(s)" in drowning_warning(parse_run_config(flat))
     roomy = build_config(None, [f"data.dataset={json.dumps(str(tiny_sites))}", "dp.epsilon=inf"])
     assert drowning_warning(parse_run_config(roomy)) is None
+
+
+@pytest.mark.parametrize("overrides, planned", [(["fraction-train=0.5"], 8), (["fraction-train=0.5", "participation=3"], 3)])
+def test_with_client_sampling_the_plan_calibrates_for_the_rounds_each_site_is_planned_to_train(tiny_sites, overrides, planned):
+    # Prepare: 12 rounds, half the clients sampled each round: each site plans ceil(1.25 x 12 x 0.5) = 8 rounds
+    # (or the participation set); the server announces that plan and the client calibrates for it
+    flat = build_config(None, [f"data.dataset={json.dumps(str(tiny_sites))}", "num-server-rounds=12", *overrides])
+    config = parse_run_config(flat)
+    data = synthetic.generate(60, seed=1).subset(range(50))  # a tiny site's 50 training records
+    # Execute: the plan, and a fresh site's real first round under the announced plan
+    from fedfuse.commands.plan import make_plans
+
+    plans = make_plans(config)
+    site = plans["configured"].sites[0]
+    result = train_round(
+        MultimodalModel(data.schema, config.model),
+        data,
+        PrivacyHistory(accountant=config.dp.accountant),
+        dp=DPRequest(config.dp.epsilon, config.dp.delta, 1.0, planned_rounds=config.server.planned_rounds(), max_epsilon=8.0),
+        training=LocalTraining(local_epochs=1, batch_size=config.train.batch_size),
+        declared_examples=50,
+    )
+    # Assert: the planned σ is the σ the client calibrates (not the larger one for all 12 rounds); candidates too
+    assert config.server.planned_rounds() == plans["configured"].setting.trained_rounds == planned
+    assert site.noise_multiplier == pytest.approx(result.noise_multiplier, rel=1e-9)
+    every_round = plan_site("a", 50, 1, Setting(64, 12, 1), epsilon=8.0, delta=1e-5, accountant=config.dp.accountant)
+    assert site.noise_multiplier < every_round.noise_multiplier
+    halved = next(p for p in plans["candidates"] if p.setting.rounds == 6)
+    assert halved.setting.trained_rounds == config.server.planned_rounds(6)

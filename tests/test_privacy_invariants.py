@@ -57,6 +57,8 @@ class Option:
     x: str = "ordinary"  # the added record: "ordinary" or "huge" (its loss overflows)
     multiplicity: int = 1  # > 1: K rotated copies of each record (a 3-axis signal), averaged before clipping
     encoders: tuple[tuple[str, str], ...] = ()  # model.encoder: built-in or custom encoders per modality
+    norm: str = "none"  # model.norm: per-sample normalisation in the CNN encoders
+    width: int = 0  # model.width: the CNN encoders' channels (0 = defaults)
 
 
 BASE = Option()
@@ -75,6 +77,10 @@ OPTIONS = {
     "lstm-encoder-hooks": replace(BASE, mode="hooks", encoders=(("signal", "lstm"),)),
     "custom-encoder-flat": replace(BASE, encoders=(("image", "encoder_factories:small_linear"),)),
     "custom-groupnorm-encoder-hooks": replace(BASE, mode="hooks", encoders=(("signal", "encoder_factories:small_signal"),)),
+    **{f"norm-{n}-{m}": replace(BASE, mode=m, norm=n) for n in ("group", "layer") for m in GRAD_SAMPLE_MODES},
+    "norm-group-missing-modalities": replace(BASE, missing=True, norm="group"),
+    "norm-layer-huge-record": replace(BASE, x="huge", norm="layer"),
+    "norm-group-width-24-federated-encoders": replace(BASE, norm="group", width=24, init_seed=0),
 }
 
 
@@ -122,7 +128,14 @@ def clipped_sum(data: MultimodalData, option: Option, step: int, declared: int) 
         torch.manual_seed(option.init_seed)
         model = MultimodalModel(
             data.schema,
-            ModelConfig(option.fusion, 16, 16, encoder=",".join(f"{m}={c}" for m, c in option.encoders)),
+            ModelConfig(
+                option.fusion,
+                16,
+                16,
+                encoder=",".join(f"{m}={c}" for m, c in option.encoders),
+                norm=option.norm,
+                width=option.width,
+            ),
             seed=option.init_seed,
         )
     before = flat_parameters(model)
@@ -374,6 +387,7 @@ REPLY_OPTIONS = {
     "grad-sample-hooks": {"train.grad-sample-mode": "hooks"},
     "federated-encoders": {"encoders": "federated"},
     "fedprox": {"strategy": "fedprox"},
+    "norm-group": {"model.norm": "group", "model.width": 24},
 }
 
 

@@ -98,6 +98,20 @@ def test_a_fresh_client_starts_from_the_file_and_a_restored_one_keeps_its_state(
     assert torch.equal(again.encoders["image"].proj.bias, expected["proj.bias"] + 1.0)
 
 
+def test_pretrain_takes_the_runs_norm_and_width_and_a_file_without_them_is_refused(public_site, pretrained, tmp_path):
+    # Execute: pretrain the image encoder with model.norm = "group", model.width = 8
+    out = tmp_path / "group.safetensors"
+    argv = ["pretrain", "--data", str(public_site), "--modality", "image", "--out", str(out), "--embed-dim", "16"]
+    assert main([*argv, "--epochs", "1", "--norm", "group", "--width", "8"]) == 0
+    # Assert: it fits that encoder and says so; the plain file does not fit it, and the reason names model.norm
+    grouped = build_encoder(IMAGE, 16, norm="group", width=8)
+    assert set(read_encoder_weights(out, grouped, "image")) == set(grouped.state_dict())
+    described = json.loads((tmp_path / "group.safetensors.json").read_text())
+    assert (described["norm"], described["width"]) == ("group", 8)
+    with pytest.raises(EncoderError, match=r"model.norm / model.width"):
+        read_encoder_weights(pretrained, grouped, "image")
+
+
 def test_files_that_do_not_fit_are_refused_with_the_reason(tmp_path):
     encoder = build_encoder(IMAGE, 16)
     good = save_encoder_weights(tmp_path / "good.safetensors", encoder, {"modality": "image"})

@@ -8,11 +8,17 @@ modality      classes it tells apart (the rest look alike)
 ``image``     0, 1      (classes 2-5 share one pattern)
 ``signal``    2, 3      (classes 0, 1, 4, 5 share one pattern)
 ``tabular``   4, 5      (classes 0-3 share one pattern)
+``text``      1, 3      (optional, ``text=True``; the other classes share one pattern)
 ============  ===========================================
 
 So a single modality reaches about 50 % accuracy, two about 83 %, and all three nearly 100 %:
 fusion measurably beats any single modality. Everything is generated in memory from a seed;
 nothing is downloaded.
+
+The text modality (token ids, 0 = padding) is opt-in so that the three-modality dataset, and every
+figure measured on it, stays as it is: ``generate(..., text=True)`` draws the same image, signal and
+tabular samples and adds a sentence per sample, for the built-in text encoders (``fedfuse data synth
+--sites a=image+text``).
 """
 
 from __future__ import annotations
@@ -30,22 +36,25 @@ VIEWS = {
     "image": (0, 1, 2, 2, 2, 2),
     "signal": (2, 2, 0, 1, 2, 2),
     "tabular": (2, 2, 2, 2, 0, 1),
+    "text": (2, 0, 2, 1, 2, 2),
 }
 IMAGE_SIZE = 12
 SIGNAL_CHANNELS, SIGNAL_LENGTH = 2, 48
 TABULAR_FEATURES = 8
+TEXT_LENGTH, TEXT_VOCAB = 16, 48  # token ids: 0 padding, 1-3 one keyword per view, the rest filler words
+TEXT_KEYWORDS = 3  # keyword occurrences per sentence, among 5-16 words
 
 
-def schema() -> DatasetSchema:
-    """The synthetic dataset's schema."""
-    return DatasetSchema(
-        (
-            ModalitySpec("image", "image", (1, IMAGE_SIZE, IMAGE_SIZE)),
-            ModalitySpec("signal", "signal", (SIGNAL_CHANNELS, SIGNAL_LENGTH)),
-            ModalitySpec("tabular", "tabular", (TABULAR_FEATURES,)),
-        ),
-        LABELS,
+def schema(*, text: bool = False) -> DatasetSchema:
+    """The synthetic dataset's schema (with ``text``: a fourth modality, a sentence of token ids)."""
+    modalities: tuple[ModalitySpec, ...] = (
+        ModalitySpec("image", "image", (1, IMAGE_SIZE, IMAGE_SIZE)),
+        ModalitySpec("signal", "signal", (SIGNAL_CHANNELS, SIGNAL_LENGTH)),
+        ModalitySpec("tabular", "tabular", (TABULAR_FEATURES,)),
     )
+    if text:
+        modalities += (ModalitySpec("text", "text", (TEXT_LENGTH,), "int64", vocab_size=TEXT_VOCAB),)
+    return DatasetSchema(modalities, LABELS)
 
 
 def _image(view: torch.Tensor, g: torch.Generator, noise: float) -> torch.Tensor:
@@ -84,10 +93,27 @@ def _tabular(view: torch.Tensor, g: torch.Generator, noise: float) -> torch.Tens
     return centres[view] + noise * torch.randn((len(view), TABULAR_FEATURES), generator=g)
 
 
-def generate(num_samples: int, *, seed: int = 0, noise: float = 0.6, class_probs: torch.Tensor | None = None) -> MultimodalData:
+def _text(view: torch.Tensor, g: torch.Generator, noise: float) -> torch.Tensor:
+    # A sentence of 5-16 filler words with the view's keyword at TEXT_KEYWORDS random places; with probability
+    # ``noise`` / 2 each keyword is replaced by another view's, so the text is as unsure as the other modalities.
+    n = len(view)
+    lengths = torch.randint(5, TEXT_LENGTH + 1, (n,), generator=g)
+    tokens = torch.randint(4, TEXT_VOCAB, (n, TEXT_LENGTH), generator=g)
+    keywords = (view + 1).unsqueeze(1).expand(n, TEXT_KEYWORDS).clone()  # (N, K): ids 1-3
+    confused = torch.rand((n, TEXT_KEYWORDS), generator=g) < noise / 2
+    keywords[confused] = torch.randint(1, 4, (int(confused.sum()),), generator=g)
+    places = torch.rand((n, TEXT_LENGTH), generator=g).masked_fill(torch.arange(TEXT_LENGTH) >= lengths[:, None], 2.0)
+    tokens.scatter_(1, places.argsort(dim=1)[:, :TEXT_KEYWORDS], keywords)  # K distinct places inside the sentence
+    return tokens.masked_fill(torch.arange(TEXT_LENGTH) >= lengths[:, None], 0)  # (N, L) int64, 0 after the sentence
+
+
+def generate(
+    num_samples: int, *, seed: int = 0, noise: float = 0.6, class_probs: torch.Tensor | None = None, text: bool = False
+) -> MultimodalData:
     """``num_samples`` samples with every modality present, shuffled.
 
-    Classes are balanced, or drawn from ``class_probs`` (length 6) to simulate label skew.
+    Classes are balanced, or drawn from ``class_probs`` (length 6) to simulate label skew. With ``text``, a fourth
+    modality (drawn after the others: the image, signal and tabular samples are those of ``text=False``).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -103,5 +129,7 @@ def generate(num_samples: int, *, seed: int = 0, noise: float = 0.6, class_probs
         "signal": _signal(views["signal"], g, noise),
         "tabular": _tabular(views["tabular"], g, noise),
     }
-    mask = torch.ones((num_samples, 3), dtype=torch.bool)
-    return MultimodalData(schema(), inputs, mask, labels.to(torch.int64))
+    if text:
+        inputs["text"] = _text(views["text"], g, noise)
+    mask = torch.ones((num_samples, len(inputs)), dtype=torch.bool)
+    return MultimodalData(schema(text=text), inputs, mask, labels.to(torch.int64))

@@ -1,7 +1,7 @@
 """Site folders of the embedded synthetic dataset, for demos and tests of a deployment (``fedfuse data synth``).
 
-A spec such as ``berlin=image+signal,paris=signal,rome=image+tabular`` names each site and the
-modalities it holds. Each site gets its own samples from :func:`common.data.synthetic.generate` (site k of
+A spec such as ``berlin=image+signal,paris=signal,rome=image+tabular+text`` names each site and the
+modalities it holds (``text``: the synthetic dataset's optional sentences, for the built-in text encoders). Each site gets its own samples from :func:`common.data.synthetic.generate` (site k of
 the spec, counted from 0, with seed ``seed + k``), restricted to its modalities, 80 % ``train`` and
 20 % ``test``, written as a site folder (docs/site-format.md). The folder of sites is built in a hidden
 sibling and renamed into place, so a failed write leaves nothing behind.
@@ -21,14 +21,14 @@ from common.fileio import fsync_dir
 TEST_SHARE = 0.2
 MIN_SAMPLES = 10  # per site: at least 2 test samples and 8 to train on
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-SPEC_HELP = "NAME=MODALITY[+MODALITY...],... e.g. berlin=image+signal,paris=signal,rome=image+tabular"
+SPEC_HELP = "NAME=MODALITY[+MODALITY...],... e.g. berlin=image+signal,paris=signal,rome=image+tabular+text"
 
 
 def parse_sites(spec: str) -> dict[str, tuple[str, ...]]:
     """``"berlin=image+signal,paris=signal"`` -> ``{"berlin": ("image", "signal"), "paris": ("signal",)}``."""
     from common.data import synthetic  # here, not at import: torch (`fedfuse data --help` stays fast)
 
-    known = synthetic.schema().names
+    known = synthetic.schema(text=True).names
     sites: dict[str, tuple[str, ...]] = {}
     for part in (p.strip() for p in spec.split(",")):
         if not part:
@@ -76,7 +76,8 @@ def write_synthetic_sites(
         n_test = max(2, round(samples * TEST_SHARE))
         split = ["train"] * (samples - n_test) + ["test"] * n_test  # generate() shuffles: a random split
         for k, (name, modalities) in enumerate(sites.items()):
-            data = synthetic.generate(samples, seed=seed + k).restrict(modalities)
+            text = any("text" in mods for mods in sites.values())  # the federation's modalities: one schema for all
+            data = synthetic.generate(samples, seed=seed + k, text=text).restrict(modalities)
             write_site(tmp / name, data, split, name=name)
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -1,8 +1,13 @@
 """Encoders: each maps one modality's input to the shared embedding size.
 
 Every layer is one Opacus computes per-sample gradients for (Conv1d/2d, Linear, Embedding,
-LayerNorm, Opacus's DPLSTM); there is no BatchNorm, which mixes samples and breaks per-sample clipping.
+LayerNorm, GroupNorm, Opacus's DPLSTM); there is no BatchNorm, which mixes samples and breaks per-sample clipping.
 Sizes come from the modality's :class:`~common.data.schema.ModalitySpec`, never from constants.
+
+The CNN encoders (image, signal) take two options from the run config: ``model.norm`` (:data:`NORMS`), a
+per-sample normalisation after each convolution, and ``model.width``, their convolution channels (0 = the
+encoder's own default). Per-sample gradients of both norms: every grad-sample mode (``flat``: its GroupNorm
+and LayerNorm samplers; ``hooks``: Opacus's; ``functorch``), exact against a per-sample loop (tests/test_bench_dp.py).
 
 Which encoder a modality gets is named by ``model.encoder.<modality>`` in the run config
 (:func:`build_encoder`): nothing (the kind's default), a built-in name (:data:`BUILTINS`), or a factory
@@ -24,42 +29,79 @@ from torch import nn
 from common.data.schema import ModalitySpec
 from common.errors import EncoderError
 
+# model.norm: none | group (GroupNorm, GROUPS groups or fewer) | layer (LayerNorm over channels at each position).
+# Both normalise each sample by its own statistics; BatchNorm (batch statistics) is never offered.
+NORMS = ("none", "group", "layer")
+GROUPS = 8
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of (B, C, *positions), at every position of every sample (ConvNeXt's)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, *P) -> (B, *P, C), normalised over C, and back. Contiguous again: Opacus's hooks-mode Conv2d
+        # sampler gives wrong per-sample gradients for a channels-last input (tests/test_encoders.py caught it).
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1).contiguous()
+
+
+def conv_norm(norm: str, channels: int) -> nn.Module:
+    """The per-sample normalisation ``model.norm`` names, for a convolution's ``channels`` outputs."""
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(channels, GROUPS), channels)
+    if norm == "layer":
+        return ChannelLayerNorm(channels)
+    if norm == "none":
+        return nn.Identity()
+    raise EncoderError(f"model.norm = {norm!r}: must be one of {list(NORMS)}")
+
 
 class ImageEncoder(nn.Module):
-    """Small CNN: two stride-2 convolutions, pooling to a coarse 3x3 grid (keeps where things are), projection."""
+    """Small CNN: two stride-2 convolutions (each followed by ``norm``), pooling to a coarse 3x3 grid (keeps where
+    things are), projection."""
 
-    def __init__(self, spec: ModalitySpec, embed_dim: int, width: int = 16, grid: int = 3):
+    def __init__(self, spec: ModalitySpec, embed_dim: int, width: int = 16, grid: int = 3, norm: str = "none"):
         super().__init__()
         channels = spec.shape[0]
+        width = width or 16
         self.conv1 = nn.Conv2d(channels, width, kernel_size=3, stride=2, padding=1)
+        self.norm1 = conv_norm(norm, width)
         self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=3, stride=2, padding=1)
+        self.norm2 = conv_norm(norm, 2 * width)
         self.act = nn.GELU()
         self.pool = nn.AdaptiveAvgPool2d(grid)
         self.proj = nn.Linear(2 * width * grid * grid, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, H, W)
-        h = self.act(self.conv1(x))  # (B, w, H/2, W/2)
-        h = self.act(self.conv2(h))  # (B, 2w, H/4, W/4)
+        h = self.act(self.norm1(self.conv1(x)))  # (B, w, H/2, W/2)
+        h = self.act(self.norm2(self.conv2(h)))  # (B, 2w, H/4, W/4)
         return self.proj(self.pool(h).flatten(1))  # (B, 2w*g*g) -> (B, D)
 
 
 class SignalEncoder(nn.Module):
-    """1-D CNN over time (sensor channels or audio features), pooling to a few time segments, projection."""
+    """1-D CNN over time (sensor channels or audio features; two convolutions, each followed by ``norm``),
+    pooling to a few time segments, projection."""
 
-    def __init__(self, spec: ModalitySpec, embed_dim: int, width: int = 32, segments: int = 4):
+    def __init__(self, spec: ModalitySpec, embed_dim: int, width: int = 32, segments: int = 4, norm: str = "none"):
         super().__init__()
         channels = spec.shape[0]
+        width = width or 32
         self.conv1 = nn.Conv1d(channels, width, kernel_size=5, stride=2, padding=2)
+        self.norm1 = conv_norm(norm, width)
         self.conv2 = nn.Conv1d(width, width, kernel_size=5, stride=2, padding=2)
+        self.norm2 = conv_norm(norm, width)
         self.act = nn.GELU()
         self.pool = nn.AdaptiveAvgPool1d(segments)
         self.proj = nn.Linear(width * segments, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T)
-        h = self.act(self.conv1(x))  # (B, w, T/2)
-        h = self.act(self.conv2(h))  # (B, w, T/4)
+        h = self.act(self.norm1(self.conv1(x)))  # (B, w, T/2)
+        h = self.act(self.norm2(self.conv2(h)))  # (B, w, T/4)
         return self.proj(self.pool(h).flatten(1))  # (B, w*s) -> (B, D)
 
 
@@ -265,9 +307,17 @@ def encoder_factory(spec: ModalitySpec, choice: str = DEFAULT) -> EncoderFactory
     return load_factory(choice)
 
 
-def build_encoder(spec: ModalitySpec, embed_dim: int, choice: str = DEFAULT) -> nn.Module:
-    """The encoder ``choice`` names for ``spec`` (default: its kind's), mapping (B, *spec.shape) to (B, embed_dim)."""
-    module = encoder_factory(spec, choice)(spec, embed_dim)
+def build_encoder(spec: ModalitySpec, embed_dim: int, choice: str = DEFAULT, *, norm: str = "none", width: int = 0) -> nn.Module:
+    """The encoder ``choice`` names for ``spec`` (default: its kind's), mapping (B, *spec.shape) to (B, embed_dim).
+
+    ``norm`` and ``width`` (``model.norm``, ``model.width``; 0 = the encoder's default) shape the built-in CNN
+    encoders (:class:`ImageEncoder`, :class:`SignalEncoder`) only; other encoders and factories keep their own."""
+    factory = encoder_factory(spec, choice)
+    module: object
+    if factory is ImageEncoder or factory is SignalEncoder:
+        module = factory(spec, embed_dim, width=width, norm=norm)
+    else:
+        module = factory(spec, embed_dim)
     if not isinstance(module, nn.Module):
         raise EncoderError(f"encoder factory {choice!r} returned {type(module).__name__}, not a torch.nn.Module")
     return module

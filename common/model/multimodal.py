@@ -37,7 +37,19 @@ class MultimodalModel(nn.Module):
         # With a seed, each encoder's initial weights depend only on (seed, modality), so clients holding
         # different subsets still start a modality's encoder identically (needed to average encoders).
         self.encoders = nn.ModuleDict(
-            {m.name: _seeded(build_encoder, seed, m.name, m, config.embed_dim, config.encoder_for(m.name)) for m in encoder_specs}
+            {
+                m.name: _seeded(
+                    build_encoder,
+                    seed,
+                    m.name,
+                    m,
+                    config.embed_dim,
+                    config.encoder_for(m.name),
+                    norm=config.norm,
+                    width=config.width,
+                )
+                for m in encoder_specs
+            }
         )
         self.head = build_head(
             config.fusion,
@@ -124,13 +136,13 @@ def check_global_parameters(model: MultimodalModel, received: dict[str, torch.Te
             )
 
 
-def _seeded(factory, seed: int | None, name: str, *args):
-    """``factory(*args)`` under a seed derived from (seed, name), without touching the global RNG."""
+def _seeded(factory, seed: int | None, name: str, *args, **kwargs):
+    """``factory(*args, **kwargs)`` under a seed derived from (seed, name), without touching the global RNG."""
     if seed is None:
-        return factory(*args)
+        return factory(*args, **kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "big") >> 1)
-        return factory(*args)
+        return factory(*args, **kwargs)
 
 
 def global_head_template(

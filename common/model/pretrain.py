@@ -29,6 +29,8 @@ FORMAT = "fedfuse-encoder-weights/1"
 class PretrainConfig:
     encoder: str = DEFAULT  # as model.encoder.<modality>: the run must name the same encoder
     embed_dim: int = 32  # must equal the run's model.embed-dim
+    norm: str = "none"  # must equal the run's model.norm (built-in image/signal encoders)
+    width: int = 0  # must equal the run's model.width (built-in image/signal encoders)
     epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3  # Adam
@@ -37,6 +39,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.embed_dim < 1 or self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("pretrain: --embed-dim, --epochs and --batch-size must be >= 1 and --lr > 0")
+        if self.width < 0:
+            raise ConfigError("pretrain: --width must be >= 0 (0 = the encoder's default channels)")
 
 
 def _inputs(data: MultimodalData, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +66,7 @@ def pretrain_encoder(
     generator = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        encoder = build_encoder(spec, config.embed_dim, config.encoder)
+        encoder = build_encoder(spec, config.embed_dim, config.encoder, norm=config.norm, width=config.width)
         classifier = nn.Linear(config.embed_dim, train.schema.num_classes)
     model = nn.Sequential(encoder, classifier)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)

@@ -77,7 +77,14 @@ def check_model_encoders(
 
 
 def check_run_encoders(
-    specs: tuple[ModalitySpec, ...], encoders: Mapping[str, str], inits: Mapping[str, str], embed_dim: int, grad_sample_mode: str
+    specs: tuple[ModalitySpec, ...],
+    encoders: Mapping[str, str],
+    inits: Mapping[str, str],
+    embed_dim: int,
+    grad_sample_mode: str,
+    *,
+    norm: str = "none",
+    width: int = 0,
 ) -> None:
     """Before a simulation starts: every modality named in ``model.encoder.*`` / ``model.init.*`` exists, every
     named encoder passes its checks, every init file fits its encoder (EncoderError otherwise)."""
@@ -92,7 +99,7 @@ def check_run_encoders(
             )
     check_model_encoders(tuple(specs), encoders, embed_dim, grad_sample_mode)
     for modality, path in inits.items():
-        encoder = build_encoder(names[modality], embed_dim, encoders.get(modality, DEFAULT))
+        encoder = build_encoder(names[modality], embed_dim, encoders.get(modality, DEFAULT), norm=norm, width=width)
         read_encoder_weights(path, encoder, modality)
 
 

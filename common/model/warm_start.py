@@ -51,7 +51,10 @@ def read_encoder_weights(path: str | Path, encoder: nn.Module, modality: str) ->
         raise EncoderError(f"{where}: not a readable safetensors file ({exc})") from None
     own = encoder.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    hint = "pretrain it for this modality's encoder (the same model.encoder choice, kind, shape and model.embed-dim)"
+    hint = (
+        "pretrain it for this modality's encoder (the same model.encoder choice, kind, shape, model.embed-dim, "
+        "and model.norm / model.width for the built-in image and signal encoders)"
+    )
     if missing or unexpected:
         differences = [
             f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"

@@ -40,14 +40,33 @@ RANKING_ACCOUNTANT = "rdp"  # settings are compared with RDP's calibration: fast
 
 @dataclass(frozen=True)
 class Setting:
-    """The run-config keys the plan varies: train.batch-size, num-server-rounds, train.local-epochs."""
+    """The run-config keys the plan varies: train.batch-size, num-server-rounds, train.local-epochs; and the rounds
+    each site plans to train in (the server's announced plan, :meth:`common.config.ServerConfig.planned_rounds`)."""
 
     batch_size: int
     rounds: int
     local_epochs: int
+    participation: int = 0  # rounds each site trains in and calibrates its noise for (0 = every round)
+
+    @property
+    def trained_rounds(self) -> int:
+        """The rounds a site's noise is calibrated for."""
+        return min(self.participation, self.rounds) if self.participation else self.rounds
 
     def __str__(self) -> str:
-        return f"batch {self.batch_size}, {self.rounds} rounds, {self.local_epochs} epoch(s)"
+        each = f" ({self.trained_rounds} per site)" if self.trained_rounds < self.rounds else ""
+        return f"batch {self.batch_size}, {self.rounds} rounds{each}, {self.local_epochs} epoch(s)"
+
+
+def configured_setting(config: RunConfig, rounds: int | None = None, batch_size: int | None = None) -> Setting:
+    """The run's setting (or one with other ``rounds`` / ``batch_size``), participation planned as the server plans it."""
+    rounds = config.server.num_server_rounds if rounds is None else rounds
+    return Setting(
+        config.train.batch_size if batch_size is None else batch_size,
+        rounds,
+        config.train.local_epochs,
+        config.server.planned_rounds(rounds),
+    )
 
 
 @dataclass(frozen=True)
@@ -107,7 +126,9 @@ def plan_site(
 ) -> SitePlan:
     """σ and the noise-to-signal ratios of one site under ``setting`` (see the module docstring)."""
     q, steps = sampling_plan(n, setting.batch_size, setting.local_epochs)
-    sigma = noise_multiplier(sample_rate=q, steps=steps * setting.rounds, epsilon=epsilon, delta=delta, accountant=accountant)
+    sigma = noise_multiplier(
+        sample_rate=q, steps=steps * setting.trained_rounds, epsilon=epsilon, delta=delta, accountant=accountant
+    )
     b = q * n
     nsr_step = sigma * math.sqrt(params) / b
     return SitePlan(site, n, params, q, b, steps, None if math.isinf(epsilon) else sigma, nsr_step, nsr_step / math.sqrt(steps))
@@ -134,11 +155,13 @@ def plan(
     return Plan(setting, rows, head_params, math.sqrt(head_params) * math.sqrt(noise) / signal)
 
 
-def candidates(base: Setting, largest_n: int) -> list[Setting]:
-    """Settings worth comparing with ``base``: batch sizes around it, and fewer rounds with more epochs."""
+def candidates(base: Setting, largest_n: int, config: RunConfig | None = None) -> list[Setting]:
+    """Settings worth comparing with ``base``: batch sizes around it, and fewer rounds with more epochs; with
+    ``config``, each with the participation its server would plan for it (else every round)."""
     batches = sorted({b for b in (16, 32, 64, 128, 256, 512, base.batch_size) if b <= max(largest_n, base.batch_size)})
     rounds = sorted({max(1, base.rounds // k) for k in (1, 2, 4)}, reverse=True)
-    out = [Setting(b, r, base.local_epochs) for b in batches for r in rounds]
+    planned = (lambda r: config.server.planned_rounds(r)) if config is not None else (lambda r: 0)
+    out = [Setting(b, r, base.local_epochs, planned(r)) for b in batches for r in rounds]
     return [base] + [s for s in out if s != base]
 
 
@@ -179,7 +202,7 @@ def drowning_warning(config: RunConfig) -> str | None:
     if math.isinf(config.dp.epsilon) and not config.dp.group_budgets:
         return None
     sites, budgets, head = federation_sizes(config)
-    base = Setting(config.train.batch_size, config.server.planned_rounds(), config.train.local_epochs)
+    base = configured_setting(config)
     p = plan(sites, head, base, epsilon=budgets, delta=config.dp.delta, accountant=RANKING_ACCOUNTANT)
     if not p.drowned:
         return None

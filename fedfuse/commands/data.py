@@ -104,7 +104,7 @@ def _synth(args: argparse.Namespace) -> int:
     paths = write_synthetic_sites(args.out, sites, samples=args.samples, seed=args.seed)
     for name, path in paths.items():
         print(f"{name}: {path} ({'+'.join(sites[name])}, {args.samples} samples)")
-    used = [m for m in synthetic.schema().names if any(m in mods for mods in sites.values())]
+    used = [m for m in synthetic.schema(text=True).names if any(m in mods for mods in sites.values())]
     print(
         f"wrote {len(paths)} site folder(s) under {args.out}; a run over them needs "
         f'federation.modalities = "{",".join(used)}" and federation.labels = "{",".join(synthetic.LABELS)}"'

@@ -28,13 +28,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def make_plans(config: RunConfig) -> dict[str, Any]:
     """The configured setting, every candidate (ranked with RDP), and the suggested one, for ``config``'s sites."""
-    from common.privacy.plan import RANKING_ACCOUNTANT, Setting, candidates, federation_sizes, plan, suggest
+    from common.privacy.plan import RANKING_ACCOUNTANT, candidates, configured_setting, federation_sizes, plan, suggest
 
     sites, budgets, head = federation_sizes(config)
-    base = Setting(config.train.batch_size, config.server.num_server_rounds, config.train.local_epochs)
+    base = configured_setting(config)  # with fraction-train < 1, each site calibrates for its planned share of rounds
     kwargs: dict[str, Any] = dict(epsilon=budgets, delta=config.dp.delta)
     ranked = [
-        plan(sites, head, s, accountant=RANKING_ACCOUNTANT, **kwargs) for s in candidates(base, max(n for n, _ in sites.values()))
+        plan(sites, head, s, accountant=RANKING_ACCOUNTANT, **kwargs)
+        for s in candidates(base, max(n for n, _ in sites.values()), config)
     ]
     suggested = suggest(ranked, base).setting
     chosen = {base: plan(sites, head, base, accountant=config.dp.accountant, **kwargs)}
@@ -87,7 +88,7 @@ def _print(plans: dict[str, Any], config: RunConfig) -> None:
     console = Console(width=None if sys.stdout.isatty() else 140)
     configured, suggested = plans["configured"], plans["suggested"]
     table = Table(title=f"Settings by the worst site's noise-to-signal ratio (NSR) per round (σ from {RANKING_ACCOUNTANT})")
-    for column in ("batch", "rounds", "epochs", "σ (min-max)", "NSR/round, worst site", "NSR/round, head", ""):
+    for column in ("batch", "rounds", "per site", "epochs", "σ (min-max)", "NSR/round, worst site", "NSR/round, head", ""):
         table.add_column(column, justify="right")
     for p in sorted(plans["candidates"], key=lambda p: max(s.nsr_round for s in p.sites)):
         sigmas = [s.noise_multiplier or 0.0 for s in p.sites]
@@ -95,6 +96,7 @@ def _print(plans: dict[str, Any], config: RunConfig) -> None:
         table.add_row(
             str(p.setting.batch_size),
             str(p.setting.rounds),
+            str(p.setting.trained_rounds),
             str(p.setting.local_epochs),
             f"{min(sigmas):.2f}-{max(sigmas):.2f}",
             _fmt(max(s.nsr_round for s in p.sites)),

@@ -29,6 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the run's model.encoder choice for this modality (a built-in name or package.module:factory; default: the kind's)",
     )
     parser.add_argument("--embed-dim", type=int, default=32, help="the run's model.embed-dim (default 32)")
+    parser.add_argument("--norm", choices=("none", "group", "layer"), default="none", help="the run's model.norm (default none)")
+    parser.add_argument("--width", type=int, default=0, help="the run's model.width (default 0: the encoder's default)")
     parser.add_argument("--epochs", type=int, default=5, help="passes over the training samples (default 5)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3)")
@@ -45,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         raise ConfigError(f"{args.out} exists; choose another --out or pass --overwrite")
     config = PretrainConfig(
-        encoder=args.encoder, embed_dim=args.embed_dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+        encoder=args.encoder,
+        embed_dim=args.embed_dim,
+        norm=args.norm,
+        width=args.width,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
     )
     site = load_site(args.data)
     train = site.part("train")

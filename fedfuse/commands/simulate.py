@@ -84,7 +84,13 @@ def run(args: argparse.Namespace) -> int:
     from common.model.validation import check_run_encoders
 
     check_run_encoders(
-        tuple(specs.values()), config.model.encoders, config.model.inits, config.model.embed_dim, config.train.grad_sample_mode
+        tuple(specs.values()),
+        config.model.encoders,
+        config.model.inits,
+        config.model.embed_dim,
+        config.train.grad_sample_mode,
+        norm=config.model.norm,
+        width=config.model.width,
     )
     setup_logging(args.quiet, verbose=args.verbose)
     log.info("simulating %d clients for %d rounds; output in %s", clients, config.server.num_server_rounds, out)

@@ -5,7 +5,7 @@ gather the batch, modality dropout (secret, per record), forward, loss (non-fini
 optimizer step; for DP also
 per-sample gradients, clipping to C over all parameters, noise sigma * C on every parameter and the
 accountant's step hook (Opacus's DPOptimizer). Model: the synthetic schema's three modalities, default
-ModelConfig, the same initial weights and batches for every variant. The variants are timed in one
+ModelConfig (or its ``--norm`` / ``--width``), the same initial weights and batches for every variant. The variants are timed in one
 process, in rotation (A B C, B C A, ...) after warm-up; the ratio is the median over repeats of
 (DP step time / non-private step time of the same repeat), printed last.
 """
@@ -69,6 +69,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "the draw is timed); the non-private step of the same repeat uses a batch of that size",
     )
     parser.add_argument(
+        "--norm", choices=("none", "group", "layer"), default="none", help="model.norm of the CNN encoders (default none)"
+    )
+    parser.add_argument("--width", type=int, default=0, help="model.width of the CNN encoders (default 0: their defaults)")
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also print where each variant's step time goes (phases; per-sample gradients by layer type)",
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--warmup must be >= 0")
     torch.set_num_threads(args.threads)
     train = TrainSection()
-    config = ModelConfig()
+    config = ModelConfig(norm=args.norm, width=args.width)
     data = synthetic.generate(args.batch_size * 20, seed=0)
     init = MultimodalModel(data.schema, config).state_dict()
     batches = _fixed_batches(len(data), args.batch_size, count=50)
@@ -386,6 +390,9 @@ def _command(args: argparse.Namespace) -> str:
     """The full command that reproduces this run (every option spelled out)."""
     nice = f"nice -n {os.nice(0)} " if os.nice(0) > 0 else ""
     flags = "".join(f" --{f}" for f in ("poisson", "profile") if getattr(args, f))
+    flags += "".join(
+        f" --{f} {getattr(args, f)}" for f, default in (("norm", "none"), ("width", 0)) if getattr(args, f) != default
+    )
     return (
         f"{nice}fedfuse bench dp-overhead --batch-size {args.batch_size} --repeats {args.repeats} "
         f"--warmup {args.warmup} --threads {args.threads} --modes {shlex.quote(args.modes)} "

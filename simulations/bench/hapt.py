@@ -106,7 +106,7 @@ def pooled_test_f1(run_dir: Path, cache: Path, config: dict[str, Any]) -> float:
     from common.model.multimodal import ENCODER_PREFIX, MultimodalModel
     from server.run_folder import RunFolder
 
-    state = RunFolder(run_dir).load_checkpoint().global_state
+    state = RunFolder(run_dir).load_checkpoint().served_state  # the EMA when the run keeps one (ema-decay)
     sites = [load_site(p) for p in heldout_sites(cache)]
     schema = federation_schema(sites)
     trained = [m for m in schema.names if any(k.startswith(f"{ENCODER_PREFIX}{m}.") for k in state)]

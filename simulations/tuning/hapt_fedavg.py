@@ -7,7 +7,8 @@ model's pooled macro-F1 is printed every few rounds: on the training subjects' o
 windows of the 9 test subjects (``--score test``: for reporting a configuration already chosen, never
 for choosing one). The accuracy levers are options: ``--transforms`` (``model.transforms``),
 ``--augmentations`` and ``--multiplicity`` (``train.augmentations``, ``train.multiplicity``),
-``--server-opt`` and ``--server-lr`` (``strategy``, ``server-lr``).
+``--server-opt`` and ``--server-lr`` (``strategy``, ``server-lr``), ``--norm`` and ``--width`` (``model.norm``,
+``model.width``), ``--ema`` (``ema-decay``: the EMA of the global parameters is what gets scored).
 ``--standardise`` compares input standardisations (docs/benchmarks.md, "Input standardisation"):
 
   none    the raw signals (what the product trains on)
@@ -40,6 +41,7 @@ from common.privacy.accounting import PrivacyHistory
 from common.privacy.augmentation import parse_augmentations
 from common.privacy.training import DPRequest, LocalTraining, scheduled_lr, train_round
 from server.aggregation import Contribution, weighted_average
+from server.ema import ParameterEMA
 from server.optimizer import build_optimizer
 
 STANDARDISE = ("none", "window", "pooled", "site", "dp:SIGMA:BOUND")
@@ -111,6 +113,9 @@ def main() -> None:
     p.add_argument("--server-opt", choices=("fedavg", "fedadam", "fedyogi"), default="fedavg")
     p.add_argument("--server-lr", type=float, default=0.05)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant", help="train.lr-schedule")
+    p.add_argument("--norm", choices=("none", "group", "layer"), default="none", help="model.norm")
+    p.add_argument("--width", type=int, default=0, help="model.width (0 = the signal encoder's default, 32)")
+    p.add_argument("--ema", type=float, default=0.0, help="ema-decay: score the EMA of the global parameters (0 = off)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -135,13 +140,16 @@ def main() -> None:
         scored = [s for s in sites if (s.path in held_out) == (args.score == "test") and s.part("test") is not None]
         tests = [standardise(s.part("test"), args.standardise, schema.names, pooled) for s in scored]
 
-    config = ModelConfig("concat", 64, 64, args.transforms, args.encoder)  # simulations/scenarios/hapt.toml
+    config = ModelConfig(
+        "concat", 64, 64, args.transforms, args.encoder, norm=args.norm, width=args.width
+    )  # simulations/scenarios/hapt.toml
     augmentation = parse_augmentations(args.augmentations, args.multiplicity)
     server = build_optimizer(args.server_opt, args.server_lr)
     torch.manual_seed(args.seed)
     global_state = MultimodalModel(schema, config).state_dict()
     models = [MultimodalModel(d.schema, config) for d in trains]
     histories = [PrivacyHistory() for _ in trains]
+    ema = ParameterEMA(args.ema) if args.ema else None
     start = time.perf_counter()
     for r in range(1, args.rounds + 1):
         updates = []
@@ -165,9 +173,10 @@ def main() -> None:
             updates.append(Contribution(model.state_dict(), float(len(data))))
         average, _ = weighted_average(updates)
         global_state = server.step(global_state, average)
+        scored_state = ema.update(global_state) if ema else global_state  # clients keep training from global_state
         if r % 3 == 0 or r == args.rounds:
             model = MultimodalModel(schema, config)
-            model.load_state_dict(global_state)
+            model.load_state_dict(scored_state)
             truth = torch.cat([d.labels for d in tests])
             pred = torch.cat([predict(model, d) for d in tests])
             print(

@@ -133,9 +133,8 @@ def main() -> None:
             pooled[m] = (xs.mean(dim=(0, 2), keepdim=True), xs.std(dim=(0, 2), keepdim=True))
     trains = [standardise(s.part("train"), args.standardise, schema.names, pooled) for s in train_sites]
     if args.score == "subjects":  # every window (train and held-out split) of subjects never trained on
-        tests = [
-            standardise(s.part(split), args.standardise, schema.names, pooled) for s in left_out for split in ("train", "test")
-        ]
+        parts = [d for s in left_out for d in (s.part("train"), s.part("test")) if d is not None]
+        tests = [standardise(d, args.standardise, list(schema.names), pooled) for d in parts]
     else:
         scored = [s for s in sites if (s.path in held_out) == (args.score == "test") and s.part("test") is not None]
         tests = [standardise(s.part("test"), args.standardise, schema.names, pooled) for s in scored]

@@ -19,9 +19,12 @@ class NodeRecordingApp(ClientApp):
     """Appends (client partition, message type, round, Ray node id) to the run folder, then runs fedfuse's app."""
 
     def __call__(self, message: Message, context: Context) -> Message:
-        line = {"partition": int(context.node_config["partition-id"]), "type": message.metadata.message_type,
-                "round": int(message.content["config"]["server-round"]),
-                "node": ray.get_runtime_context().get_node_id()}
+        line = {
+            "partition": int(context.node_config["partition-id"]),
+            "type": message.metadata.message_type,
+            "round": int(message.content["config"]["server-round"]),
+            "node": ray.get_runtime_context().get_node_id(),
+        }
         path = Path(str(context.run_config["out-dir"])) / NODES_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # one write per line: no interleaving
         try:

@@ -9,21 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from simulations.scenario import build_config
-from common.privacy.ledger import Ledger, verify_chain
-from client.state import ClientState
 from ray_node_app import NODES_FILE
+
+from client.state import ClientState
+from common.privacy.ledger import Ledger, verify_chain
 from server.run_folder import RunFolder
 from simulations import runner
+from simulations.scenario import build_config
 
 pytestmark = pytest.mark.slow
 
 CLIENTS, ROUNDS = 4, 3
 # Non-private (dp.epsilon = inf): such rounds draw their randomness from the run's seed, so two runs can be compared
 # bit for bit; a DP round draws a secret key from the OS, and its runs never repeat.
-SETTINGS = [f"num-server-rounds={ROUNDS}", f"data.num-clients={CLIENTS}", "data.samples-per-client=150",
-            "dp.epsilon=inf", "min-clients=2", 'encoders="federated"']
+SETTINGS = [
+    f"num-server-rounds={ROUNDS}",
+    f"data.num-clients={CLIENTS}",
+    "data.samples-per-client=150",
+    "dp.epsilon=inf",
+    "min-clients=2",
+    'encoders="federated"',
+]
 
 
 def simulate(out: Path, ray_address: str | None) -> dict:
@@ -32,8 +38,16 @@ def simulate(out: Path, ray_address: str | None) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.timeout(300)  # a driver that cannot reach the cluster retries for ever: fail (and stop the cluster)
 def test_two_node_ray_cluster(tmp_path, monkeypatch):
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
+
+    # Loopback only. On Linux, Ray takes "127.0.0.1" in an address (ray.init's, a node's) for this machine's
+    # outward IP, which a GCS bound to 127.0.0.1 does not answer: the driver retried for ever. Ray's own
+    # single-machine mode (as on macOS/Windows) keeps 127.0.0.1, here and in the processes the nodes start.
+    monkeypatch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
 
     # Prepare: a head node and a second node, one CPU each, so each holds one client actor. Ray's folder is short
     # (its socket paths must stay under ~107 bytes), linked from this test's folder and removed in every outcome.
@@ -70,14 +84,14 @@ def test_two_node_ray_cluster(tmp_path, monkeypatch):
     train = [x for x in lines if x["type"] == "train"]
     assert len({x["node"] for x in lines}) == 2
     assert len(train) == CLIENTS * ROUNDS
-    moved = {x["partition"] for x in train
-             if len({y["node"] for y in train if y["partition"] == x["partition"]}) == 2}
+    moved = {x["partition"] for x in train if len({y["node"] for y in train if y["partition"] == x["partition"]}) == 2}
     assert moved, "no client ran on both nodes"
     for client in sorted((tmp_path / "cluster" / "clients").iterdir()):
         entries = Ledger(client / "ledger.jsonl").entries()  # one unbroken chain, whichever node wrote each entry
         assert verify_chain(entries) == [] and [e["round"] for e in entries] == list(range(1, ROUNDS + 1))
-        record = ClientState(client).load_record(client_id=client.name, modalities=tuple(entries[-1]["modalities"]),
-                                                 accountant="prv")
+        record = ClientState(client).load_record(
+            client_id=client.name, modalities=tuple(entries[-1]["modalities"]), accountant="prv"
+        )
         assert [r for _, r in record.rounds] == list(range(1, ROUNDS + 1))
     # ... and the results equal the one-node run's
     assert on_cluster["status"] == alone["status"] == "completed"

@@ -465,3 +465,28 @@ def test_a_deployed_serverapp_shows_fedfuse_progress_even_after_a_library_config
     # Assert: fedfuse's INFO line reaches stderr (the run's log), and a warning is printed once
     assert "INFO fedfuse.server: round 1/1 | progress" in done.stderr
     assert done.stderr.count("a warning") == 1
+
+
+def test_a_rounds_epsilon_row_holds_the_clients_that_answered_it_not_every_client_known(tmp_path):
+    from common.insight.plots import plot_epsilon
+
+    # Prepare: a and b train in round 1, b alone in round 2, c refuses (out of budget) in round 3
+    strategy = make_strategy(tmp_path, **{"min-clients": 1})
+    update = lambda: client_update(strategy, MODALITIES, 1.0)  # noqa: E731
+    rounds = [
+        [reply(1, update(), client="a", modalities=MODALITIES), reply(2, update(), client="b", modalities=MODALITIES)],
+        [reply(2, update(), client="b", modalities=MODALITIES, metrics={M.EPSILON: 2.0})],
+        [reply(3, None, client="c", modalities=MODALITIES, n=0, status=M.STATUS_BUDGET_EXHAUSTED, metrics={M.EPSILON: 8.0})],
+    ]
+    # Execute
+    for r, replies in enumerate(rounds, start=1):
+        strategy.train_nodes(r, FakeGrid([1, 2, 3]))
+        strategy.aggregate_train(r, replies)
+        strategy.end_round(r, None)
+    # Assert: each row names only the clients whose spend could change in it; the maximum is over all known
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["epsilon"] for r in results["rounds"]] == [{"a": 1.0, "b": 1.0}, {"b": 2.0}, {"c": 8.0}]
+    assert [r["max_epsilon"] for r in results["rounds"]] == [1.0, 2.0, 8.0]
+    assert {c: v["epsilon"] for c, v in results["privacy"]["clients"].items()} == {"a": 1.0, "b": 2.0, "c": 8.0}
+    assert [r["seconds"] > 0 for r in results["rounds"]] == [True] * 3
+    assert plot_epsilon(results, tmp_path / "epsilon.png").stat().st_size > 0  # a's line carried to round 3

@@ -4,7 +4,7 @@ Layout::
 
     <out>/run.json                       run id, creation time, configuration (hash)
     <out>/checkpoints/round-0003.safetensors  global blocks + server optimiser state (+ "ema." EMA) after round 3
-    <out>/checkpoints/round-0003.json    round, config hash, results so far, per-client records
+    <out>/checkpoints/round-0003.json    round, config hash, round 3's results row, per-client records
     <out>/checkpoints/latest.json        {"round": 3}: the last complete checkpoint
     <out>/results.json                   config, rounds, final, privacy (rewritten after each round)
     <out>/ledgers/<client>.jsonl         the federation's copy of each client's privacy ledger
@@ -122,6 +122,8 @@ class RunFolder:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Write round r's checkpoint. Its JSON holds round r's row of ``record["rounds"]`` only: the earlier rows are
+        in the earlier rounds' checkpoints (rewriting every row each round made them grow with rounds x clients)."""
         folder = self.path / CHECKPOINTS
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"round-{checkpoint.round:04d}"
@@ -131,7 +133,8 @@ class RunFolder:
             **checkpoint.optimizer_state,
         }
         atomic_save_tensors(folder / f"{stem}.safetensors", tensors, metadata={"round": str(checkpoint.round)})
-        atomic_write_json(folder / f"{stem}.json", json_safe({"round": checkpoint.round, **checkpoint.record}))
+        record = dict(checkpoint.record) | {"rounds": list(checkpoint.record.get("rounds") or [])[-1:]}
+        atomic_write_json(folder / f"{stem}.json", json_safe({"round": checkpoint.round, **record}))
         atomic_write_json(folder / "latest.json", {"round": checkpoint.round})
 
     def load_checkpoint(self) -> Checkpoint | None:
@@ -149,7 +152,26 @@ class RunFolder:
         ema_state = {k[len(EMA) :]: v for k, v in tensors.items() if k.startswith(EMA)}
         optimizer_state = {k: v for k, v in tensors.items() if not k.startswith(("global.", EMA))}
         record.pop("round")
+        record["rounds"] = self._round_rows(r, record.get("rounds") or [])
         return Checkpoint(r, global_state, optimizer_state, record, ema_state)
+
+    def _round_rows(self, r: int, latest: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """results.json's rounds 1..r: each round's row is the last row of its own checkpoint (a checkpoint written
+        before rows were kept one per checkpoint holds every row up to its round: its last one is its own)."""
+        if len(latest) == r:  # the older layout: every row in the last checkpoint
+            return latest
+        rows = []
+        for i in range(1, r + 1):
+            path = self.path / CHECKPOINTS / f"round-{i:04d}.json"
+            if not path.exists():
+                raise FedfuseError(
+                    f"{path} is missing: round {i}'s results are kept in its checkpoint, and resuming needs every round's"
+                )
+            own = (json.loads(path.read_text()).get("rounds") or [{}])[-1] if i < r else (latest or [{}])[-1]
+            if own.get("round") != i:
+                raise FedfuseError(f"checkpoint {path} is inconsistent: its last results row is not round {i}'s")
+            rows.append(own)
+        return rows
 
     # --- results -------------------------------------------------------------------------------
     def write_results(self, results: dict[str, Any]) -> None:

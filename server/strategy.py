@@ -378,10 +378,13 @@ class FedFuse(FedAvg):
         if server_round == 0:
             return None
         r = self.absolute(server_round)
-        spend = {cid: c.get("epsilon") for cid, c in sorted(self.state.clients.items())}
-        finite = [e for e in spend.values() if e is not None]
-        self._round["epsilon"] = spend  # every known client's cumulative epsilon after this round
-        self._round["max_epsilon"] = max(finite) if finite else None
+        # The cumulative epsilon of the clients that answered this round's training (the only ones whose spend can
+        # have changed): a row grows with the clients trained, not with every client known (privacy.clients has all)
+        train = self._round.get("train", {})
+        answered = sorted({*train.get("trained", []), *train.get("refused", {})} & self.state.clients.keys())
+        self._round["epsilon"] = {cid: self.state.clients[cid].get("epsilon") for cid in answered}
+        finite = [e for c in self.state.clients.values() if (e := c.get("epsilon")) is not None]
+        self._round["max_epsilon"] = max(finite) if finite else None  # over every client known so far
         self._round.setdefault("evaluate", None)
         served = self.served_state(server_round)
         if self.heldout is not None:

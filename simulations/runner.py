@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -97,6 +98,73 @@ def _environment(out_dir: Path, verbose: bool = False) -> Iterator[None]:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+# Flower 1.42's simulation engine feeds the clients' actors from a thread that, every 0.1 s, asks the LinkState
+# for the next message of EVERY node (``vce_api.add_messages_to_queue``); each ask scans every stored message, so one
+# pass costs nodes x messages in flight: with 1,000 clients and 50 messages delivered and awaiting replies, 155 ms of
+# CPU a pass (0.1 ms asking only the nodes a message waits for, :func:`add_messages_to_queue`), so a core busy and
+# the GIL held through every message phase (measured on the development machine, 2 cores, loaded).
+PATCHED_FLOWER = "1.42.0"
+
+
+def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int], f_stop: Any) -> None:
+    """Flower 1.42's ``vce_api.add_messages_to_queue``, asking only the nodes that have an undelivered message.
+
+    The same messages reach the queue in the same order (nodes in ``nodes_mapping`` order, one message per node a
+    pass); a pass costs the messages stored plus the nodes that have one waiting, not every node."""
+    while not f_stop.is_set():
+        with state.lock:  # InMemoryLinkState's store: the messages not yet answered
+            waiting = {m.metadata.dst_node_id for m in state.message_ins_store.values() if m.metadata.delivered_at == ""}
+        for node_id in [n for n in nodes_mapping if n in waiting] if waiting else []:
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(message)
+        f_stop.wait(0.1)
+
+
+@contextmanager
+def _message_feed() -> Iterator[None]:
+    """Use :func:`add_messages_to_queue` in Flower's simulation engine for one run (Flower 1.42 only)."""
+    import flwr
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    if flwr.__version__ != PATCHED_FLOWER:  # another Flower: its own feed, as it is
+        yield
+        return
+    original = vce_api.add_messages_to_queue
+    vce_api.add_messages_to_queue = add_messages_to_queue
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original
+
+
+RAY_START_ATTEMPTS = 3  # Ray gives a starting node 30 s to register (fixed in Ray): a loaded machine can miss that
+
+
+def start_ray(init_args: dict[str, Any], *, attempts: int = RAY_START_ATTEMPTS) -> None:
+    """Start (or join) Ray as Flower's Ray backend would, trying again when a node times out during its start-up.
+
+    Flower's backend then finds Ray running and uses it. Without this, one slow start-up ended the simulation
+    runtime while the ServerApp went on waiting for replies."""
+    import ray
+
+    # What Flower 1.42's RayBackend.init_ray does: the actors see this process's import path
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            log.warning(
+                "Ray's node did not start within Ray's 30 s (a loaded machine); starting it again (%d/%d)", attempt, attempts
+            )
+            ray.shutdown()
+
+
 def ray_init_args(*, ray_address: str | None, verbose: bool) -> dict[str, Any]:
     """``ray.init``'s arguments: a Ray of this machine's cores, or (``ray_address``) a running Ray cluster joined."""
     common = {"logging_level": "INFO" if verbose else "WARNING", "log_to_driver": True, "include_dashboard": False}
@@ -149,8 +217,9 @@ def run(
         "init_args": ray_init_args(ray_address=ray_address, verbose=verbose),
     }
     start = time.perf_counter()
-    with _environment(out_dir, verbose):
+    with _environment(out_dir, verbose), _message_feed():
         try:
+            start_ray(backend["init_args"])
             _run_simulation(
                 num_supernodes=num_clients,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

@@ -86,3 +86,18 @@ def test_simulate_reports_bad_data_before_starting_anything(tmp_path, capsys):
     assert "signal.npy" in err and not out.exists()
     assert main(["simulate", "--out", str(out), "--set", "data.dataset=/nonexistent/folder"]) == 2
     assert "neither 'synthetic' nor an existing folder" in capsys.readouterr().err
+
+
+def test_a_large_synthetic_federation_is_checked_before_anything_starts_without_building_every_client(tmp_path, capsys):
+    import time
+
+    from fedfuse.cli import main
+
+    # 1,000 synthetic clients with an encoder named for a modality none of them holds: refused at once (building
+    # every client's data first took 0.1-0.6 s a client, minutes before the error)
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    args = ["simulate", "--out", str(out), "--set", "data.num-clients=1000", "--set", 'model.encoder.audio="x:y"']
+    assert main(args) == 2
+    assert time.perf_counter() - started < 30
+    assert "no modality 'audio'" in capsys.readouterr().err and not out.exists()

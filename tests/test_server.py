@@ -9,7 +9,7 @@ from flwr.common.constant import ErrorCode
 
 from common import messages as M
 from common.config import RunConfig, parse_run_config
-from common.errors import ConfigError
+from common.errors import ConfigError, FedfuseError
 from common.model.multimodal import ModelConfig, global_head_template
 from common.privacy.ledger import Ledger, LedgerKey, encode_entry, entry_fields
 from server.aggregation import Contribution, weighted_average
@@ -465,3 +465,54 @@ def test_a_deployed_serverapp_shows_fedfuse_progress_even_after_a_library_config
     # Assert: fedfuse's INFO line reaches stderr (the run's log), and a warning is printed once
     assert "INFO fedfuse.server: round 1/1 | progress" in done.stderr
     assert done.stderr.count("a warning") == 1
+
+
+def test_a_rounds_epsilon_row_holds_the_clients_that_answered_it_not_every_client_known(tmp_path):
+    from common.insight.plots import plot_epsilon
+
+    # Prepare: a and b train in round 1, b alone in round 2, c refuses (out of budget) in round 3
+    strategy = make_strategy(tmp_path, **{"min-clients": 1})
+    update = lambda: client_update(strategy, MODALITIES, 1.0)  # noqa: E731
+    rounds = [
+        [reply(1, update(), client="a", modalities=MODALITIES), reply(2, update(), client="b", modalities=MODALITIES)],
+        [reply(2, update(), client="b", modalities=MODALITIES, metrics={M.EPSILON: 2.0})],
+        [reply(3, None, client="c", modalities=MODALITIES, n=0, status=M.STATUS_BUDGET_EXHAUSTED, metrics={M.EPSILON: 8.0})],
+    ]
+    # Execute
+    for r, replies in enumerate(rounds, start=1):
+        strategy.train_nodes(r, FakeGrid([1, 2, 3]))
+        strategy.aggregate_train(r, replies)
+        strategy.end_round(r, None)
+    # Assert: each row names only the clients whose spend could change in it; the maximum is over all known
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["epsilon"] for r in results["rounds"]] == [{"a": 1.0, "b": 1.0}, {"b": 2.0}, {"c": 8.0}]
+    assert [r["max_epsilon"] for r in results["rounds"]] == [1.0, 2.0, 8.0]
+    assert {c: v["epsilon"] for c, v in results["privacy"]["clients"].items()} == {"a": 1.0, "b": 2.0, "c": 8.0}
+    assert [r["seconds"] > 0 for r in results["rounds"]] == [True] * 3
+    assert plot_epsilon(results, tmp_path / "epsilon.png").stat().st_size > 0  # a's line carried to round 3
+
+
+def test_each_checkpoint_keeps_its_own_round_and_resume_reads_every_round_back(tmp_path):
+    # Prepare / Execute: three rounds, a checkpoint after each
+    strategy = make_strategy(tmp_path, **{"min-clients": 1})
+    for r in (1, 2, 3):
+        strategy.train_nodes(r, FakeGrid([1]))
+        strategy.aggregate_train(r, [reply(1, client_update(strategy, MODALITIES, 1.0), client="c", modalities=MODALITIES)])
+        strategy.end_round(r, None)
+    # Assert: a checkpoint's file holds its own round's row (not every row so far); resume gets results.json's rows
+    folder = tmp_path / "checkpoints"
+    assert [[x["round"] for x in json.loads((folder / f"round-000{r}.json").read_text())["rounds"]] for r in (1, 2, 3)] == [
+        [1],
+        [2],
+        [3],
+    ]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert RunFolder(tmp_path).load_checkpoint().record["rounds"] == results["rounds"]
+    # A folder written before (every row in each checkpoint) resumes the same
+    (folder / "round-0003.json").write_text(json.dumps({"round": 3, "run_id": "run-x", "rounds": results["rounds"]}))
+    assert RunFolder(tmp_path).load_checkpoint().record["rounds"] == results["rounds"]
+    # A round's checkpoint gone: a clear error, not a run resumed without that round's results
+    (folder / "round-0003.json").write_text(json.dumps({"round": 3, "run_id": "run-x", "rounds": results["rounds"][-1:]}))
+    (folder / "round-0002.json").unlink()
+    with pytest.raises(FedfuseError, match="round-0002.json is missing"):
+        RunFolder(tmp_path).load_checkpoint()

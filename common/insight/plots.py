@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+MAX_LEGEND = 20  # more clients than this in the epsilon plot: thin unlabelled lines
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 
 
@@ -51,19 +52,31 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_epsilon(results: dict[str, Any], path: Path) -> Path:
-    """Cumulative epsilon per round for each client, with each client's budget."""
+    """Cumulative epsilon per round for each client, with each client's budget.
+
+    A round's ``epsilon`` holds the clients that answered its training; a client's spend stays where it was in the
+    rounds it did not train (a step). Past :data:`MAX_LEGEND` clients the lines are thin and unlabelled."""
     from matplotlib.figure import Figure  # the Figure API: pyplot's global backend stays as it is
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    clients = sorted({c for r in results["rounds"] for c in (r.get("epsilon") or {})})
-    for client in clients:
-        pts = [(r["round"], r["epsilon"][client]) for r in results["rounds"] if (r.get("epsilon") or {}).get(client) is not None]
-        if pts:
-            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=client)
-            budget = results["privacy"]["clients"].get(client, {}).get("budget")
-            if budget is not None and math.isfinite(budget):
-                ax.axhline(budget, color=line.get_color(), linestyle=":", linewidth=1)
+    last = max((r["round"] for r in results["rounds"]), default=0)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in results["rounds"]:
+        for client, eps in (r.get("epsilon") or {}).items():
+            if eps is not None:
+                series.setdefault(client, []).append((r["round"], eps))
+    many = len(series) > MAX_LEGEND
+    for client, pts in sorted(series.items()):
+        pts = pts + [(last, pts[-1][1])] if pts[-1][0] < last else pts  # carried to the last round
+        style = {"linewidth": 0.6, "alpha": 0.5} if many else {"marker": "o", "markersize": 3, "label": client}
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], drawstyle="steps-post", **style)
+        budget = results["privacy"]["clients"].get(client, {}).get("budget")
+        if not many and budget is not None and math.isfinite(budget):
+            ax.axhline(budget, color=line.get_color(), linestyle=":", linewidth=1)
+    budgets = {c.get("budget") for c in results["privacy"]["clients"].values()} - {None}
+    if many and len(budgets) == 1 and math.isfinite(b := budgets.pop()):
+        ax.axhline(b, color="black", linestyle=":", linewidth=1)  # one budget shared by all
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε (dotted: budget)")
     ax.set_ylim(bottom=0)

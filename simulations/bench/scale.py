@@ -114,6 +114,7 @@ def simulate(clients: int, args: argparse.Namespace, out: Path) -> dict:
         "rounds": rounds,
         "peak_bytes": peak,
         "wall_seconds": round(wall, 1),
+        "results_bytes": (out / "results.json").stat().st_size,
         "state_folders": sum(1 for _ in (out / "clients").iterdir()) if (out / "clients").exists() else 0,
         "sets": sets,
     }
@@ -146,5 +147,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{i + 1:>5}" + "".join(f"{c:<28}" for c in cells))
     print(f"{'peak':>5}" + "".join(f" | {f['peak_bytes'] / 2**20:>9.0f} MiB process tree " for f in figures))
     print(f"{'wall':>5}" + "".join(f" | {f['wall_seconds']:>9.0f} s whole run (start-up included)" for f in figures))
+    print(f"{'json':>5}" + "".join(f" | {f['results_bytes'] / 1024:>9.0f} KiB results.json            " for f in figures))
     print(f"{'state':>5}" + "".join(f" | {f['state_folders']:>5} client state folders on disk" for f in figures))
     return 0

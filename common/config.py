@@ -110,14 +110,15 @@ _MODALITY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # as in common/data/schema.py
 
 
 def _per_modality(key: str, value: str) -> dict[str, str]:
-    """``"a=x, b=y"`` as ``{"a": "x", "b": "y"}``; ConfigError naming ``key`` when malformed."""
+    """``"a=x, b=y"`` (or ``"a=x; b=y"``, as model.transforms separates modalities) as ``{"a": "x", "b": "y"}``;
+    ConfigError naming ``key`` when malformed."""
     out: dict[str, str] = {}
-    for item in (i.strip() for i in value.split(",")):
+    for item in (i.strip() for i in re.split(r"[,;]", value)):
         if not item:
             continue
         name, sep, choice = (part.strip() for part in item.partition("="))
         if not sep or not _MODALITY.match(name) or not choice:
-            _fail(key, f'expected "modality=value" pairs separated by commas, got {item!r}')
+            _fail(key, f'expected "modality=value" pairs separated by commas or semicolons, got {item!r}')
         if name in out:
             _fail(key, f"modality '{name}' is named twice")
         out[name] = choice

@@ -122,6 +122,16 @@ def test_run_config_names_encoders_per_modality_in_both_spellings():
         parse_run_config({"model.encoder.acc": "lstn"})
 
 
+def test_model_encoder_pairs_may_be_separated_like_model_transforms():
+    # model.transforms separates modalities with ';': the same spelling here named 'lstm;gyro=lstm' as acc's encoder
+    semicolons = parse_run_config({"model.encoder": "acc=lstm; gyro=lstm", "model.transforms": "acc=magnitude;gyro=magnitude"})
+    assert (
+        semicolons.model
+        == parse_run_config({"model.encoder": "acc=lstm,gyro=lstm", "model.transforms": "acc=magnitude;gyro=magnitude"}).model
+    )
+    assert semicolons.model.encoders == {"acc": "lstm", "gyro": "lstm"}
+
+
 def test_the_model_builds_the_named_encoders():
     schema = DatasetSchema((SIGNAL, TEXT), ("a", "b"))
     config = parse_run_config({"model.encoder": f"acc={F}:small_signal,words=transformer"}).model

@@ -9,6 +9,9 @@ fraction of a second after the first try. :func:`quick_pulls` gives one module's
 pull function shorter retries (0.05 s, doubling up to 0.5 s); every other argument, and the give-up
 time, stay Flower's.
 
+``FEDFUSE_FLOWER_PULL_RETRIES=1`` in a process's environment keeps Flower's own retries there
+(``fedfuse bench deploy-round`` sets it to measure the difference).
+
 Pinned to the Flower release it was written against: it checks the version, that the module still holds
 Flower's own function and that the function still takes those arguments, and raises
 :class:`FlowerInternalsChanged` otherwise.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from importlib.metadata import version
 from types import ModuleType
 
@@ -29,6 +33,7 @@ PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
 FLOWER_BACKOFF = (1, 10)  # Flower's (initial_backoff, backoff_cap) defaults, in seconds
 INITIAL_BACKOFF = 0.05  # seconds before the first retry of an object that is not there yet
 BACKOFF_CAP = 0.5  # seconds between later retries
+KEEP_FLOWER_RETRIES = "FEDFUSE_FLOWER_PULL_RETRIES"  # "1": leave Flower's retries alone (benchmarks)
 
 
 class FlowerInternalsChanged(FedfuseError):
@@ -38,6 +43,9 @@ class FlowerInternalsChanged(FedfuseError):
 def quick_pulls(module: ModuleType, name: str, *, initial: float = INITIAL_BACKOFF, cap: float = BACKOFF_CAP) -> None:
     """Make ``module.<name>`` (Flower's ``pull_objects`` or ``pull_and_inflate_object_from_tree``) retry sooner."""
     import importlib
+
+    if os.environ.get(KEEP_FLOWER_RETRIES) == "1":
+        return
 
     installed = version("flwr")
     if not installed.startswith(FLOWER_SERIES):

@@ -109,3 +109,12 @@ def test_the_serverapp_and_the_clientapp_pull_with_quick_retries(monkeypatch):
     _time_steps(TaskTimer(1))
     assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
     assert run_clientapp.pull_and_inflate_object_from_tree.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+
+
+def test_flowers_own_retries_are_kept_on_request(loop_module, monkeypatch):
+    from common.flower_pulls import KEEP_FLOWER_RETRIES
+
+    original = loop_module.pull_objects
+    monkeypatch.setenv(KEEP_FLOWER_RETRIES, "1")
+    supernode.shorten_waits()
+    assert loop_module.pull_objects is original

@@ -6,8 +6,8 @@ that asks for an object too early gets "unavailable" and Flower's ``pull_objects
 4 s... (``PULL_INITIAL_BACKOFF`` / ``PULL_BACKOFF_CAP`` in ``flwr/supercore/constant.py``). Measured on a
 loaded 2-core machine, a ClientApp spent 1.5-7.9 s of its task waiting so for objects that arrived a
 fraction of a second after the first try. :func:`quick_pulls` gives one module's reference to Flower's
-pull function shorter retries (0.05 s, doubling up to 0.5 s); every other argument, and the give-up
-time, stay Flower's.
+pull function shorter retries (0.05 s, doubling up to 0.5 s), with as many more tries as keep
+Flower's give-up time (about 83 minutes of waiting for one object); every other argument stays Flower's.
 
 ``FEDFUSE_FLOWER_PULL_RETRIES=1`` in a process's environment keeps Flower's own retries there
 (``fedfuse bench deploy-round`` sets it to measure the difference).
@@ -30,10 +30,24 @@ from common.errors import FedfuseError
 FLOWER_SERIES = "1.42."  # the release whose inflatable_utils this was checked against
 FLOWER_PULLS = "flwr.supercore.inflatable.inflatable_utils"
 PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
-FLOWER_BACKOFF = (1, 10)  # Flower's (initial_backoff, backoff_cap) defaults, in seconds
+FLOWER_BACKOFF = (1, 10, 500)  # Flower's (initial_backoff, backoff_cap) defaults in seconds, and max_tries_per_object
 INITIAL_BACKOFF = 0.05  # seconds before the first retry of an object that is not there yet
 BACKOFF_CAP = 0.5  # seconds between later retries
 KEEP_FLOWER_RETRIES = "FEDFUSE_FLOWER_PULL_RETRIES"  # "1": leave Flower's retries alone (benchmarks)
+
+
+def _waited(initial: float, cap: float, tries: int) -> float:
+    """Seconds spent waiting before giving up on an object after ``tries`` tries (without jitter)."""
+    return sum(min(initial * 2 ** min(i, 60), cap) for i in range(tries - 1))
+
+
+def _tries(initial: float, cap: float) -> int:
+    """Tries whose waits add up to at least Flower's own give-up time (about 83 minutes for one object)."""
+    flower = _waited(*FLOWER_BACKOFF)
+    tries = int(flower / cap) + 1
+    while _waited(initial, cap, tries) < flower:
+        tries += 1
+    return tries
 
 
 class FlowerInternalsChanged(FedfuseError):
@@ -62,12 +76,13 @@ def quick_pulls(module: ModuleType, name: str, *, initial: float = INITIAL_BACKO
     if current is not original:
         raise FlowerInternalsChanged(f"{module.__name__}.{name} is no longer Flower's {FLOWER_PULLS}.{name}")
     params = inspect.signature(original).parameters
-    defaults = tuple(params[p].default if p in params else None for p in ("initial_backoff", "backoff_cap"))
+    keys = ("initial_backoff", "backoff_cap", "max_tries_per_object")
+    defaults = tuple(params[p].default if p in params else None for p in keys)
     if defaults != FLOWER_BACKOFF:
         raise FlowerInternalsChanged(
             f"{FLOWER_PULLS}.{name} no longer backs off as in Flower {FLOWER_SERIES}x "
-            f"(initial_backoff, backoff_cap = {defaults}, expected {FLOWER_BACKOFF})"
+            f"({', '.join(keys)} = {defaults}, expected {FLOWER_BACKOFF})"
         )
-    quick = functools.partial(original, initial_backoff=initial, backoff_cap=cap)
+    quick = functools.partial(original, initial_backoff=initial, backoff_cap=cap, max_tries_per_object=_tries(initial, cap))
     quick._fedfuse_quick = True  # type: ignore[attr-defined]
     setattr(module, name, quick)

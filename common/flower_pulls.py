@@ -22,8 +22,10 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+from collections.abc import Callable
 from importlib.metadata import version
 from types import ModuleType
+from typing import Any
 
 from common.errors import FedfuseError
 
@@ -69,10 +71,10 @@ def quick_pulls(module: ModuleType, name: str, *, initial: float = INITIAL_BACKO
         )
     if name not in PULL_FUNCTIONS or not 0 < initial <= cap:
         raise ValueError(f"name must be one of {PULL_FUNCTIONS} and 0 < initial <= cap, got {name!r}, {initial}, {cap}")
-    current = getattr(module, name, None)
+    current: Any = getattr(module, name, None)
     if isinstance(current, functools.partial) and getattr(current, "_fedfuse_quick", False):
         return  # done already
-    original = getattr(importlib.import_module(FLOWER_PULLS), name)
+    original: Callable[..., Any] = getattr(importlib.import_module(FLOWER_PULLS), name)
     if current is not original:
         raise FlowerInternalsChanged(f"{module.__name__}.{name} is no longer Flower's {FLOWER_PULLS}.{name}")
     params = inspect.signature(original).parameters

@@ -270,7 +270,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
     state = ClientState(site.state_dir)
     with state.locked():
         record = state.load_record(client_id=site.client_id, modalities=site.modalities, accountant=config.dp.accountant)
-        ledger = Ledger(state.folder / LEDGER_FILE)
+        ledger = Ledger(state.folder / LEDGER_FILE, sync_dir=False)  # made durable as the lock is released
         ledger.entries()  # verified once a round, before any data is used: a ledger that does not verify stops here
         _settle(state, ledger, record, site.client_id)
         if record.trained(run_id, server_round):
@@ -393,7 +393,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 chain,
             )
 
-        # Persist privacy first, then the model, then the reply (see client/state.py).
+        # Persist privacy first, then the ledger entry, then the model tagged as this round's update (client/state.py).
         shared_set = set(shared)
         arrays = {k: v for k, v in model.state_dict().items() if k in shared_set}
         metrics = {
@@ -430,8 +430,10 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 run_budget=run_budget,
             ),
         )
-        state.save_model(model.state_dict())
-        state.save_reply(arrays, run_id=run_id, server_round=server_round, metrics=metrics)
+        # its rename is made durable with the ledger's when the lock is released (ClientState.locked)
+        state.save_trained(
+            model.state_dict(), shared=shared, run_id=run_id, server_round=server_round, metrics=metrics, sync_dir=False
+        )
         state.log_round(
             {
                 "run_id": run_id,

@@ -4,9 +4,10 @@ Layout::
 
     <state>/privacy.json        accountant history, noise plan, rounds trained and the last round's
                                 ledger entry (written FIRST)
-    <state>/model.safetensors   the client's encoders and its local copy of the head
-    <state>/reply.safetensors   the last update sent, tagged with its run and round (re-sent, not
-                                retrained, if the server asks for the same round again after a crash)
+    <state>/model.safetensors   the client's encoders and its local copy of the head, tagged with the run
+                                and round that trained it and the names of the blocks sent: that round's
+                                update (re-sent, not retrained, if the server asks for the same round
+                                again after a crash) is those blocks of this file
     <state>/ledger.jsonl        signed privacy ledger (common/privacy/ledger.py)
     <state>/ledger_key.pem      the ledger's Ed25519 signing key (mode 0600)
     <state>/train_log.jsonl     one line per round trained (time, steps, epsilon, training loss): for the
@@ -19,10 +20,13 @@ mechanism, so the history, and so ε, continue where they were. An unreadable ``
 that charges fewer rounds than the ledger (an old backup), a ledger that does not verify, or a trained
 model with neither record stops training with a clear error.
 
-Every file is replaced atomically. ``privacy.json`` is written before the model and the reply, so
-a crash between the writes can only over-count privacy spend, never under-count it; a ledger entry
-lost to such a crash is signed from ``privacy.json`` on the next start, so the ledger always
-explains the history's epsilon.
+Every file is replaced atomically. ``privacy.json`` is written (and made durable) before the ledger
+entry and the model, so a crash between the writes can only over-count privacy spend, never
+under-count it; a ledger entry lost to such a crash is signed from ``privacy.json`` on the next
+start, so the ledger always explains the history's epsilon. The ledger and the model of a round are
+each fsynced, and their renames made durable with one fsync of the folder (:meth:`ClientState.sync`)
+before the reply leaves. Older versions kept the last update in a separate ``reply.safetensors``; it
+is still read, and removed when a round is saved.
 """
 
 from __future__ import annotations
@@ -41,13 +45,13 @@ import torch
 from safetensors import safe_open
 
 from common.errors import FedfuseError, PrivacyParameterError
-from common.fileio import atomic_save_tensors, atomic_write_json, json_safe, load_tensors
+from common.fileio import atomic_save_tensors, atomic_write_json, fsync_dir, json_safe, load_tensors
 from common.privacy.accounting import HISTORY_FORMAT, PrivacyHistory
 from common.privacy.ledger import CORRUPT, KEY_FILE, LEDGER_FILE, TAMPERING, LedgerKey, check_chain, read_ledger
 
 PRIVACY_FILE = "privacy.json"
 MODEL_FILE = "model.safetensors"
-REPLY_FILE = "reply.safetensors"
+REPLY_FILE = "reply.safetensors"  # the last update, written by versions before the model carried it
 TRAIN_LOG = "train_log.jsonl"
 LOCK_FILE = "state.lock"
 STATE_FORMAT = 1
@@ -86,7 +90,10 @@ class ClientState:
 
     @contextmanager
     def locked(self) -> Iterator[ClientState]:
-        """Hold the folder's lock for a round; a second process gets a clear error, not a corrupt state."""
+        """Hold the folder's lock for a round; a second process gets a clear error, not a corrupt state.
+
+        On the way out, on every path, the folder is fsynced: what the round wrote with ``sync_dir=False`` (its
+        ledger entry, its model) is durable before the lock is released and before any reply leaves."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -96,7 +103,10 @@ class ClientState:
                 raise StateError(
                     f"state folder {self.folder} is in use by another process; each client needs its own state folder"
                 ) from None
-            yield self
+            try:
+                yield self
+            finally:  # renames written with sync_dir=False: durable before the lock is released, on every path
+                self.sync()
         finally:
             os.close(fd)
 
@@ -257,19 +267,47 @@ class ClientState:
     def save_model(self, state: dict[str, torch.Tensor]) -> None:
         atomic_save_tensors(self.folder / MODEL_FILE, state)
 
+    def save_trained(
+        self,
+        state: dict[str, torch.Tensor],
+        *,
+        shared: list[str],
+        run_id: str,
+        server_round: int,
+        metrics: dict[str, Any],
+        sync_dir: bool = True,
+    ) -> None:
+        """The model after round (``run_id``, ``server_round``), whose blocks ``shared`` were its update: one file.
+
+        ``sync_dir=False``: the rename is made durable by the caller's :meth:`sync` (with the ledger's)."""
+        missing = [k for k in shared if k not in state]
+        if missing:
+            raise ValueError(f"the update's blocks {missing[:3]} are not in the model")
+        meta = {"run_id": run_id, "round": str(server_round), "metrics": json.dumps(metrics), "shared": json.dumps(shared)}
+        atomic_save_tensors(self.folder / MODEL_FILE, state, metadata=meta, sync_dir=sync_dir)
+        (self.folder / REPLY_FILE).unlink(missing_ok=True)  # an older version's copy of an earlier update
+
+    def sync(self) -> None:
+        """Make the renames of files written with ``sync_dir=False`` durable."""
+        fsync_dir(self.folder)
+
     def load_reply(self, *, run_id: str, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The update sent for (run, round) and its metrics, if that is the stored reply."""
-        path = self.folder / REPLY_FILE
-        if not path.exists():
-            return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("run_id") != run_id or meta.get("round") != str(server_round):
-                return None
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-        return arrays, json.loads(meta.get("metrics", "{}"))
+        """The update sent for (run, round) and its metrics, if the model (or an older version's reply file) is tagged with it."""
+        for name in (MODEL_FILE, REPLY_FILE):
+            path = self.folder / name
+            if not path.exists():
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("run_id") != run_id or meta.get("round") != str(server_round):
+                    continue
+                keys = json.loads(meta["shared"]) if "shared" in meta else list(f.keys())
+                arrays = {k: f.get_tensor(k) for k in keys}
+            return arrays, json.loads(meta.get("metrics", "{}"))
+        return None
 
     def save_reply(self, arrays: dict[str, torch.Tensor], *, run_id: str, server_round: int, metrics: dict[str, Any]) -> None:
+        """Write an update as versions before :meth:`save_trained` did (a separate file): for tests of reading it."""
         meta = {"run_id": run_id, "round": str(server_round), "metrics": json.dumps(metrics)}
         atomic_save_tensors(self.folder / REPLY_FILE, arrays, metadata=meta)
 

@@ -26,8 +26,11 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` by ``data``: temp file in the same folder, fsync, rename, fsync the folder."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, sync_dir: bool = True) -> None:
+    """Replace ``path`` by ``data``: temp file in the same folder, fsync, rename, fsync the folder.
+
+    ``sync_dir=False`` leaves the folder's fsync to the caller, who replaces several files of one folder
+    and makes all the renames durable with one :func:`fsync_dir` (the content of each is fsynced here)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -39,7 +42,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def json_safe(value: Any) -> Any:
@@ -59,13 +63,17 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def atomic_save_tensors(
-    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    path: str | os.PathLike[str],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    *,
+    sync_dir: bool = True,
 ) -> None:
-    """Save tensors as safetensors (no pickle), atomically."""
+    """Save tensors as safetensors (no pickle), atomically (``sync_dir``: see :func:`atomic_write_bytes`)."""
     from safetensors.torch import save
 
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(contiguous, metadata=metadata))
+    atomic_write_bytes(path, save(contiguous, metadata=metadata), sync_dir=sync_dir)
 
 
 def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common.errors import FedfuseError
+from common.flower_pulls import FlowerInternalsChanged, quick_pulls
 
 log = logging.getLogger("fedfuse.server")
 
@@ -40,8 +41,9 @@ class NodesUnavailableError(FedfuseError):
 class PollingGrid(Grid):
     """A Grid that delegates to Flower's, polls replies every ``interval`` s and reports missing ones as errors."""
 
-    def __init__(self, grid: Grid, *, interval: float = POLL_INTERVAL):
+    def __init__(self, grid: Grid, *, interval: float = POLL_INTERVAL, timing_level: int = logging.DEBUG):
         self._grid = grid
+        self.timing_level = timing_level  # of each phase's line (push time, when each reply arrived)
         self.names: dict[int, str] = {}  # node id -> the name given at `flwr supernode register --name` (deployment)
         # Never poll slower than the wrapped grid would (the simulation grid polls every 0.1 s)
         self.interval = min(interval, float(getattr(grid, "pull_interval", interval)))
@@ -86,7 +88,10 @@ class PollingGrid(Grid):
         messages = list(messages)
         if not messages:
             return []
+        started = time.monotonic()
         ids = list(self._grid.push_messages(messages))
+        pushed = time.monotonic() - started
+        arrived: list[float] = []
         sent = {mid: msg for mid, msg in zip(ids, messages) if mid}
         pending = set(sent)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -95,9 +100,18 @@ class PollingGrid(Grid):
             got = list(self._grid.pull_messages(pending))
             replies += [_from_destination(m, sent) for m in got]
             pending -= {m.metadata.reply_to_message_id for m in got}
+            arrived += [time.monotonic() - started] * len(got)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.interval)
+        log.log(
+            self.timing_level,
+            "%s: %d message(s) pushed in %.2f s; replies after %s s",
+            messages[0].metadata.message_type,
+            len(messages),
+            pushed,
+            ", ".join(f"{t:.2f}" for t in arrived) or "-",
+        )
         for mid in sorted(pending):  # make a silent absence explicit, as Flower does for a node it knows is offline
             msg = sent[mid]
             log.warning(
@@ -110,6 +124,16 @@ class PollingGrid(Grid):
                 Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason=NO_REPLY.format(timeout=timeout)), reply_to=msg)
             )
         return replies
+
+
+def quick_reply_pulls() -> None:
+    """A deployment's replies, announced before their objects arrive: retried after 0.05 s, not 1 s (Flower 1.42)."""
+    from flwr.superlink.grid import http_grid
+
+    try:
+        quick_pulls(http_grid, "pull_objects")
+    except FlowerInternalsChanged as exc:  # slower, not wrong: keep Flower's own retries
+        log.warning("replies are pulled with Flower's own retries (1 s, 2 s, ...): %s", exc)
 
 
 def _from_destination(reply: Message, sent: dict[str, Message]) -> Message:

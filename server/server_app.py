@@ -12,7 +12,7 @@ from common.logs import flower_lines_once, log_to_stderr
 from common.model.multimodal import global_head_template
 from common.model.transforms import check_modalities, parse_transforms
 from common.privacy.plan import drowning_warning
-from server.grid import NodesUnavailableError, PollingGrid
+from server.grid import NodesUnavailableError, PollingGrid, quick_reply_pulls
 from server.heldout import HeldoutEvaluator
 from server.optimizer import build_optimizer
 from server.run_folder import RunFolder
@@ -103,7 +103,10 @@ def main(grid: Grid, context: Context) -> None:
         config.dp.epsilon,
         config.dp.delta,
     )
-    polling = PollingGrid(grid)  # replies polled every 0.2 s (Flower: 3 s), a missing reply is recorded as a failure
+    # replies polled every 0.2 s (Flower: 3 s), a missing reply is recorded as a failure; a deployment's log says
+    # when each phase's replies arrived
+    quick_reply_pulls()
+    polling = PollingGrid(grid, timing_level=logging.INFO if config.federation.modalities else logging.DEBUG)
     strategy.node_names = polling.names  # the log names sites as registered, before their first reply
     try:
         if config.secagg.enabled:  # the head through SecAgg+: the server learns only the sum of the updates

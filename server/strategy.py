@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import messages as M
 from common.config import RunConfig
+from common.fileio import fsync_dir
 from common.insight.attention import pool as pool_attention
 from common.insight.contributions import modality_contributions
 from common.model.evaluation import headline
@@ -89,6 +90,8 @@ class FedFuse(FedAvg):
         self.node_clients: dict[int, str] = {}  # Flower node id -> client id (node ids change across runs)
         self.node_names: dict[int, str] = {}  # Flower node id -> name at registration (PollingGrid.names, deployment)
         self.ledger_heads: dict[str, tuple[int, str]] = {}  # client id -> (entries, last entry_hash) of its copy here
+        # client id -> its copy here, kept between rounds: a copy unchanged on disk is not read and verified again
+        self._ledgers: dict[str, Ledger] = {}
         self._round: dict[str, Any] = {}
         self._started = time.perf_counter()
         self._warned = len(learning_warnings(state.rounds, state.total_rounds))  # warnings logged before a resume
@@ -246,6 +249,8 @@ class FedFuse(FedAvg):
                 continue
             trained.append(reply.client_id)
             updates.append(reply)
+        if self._ledgers:  # the round's appends to the federation's ledgers, durable before anything records the round
+            fsync_dir(next(iter(self._ledgers.values())).path.parent)
         self._round.setdefault("round", r)
         self._round["train"] = {
             "sampled": self._round.get("train", {}).get("sampled", 0),
@@ -262,7 +267,9 @@ class FedFuse(FedAvg):
 
         ``entries`` is the part of the client's ledger it sent: from the last entry the train request said the
         copy holds, or the whole ledger. Returns the federation's whole copy."""
-        ledger = Ledger(self.folder.ledger_path(client_id))
+        ledger = self._ledgers.get(client_id)
+        if ledger is None:  # each write fsyncs the file; record_replies fsyncs the folder once a round
+            ledger = self._ledgers[client_id] = Ledger(self.folder.ledger_path(client_id), sync_dir=False)
         known = ledger.entries()
         if not entries:  # a client sends at least the last entry the copy holds: none at all is a lost ledger
             if known:

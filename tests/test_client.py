@@ -212,6 +212,59 @@ def test_a_crash_between_the_privacy_record_and_the_ledger_loses_no_entry(tmp_pa
     assert report.exit_status == 0, report.to_json()
 
 
+def test_a_round_makes_its_privacy_record_durable_first_and_everything_durable_before_it_replies(tmp_path, monkeypatch):
+    import os
+
+    import client.state
+    import common.fileio
+
+    flat = run_config(tmp_path)
+    handle_train(train_message(global_head(), 1), context(flat))
+    events = []
+    real_replace, real_fsync_dir = os.replace, common.fileio.fsync_dir
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.path.basename(b))) or real_replace(a, b))
+    for module in (common.fileio, client.state):
+        monkeypatch.setattr(module, "fsync_dir", lambda d: events.append(("sync", "")) or real_fsync_dir(d))
+    # Execute
+    reply = handle_train(train_message(global_head(), 2), context(flat))
+    # Assert: privacy.json's rename is durable before the ledger's; nothing is renamed after the last folder sync
+    assert reply.content[M.CLIENT][M.STATUS] == M.STATUS_OK
+    renames = [name for kind, name in events if kind == "rename"]
+    assert renames == ["privacy.json", "ledger.jsonl", "model.safetensors"]
+    first = events.index(("rename", "privacy.json"))
+    assert events[first + 1] == ("sync", "") and events[-1] == ("sync", "")
+    assert len([e for e in events if e[0] == "sync"]) == 2  # one for privacy.json, one for the ledger and the model
+
+
+def test_a_crash_before_the_model_is_saved_leaves_a_verifiable_ledger_and_no_second_charge(tmp_path, monkeypatch):
+    # Prepare: round 2 is charged and its ledger entry signed, then the process dies while saving the model
+    from client.state import ClientState
+
+    flat = run_config(tmp_path)
+    folder = tmp_path / "clients" / "client-00"
+    handle_train(train_message(global_head(), 1), context(flat))
+
+    def die(self, *args, **kwargs):
+        raise Killed
+
+    real_save = ClientState.save_trained
+    monkeypatch.setattr(ClientState, "save_trained", die)
+    with pytest.raises(Killed):
+        handle_train(train_message(global_head(), 2), context(flat))
+    monkeypatch.setattr(ClientState, "save_trained", real_save)
+    # Execute: the server asks for round 2 again (its update never arrived), then round 3
+    again = handle_train(train_message(global_head(), 2), context(flat))
+    third = handle_train(train_message(global_head(), 3), context(flat))
+    # Assert: round 2 is neither retrained nor re-charged; the model file's update is round 3's; the ledger verifies
+    assert again.content[M.CLIENT][M.STATUS] == M.STATUS_ALREADY_TRAINED
+    assert third.content[M.CLIENT][M.STATUS] == M.STATUS_OK
+    entries = Ledger(folder / "ledger.jsonl").entries()
+    assert [(e["round"], e["status"]) for e in entries] == [(1, "trained"), (2, "trained"), (3, "trained")]
+    cached, _ = ClientState(folder).load_reply(run_id="run-a", server_round=3)
+    assert M.update_digest(cached) == entries[-1]["update_hash"] == M.update_digest(M.unpack_arrays(third.content))
+    assert audit_path(folder / "ledger.jsonl").exit_status == 0
+
+
 def test_a_failed_round_is_charged_in_the_ledger_as_discarded(tmp_path):
     # Prepare: a clipping norm so large that, with a huge learning rate, the noised update overflows
     flat = run_config(tmp_path, **{"dp.max-grad-norm": 1e3})

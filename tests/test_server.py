@@ -516,3 +516,57 @@ def test_each_checkpoint_keeps_its_own_round_and_resume_reads_every_round_back(t
     (folder / "round-0002.json").unlink()
     with pytest.raises(FedfuseError, match="round-0002.json is missing"):
         RunFolder(tmp_path).load_checkpoint()
+
+
+def test_the_server_verifies_its_ledger_copy_once_and_again_only_when_the_file_changed(tmp_path, monkeypatch):
+    import common.privacy.ledger as ledger_module
+
+    # Prepare: client "c" trains rounds 1-3, sending the entries the server lacks each round
+    strategy = make_strategy(tmp_path)
+    key, own = LedgerKey.generate(), Ledger(tmp_path / "client-ledger.jsonl")
+    update = client_update(strategy, MODALITIES, 1.0)
+    full_checks = []
+    real_check = ledger_module.check_chain
+
+    def counting(entries, **kwargs):
+        if kwargs.get("verified", 0) == 0 and entries:
+            full_checks.append(len(entries))
+        return real_check(entries, **kwargs)
+
+    monkeypatch.setattr(ledger_module, "check_chain", counting)
+
+    def train(r):
+        own.append(
+            entry_fields(
+                run_id="run-x",
+                client_id="c",
+                round=r,
+                status="trained",
+                noise_multiplier=1.0,
+                sample_rate=0.1,
+                steps=10,
+                max_grad_norm=1.0,
+                delta=1e-5,
+                accountant="prv",
+                epsilon=float(r),
+                budget=8.0,
+                update_hash=M.update_digest(update),
+            ),
+            key,
+        )
+        entries = own.entries()
+        strategy.aggregate_train(
+            r, [reply(1, update, client="c", modalities=MODALITIES, ledger=[encode_entry(e) for e in entries[max(r - 2, 0) :]])]
+        )
+        return strategy.round_record["train"]
+
+    # Execute + Assert: the copy written in round 1 is not read and verified again in rounds 2 and 3
+    assert [train(r)["trained"] for r in (1, 2)] == [["c"], ["c"]]
+    full_checks.clear()
+    assert train(3)["trained"] == ["c"] and full_checks == []
+    assert len(Ledger(tmp_path / "ledgers" / "c.jsonl").entries()) == 3
+    # a copy edited on disk is read and verified again, and the edit is caught
+    path = tmp_path / "ledgers" / "c.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1] + [lines[-1].replace('"epsilon":3.0', '"epsilon":0.5')]) + "\n")
+    assert "does not verify" in train(4)["rejected"]["c"]

@@ -503,8 +503,11 @@ class Ledger:
     One writer per file (the client for its own copy, the server app for the federation's copy).
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, sync_dir: bool = True):
         self.path = Path(path)
+        # False: each write fsyncs the file but not its folder; the owner calls fsync_dir(path.parent) before it
+        # relies on the write (it replaces other files of that folder too, and makes all renames durable at once)
+        self.sync_dir = sync_dir
         # What this object last read and verified, or wrote: (the file's stat, its bytes, its entries). Used again
         # only while the file is unchanged (same inode, size, mtime), so a round verifies its ledger once.
         self._verified: tuple[tuple[int, int, int], bytes, list[dict[str, Any]]] | None = None
@@ -631,7 +634,7 @@ class Ledger:
     def _write(self, data: bytes, entries: list[dict[str, Any]], *new: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data += b"".join(encode_entry(entry).encode("ascii") + b"\n" for entry in new)
-        atomic_write_bytes(self.path, data)
+        atomic_write_bytes(self.path, data, sync_dir=self.sync_dir)
         self._verified = (_stat_key(self.path), data, entries + list(new))
 
 

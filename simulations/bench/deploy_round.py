@@ -11,9 +11,12 @@ variants add one improvement at a time:
 - ``poll``: + replies pulled every 0.2 s (``server/grid.py``);
 - ``warm``: + the warm executor (``client/executor.py``), Flower's SuperNode waits (3 s after an
   empty pull, 0.5 s between reply checks);
-- ``waits``: + ``fedfuse site supernode`` as it runs by default: those waits shortened to 0.2 s /
-  0.05 s (``client/supernode.py``);
+- ``waits``: + those waits shortened to 0.2 s / 0.05 s (``client/supernode.py``);
+- ``quick``: + objects of a message that are not there yet retried after 0.05 s instead of Flower's 1 s,
+  2 s, 4 s ... at every hop (``common/flower_pulls.py``): ``fedfuse site supernode`` as it runs by default;
 - ``eval-last``: + ``evaluate-every`` = rounds (clients evaluate in the last round only).
+
+The variants before ``quick`` run with ``FEDFUSE_FLOWER_PULL_RETRIES=1`` (Flower's own retries).
 
 Needs a source checkout (the app is built from it). The machine's load average is printed beside
 each variant: on a shared machine the figures move with it.
@@ -31,21 +34,26 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.flower_pulls import KEEP_FLOWER_RETRIES
+
 FLOWER_WAITS = ("--pull-wait", "3", "--reply-wait", "0.5")  # `fedfuse site supernode` with Flower's own waits
 
-# name -> (site isolation, ServerApp reply poll interval in s, evaluate every round?, `fedfuse site supernode` options)
-VARIANTS: dict[str, tuple[str, float, bool, tuple[str, ...]]] = {
-    "flower": ("subprocess", 3.0, True, ()),
-    "poll": ("subprocess", 0.2, True, ()),
-    "warm": ("warm", 0.2, True, FLOWER_WAITS),
-    "waits": ("warm", 0.2, True, ()),
-    "eval-last": ("warm", 0.2, False, ()),
+# name -> (site isolation, ServerApp reply poll interval in s, evaluate every round?, `fedfuse site supernode` options,
+#          quick object retries?)
+VARIANTS: dict[str, tuple[str, float, bool, tuple[str, ...], bool]] = {
+    "flower": ("subprocess", 3.0, True, (), False),
+    "poll": ("subprocess", 0.2, True, (), False),
+    "warm": ("warm", 0.2, True, FLOWER_WAITS, False),
+    "waits": ("warm", 0.2, True, (), False),
+    "quick": ("warm", 0.2, True, (), True),
+    "eval-last": ("warm", 0.2, False, (), True),
 }
 DESCRIPTIONS = {
     "flower": "Flower defaults (flwr-clientapp per message, 3 s reply polling)",
     "poll": "+ ServerApp polls replies every 0.2 s",
     "warm": "+ warm executor, Flower's SuperNode waits",
-    "waits": "+ SuperNode waits 0.2 s / 0.05 s (fedfuse site supernode)",
+    "waits": "+ SuperNode waits 0.2 s / 0.05 s",
+    "quick": "+ objects not there yet retried after 0.05 s (fedfuse site supernode as it runs by default)",
     "eval-last": "+ evaluate-every = rounds (clients evaluate in the last round only)",
 }
 
@@ -65,7 +73,7 @@ def measure(name: str, folder: Path, rounds: int) -> dict:
     """Run one variant in a fresh deployment; return its per-round seconds and load averages."""
     from simulations import deployment as helpers
 
-    isolation, poll, evaluate_each_round, site_options = VARIANTS[name]
+    isolation, poll, evaluate_each_round, site_options, quick = VARIANTS[name]
     config = {
         "num-server-rounds": rounds,
         "evaluate-every": 1 if evaluate_each_round else rounds,
@@ -73,11 +81,20 @@ def measure(name: str, folder: Path, rounds: int) -> dict:
         "round-timeout": 300.0,
     }
     load_before = _load()
-    with helpers.deployment(
-        folder, isolation=isolation, superlink_env={"FEDFUSE_REPLY_POLL_INTERVAL": str(poll)}, site_options=site_options
-    ) as dep:
-        load_ready = _load()
-        run = dep.run(config, timeout=120 + 120 * rounds)
+    # every process of the deployment inherits this environment (the SuperLink's ServerApp and the sites)
+    previous = os.environ.pop(KEEP_FLOWER_RETRIES, None)
+    if not quick:
+        os.environ[KEEP_FLOWER_RETRIES] = "1"
+    try:
+        with helpers.deployment(
+            folder, isolation=isolation, superlink_env={"FEDFUSE_REPLY_POLL_INTERVAL": str(poll)}, site_options=site_options
+        ) as dep:
+            load_ready = _load()
+            run = dep.run(config, timeout=120 + 120 * rounds)
+    finally:
+        os.environ.pop(KEEP_FLOWER_RETRIES, None)
+        if previous is not None:
+            os.environ[KEEP_FLOWER_RETRIES] = previous
     seconds = [r["seconds"] for r in run.results["rounds"]]
     return {
         "variant": name,

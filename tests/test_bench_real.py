@@ -93,6 +93,20 @@ def test_hapt_cells_cover_the_matrix(tmp_path):
     }
 
 
+def test_the_model_of_a_finished_non_private_run_is_read_back_from_its_results():
+    from common.config import RunConfig
+    from common.fileio import json_safe
+
+    # Prepare: a non-private run's flat config as results.json holds it (dp.epsilon = inf written as null)
+    config = RunConfig().to_flat() | {"dp.epsilon": math.inf, "model.fusion": "concat", "model.embed-dim": 64}
+    saved = json.loads(json.dumps(json_safe(config)))
+    assert saved["dp.epsilon"] is None
+    # Execute
+    model = hapt.saved_model_config(saved)
+    # Assert: the model configuration comes back whole (the bench scored the ∞ runs with it; it crashed here before)
+    assert (model.fusion, model.embed_dim) == ("concat", 64)
+
+
 def test_av_digits_mixed_groups_follow_site_order(tmp_path):
     # Prepare: site folders sort by name, as load_federation walks them
     for name in ("speaker-theo", "speaker-george", "speaker-yweweler", "speaker-lucas", "speaker-jackson", "speaker-nicolas"):

@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError
 from simulations.bench import _common as C
 from simulations.bench import _contributions as K
+
+if TYPE_CHECKING:
+    from common.config import ModelConfig
 
 SOURCE_FILES = ("activity_labels.txt", "RawData/labels.txt", "Train/subject_id_train.txt")
 TARGETS = {"non_private_f1": 0.88, "eps8_gap": 0.05, "dropout_gap": 0.03}
@@ -95,11 +98,21 @@ def cells(args: argparse.Namespace, cache: Path) -> list[C.Cell]:
     return out
 
 
+def saved_model_config(saved: dict[str, Any]) -> ModelConfig:
+    """The model configuration of a finished run from the flat config its results.json holds.
+
+    Only the ``model.*`` keys are parsed: results.json writes a non-private run's ``dp.epsilon = inf`` as null (JSON
+    has no infinity), which the run config's parser rightly refuses.
+    """
+    from common.config import parse_run_config
+
+    return parse_run_config({k: v for k, v in saved.items() if k.startswith("model.")}).model
+
+
 def pooled_test_f1(run_dir: Path, cache: Path, config: dict[str, Any]) -> float:
     """Macro-F1 of the final global model over the pooled windows of all test subjects (FedMultimodal's measure)."""
     import torch
 
-    from common.config import parse_run_config
     from common.data.partition import heldout_sites
     from common.data.site_folders import federation_schema, load_site
     from common.model.evaluation import macro_f1, predict
@@ -110,7 +123,7 @@ def pooled_test_f1(run_dir: Path, cache: Path, config: dict[str, Any]) -> float:
     sites = [load_site(p) for p in heldout_sites(cache)]
     schema = federation_schema(sites)
     trained = [m for m in schema.names if any(k.startswith(f"{ENCODER_PREFIX}{m}.") for k in state)]
-    model = MultimodalModel(schema.restrict(trained), parse_run_config(config).model)
+    model = MultimodalModel(schema.restrict(trained), saved_model_config(config))
     model.load_partial({k: v for k, v in state.items() if k in model.state_dict()})
     truth, pred = [], []
     for site in sites:

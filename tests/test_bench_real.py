@@ -107,6 +107,31 @@ def test_the_model_of_a_finished_non_private_run_is_read_back_from_its_results()
     assert (model.fusion, model.embed_dim) == ("concat", 64)
 
 
+def test_hapt_targets_are_issue_11s_per_budget_with_the_eps3_spread():
+    # Prepare: figures like the cosine-schedule run of docs/benchmarks.md (ε = 3 spread 1.0 point), no p > 0 cells
+    def setting(*values: float) -> dict:
+        return {"test_macro_f1": {"values": list(values)}}
+
+    st = {
+        "fed-p0-epsinf": setting(0.915, 0.92, 0.91),
+        "fed-p0-eps8": setting(0.78, 0.779, 0.777),
+        "fed-p0-eps3": setting(0.86, 0.85, 0.87),
+        "fed-p0-eps1": setting(0.631, 0.619, 0.619),
+    }
+    args = argparse.Namespace(dropout_epsilon=8.0)
+    # Execute
+    verdicts = {v["target"]: v["met"] for v in hapt.targets(st, args)}
+    # Assert: one target per budget, the ε = 3 spread, and "not run" (None) where no cell ran
+    assert verdicts["non-private: test-subject macro-F1 >= 90 at p = 0"] is True
+    assert verdicts["ε = 8: test-subject macro-F1 >= 88 at p = 0"] is False
+    assert verdicts["ε = 3: test-subject macro-F1 >= 85 at p = 0"] is True
+    assert verdicts["ε = 1: test-subject macro-F1 >= 70 at p = 0"] is False
+    assert verdicts["ε = 3: seed spread (sample std) under 2 points"] is True
+    assert verdicts["p = 0.5 at most 3 points below p = 0 (ε = 8)"] is None
+    st["fed-p0-eps3"] = setting(0.80, 0.73, 0.76)
+    assert {v["target"]: v["met"] for v in hapt.targets(st, args)}["ε = 3: seed spread (sample std) under 2 points"] is False
+
+
 def test_av_digits_mixed_groups_follow_site_order(tmp_path):
     # Prepare: site folders sort by name, as load_federation walks them
     for name in ("speaker-theo", "speaker-george", "speaker-yweweler", "speaker-lucas", "speaker-jackson", "speaker-nicolas"):

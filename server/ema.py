@@ -8,7 +8,7 @@ where theta_r is the global model after round r. A parameter that first appears 
 modality's encoder first trained then, with ``encoders = "federated"``) starts at its value then.
 The average is post-processing of the DP outputs (the aggregated updates), so it costs no privacy.
 Clients always train from the raw global model theta_r; the EMA is what the run evaluates,
-checkpoints as its served model and reports (results.json ``model.evaluated``).
+checkpoints as its served model and reports (results.json ``served_model``).
 """
 
 from __future__ import annotations

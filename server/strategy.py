@@ -42,7 +42,7 @@ from server.grid import sample_nodes
 from server.metrics import summarize_evaluation
 from server.optimizer import ServerOptimizer
 from server.replies import ReplyRejected, TrainReply, claimed_client_id, failure_category, parse_evaluate_reply, parse_train_reply
-from server.run_folder import Checkpoint, RunFolder
+from server.run_folder import LEDGERS, Checkpoint, RunFolder
 from server.watch import learning_warnings
 
 log = logging.getLogger("fedfuse.server")
@@ -250,7 +250,7 @@ class FedFuse(FedAvg):
             trained.append(reply.client_id)
             updates.append(reply)
         if self._ledgers:  # the round's appends to the federation's ledgers, durable before anything records the round
-            fsync_dir(next(iter(self._ledgers.values())).path.parent)
+            fsync_dir(self.folder.path / LEDGERS)
         self._round.setdefault("round", r)
         self._round["train"] = {
             "sampled": self._round.get("train", {}).get("sampled", 0),

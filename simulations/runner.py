@@ -114,7 +114,7 @@ def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int],
     while not f_stop.is_set():
         with state.lock:  # InMemoryLinkState's store: the messages not yet answered
             waiting = {m.metadata.dst_node_id for m in state.message_ins_store.values() if m.metadata.delivered_at == ""}
-        for node_id in [n for n in nodes_mapping if n in waiting] if waiting else []:
+        for node_id in (n for n in nodes_mapping if n in waiting):
             for message in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(message)
         f_stop.wait(0.1)

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.model_cache import ModelCache
 from client.site import SiteContext, resolve_site
-from client.state import ClientRecord, ClientState
+from client.state import MODEL_FILE, ClientRecord, ClientState
 from common import messages as M
 from common.config import RunConfig, parse_run_config
 from common.errors import BudgetExhaustedError, EncoderError, NonFiniteError
@@ -28,6 +29,7 @@ from common.privacy.ledger import KEY_FILE, LEDGER_FILE, Ledger, LedgerKey, enco
 from common.privacy.training import DPRequest, RoundResult, local_training, sampling_plan, train_round
 
 log = logging.getLogger("fedfuse.client")
+MODELS = ModelCache()  # each site's last trained model in this process (client/model_cache.py)
 
 
 def _non_private_key(seed: int, client_id: str, server_round: int) -> int:
@@ -42,22 +44,33 @@ DISCARDED_REASON = (
 )
 
 
-def _model(site: SiteContext, config: RunConfig, state: ClientState) -> MultimodalModel:
+def _model(site: SiteContext, config: RunConfig, state: ClientState, *, cached: bool = False) -> MultimodalModel:
     """The client's model, restored from its state folder (fresh, seeded weights on first use, warm-started
     from ``model.init.<modality>`` files). The run's encoders are checked first, on synthetic inputs
-    (EncoderError says why one is refused)."""
+    (EncoderError says why one is refused). ``cached``: the model this process trained last round for this site,
+    taken out of :data:`MODELS` while its file is unchanged (a training round puts it back once saved)."""
     check_model_encoders(
         site.train.schema.modalities, config.model.encoders, config.model.embed_dim, config.train.grad_sample_mode
     )
-    # Federated encoders must start from one initialisation per modality; local ones may differ per site.
-    seed = config.server.seed if config.server.encoders == "federated" else config.server.seed * 1000 + site.index + 1
-    model = MultimodalModel(site.train.schema, config.model, seed=seed)
+    if cached and (model := MODELS.take(state.folder, state.folder / MODEL_FILE, _built_as(site, config))) is not None:
+        return model
+    model = MultimodalModel(site.train.schema, config.model, seed=_seed(site, config))
     stored = state.load_model()
     if stored is not None:
         model.load_state_dict(stored)
     else:
         warm_start(model.encoders, config.model.inits)  # public weights: no privacy cost
     return model
+
+
+def _seed(site: SiteContext, config: RunConfig) -> int:
+    """Federated encoders must start from one initialisation per modality; local ones may differ per site."""
+    return config.server.seed if config.server.encoders == "federated" else config.server.seed * 1000 + site.index + 1
+
+
+def _built_as(site: SiteContext, config: RunConfig) -> tuple:
+    """What a site's model is built from (a cached model built from anything else is not used)."""
+    return (site.client_id, site.train.schema, config.model, _seed(site, config))
 
 
 def _encoder_refusal(message: Message, context: Context, config: RunConfig) -> Message | None:
@@ -298,7 +311,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
             return Message(content, reply_to=message)
 
         try:
-            model = _model(site, config, state)
+            model = _model(site, config, state, cached=True)
         except EncoderError as exc:  # refused on synthetic inputs, before any data is touched: nothing is charged
             return _status_reply(message, site, M.STATUS_POLICY_REFUSED, str(exc), {M.NUM_EXAMPLES: 0}, ledger.entries())
         shared = _shared_keys(model, config)
@@ -434,6 +447,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
         state.save_trained(
             model.state_dict(), shared=shared, run_id=run_id, server_round=server_round, metrics=metrics, sync_dir=False
         )
+        MODELS.keep(state.folder, state.folder / MODEL_FILE, _built_as(site, config), model)  # for this site's next round
         state.log_round(
             {
                 "run_id": run_id,

@@ -237,7 +237,7 @@ class SecureFedFuse(Strategy):
         answered = {proxy.node_id for proxy, _ in results}
         failures = [(n, M.FAILURE_DROPPED, "dropped out of secure aggregation") for n in self._nodes if n not in answered]
         replies = [
-            (proxy.node_id, functools.partial(parse_clear_reply, fitres, proxy.node_id), _claimed(fitres))
+            self.fed.check_reply(proxy.node_id, functools.partial(parse_clear_reply, fitres, proxy.node_id), _claimed(fitres))
             for proxy, fitres in results
         ]
         updates = self.fed.record_replies(r, replies, failures)

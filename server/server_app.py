@@ -114,6 +114,7 @@ def main(grid: Grid, context: Context) -> None:
             run_secure(strategy, polling, context, num_rounds=rounds)
         else:
             log.info("run %s: %d rounds, output in %s", run_id, rounds, folder.path)
+            polling.on_reply = strategy.reply_arrived  # each train reply checked as it arrives
             strategy.start(
                 grid=polling,
                 initial_arrays=ArrayRecord(state.global_state),

@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -48,6 +48,17 @@ from server.watch import learning_warnings
 log = logging.getLogger("fedfuse.server")
 
 EXCLUDING = (M.STATUS_BUDGET_EXHAUSTED, M.STATUS_POLICY_REFUSED)
+
+
+@dataclass
+class CheckedReply:
+    """A train reply after its checks: parsed, with the federation's whole copy of the site's ledger, or rejected
+    (``reply`` None, ``rejected`` the client as named and why)."""
+
+    node: int
+    reply: TrainReply | None
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    rejected: tuple[str, str] | None = None
 
 
 @dataclass
@@ -93,6 +104,7 @@ class FedFuse(FedAvg):
         # client id -> its copy here, kept between rounds: a copy unchanged on disk is not read and verified again
         self._ledgers: dict[str, Ledger] = {}
         self._round: dict[str, Any] = {}
+        self._checked: dict[str, CheckedReply] = {}  # message id -> the round's train replies checked as they arrived
         self._started = time.perf_counter()
         self._warned = len(learning_warnings(state.rounds, state.total_rounds))  # warnings logged before a resume
         decay = config.server.ema_decay
@@ -164,6 +176,7 @@ class FedFuse(FedAvg):
     def train_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """The round's training clients: a sample of those not excluded (this starts the round's record)."""
         self._started = time.perf_counter()
+        self._checked.clear()
         # Excluded clients, and those that trained their planned rounds (the noise was calibrated for no more)
         plan = self.config.server.planned_rounds(self.state.total_rounds)
         done = {c for c, rec in self.state.clients.items() if rec.get("rounds_trained", 0) >= plan}
@@ -198,16 +211,31 @@ class FedFuse(FedAvg):
             request |= {M.LEDGER_HELD: held[0], M.LEDGER_HEAD: held[1]}
         return ConfigRecord(request)
 
+    def reply_arrived(self, message: Message) -> None:
+        """Check a train reply as it arrives (``PollingGrid.on_reply``), while the other sites still train: once the
+        last reply is in, the round has only the average left to compute. The same checks as at aggregation."""
+        if message.has_error() or message.metadata.message_type != MessageType.TRAIN or not message.metadata.message_id:
+            return
+        self._checked[message.metadata.message_id] = self._check_train_reply(message)
+
+    def _check_train_reply(self, message: Message) -> CheckedReply:
+        parse = functools.partial(
+            parse_train_reply, message, global_state=self.state.global_state, encoders=self.config.server.encoders
+        )
+        return self.check_reply(message.metadata.src_node_id, parse, claimed_client_id(message))
+
+    def _checked_reply(self, message: Message) -> CheckedReply:
+        """A train reply's checks: made as it arrived, else now."""
+        checked = self._checked.pop(message.metadata.message_id, None)
+        return checked if checked is not None else self._check_train_reply(message)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, keep the ledgers, average each block over the clients that sent it."""
         r = self.absolute(server_round)
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        parse = functools.partial(parse_train_reply, global_state=self.state.global_state, encoders=self.config.server.encoders)
-        updates = self.record_replies(
-            r,
-            [(m.metadata.src_node_id, functools.partial(parse, m), claimed_client_id(m)) for m in valid],
-            [(m.metadata.src_node_id, failure_category(m), m.error.reason) for m in errors],
-        )
+        checked = [self._checked_reply(m) for m in valid]
+        self._checked.clear()
+        updates = self.record_replies(r, checked, [(m.metadata.src_node_id, failure_category(m), m.error.reason) for m in errors])
         if not updates:
             log.warning("round %d: no update to aggregate; the global head is unchanged", r)
             return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": 0})
@@ -215,30 +243,38 @@ class FedFuse(FedAvg):
         self.state.global_state = self.optimizer.step(self.state.global_state, averages)
         return ArrayRecord(self.state.global_state), MetricRecord({"clients-trained": len(updates)})
 
+    def check_reply(self, node: int, parse: Callable[[], TrainReply], claimed: str | None) -> CheckedReply:
+        """Parse one reply and keep its ledger in the federation's copy; a reply that fails either is rejected."""
+        try:
+            reply = parse()
+            if reply.status == M.STATUS_FAILED:  # the site's ClientApp failed: its category, nothing else
+                return CheckedReply(node, reply)
+            self.node_clients[node] = reply.client_id
+            return CheckedReply(node, reply, self._keep_ledger(reply.client_id, reply.ledger))
+        except (ReplyRejected, LedgerError) as exc:
+            return CheckedReply(node, None, rejected=(claimed or self.site_name(node), str(exc)))
+
     def record_replies(
-        self, r: int, replies: list[tuple[int, Callable[[], TrainReply], str | None]], failures: list[tuple[int | None, str, str]]
+        self, r: int, replies: list[CheckedReply], failures: list[tuple[int | None, str, str]]
     ) -> list[TrainReply]:
-        """Parse each reply, keep its ledger and privacy record, exclude exhausted clients; return the updates."""
-        # replies: (node id, parse, claimed client id); failures: (node id or None, category, what Flower said)
+        """Record each checked reply's privacy, exclude exhausted clients; return the updates."""
+        # failures: (node id or None, category, what Flower said)
         trained, refused, rejected, failed, updates = [], {}, {}, {}, []
         for node, category, reason in failures:
             who = self.site_name(node)
             failed[who] = category
             log.warning("round %d: %s failed (%s): %s", r, who, category, reason)
-        for node, parse, claimed in replies:
-            try:
-                reply = parse()
-                if reply.status == M.STATUS_FAILED:  # the site's ClientApp failed: its category, nothing else
-                    who = self.site_name(node, reply.client_id)
-                    failed[who] = reply.reason if reply.reason in M.FAILURE_CATEGORIES else M.FAILURE_SITE
-                    log.warning("round %d: %s failed (%s); the details are in the site's own log", r, who, failed[who])
-                    continue
-                self.node_clients[node] = reply.client_id
-                ledger = self._keep_ledger(reply.client_id, reply.ledger)
-            except (ReplyRejected, LedgerError) as exc:
-                who = claimed or self.site_name(node)
-                rejected[who] = str(exc)
-                log.warning("round %d: rejected the reply of %s (node %d): %s", r, who, node, exc)
+        for checked in replies:
+            node, reply, ledger = checked.node, checked.reply, checked.ledger
+            if reply is None:
+                who, reason = checked.rejected or (self.site_name(node), "rejected")
+                rejected[who] = reason
+                log.warning("round %d: rejected the reply of %s (node %d): %s", r, who, node, reason)
+                continue
+            if reply.status == M.STATUS_FAILED:
+                who = self.site_name(node, reply.client_id)
+                failed[who] = reply.reason if reply.reason in M.FAILURE_CATEGORIES else M.FAILURE_SITE
+                log.warning("round %d: %s failed (%s); the details are in the site's own log", r, who, failed[who])
                 continue
             self._record_client(reply, ledger)
             if reply.status != M.STATUS_OK:

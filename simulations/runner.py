@@ -102,8 +102,11 @@ def _environment(out_dir: Path, verbose: bool = False) -> Iterator[None]:
 # for the next message of EVERY node (``vce_api.add_messages_to_queue``); each ask scans every stored message, so one
 # pass costs nodes x messages in flight: with 1,000 clients and 50 messages delivered and awaiting replies, 155 ms of
 # CPU a pass (0.1 ms asking only the nodes a message waits for, :func:`add_messages_to_queue`), so a core busy and
-# the GIL held through every message phase (measured on the development machine, 2 cores, loaded).
+# the GIL held through every message phase (measured on the development machine, 2 cores, loaded). It also waits
+# 0.01 s between passes, not 0.1 s: a message phase started 85-108 ms after the ServerApp pushed its messages, 8-11 ms
+# now (`fedfuse bench round-overhead`, 10 clients, one at a time); a pass costs the messages stored, about 50 us.
 PATCHED_FLOWER = "1.42.0"
+FEED_INTERVAL = 0.01  # s between passes (Flower 1.42: 0.1)
 
 
 def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int], f_stop: Any) -> None:
@@ -117,7 +120,7 @@ def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int],
         for node_id in (n for n in nodes_mapping if n in waiting):
             for message in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(message)
-        f_stop.wait(0.1)
+        f_stop.wait(FEED_INTERVAL)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from common.certs import make_credentials
 from common.config import RunConfig, parse_run_config
 from common.model.multimodal import ModelConfig, global_head_template
 from common.privacy.ledger import load_public_key_hex
-from server.grid import NodesUnavailableError, PollingGrid, sample_nodes
+from server.grid import POLL_INTERVAL, SIMULATION_POLL_INTERVAL, NodesUnavailableError, PollingGrid, sample_nodes
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState
 from simulations.deployment import BIN, DEFAULT_SITES, deployment, leftover_processes, write_sites
@@ -70,6 +70,15 @@ def test_polling_grid_returns_as_soon_as_every_reply_is_in():
     assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
     assert not any(r.has_error() for r in replies) and grid.pulls == 3
     assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_polling_grid_hands_each_reply_to_on_reply_as_it_arrives():
+    grid = ScriptedGrid({1: 1, 2: 3, 3: 2})
+    polling, seen = PollingGrid(grid), []
+    polling.on_reply = lambda m: seen.append((m.metadata.src_node_id, grid.pulls))
+    replies = list(polling.send_and_receive(_messages([1, 2, 3]), timeout=30))
+    assert seen == [(1, 1), (3, 2), (2, 3)] and len(replies) == 3  # each at the pull that brought it, once
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -130,6 +139,45 @@ def test_the_first_round_waits_for_min_clients_sites_instead_of_skipping_trainin
     arrivals = iter([[], [1], [1, 2, 3]])  # the sites connect while the run waits (checked once a second)
     grid.get_node_ids = lambda: list(next(arrivals, [1, 2, 3]))
     assert sorted(strategy.train_nodes(1, grid)) == [1, 2, 3]
+
+
+def test_polling_grid_polls_a_simulations_replies_every_10_ms_and_a_deployments_every_200_ms():
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.simulation.run_simulation import FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager, ObjectStoreFactory
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    assert PollingGrid(InMemoryGrid(state_factory=factory)).interval == SIMULATION_POLL_INTERVAL <= 0.01
+    assert PollingGrid(object()).interval == POLL_INTERVAL == 0.2  # a deployment (HttpGrid), FEDFUSE_REPLY_POLL_INTERVAL unset
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_polling_grid_waits_at_least_20_times_a_pulls_cost_between_pulls(monkeypatch):
+    import server.grid
+
+    class Clock:  # the grid's view of time: a pull takes 5 ms (1,000 pending replies in a simulation: 3 ms)
+        now, slept = 0.0, []
+
+        @classmethod
+        def monotonic(cls):
+            return cls.now
+
+        @classmethod
+        def sleep(cls, seconds):
+            cls.slept.append(seconds)
+            cls.now += seconds
+
+    grid = ScriptedGrid({1: 3})
+    pull = grid.pull_messages
+
+    def slow_pull(ids):
+        Clock.now += 0.005
+        return pull(ids)
+
+    grid.pull_messages = slow_pull
+    monkeypatch.setattr(server.grid, "time", Clock)
+    replies = list(PollingGrid(grid).send_and_receive(_messages([1]), timeout=30))
+    assert len(replies) == 1 and Clock.slept == pytest.approx([0.1, 0.1])  # not 0.01 (ScriptedGrid's interval)
 
 
 def test_polling_grid_sends_nothing_for_no_messages():

@@ -17,13 +17,14 @@ class OnePass:
 
     def __init__(self):
         self.checks = 0
+        self.waits = []
 
     def is_set(self):
         self.checks += 1
         return self.checks > 1
 
     def wait(self, timeout):
-        return None
+        self.waits.append(timeout)
 
 
 def test_the_simulation_feeds_the_same_messages_asking_only_the_nodes_that_have_one(monkeypatch):
@@ -64,16 +65,18 @@ def test_the_simulation_feeds_the_same_messages_asking_only_the_nodes_that_have_
         state, mapping = federation(nodes, receivers)
         asked, ask = [], state.get_message_ins
         state.get_message_ins = lambda node_id, limit: asked.append(node_id) or ask(node_id=node_id, limit=limit)
-        queue = Queue()
-        function(state, queue, mapping, OnePass())
+        queue, stop = Queue(), OnePass()
+        function(state, queue, mapping, stop)
         out = [mapping[queue.get().metadata.dst_node_id] for _ in range(queue.qsize())]
-        return out, len(asked)
+        return out, len(asked), stop.waits
 
     # Execute: Flower 1.42's feed and fedfuse's, on 300 nodes with 5 messages waiting
     assert flwr.__version__ == runner.PATCHED_FLOWER  # pinned: the replacement copies this version's behaviour
-    theirs, theirs_asked = feed(vce_api.add_messages_to_queue, 300, [250, 3, 120, 7, 299])
-    ours, ours_asked = feed(runner.add_messages_to_queue, 300, [250, 3, 120, 7, 299])
+    theirs, theirs_asked, theirs_waits = feed(vce_api.add_messages_to_queue, 300, [250, 3, 120, 7, 299])
+    ours, ours_asked, ours_waits = feed(runner.add_messages_to_queue, 300, [250, 3, 120, 7, 299])
     # Assert: the same messages in the same order (node order), for 5 asks instead of 300
     assert ours == theirs == [3, 7, 120, 250, 299]
     assert (theirs_asked, ours_asked) == (300, 5)
     assert feed(runner.add_messages_to_queue, 50, [])[1] == 0  # nothing waiting: nothing asked
+    # and the next pass comes after 0.01 s, not 0.1 s: a message phase starts within 10 ms of the push
+    assert (theirs_waits, ours_waits) == ([0.1], [runner.FEED_INTERVAL]) and runner.FEED_INTERVAL <= 0.01

@@ -116,6 +116,39 @@ def test_a_reply_whose_packing_does_not_fit_its_array_is_rejected(tmp_path):
     assert all(torch.allclose(v, torch.ones_like(v)) for v in arrays.to_torch_state_dict().values())
 
 
+def test_replies_checked_as_they_arrive_make_the_same_round_as_replies_checked_at_aggregation(tmp_path):
+    def round_of(folder, early):
+        strategy = make_strategy(folder, **{"min-clients": 1})
+        nan = client_update(strategy, MODALITIES, 1.0)
+        nan[next(iter(nan))] = torch.full_like(next(iter(nan.values())), float("nan"))
+        replies = [
+            reply(1, client_update(strategy, MODALITIES, 1.0), client="a", modalities=MODALITIES, n=10),
+            reply(2, nan, client="bad", modalities=MODALITIES),
+            reply(3, None, client="spent", modalities=MODALITIES, n=0, status=M.STATUS_BUDGET_EXHAUSTED),
+            reply(4, client_update(strategy, ["image"], 3.0), client="b", modalities=["image"], n=30),
+        ]
+        for i, message in enumerate(replies):
+            message.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower gives each reply
+            if early:  # as PollingGrid.on_reply calls it: each reply as it comes in, before the round aggregates
+                strategy.reply_arrived(message)
+        assert strategy.site_name(1) == ("a" if early else "node 1")  # checked on arrival: its client is known
+        arrays, _ = strategy.aggregate_train(1, replies)
+        ledgers = sorted(p.name for p in (folder / "ledgers").iterdir()) if (folder / "ledgers").exists() else []
+        return (
+            arrays.to_torch_state_dict(),
+            strategy.round_record["train"],
+            strategy.state.clients,
+            strategy.state.excluded,
+            ledgers,
+        )
+
+    at_aggregation, as_arrived = round_of(tmp_path / "late", False), round_of(tmp_path / "early", True)
+    assert as_arrived[1:] == at_aggregation[1:]
+    assert as_arrived[1]["trained"] == ["a", "b"] and "non-finite" in as_arrived[1]["rejected"]["bad"]
+    assert as_arrived[3] == {"spent"}
+    assert all(torch.equal(as_arrived[0][k], v) for k, v in at_aggregation[0].items())
+
+
 def test_a_client_that_raised_does_not_stop_the_round(tmp_path):
     strategy = make_strategy(tmp_path)
     request = Message(RecordDict({M.CONFIG: ConfigRecord({})}), dst_node_id=3, message_type="train")

@@ -35,7 +35,10 @@ POLL_INTERVAL = float(os.environ.get("FEDFUSE_REPLY_POLL_INTERVAL", "0.2"))  # s
 # A simulation's replies are in this process's memory: a pull costs microseconds, so poll often. Its last reply was
 # picked up 50-95 ms after the site's handler returned with Flower's 0.1 s, 11-15 ms now (bench round-overhead).
 SIMULATION_POLL_INTERVAL = 0.01
-PULL_SHARE = 20  # the wait between pulls is at least this many times the last pull's cost
+# In a simulation a pull is the server's own CPU (a pull with 1,000 replies pending costs 3 ms): the wait between
+# pulls is at least this many times the last pull's cost, so polling stays under about 5 % of the server's time.
+# Not in a deployment, where a pull's time is mostly waiting for the SuperLink and the objects.
+PULL_SHARE = 20
 NODE_POLL_INTERVAL = 1.0  # seconds between checks for connected nodes (as Flower's sample_nodes)
 NO_REPLY = "no reply within {timeout:g} s (round-timeout): the site is offline, stopped or too slow"
 
@@ -47,15 +50,19 @@ class NodesUnavailableError(FedfuseError):
 class PollingGrid(Grid):
     """A Grid that delegates to Flower's, polls replies every ``interval`` s and reports missing ones as errors."""
 
-    def __init__(self, grid: Grid, *, interval: float = POLL_INTERVAL, timing_level: int = logging.DEBUG):
+    def __init__(
+        self, grid: Grid, *, interval: float = POLL_INTERVAL, timing_level: int = logging.DEBUG, pull_share: float | None = None
+    ):
         self._grid = grid
         self.timing_level = timing_level  # of each phase's line (push time, when each reply arrived)
         self.names: dict[int, str] = {}  # node id -> the name given at `flwr supernode register --name` (deployment)
         self.on_reply: Callable[[Message], None] | None = None  # called with each reply as it arrives
         # Never poll slower than the wrapped grid would; a simulation's grid (in memory) every 0.01 s
         self.interval = min(interval, float(getattr(grid, "pull_interval", interval)))
-        if isinstance(grid, InMemoryGrid):
+        in_memory = isinstance(grid, InMemoryGrid)
+        if in_memory:
             self.interval = min(self.interval, SIMULATION_POLL_INTERVAL)
+        self.pull_share = (PULL_SHARE if in_memory else 0.0) if pull_share is None else pull_share
 
     # --- plain delegation ------------------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -117,8 +124,7 @@ class PollingGrid(Grid):
                     hook(reply)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            # polling takes at most ~5 % of the server's time: a pull of 1,000 pending replies costs 3 ms in a simulation
-            time.sleep(max(self.interval, PULL_SHARE * pull_cost))
+            time.sleep(max(self.interval, self.pull_share * pull_cost))
         log.log(
             self.timing_level,
             "%s: %d message(s) pushed in %.2f s; replies after %s s",

@@ -20,7 +20,14 @@ from common.certs import make_credentials
 from common.config import RunConfig, parse_run_config
 from common.model.multimodal import ModelConfig, global_head_template
 from common.privacy.ledger import load_public_key_hex
-from server.grid import POLL_INTERVAL, SIMULATION_POLL_INTERVAL, NodesUnavailableError, PollingGrid, sample_nodes
+from server.grid import (
+    POLL_INTERVAL,
+    PULL_SHARE,
+    SIMULATION_POLL_INTERVAL,
+    NodesUnavailableError,
+    PollingGrid,
+    sample_nodes,
+)
 from server.run_folder import RunFolder
 from server.strategy import FedFuse, RunState
 from simulations.deployment import BIN, DEFAULT_SITES, deployment, leftover_processes, write_sites
@@ -147,15 +154,24 @@ def test_polling_grid_polls_a_simulations_replies_every_10_ms_and_a_deployments_
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    assert PollingGrid(InMemoryGrid(state_factory=factory)).interval == SIMULATION_POLL_INTERVAL <= 0.01
-    assert PollingGrid(object()).interval == POLL_INTERVAL == 0.2  # a deployment (HttpGrid), FEDFUSE_REPLY_POLL_INTERVAL unset
+    simulation, deployment = PollingGrid(InMemoryGrid(state_factory=factory)), PollingGrid(object())
+    assert simulation.interval == SIMULATION_POLL_INTERVAL <= 0.01 and simulation.pull_share == PULL_SHARE == 20
+    assert deployment.interval == POLL_INTERVAL == 0.2  # HttpGrid, FEDFUSE_REPLY_POLL_INTERVAL unset
+    assert deployment.pull_share == 0  # a slow pull there is waiting, not work: the wait stays 0.2 s
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_polling_grid_waits_at_least_20_times_a_pulls_cost_between_pulls(monkeypatch):
+@pytest.mark.parametrize(
+    "pull_share, pull_seconds, waits",
+    [
+        (PULL_SHARE, 0.005, [0.1, 0.1]),  # a simulation: a 5 ms pull (1,000 pending replies: 3 ms), then 100 ms waits
+        (0.0, 0.5, [0.01, 0.01]),  # a deployment: a pull's time is waiting on the SuperLink, not the server's CPU
+    ],
+)
+def test_polling_grid_waits_at_least_20_times_a_simulations_pull_cost_between_pulls(monkeypatch, pull_share, pull_seconds, waits):
     import server.grid
 
-    class Clock:  # the grid's view of time: a pull takes 5 ms (1,000 pending replies in a simulation: 3 ms)
+    class Clock:  # the grid's view of time
         now, slept = 0.0, []
 
         @classmethod
@@ -171,13 +187,13 @@ def test_polling_grid_waits_at_least_20_times_a_pulls_cost_between_pulls(monkeyp
     pull = grid.pull_messages
 
     def slow_pull(ids):
-        Clock.now += 0.005
+        Clock.now += pull_seconds
         return pull(ids)
 
     grid.pull_messages = slow_pull
     monkeypatch.setattr(server.grid, "time", Clock)
-    replies = list(PollingGrid(grid).send_and_receive(_messages([1]), timeout=30))
-    assert len(replies) == 1 and Clock.slept == pytest.approx([0.1, 0.1])  # not 0.01 (ScriptedGrid's interval)
+    replies = list(PollingGrid(grid, pull_share=pull_share).send_and_receive(_messages([1]), timeout=30))
+    assert len(replies) == 1 and Clock.slept == pytest.approx(waits)  # ScriptedGrid's own interval: 0.01 s
 
 
 def test_polling_grid_sends_nothing_for_no_messages():

@@ -27,9 +27,10 @@ flower_lines_once()  # under `flwr run` nothing else sets this process's logging
 def _show_progress() -> None:
     """A deployed ServerApp's stderr is the run's log (`flwr log`) and nothing configures logging there: show
     fedfuse's INFO lines. A library may have put a WARNING handler on the root logger at import (Opacus calls
-    ``logging.basicConfig``), so the test is whether INFO would reach any handler, not whether one exists."""
+    ``logging.basicConfig``), so the test is whether INFO would reach any handler, not whether one exists; a
+    level set on fedfuse's logger is a choice made already (``fedfuse simulate --quiet``: warnings only)."""
     fedfuse = logging.getLogger("fedfuse")
-    if fedfuse.handlers or logging.getLogger().getEffectiveLevel() <= logging.INFO:
+    if fedfuse.handlers or fedfuse.level != logging.NOTSET or logging.getLogger().getEffectiveLevel() <= logging.INFO:
         return  # configured already (the fedfuse CLI, a simulation, the site's own set-up)
     log_to_stderr()
 

@@ -500,6 +500,22 @@ def test_a_deployed_serverapp_shows_fedfuse_progress_even_after_a_library_config
     assert done.stderr.count("a warning") == 1
 
 
+def test_a_quiet_simulation_shows_no_progress_lines_only_warnings():
+    import subprocess
+    import sys
+
+    # Prepare: a fresh process set up as `fedfuse simulate --quiet` sets it up, then the ServerApp's start
+    code = (
+        "import logging, server.server_app as s; from common.logs import setup_logging; setup_logging(quiet=True); "
+        "s._show_progress(); logging.getLogger('fedfuse.server').info('round 1/1 | progress'); "
+        "logging.getLogger('fedfuse.server').warning('a warning')"
+    )
+    # Execute
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    # Assert: no per-round line (it printed them before), the warning once
+    assert "progress" not in done.stderr and done.stderr.count("a warning") == 1
+
+
 def test_a_rounds_epsilon_row_holds_the_clients_that_answered_it_not_every_client_known(tmp_path):
     from common.insight.plots import plot_epsilon
 

@@ -36,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from client.state import ClientState
+    from common.logs import setup_logging
     from simulations import runner
     from simulations.scenario import build_config
 
+    setup_logging(quiet=True)  # the table below is the output: Flower's and fedfuse's progress lines only at WARNING
     with tempfile.TemporaryDirectory(prefix="fedfuse-bench-") as tmp:
         out = (args.out or Path(tmp) / "run").resolve()
         flat = build_config(

@@ -482,38 +482,31 @@ def test_failures_are_recorded_by_site_name_with_a_category(tmp_path):
     assert "berlin" not in strategy.state.clients  # a failure is no privacy record
 
 
-def test_a_deployed_serverapp_shows_fedfuse_progress_even_after_a_library_configured_the_root_logger():
+@pytest.mark.parametrize(
+    "setup, shown",
+    [
+        ("", True),  # as Flower's flwr-serverapp starts a deployed ServerApp: nothing configures logging
+        ("from common.logs import setup_logging; setup_logging(quiet=True); ", False),  # fedfuse simulate --quiet
+    ],
+    ids=["deployed", "quiet-simulation"],
+)
+def test_the_serverapp_shows_its_progress_unless_logging_was_set_up_quiet(setup, shown):
     import subprocess
     import sys
 
-    # Prepare: a fresh process as Flower's flwr-serverapp starts one (nothing configures logging); importing the
-    # ServerApp imports Opacus, whose logging.basicConfig puts a WARNING handler on the root logger
+    # Prepare: a fresh process; importing the ServerApp imports Opacus, whose logging.basicConfig puts a WARNING
+    # handler on the root logger
     code = (
-        "import logging, server.server_app as s; assert logging.getLogger().handlers; s._show_progress(); "
+        f"import logging, server.server_app as s; assert logging.getLogger().handlers; {setup}s._show_progress(); "
         "logging.getLogger('fedfuse.server').info('round 1/1 | progress'); "
         "logging.getLogger('fedfuse.server').warning('a warning')"
     )
     # Execute
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    # Assert: fedfuse's INFO line reaches stderr (the run's log), and a warning is printed once
-    assert "INFO fedfuse.server: round 1/1 | progress" in done.stderr
+    # Assert: fedfuse's INFO line reaches stderr (the run's log) unless set up quiet; a warning is printed once
+    line = "INFO fedfuse.server: round 1/1 | progress"
+    assert (line in done.stderr) is shown and ("progress" in done.stderr) is shown
     assert done.stderr.count("a warning") == 1
-
-
-def test_a_quiet_simulation_shows_no_progress_lines_only_warnings():
-    import subprocess
-    import sys
-
-    # Prepare: a fresh process set up as `fedfuse simulate --quiet` sets it up, then the ServerApp's start
-    code = (
-        "import logging, server.server_app as s; from common.logs import setup_logging; setup_logging(quiet=True); "
-        "s._show_progress(); logging.getLogger('fedfuse.server').info('round 1/1 | progress'); "
-        "logging.getLogger('fedfuse.server').warning('a warning')"
-    )
-    # Execute
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    # Assert: no per-round line (it printed them before), the warning once
-    assert "progress" not in done.stderr and done.stderr.count("a warning") == 1
 
 
 def test_a_rounds_epsilon_row_holds_the_clients_that_answered_it_not_every_client_known(tmp_path):

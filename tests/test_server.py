@@ -534,6 +534,58 @@ def test_a_rounds_epsilon_row_holds_the_clients_that_answered_it_not_every_clien
     assert plot_epsilon(results, tmp_path / "epsilon.png").stat().st_size > 0  # a's line carried to round 3
 
 
+def test_results_json_is_written_as_before_with_each_round_row_serialized_once(tmp_path, monkeypatch):
+    import server.run_folder
+    from common.fileio import atomic_write_json, json_safe
+
+    # Prepare: count what the writer serializes; rows with NaN, infinity, non-ASCII and nesting
+    dumped = []
+    real = server.run_folder._dumps
+    monkeypatch.setattr(server.run_folder, "_dumps", lambda value: dumped.append(value) or real(value))
+    folder, rows = RunFolder(tmp_path / "run"), []
+    (tmp_path / "run").mkdir()
+
+    def results(status):
+        return {"run_id": "r", "status": status, "rounds": rows, "final": rows[-1] if rows else None, "note": "ε δ"}
+
+    def reference(status):  # what results.json held before: the whole dict serialized at every rewrite
+        atomic_write_json(tmp_path / "reference.json", json_safe(results(status)))
+        return (tmp_path / "reference.json").read_bytes()
+
+    # Execute / Assert: byte for byte the same file after each round; each row serialized once, when new
+    for r in range(1, 5):
+        assert (tmp_path / "run" / "results.json").exists() == (r > 1)
+        folder.write_results(results("running"))
+        assert (tmp_path / "run" / "results.json").read_bytes() == reference("running")
+        rows.append({"round": r, "loss": float("nan") if r == 2 else 1.0 / r, "max_epsilon": float("inf"), "by": {"ε": [r]}})
+        dumped.clear()
+        folder.write_results(results("running"))
+        assert (tmp_path / "run" / "results.json").read_bytes() == reference("running")
+        assert sum(1 for value in dumped if value in rows) == 1  # the new row only
+    rows[1] = dict(rows[1], loss=0.5)  # a row replaced by another object is serialized again
+    folder.write_results(results("completed"))
+    assert (tmp_path / "run" / "results.json").read_bytes() == reference("completed")
+    RunFolder(tmp_path / "run").write_results(results("completed"))  # a resumed run's first write: every row
+    assert (tmp_path / "run" / "results.json").read_bytes() == reference("completed")
+
+
+def test_the_strategy_never_changes_a_round_row_once_written(tmp_path):
+    # Rows are serialized once (RunFolder.write_results): results.json must equal the strategy's results in memory
+    from common.fileio import json_safe
+
+    strategy = make_strategy(tmp_path, **{"min-clients": 1})
+    scored = {M.NUM_EXAMPLES: 20, M.ACCURACY: 0.5, M.MACRO_F1: 0.4, M.LOSS: 1.0}
+    for r in (1, 2, 3):
+        strategy.train_nodes(r, FakeGrid([1, 2]))
+        updates = [reply(n, client_update(strategy, MODALITIES, 1.0), client=f"c{n}", modalities=MODALITIES) for n in (1, 2)]
+        strategy.aggregate_train(r, updates if r != 2 else updates[:1])
+        strategy.aggregate_evaluate(r, [evaluate_reply(n, client=f"c{n}", metrics=scored) for n in (1, 2)])
+        strategy.end_round(r, None)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(json_safe(strategy.results(status="running"))))  # 3 of 5 rounds
+    assert [row["round"] for row in written["rounds"]] == [1, 2, 3]
+
+
 def test_each_checkpoint_keeps_its_own_round_and_resume_reads_every_round_back(tmp_path):
     # Prepare / Execute: three rounds, a checkpoint after each
     strategy = make_strategy(tmp_path, **{"min-clients": 1})

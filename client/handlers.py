@@ -286,6 +286,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
         ledger = Ledger(state.folder / LEDGER_FILE, sync_dir=False)  # made durable as the lock is released
         ledger.entries()  # verified once a round, before any data is used: a ledger that does not verify stops here
         _settle(state, ledger, record, site.client_id)
+        state.settle_staged(record)  # a model trained and charged just before a crash carries its round's update
         if record.trained(run_id, server_round):
             # Trained before a crash: re-send that update (no new privacy cost), never train twice.
             cached = state.load_reply(run_id=run_id, server_round=server_round)
@@ -406,7 +407,8 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 chain,
             )
 
-        # Persist privacy first, then the ledger entry, then the model tagged as this round's update (client/state.py).
+        # The model tagged as this round's update is staged, then privacy is persisted, then the ledger entry; then the
+        # staged model becomes the model (client/state.py): a crash at any point loses neither a spend nor an update.
         shared_set = set(shared)
         arrays = {k: v for k, v in model.state_dict().items() if k in shared_set}
         metrics = {
@@ -423,6 +425,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
         if config.release.train_metrics:
             metrics[M.TRAIN_LOSS] = result.train_loss
         digest = update_digest(arrays)
+        state.stage_trained(model.state_dict(), shared=shared, run_id=run_id, server_round=server_round, metrics=metrics)
         record.rounds.append([run_id, server_round])
         chain = _charge(
             state,
@@ -443,10 +446,7 @@ def handle_train(message: Message, context: Context, *, admit: Callable[[SiteCon
                 run_budget=run_budget,
             ),
         )
-        # its rename is made durable with the ledger's when the lock is released (ClientState.locked)
-        state.save_trained(
-            model.state_dict(), shared=shared, run_id=run_id, server_round=server_round, metrics=metrics, sync_dir=False
-        )
+        state.commit_trained()  # its rename is made durable with the ledger's when the lock is released
         MODELS.keep(state.folder, state.folder / MODEL_FILE, _built_as(site, config), model)  # for this site's next round
         state.log_round(
             {

@@ -52,6 +52,7 @@ from common.privacy.ledger import CORRUPT, KEY_FILE, LEDGER_FILE, TAMPERING, Led
 PRIVACY_FILE = "privacy.json"
 MODEL_FILE = "model.safetensors"
 REPLY_FILE = "reply.safetensors"  # the last update, written by versions before the model carried it
+STAGED_FILE = "model.staged.safetensors"  # a round's trained model, written before its charge, the model after it
 TRAIN_LOG = "train_log.jsonl"
 LOCK_FILE = "state.lock"
 STATE_FORMAT = 1
@@ -286,6 +287,38 @@ class ClientState:
         meta = {"run_id": run_id, "round": str(server_round), "metrics": json.dumps(metrics), "shared": json.dumps(shared)}
         atomic_save_tensors(self.folder / MODEL_FILE, state, metadata=meta, sync_dir=sync_dir)
         (self.folder / REPLY_FILE).unlink(missing_ok=True)  # an older version's copy of an earlier update
+
+    def stage_trained(
+        self, state: dict[str, torch.Tensor], *, shared: list[str], run_id: str, server_round: int, metrics: dict[str, Any]
+    ) -> None:
+        """Write round (``run_id``, ``server_round``)'s trained model before the round is charged; :meth:`commit_trained`
+        makes it the model once the charge is durable. A crash in between leaves it staged, and :meth:`settle_staged`
+        finds it at the next round: the round's update is not lost with it (see there)."""
+        missing = [k for k in shared if k not in state]
+        if missing:
+            raise ValueError(f"the update's blocks {missing[:3]} are not in the model")
+        meta = {"run_id": run_id, "round": str(server_round), "metrics": json.dumps(metrics), "shared": json.dumps(shared)}
+        atomic_save_tensors(self.folder / STAGED_FILE, state, metadata=meta, sync_dir=False)  # durable with the charge
+
+    def commit_trained(self) -> None:
+        """The staged model becomes the model (the rename is made durable when the lock is released)."""
+        os.replace(self.folder / STAGED_FILE, self.folder / MODEL_FILE)
+        (self.folder / REPLY_FILE).unlink(missing_ok=True)  # an older version's copy of an earlier update
+
+    def settle_staged(self, record: ClientRecord) -> None:
+        """A model staged before a crash: the model, with its update, if its round was charged; else it is deleted
+        (trained from the data but never charged, it is never used or sent: the round trains again, charged once)."""
+        path = self.folder / STAGED_FILE
+        if not path.exists():
+            return
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        round_text = meta.get("round", "")
+        if round_text.isdigit() and record.trained(meta.get("run_id", ""), int(round_text)):
+            self.commit_trained()
+        else:
+            path.unlink()
+        fsync_dir(self.folder)
 
     def sync(self) -> None:
         """Make the renames of files written with ``sync_dir=False`` durable."""

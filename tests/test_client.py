@@ -201,13 +201,15 @@ def test_a_crash_between_the_privacy_record_and_the_ledger_loses_no_entry(tmp_pa
         handle_train(train_message(global_head(), 2), context(flat))
     monkeypatch.setattr(Ledger, "append", real_append)
     assert len(Ledger(folder / "ledger.jsonl").entries()) == 1  # the spend of round 2 is not in the ledger yet
-    # Execute: the server resends round 2 after the restart (the update was lost), then round 3
+    # Execute: the server resends round 2 after the restart (its update never arrived), then round 3
     again = handle_train(train_message(global_head(), 2), context(flat))
     handle_train(train_message(global_head(), 3), context(flat))
-    # Assert: round 2 is not retrained; its entry was recovered, and every recorded epsilon is explained
-    assert again.content[M.CLIENT][M.STATUS] == M.STATUS_ALREADY_TRAINED
+    # Assert: round 2 is not retrained; its entry was recovered and its update (staged before the charge) is sent,
+    # the one the entry names; every recorded epsilon is explained
+    assert again.content[M.CLIENT][M.STATUS] == M.STATUS_OK
     entries = Ledger(folder / "ledger.jsonl").entries()
     assert [(e["round"], e["status"]) for e in entries] == [(1, "trained"), (2, "trained"), (3, "trained")]
+    assert M.update_digest(M.unpack_arrays(again.content)) == entries[1]["update_hash"]
     report = audit_path(folder / "ledger.jsonl")
     assert report.exit_status == 0, report.to_json()
 
@@ -230,38 +232,52 @@ def test_a_round_makes_its_privacy_record_durable_first_and_everything_durable_b
     # Assert: privacy.json's rename is durable before the ledger's; nothing is renamed after the last folder sync
     assert reply.content[M.CLIENT][M.STATUS] == M.STATUS_OK
     renames = [name for kind, name in events if kind == "rename"]
-    assert renames == ["privacy.json", "ledger.jsonl", "model.safetensors"]
+    assert renames == ["model.staged.safetensors", "privacy.json", "ledger.jsonl", "model.safetensors"]
     first = events.index(("rename", "privacy.json"))
     assert events[first + 1] == ("sync", "") and events[-1] == ("sync", "")
-    assert len([e for e in events if e[0] == "sync"]) == 2  # one for privacy.json, one for the ledger and the model
+    assert len([e for e in events if e[0] == "sync"]) == 2  # one for privacy.json (the staged model's rename with it),
+    # one for the ledger and the model
 
 
-def test_a_crash_before_the_model_is_saved_leaves_a_verifiable_ledger_and_no_second_charge(tmp_path, monkeypatch):
-    # Prepare: round 2 is charged and its ledger entry signed, then the process dies while saving the model
+@pytest.mark.parametrize(
+    "dies_in, resent",
+    [
+        ("stage_trained", False),  # before the charge: nothing of round 2 is on record, it trains again
+        ("commit_trained", True),  # after the charge and the ledger entry: its staged update is sent again
+    ],
+)
+def test_a_crash_around_the_charge_loses_no_update_and_charges_no_round_twice(tmp_path, monkeypatch, dies_in, resent):
+    # Prepare: the process dies while staging round 2's model (before its charge), or while making it the model
+    # (after the charge): the two sides of the window in which a round's update used to be lost
     from client.state import ClientState
 
     flat = run_config(tmp_path)
     folder = tmp_path / "clients" / "client-00"
     handle_train(train_message(global_head(), 1), context(flat))
+    real = getattr(ClientState, dies_in)
 
     def die(self, *args, **kwargs):
+        if dies_in == "stage_trained":
+            real(self, *args, **kwargs)  # the staged file is written, the charge is not
         raise Killed
 
-    real_save = ClientState.save_trained
-    monkeypatch.setattr(ClientState, "save_trained", die)
+    monkeypatch.setattr(ClientState, dies_in, die)
     with pytest.raises(Killed):
         handle_train(train_message(global_head(), 2), context(flat))
-    monkeypatch.setattr(ClientState, "save_trained", real_save)
+    monkeypatch.setattr(ClientState, dies_in, real)
+    charged = len(Ledger(folder / "ledger.jsonl").entries())
     # Execute: the server asks for round 2 again (its update never arrived), then round 3
     again = handle_train(train_message(global_head(), 2), context(flat))
     third = handle_train(train_message(global_head(), 3), context(flat))
-    # Assert: round 2 is neither retrained nor re-charged; the model file's update is round 3's; the ledger verifies
-    assert again.content[M.CLIENT][M.STATUS] == M.STATUS_ALREADY_TRAINED
-    assert third.content[M.CLIENT][M.STATUS] == M.STATUS_OK
+    # Assert: round 2 charged once (trained again only if it was not charged), its update the one its entry names
+    assert charged == (2 if resent else 1)
+    assert again.content[M.CLIENT][M.STATUS] == third.content[M.CLIENT][M.STATUS] == M.STATUS_OK
     entries = Ledger(folder / "ledger.jsonl").entries()
     assert [(e["round"], e["status"]) for e in entries] == [(1, "trained"), (2, "trained"), (3, "trained")]
+    assert M.update_digest(M.unpack_arrays(again.content)) == entries[1]["update_hash"]
     cached, _ = ClientState(folder).load_reply(run_id="run-a", server_round=3)
     assert M.update_digest(cached) == entries[-1]["update_hash"] == M.update_digest(M.unpack_arrays(third.content))
+    assert not (folder / "model.staged.safetensors").exists()
     assert audit_path(folder / "ledger.jsonl").exit_status == 0
 
 

@@ -268,26 +268,6 @@ class ClientState:
     def save_model(self, state: dict[str, torch.Tensor]) -> None:
         atomic_save_tensors(self.folder / MODEL_FILE, state)
 
-    def save_trained(
-        self,
-        state: dict[str, torch.Tensor],
-        *,
-        shared: list[str],
-        run_id: str,
-        server_round: int,
-        metrics: dict[str, Any],
-        sync_dir: bool = True,
-    ) -> None:
-        """The model after round (``run_id``, ``server_round``), whose blocks ``shared`` were its update: one file.
-
-        ``sync_dir=False``: the rename is made durable by the caller's :meth:`sync` (with the ledger's)."""
-        missing = [k for k in shared if k not in state]
-        if missing:
-            raise ValueError(f"the update's blocks {missing[:3]} are not in the model")
-        meta = {"run_id": run_id, "round": str(server_round), "metrics": json.dumps(metrics), "shared": json.dumps(shared)}
-        atomic_save_tensors(self.folder / MODEL_FILE, state, metadata=meta, sync_dir=sync_dir)
-        (self.folder / REPLY_FILE).unlink(missing_ok=True)  # an older version's copy of an earlier update
-
     def stage_trained(
         self, state: dict[str, torch.Tensor], *, shared: list[str], run_id: str, server_round: int, metrics: dict[str, Any]
     ) -> None:
@@ -340,7 +320,7 @@ class ClientState:
         return None
 
     def save_reply(self, arrays: dict[str, torch.Tensor], *, run_id: str, server_round: int, metrics: dict[str, Any]) -> None:
-        """Write an update as versions before :meth:`save_trained` did (a separate file): for tests of reading it."""
+        """Write an update as versions before the model file carried it did (a separate file): for tests of reading it."""
         meta = {"run_id": run_id, "round": str(server_round), "metrics": json.dumps(metrics)}
         atomic_save_tensors(self.folder / REPLY_FILE, arrays, metadata=meta)
 

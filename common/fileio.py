@@ -57,9 +57,14 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as fedfuse's JSON files hold it: indented, keys in order; NaN and infinities refused (not JSON)."""
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically. NaN and infinities are refused (not valid JSON)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode("utf-8"))
+    """Write ``obj`` as indented JSON (:func:`json_text`), atomically."""
+    atomic_write_bytes(path, (json_text(obj) + "\n").encode("utf-8"))
 
 
 def atomic_save_tensors(

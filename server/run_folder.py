@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from common.errors import ConfigError, FedfuseError
-from common.fileio import atomic_save_tensors, atomic_write_bytes, atomic_write_json, json_safe, load_tensors
+from common.fileio import atomic_save_tensors, atomic_write_bytes, atomic_write_json, json_safe, json_text, load_tensors
 
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
@@ -207,8 +207,8 @@ class RunFolder:
 
 
 def _dumps(value: Any) -> str:
-    """``value`` as :func:`atomic_write_json` writes it (indented; NaN and infinities as null)."""
-    return json.dumps(json_safe(value), indent=2, sort_keys=False, allow_nan=False)
+    """``value`` as :func:`atomic_write_json` writes it, NaN and infinities as null."""
+    return json_text(json_safe(value))
 
 
 def _safe_name(client_id: str) -> str:

@@ -57,6 +57,26 @@ def reply(node, arrays, *, client, modalities, n=10, status=M.STATUS_OK, ledger=
     return Message(RecordDict(content), reply_to=request)
 
 
+def sign_round(ledger, key, r, update_hash):
+    """Client c's round ``r`` of run-x, trained (ε = r), signed into its own ``ledger``: the entry."""
+    fields = entry_fields(
+        run_id="run-x",
+        client_id="c",
+        round=r,
+        status="trained",
+        noise_multiplier=1.0,
+        sample_rate=0.1,
+        steps=10,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        accountant="prv",
+        epsilon=float(r),
+        budget=8.0,
+        update_hash=update_hash,
+    )
+    return ledger.append(fields, key)
+
+
 def test_weighted_average_weights_each_block_by_the_examples_that_trained_it():
     a = Contribution({"core": torch.tensor([1.0]), "blocks.image": torch.tensor([1.0])}, 10)
     b = Contribution({"core": torch.tensor([4.0]), "blocks.signal": torch.tensor([7.0])}, 30)
@@ -199,24 +219,7 @@ def test_the_federation_keeps_a_verified_copy_of_each_ledger(tmp_path):
     update = client_update(strategy, MODALITIES, 1.0)
 
     def entry(r, digest):
-        return own.append(
-            entry_fields(
-                run_id="run-x",
-                client_id="c",
-                round=r,
-                status="trained",
-                noise_multiplier=1.0,
-                sample_rate=0.1,
-                steps=10,
-                max_grad_norm=1.0,
-                delta=1e-5,
-                accountant="prv",
-                epsilon=float(r),
-                budget=8.0,
-                update_hash=digest,
-            ),
-            key,
-        )
+        return sign_round(own, key, r, digest)
 
     entry(1, M.update_digest(update))
     strategy.aggregate_train(
@@ -241,24 +244,7 @@ def test_a_train_request_says_how_much_ledger_the_server_holds_and_a_delta_must_
     update = client_update(strategy, MODALITIES, 1.0)
 
     def entry(r):
-        return own.append(
-            entry_fields(
-                run_id="run-x",
-                client_id="c",
-                round=r,
-                status="trained",
-                noise_multiplier=1.0,
-                sample_rate=0.1,
-                steps=10,
-                max_grad_norm=1.0,
-                delta=1e-5,
-                accountant="prv",
-                epsilon=float(r),
-                budget=8.0,
-                update_hash=M.update_digest(update),
-            ),
-            key,
-        )
+        return sign_round(own, key, r, M.update_digest(update))
 
     def sent(entries):
         return [encode_entry(e) for e in entries]
@@ -630,24 +616,7 @@ def test_the_server_verifies_its_ledger_copy_once_and_again_only_when_the_file_c
     monkeypatch.setattr(ledger_module, "check_chain", counting)
 
     def train(r):
-        own.append(
-            entry_fields(
-                run_id="run-x",
-                client_id="c",
-                round=r,
-                status="trained",
-                noise_multiplier=1.0,
-                sample_rate=0.1,
-                steps=10,
-                max_grad_norm=1.0,
-                delta=1e-5,
-                accountant="prv",
-                epsilon=float(r),
-                budget=8.0,
-                update_hash=M.update_digest(update),
-            ),
-            key,
-        )
+        sign_round(own, key, r, M.update_digest(update))
         entries = own.entries()
         strategy.aggregate_train(
             r, [reply(1, update, client="c", modalities=MODALITIES, ledger=[encode_entry(e) for e in entries[max(r - 2, 0) :]])]

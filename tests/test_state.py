@@ -66,14 +66,15 @@ def test_a_trained_model_is_tagged_as_its_rounds_update_and_replaces_an_older_re
     model = {"head.x": torch.ones(2), "encoders.image.w": torch.full((3,), 2.0)}
     # the older version's file is still read for its own round
     assert torch.equal(state.load_reply(run_id="r1", server_round=2)[0]["head.x"], torch.zeros(2))
-    state.save_trained(model, shared=["head.x"], run_id="r1", server_round=3, metrics={"num-examples": 5})
+    state.stage_trained(model, shared=["head.x"], run_id="r1", server_round=3, metrics={"num-examples": 5})
+    state.commit_trained()
     arrays, metrics = state.load_reply(run_id="r1", server_round=3)
     assert list(arrays) == ["head.x"] and torch.equal(arrays["head.x"], torch.ones(2)) and metrics == {"num-examples": 5}
     assert set(state.load_model()) == set(model)  # the encoders stay on the site, in the same file
     assert not (tmp_path / "reply.safetensors").exists()
     assert state.load_reply(run_id="r1", server_round=2) is None and state.load_reply(run_id="r2", server_round=3) is None
     with pytest.raises(ValueError, match="not in the model"):
-        state.save_trained(model, shared=["head.y"], run_id="r1", server_round=4, metrics={})
+        state.stage_trained(model, shared=["head.y"], run_id="r1", server_round=4, metrics={})
 
 
 def _ledger_of_one_round(folder, *, client_id="client-00", key=None):
